@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from crdt.causal import REPLICA_RE as _REPLICA_RE
+from crdt.causal import CausalContext, Dot
 from crdt.errors import CodecError
 
-_REPLICA_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+__all__ = ["CausalContext", "Dot", "HybridClock", "Timestamp"]
+
 _CURSOR_RE = re.compile(r"^([0-9a-f]{12})([0-9a-f]{6})([A-Za-z0-9_.:-]{1,64})$")
 _MAX_WALL = 16**12 - 1
 _MAX_LOGICAL = 16**6 - 1

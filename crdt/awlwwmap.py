@@ -1,0 +1,248 @@
+"""An add-wins, last-writer-wins map (a causal delta CRDT).
+
+Each key maps to the set of writes (dots) that no replica has yet overwritten. A ``set``
+creates a new dot and drops the dots it observed for that key; a ``remove`` drops the
+observed dots and creates none. So:
+
+* sequential writes: the later one wins, whatever the timestamps say (causality first);
+* a ``set`` concurrent with a ``remove``: the ``set`` survives (add wins), because the
+  remove did not observe its dot;
+* concurrent ``set``\\s: all their dots survive, and readers see the value of the write with
+  the highest :class:`~crdt.clock.Timestamp` (ties, impossible with one HLC per replica, are
+  broken by the dot), the same on every replica. The next ``set`` or ``remove`` of the key
+  that observes them collapses them.
+
+This is the map of section 7.3 of Almeida, Shoker and Baquero (arXiv 1603.01529) built on an
+``ORMap`` of multi-value registers, read as LWW; the same design as DeltaCrdt's ``AWLWWMap``
+used by Horde, without its compressed partial contexts (see :mod:`crdt.causal`).
+
+Every mutator changes the map in place and returns the *delta*: a tiny ``AWLWWMap`` whose join
+into any replica has the same effect as the mutation had here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from crdt.causal import (
+    MAX_COUNTER,
+    CausalContext,
+    Dot,
+    DotStore,
+    ReplicaTable,
+    check_replica,
+    decode_replicas,
+    replica_at,
+)
+from crdt.clock import Timestamp
+from crdt.codec import (
+    DEFAULT_LIMITS,
+    KIND_AWLWWMAP,
+    Limits,
+    expect_int,
+    expect_list,
+    expect_str,
+    normalize_value,
+    pack,
+    unpack,
+)
+from crdt.errors import CodecError
+
+MAX_KEY_LEN = 4096
+
+
+def _winner(dots: dict[Dot, tuple[Timestamp, Any]]) -> tuple[Timestamp, Any]:
+    if len(dots) == 1:
+        for payload in dots.values():
+            return payload
+    _, payload = max(dots.items(), key=lambda item: (item[1][0], item[0]))
+    return payload
+
+
+class AWLWWMap:
+    """Add-wins LWW map from ``str`` keys to msgpack-able values. See the module docstring."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self) -> None:
+        self._s = DotStore()
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def get(self, key: str) -> Any | None:
+        """The value of the winning write of ``key``; ``None`` if absent.
+
+        The returned object is shared with the map: do not mutate it.
+        """
+        dots = self._s.entries.get(key)
+        if not dots:
+            return None
+        return _winner(dots)[1]
+
+    def get_stamped(self, key: str) -> tuple[Timestamp, Any] | None:
+        """``(timestamp, value)`` of the winning write of ``key``; ``None`` if absent."""
+        dots = self._s.entries.get(key)
+        if not dots:
+            return None
+        return _winner(dots)
+
+    def conflicts(self, key: str) -> int:
+        """How many concurrent writes of ``key`` are live (1 when there is no conflict)."""
+        return len(self._s.entries.get(key, ()))
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` of every present key, sorted by key."""
+        entries = self._s.entries
+        for key in sorted(entries):
+            yield key, _winner(entries[key])[1]
+
+    def keys(self) -> Iterator[str]:
+        return iter(sorted(self._s.entries))
+
+    def keys_with_prefix(self, prefix: str) -> Iterator[str]:
+        """Present keys starting with ``prefix``, sorted."""
+        return iter(sorted(k for k in self._s.entries if k.startswith(prefix)))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._s.entries
+
+    def __len__(self) -> int:
+        return len(self._s.entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.keys()
+
+    @property
+    def context(self) -> CausalContext:
+        """The causal context (read only: do not mutate)."""
+        return self._s.ctx
+
+    def dots(self, key: str) -> frozenset[Dot]:
+        """The live dots of ``key`` (for tests and diagnostics)."""
+        return frozenset(self._s.entries.get(key, ()))
+
+    # -- delta mutators ----------------------------------------------------------------------
+
+    def set(self, replica: str, key: str, value: Any, ts: Timestamp) -> AWLWWMap:
+        """Write ``key = value`` stamped ``ts`` as ``replica``; returns the delta.
+
+        ``value`` is copied (tuples become lists); ``TypeError``/``ValueError`` if it is not
+        msgpack-able (see :func:`crdt.codec.normalize_value`).
+        """
+        check_replica(replica)
+        _check_key(key)
+        if not isinstance(ts, Timestamp):
+            raise TypeError("ts must be a crdt.clock.Timestamp")
+        payload = (ts, normalize_value(value))
+        dot = self._s.ctx.next_dot(replica)
+        observed = self._s.put_only(key, dot, payload)
+        observed.append(dot)
+        delta = AWLWWMap()
+        delta._s.single(key, dot, payload, observed)
+        return delta
+
+    def remove(self, replica: str, key: str) -> AWLWWMap:
+        """Remove ``key`` (the writes seen here; concurrent unseen writes survive)."""
+        check_replica(replica)
+        _check_key(key)
+        observed = self._s.drop_key(key)
+        delta = AWLWWMap()
+        delta._s.ctx = CausalContext.from_dots(observed)
+        return delta
+
+    # -- lattice -----------------------------------------------------------------------------
+
+    def join(self, other: AWLWWMap) -> None:
+        """``self = self ⊔ other``, in place."""
+        self._s.join(other._s)
+
+    def leq(self, other: AWLWWMap) -> bool:
+        """``self ⊑ other``: joining ``self`` into ``other`` would change nothing."""
+        return self._s.leq(other._s)
+
+    def copy(self) -> AWLWWMap:
+        c = AWLWWMap()
+        c._s = self._s.copy()
+        return c
+
+    @classmethod
+    def bottom(cls) -> AWLWWMap:
+        return cls()
+
+    def is_bottom(self) -> bool:
+        return not self._s.entries and not self._s.ctx
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AWLWWMap):
+            return NotImplemented
+        return self._s == other._s
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"AWLWWMap({dict(self.items())!r}, {self._s.ctx!r})"
+
+    # -- encoding ----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """``[replicas, context, entries]``; ``entries`` is a list of
+        ``[key, [[replica, counter, wall_ms, logical, ts_replica, value], ...]]``."""
+        table = ReplicaTable()
+        ctx = self._s.ctx.encode(table)
+        entries = []
+        ix = table.index
+        for key, dots in self._s.entries.items():
+            entries.append(
+                [
+                    key,
+                    [
+                        [ix(d.replica), d.counter, ts.wall_ms, ts.logical, ix(ts.replica), value]
+                        for d, (ts, value) in dots.items()
+                    ],
+                ]
+            )
+        return pack(KIND_AWLWWMAP, [table.names, ctx, entries])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> AWLWWMap:
+        """Inverse of :meth:`to_bytes`; raises :class:`CodecError` and nothing else."""
+        _, body = unpack(data, (KIND_AWLWWMAP,), limits)
+        names_obj, ctx_obj, entries_obj = expect_list(body, "awlwwmap", 3)
+        names = decode_replicas(names_obj)
+        m = cls()
+        s = m._s
+        s.ctx = CausalContext.decode(ctx_obj, names)
+        for item in expect_list(entries_obj, "entries"):
+            key_obj, dots_obj = expect_list(item, "entry", 2)
+            key = expect_str(key_obj, "key")
+            if len(key) > MAX_KEY_LEN:
+                raise CodecError("key too long")
+            if key in s.entries:
+                raise CodecError("duplicate key")
+            dots: dict[Dot, tuple[Timestamp, Any]] = {}
+            for w in expect_list(dots_obj, "writes"):
+                ri, n, wall, logical, tri, value = expect_list(w, "write", 6)
+                d = Dot(replica_at(names, ri), expect_int(n, "dot counter", 1, MAX_COUNTER))
+                if d in dots:
+                    raise CodecError("duplicate dot")
+                try:
+                    ts = Timestamp(
+                        expect_int(wall, "wall_ms", 0),
+                        expect_int(logical, "logical", 0),
+                        replica_at(names, tri),
+                    )
+                except ValueError as exc:
+                    raise CodecError(f"bad timestamp: {exc}") from None
+                dots[d] = (ts, value)
+            s.entries[key] = dots
+        s.check()
+        return m
+
+
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError("keys must be str")
+    if len(key) > MAX_KEY_LEN:
+        raise ValueError("key too long")
+    key.encode("utf-8")

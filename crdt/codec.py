@@ -1,0 +1,230 @@
+"""The wire and disk envelope of every :mod:`crdt` payload.
+
+A payload is two header bytes followed by one msgpack object::
+
+    +---------+------+---------------------------+
+    | version | kind | msgpack body (one object) |
+    +---------+------+---------------------------+
+
+``version`` is :data:`VERSION`; ``kind`` says which shape the body has (a state of some data
+type, a delta-interval, an ack, a persisted replicator). Decoding is strict and bounded:
+
+* the whole payload is refused above :attr:`Limits.max_bytes` before anything is parsed;
+* msgpack is told the longest string, binary, array and map it may build (its ``max_*_len``
+  unpacker limits), and extension types are refused, so a hostile header cannot make it
+  allocate without bound;
+* the decoded tree is walked (iteratively) to bound its nesting depth and to require ``str``
+  map keys;
+* each data type then checks the exact shape of its body.
+
+Anything malformed, truncated, oversized, of an unknown version or kind, or of the wrong
+types raises :class:`~crdt.errors.CodecError`, and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+from crdt.errors import CodecError
+
+VERSION: Final = 1
+
+# Kind tags. States of data types are below 16, sync protocol messages from 16 up.
+KIND_AWLWWMAP: Final = 1
+KIND_ORSET: Final = 2
+KIND_INTERVAL: Final = 16  # a delta-interval (or the full state) from a DeltaReplicator
+KIND_ACK: Final = 17
+KIND_PERSISTED: Final = 18
+
+KINDS: Final = frozenset({KIND_AWLWWMAP, KIND_ORSET, KIND_INTERVAL, KIND_ACK, KIND_PERSISTED})
+
+_HEADER = 2
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**64 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied while decoding untrusted bytes (and while validating values to store)."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_str_len: int = 1024 * 1024
+    max_bin_len: int = 64 * 1024 * 1024
+    max_array_len: int = 4 * 1024 * 1024
+    max_map_len: int = 64 * 1024
+    max_depth: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_str_len", "max_bin_len", "max_array_len", "max_map_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_depth < 1:
+            raise ValueError("max_depth must be >= 1")
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+def pack(kind: int, body: object) -> bytes:
+    """Encode ``body`` under ``kind``. ``body`` must be made of msgpack types only."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind}")
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return bytes((VERSION, kind)) + packed
+
+
+def peek_kind(data: object) -> int:
+    """The kind tag of a payload, checking only its header."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CodecError("payload must be bytes")
+    head = bytes(data[:_HEADER])
+    if len(head) < _HEADER:
+        raise CodecError("payload shorter than its header")
+    if head[0] != VERSION:
+        raise CodecError(f"unknown payload version {head[0]}")
+    if head[1] not in KINDS:
+        raise CodecError(f"unknown payload kind {head[1]}")
+    return head[1]
+
+
+def unpack(data: object, kinds: Iterable[int], limits: Limits = DEFAULT_LIMITS) -> tuple[int, Any]:
+    """Decode a payload whose kind must be one of ``kinds``; returns ``(kind, body)``."""
+    kind = peek_kind(data)
+    assert isinstance(data, bytes | bytearray | memoryview)
+    if kind not in set(kinds):
+        raise CodecError(f"unexpected payload kind {kind}")
+    if len(data) > limits.max_bytes:
+        raise CodecError(f"payload of {len(data)} bytes over the limit of {limits.max_bytes}")
+    try:
+        body = msgpack.unpackb(
+            bytes(data[_HEADER:]),
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_bin_len,
+            max_array_len=limits.max_array_len,
+            max_map_len=limits.max_map_len,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # every failure of the parser on outside bytes is a CodecError
+        raise CodecError(f"undecodable msgpack body: {exc.__class__.__name__}: {exc}") from None
+    check_tree(body, limits.max_depth)
+    return kind, body
+
+
+def check_tree(obj: object, max_depth: int) -> None:
+    """Bound the nesting depth of a decoded tree and require ``str`` map keys (iterative)."""
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth > max_depth:
+                raise CodecError(f"nesting deeper than {max_depth}")
+            stack.extend((x, depth + 1) for x in item if isinstance(x, list | dict))
+        elif isinstance(item, dict):
+            if depth > max_depth:
+                raise CodecError(f"nesting deeper than {max_depth}")
+            for k, v in item.items():
+                if type(k) is not str:
+                    raise CodecError("map keys must be strings")
+                if isinstance(v, list | dict):
+                    stack.append((v, depth + 1))
+
+
+# -- shape checks used by the data types' decoders -------------------------------------------
+
+
+def expect_list(obj: object, what: str, length: int | None = None) -> list[Any]:
+    if type(obj) is not list:
+        raise CodecError(f"{what}: expected an array")
+    if length is not None and len(obj) != length:
+        raise CodecError(f"{what}: expected {length} items, got {len(obj)}")
+    return obj
+
+
+def expect_int(obj: object, what: str, lo: int = INT_MIN, hi: int = INT_MAX) -> int:
+    if type(obj) is not int:
+        raise CodecError(f"{what}: expected an integer")
+    if not lo <= obj <= hi:
+        raise CodecError(f"{what}: {obj} out of range [{lo}, {hi}]")
+    return obj
+
+
+def expect_str(obj: object, what: str) -> str:
+    if type(obj) is not str:
+        raise CodecError(f"{what}: expected a string")
+    return obj
+
+
+def expect_bytes(obj: object, what: str) -> bytes:
+    if type(obj) is not bytes:
+        raise CodecError(f"{what}: expected binary")
+    return obj
+
+
+def expect_bool(obj: object, what: str) -> bool:
+    if type(obj) is not bool:
+        raise CodecError(f"{what}: expected a boolean")
+    return obj
+
+
+# -- values stored in data types --------------------------------------------------------------
+
+
+def normalize_value(value: object, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """Check that ``value`` survives a msgpack round trip unchanged and return a private copy.
+
+    Accepted: ``None``, ``bool``, ``int`` (64-bit), finite or infinite ``float`` (not NaN, which
+    is not equal to itself), ``str``, ``bytes``, ``list``/``tuple`` (stored as ``list``), and
+    ``dict`` with ``str`` keys, nested at most ``limits.max_depth`` deep. Raises ``TypeError``
+    or ``ValueError`` otherwise.
+    """
+    return _normalize(value, limits, 1)
+
+
+def _normalize(value: object, limits: Limits, depth: int) -> Any:
+    if value is None or type(value) is bool:
+        return value
+    if type(value) is int:
+        if not INT_MIN <= value <= INT_MAX:
+            raise ValueError("integer out of the 64-bit range")
+        return value
+    if type(value) is float:
+        if math.isnan(value):
+            raise ValueError("NaN is not a storable value")
+        return value
+    if type(value) is str:
+        if len(value.encode("utf-8", "surrogatepass")) > limits.max_str_len:
+            raise ValueError("string too long")
+        value.encode("utf-8")  # lone surrogates cannot be packed
+        return value
+    if type(value) is bytes:
+        if len(value) > limits.max_bin_len:
+            raise ValueError("bytes too long")
+        return value
+    if type(value) in (list, tuple):
+        assert isinstance(value, list | tuple)
+        if depth > limits.max_depth:
+            raise ValueError(f"value nested deeper than {limits.max_depth}")
+        if len(value) > limits.max_array_len:
+            raise ValueError("list too long")
+        return [_normalize(x, limits, depth + 1) for x in value]
+    if type(value) is dict:
+        assert isinstance(value, dict)
+        if depth > limits.max_depth:
+            raise ValueError(f"value nested deeper than {limits.max_depth}")
+        if len(value) > limits.max_map_len:
+            raise ValueError("dict too large")
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise TypeError("dict keys must be str")
+            out[_normalize(k, limits, depth)] = _normalize(v, limits, depth + 1)
+        return out
+    raise TypeError(f"value of type {type(value).__name__} is not storable")

@@ -1,0 +1,179 @@
+"""AWLWWMap: lattice laws, delta laws, semantics, encoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crdt.awlwwmap import AWLWWMap
+from crdt.clock import HybridClock, Timestamp
+from crdt.errors import CodecError
+from tests.crdt.strategies import Universe, awl_universe, keys, msgpackable, values
+
+
+def joined(a: AWLWWMap, b: AWLWWMap) -> AWLWWMap:
+    c = a.copy()
+    c.join(b)
+    return c
+
+
+@given(awl_universe(), st.data())
+def test_join_associative_commutative_idempotent(
+    u: Universe[AWLWWMap], data: st.DataObject
+) -> None:
+    pool = [*u.states, *u.deltas, AWLWWMap()]
+    a, b, c = (data.draw(st.sampled_from(pool)) for _ in range(3))
+    assert joined(joined(a, b), c) == joined(a, joined(b, c))
+    assert joined(a, b) == joined(b, a)
+    assert joined(a, a) == a
+    assert joined(a, AWLWWMap()) == a
+    # the order agrees with join
+    assert a.leq(joined(a, b)) and b.leq(joined(a, b))
+    assert a.leq(b) == (joined(a, b) == b)
+
+
+@given(awl_universe(), st.integers(0, 2), keys, values, st.booleans())
+def test_delta_mutation_laws(u: Universe[AWLWWMap], i: int, k: str, v: Any, is_set: bool) -> None:
+    r = "abc"[i]  # replica r mutates its own state only (a dot is never reused)
+    old = u.states[i]
+    x = old.copy()
+    observed = set(old.dots(k))
+    delta = x.set(r, k, v, Timestamp(10**12, 0, r)) if is_set else x.remove(r, k)
+    # the delta joined into the old state gives the new state (m(X) = X ⊔ mδ(X))
+    assert joined(old, delta) == x
+    assert delta.leq(x)
+    # exact dots (never a compressed summary of the state, delta_crdt_ex issue 65): the
+    # context is the write's own dot plus the dots of k it overwrote
+    assert set(delta.context.dots()) == observed | set(delta.dots(k))
+    # applying the delta to another replica equals joining the new state's news: every
+    # other key is untouched, and k reads as it does at the origin once the origin's
+    # state has been joined too
+    for y in u.states:
+        after = joined(y, delta)
+        assert joined(after, x) == joined(y, x)
+        for key in y:
+            if key != k:
+                assert after.dots(key) == y.dots(key)
+    if is_set:
+        assert x.get(k) == msgpackable(v)
+        assert len(delta) == 1 and delta.conflicts(k) == 1
+    else:
+        assert k not in x and len(delta) == 0
+
+
+@given(awl_universe())
+def test_bytes_round_trip(u: Universe[AWLWWMap]) -> None:
+    for x in [*u.states, *u.deltas, AWLWWMap()]:
+        data = x.to_bytes()
+        y = AWLWWMap.from_bytes(data)
+        assert y == x
+        assert y.to_bytes() == data
+        assert dict(y.items()) == dict(x.items())
+
+
+def test_add_wins_over_concurrent_remove() -> None:
+    a, b = AWLWWMap(), AWLWWMap()
+    b.join(a.set("a", "k", 1, Timestamp(1, 0, "a")))
+    da = a.set("a", "k", 2, Timestamp(2, 0, "a"))  # concurrent with b's remove
+    db = b.remove("b", "k")
+    a.join(db)
+    b.join(da)
+    assert a == b
+    assert a.get("k") == 2
+
+
+def test_remove_of_observed_write() -> None:
+    a, b = AWLWWMap(), AWLWWMap()
+    b.join(a.set("a", "k", 1, Timestamp(1, 0, "a")))
+    a.join(b.remove("b", "k"))
+    assert "k" not in a and a == b and len(a) == 0
+
+
+def test_concurrent_sets_highest_timestamp_wins_everywhere() -> None:
+    a, b, c = AWLWWMap(), AWLWWMap(), AWLWWMap()
+    da = a.set("a", "k", "from-a", Timestamp(5, 0, "a"))
+    db = b.set("b", "k", "from-b", Timestamp(5, 0, "b"))  # same wall/logical: replica breaks tie
+    dc = c.set("c", "k", "from-c", Timestamp(4, 9, "c"))
+    for x, ds in ((a, (db, dc)), (b, (dc, da)), (c, (da, db))):
+        for d in ds:
+            x.join(d)
+    assert a == b == c
+    assert a.get("k") == b.get("k") == c.get("k") == "from-b"
+    assert a.conflicts("k") == 3
+    # the next write that observes them collapses the conflict, whatever its stamp
+    d = c.set("c", "k", "later", Timestamp(1, 0, "c"))
+    a.join(d)
+    assert a.get("k") == "later" and a.conflicts("k") == 1
+
+
+def test_sequential_write_beats_higher_stamp() -> None:
+    a = AWLWWMap()
+    a.set("a", "k", "old", Timestamp(100, 0, "a"))
+    a.set("b", "k", "new", Timestamp(1, 0, "b"))  # b saw the old write: causality wins
+    assert a.get("k") == "new"
+
+
+def test_partial_delta_never_removes_unrelated_keys() -> None:
+    # delta_crdt_ex issue 65: a partial diff with a compressed context wiped other keys.
+    a, b = AWLWWMap(), AWLWWMap()
+    clock = HybridClock("a")
+    for i in range(5):
+        b.join(a.set("a", f"k{i}", i, clock.now(i)))
+    d = a.set("a", "k9", 9, clock.now(10))
+    c = AWLWWMap()
+    c.join(b.copy())
+    # c has k0..k4 from a; a's delta for k9 is joined without the others in between.
+    c.join(d)
+    assert sorted(c.keys()) == ["k0", "k1", "k2", "k3", "k4", "k9"]
+
+
+def test_api_shape() -> None:
+    m = AWLWWMap()
+    ts = Timestamp(1, 0, "a")
+    m.set("a", "room/b", {"x": [1, (2, 3)]}, ts)
+    m.set("a", "room/a", None, ts)
+    m.set("a", "other", b"\x00", ts)
+    assert list(m.items()) == [("other", b"\x00"), ("room/a", None), ("room/b", {"x": [1, [2, 3]]})]
+    assert list(m.keys_with_prefix("room/")) == ["room/a", "room/b"]
+    assert "room/a" in m and "nope" not in m and 3 not in m
+    assert m.get("nope") is None and m.get_stamped("room/a") == (ts, None)
+    assert len(m) == 3
+    assert AWLWWMap.bottom() == AWLWWMap() and AWLWWMap().is_bottom()
+
+
+def _deep(n: int) -> Any:
+    v: Any = 1
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("bad", [object(), float("nan"), {1: 2}, 2**64, _deep(40), {"\ud800": 1}])
+def test_unstorable_values_rejected(bad: Any) -> None:
+    m = AWLWWMap()
+    with pytest.raises((TypeError, ValueError)):
+        m.set("a", "k", bad, Timestamp(1, 0, "a"))
+    assert m.is_bottom()
+
+
+def test_from_bytes_rejects_inconsistent_state() -> None:
+    m = AWLWWMap()
+    m.set("a", "k", 1, Timestamp(1, 0, "a"))
+    data = m.to_bytes()
+    with pytest.raises(CodecError):
+        AWLWWMap.from_bytes(data[:-1])
+    with pytest.raises(CodecError):
+        AWLWWMap.from_bytes(b"\x02" + data[1:])
+    names, ctx, entries = msgpack.unpackb(data[2:])
+    # a live dot the context has not seen
+    bad = data[:2] + msgpack.packb([names, [[], []], entries])
+    with pytest.raises(CodecError):
+        AWLWWMap.from_bytes(bad)
+    # a dot held by two keys
+    bad = data[:2] + msgpack.packb([names, ctx, [*entries, ["k2", entries[0][1]]]])
+    with pytest.raises(CodecError):
+        AWLWWMap.from_bytes(bad)
