@@ -1,0 +1,844 @@
+"""A room's message log: segmented pycrdt (Yjs) documents with an op log per segment.
+
+Design in ``docs/ROOMLOG.md``. In short:
+
+- Each segment is one pycrdt ``Doc`` holding one ``Array`` named ``ops``; every operation
+  (append, edit, delete, react) is one plain list appended in its own transaction. Plain
+  JSON-like values, not ``pycrdt.Map``: they are ~30x cheaper (see docs/BENCHMARKS.md).
+- Op layouts (timestamps are ``Timestamp.encode()`` strings, which sort like the stamps)::
+
+      ["a", id, author, body, ts]          append
+      ["e", id, body, ts]                  edit        (last writer wins by ts, then body)
+      ["d", id, ts]                        delete      (tombstone; beats every edit)
+      ["r", id, user, emoji, on, ts]       react       (LWW per (id, user, emoji); tie: on)
+
+- A writer appends to the *head* segment, the highest-numbered one it knows, and opens the next
+  one when the head holds ``segment_size`` appends. Segments more than one behind the head are
+  *sealed*: the doc's full update goes to the :class:`SegmentStore` and the doc is dropped;
+  only a few numbers and a sorted array of 64-bit id hashes stay in memory. A late update for a
+  sealed segment is merged into its blob, which is replaced by the superset.
+- Edits, deletes and reactions always go to the head segment, whatever segment the message is
+  in (an overlay keyed by message id), so sealed blobs never receive local writes. The overlay
+  keeps only the winning state per message, in memory and in snapshots.
+- The room's total order is ``(ts, id)``; page cursors are ``Timestamp.encode()``.
+- Updates on the wire are msgpack envelopes ``[1, [[segment, pycrdt update], ...]]``;
+  anti-entropy is per-segment state vectors and diffs, as in y-sync.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pycrdt
+
+from crdt.clock import Timestamp
+from crdt.errors import CodecError
+from crdt.segments import (
+    EMPTY_UPDATE,
+    MemorySegmentStore,
+    SegmentStore,
+    covers,
+    decode_envelope,
+    decode_state_vector,
+    encode_envelope,
+    encode_state_vector,
+)
+
+__all__ = [
+    "Change",
+    "MemorySegmentStore",
+    "Message",
+    "RoomLog",
+    "SegmentStore",
+]
+
+log = logging.getLogger(__name__)
+
+_OPS = "ops"
+_SNAPSHOT_VERSION = 1
+_LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are sealed
+_LRU_SIZE = 4
+_SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
+_MAX_TEXT = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A message as it currently stands (base append + winning overlay)."""
+
+    id: str
+    author: str
+    body: str
+    ts: Timestamp
+    edited: Timestamp | None
+    deleted: bool
+    reactions: tuple[tuple[str, tuple[str, ...]], ...]
+
+    @property
+    def cursor(self) -> str:
+        """The page cursor of this message (``ts.encode()``)."""
+        return self.ts.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """Result of a local operation: the update to persist and ship, and the message now."""
+
+    update: bytes
+    message: Message
+
+
+# --------------------------------------------------------------------------- ops
+
+
+def _check_text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str")
+    if len(value) > _MAX_TEXT:
+        raise ValueError(f"{name} too long")
+    return value
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= _MAX_TEXT
+
+
+def _valid_ts(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        Timestamp.decode(value)
+    except CodecError:
+        return False
+    return True
+
+
+def _id_hash(msg_id: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(msg_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big"
+    )
+
+
+class _Overlay:
+    """Winning edit, tombstone and reactions of one message (a join-semilattice)."""
+
+    __slots__ = ("deleted", "edit_body", "edit_ts", "reactions")
+
+    def __init__(self) -> None:
+        self.edit_ts: str | None = None
+        self.edit_body = ""
+        self.deleted = False
+        self.reactions: dict[tuple[str, str], tuple[str, bool]] = {}
+
+    def edit(self, ts: str, body: str) -> bool:
+        if self.edit_ts is None or (ts, body) > (self.edit_ts, self.edit_body):
+            self.edit_ts = ts
+            self.edit_body = body
+            return True
+        return False
+
+    def delete(self) -> bool:
+        if self.deleted:
+            return False
+        self.deleted = True
+        return True
+
+    def react(self, emoji: str, user: str, ts: str, on: bool) -> bool:
+        key = (emoji, user)
+        old = self.reactions.get(key)
+        if old is None or (ts, on) > old:
+            self.reactions[key] = (ts, on)
+            return True
+        return False
+
+    def to_wire(self, msg_id: str) -> list[Any]:
+        return [
+            msg_id,
+            self.edit_ts,
+            self.edit_body,
+            self.deleted,
+            [[e, u, ts, on] for (e, u), (ts, on) in sorted(self.reactions.items())],
+        ]
+
+
+# --------------------------------------------------------------------------- segment views
+
+
+class _View:
+    """The appends of one segment, decoded: winner per id and the sorted order keys."""
+
+    __slots__ = ("base", "keys")
+
+    def __init__(self) -> None:
+        self.base: dict[str, tuple[str, str, str]] = {}  # id -> (ts_enc, author, body)
+        self.keys: list[str] = []
+
+    def add(self, msg_id: str, ts: str, author: str, body: str) -> bool:
+        """Add an append; on a duplicate id the smallest (ts, author, body) wins."""
+        new = (ts, author, body)
+        old = self.base.get(msg_id)
+        if old is not None:
+            if new >= old:
+                return False
+            old_key = old[0] + _SEP + msg_id
+            del self.keys[bisect.bisect_left(self.keys, old_key)]
+        self.base[msg_id] = new
+        key = ts + _SEP + msg_id
+        keys = self.keys
+        if not keys or key > keys[-1]:
+            keys.append(key)
+        else:
+            bisect.insort(keys, key)
+        return True
+
+    def range(self, lo: str | None, hi: str | None) -> tuple[int, int]:
+        keys = self.keys
+        i = 0 if lo is None else bisect.bisect_left(keys, lo)
+        j = len(keys) if hi is None else bisect.bisect_left(keys, hi)
+        return i, j
+
+
+class _Live:
+    """A segment whose pycrdt doc is in memory."""
+
+    __slots__ = ("arr", "doc", "inbox", "local", "number", "pending", "subs", "tx_update", "view")
+
+    def __init__(self, number: int, client_id: int) -> None:
+        self.number = number
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
+        self.arr: pycrdt.Array[Any] = self.doc.get(_OPS, type=pycrdt.Array)
+        self.view = _View()
+        self.pending: list[bytes] = []  # parts of received updates pycrdt still holds
+        self.inbox: list[Any] = []  # ops inserted by the update being applied
+        self.local = False
+        self.tx_update = b""
+        # Raw (Rust-level) observers: pycrdt's Python wrappers convert events eagerly and
+        # cost 2-3x the append itself.
+        # The subscriptions must stay referenced: dropping them unsubscribes.
+        self.subs = (
+            self.arr.integrated.observe(self._on_array),
+            self.doc._doc.observe(self._on_txn),
+        )
+
+    def _on_array(self, event: Any) -> None:
+        if self.local:
+            return
+        for part in event.delta:
+            ins = part.get("insert")
+            if ins is not None:
+                self.inbox.extend(ins)
+
+    def _on_txn(self, event: Any) -> None:
+        if self.local:
+            self.tx_update = event.update
+
+    def full_update(self) -> bytes:
+        update = self.doc.get_update()
+        if self.pending:
+            update = pycrdt.merge_updates(update, *self.pending)
+        return update
+
+
+@dataclass(slots=True)
+class _Sealed:
+    """What stays in memory of a sealed segment."""
+
+    number: int
+    state: bytes  # its pycrdt state vector (integrated part)
+    count: int  # winning appends
+    min_key: str
+    max_key: str
+    hashes: array[int]  # sorted 64-bit hashes of the message ids (a lookup filter)
+
+
+class _Bloom:
+    """A Bloom filter over the id hashes of every sealed segment, so that looking an id up
+    costs a few bit tests unless it may be sealed. Doubles (rebuilt) as it fills."""
+
+    __slots__ = ("bits", "capacity", "count", "nbits")
+
+    _K = 7
+    _BITS_PER_ITEM = 10
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1024, capacity)
+        self.nbits = self.capacity * self._BITS_PER_ITEM
+        self.bits = bytearray((self.nbits + 7) // 8)
+        self.count = 0
+
+    def _positions(self, h: int) -> list[int]:
+        h1 = h & 0xFFFFFFFF
+        h2 = (h >> 32) | 1
+        m = self.nbits
+        return [(h1 + i * h2) % m for i in range(self._K)]
+
+    def add(self, h: int) -> None:
+        bits = self.bits
+        for p in self._positions(h):
+            bits[p >> 3] |= 1 << (p & 7)
+        self.count += 1
+
+    def __contains__(self, h: int) -> bool:
+        bits = self.bits
+        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._positions(h))
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class RoomLog:
+    """One room's message log. Not thread-safe; one owner calls it."""
+
+    def __init__(
+        self,
+        room: str,
+        client_id: int,
+        *,
+        segment_size: int = 1000,
+        store: SegmentStore | None = None,
+    ) -> None:
+        if segment_size < 1:
+            raise ValueError("segment_size must be >= 1")
+        if not (0 <= client_id < 2**53):
+            raise ValueError("client_id must be in [0, 2**53)")
+        self.room = room
+        self.client_id = client_id
+        self.segment_size = segment_size
+        self.store: SegmentStore = store if store is not None else MemorySegmentStore()
+        self._live: dict[int, _Live] = {}
+        self._sealed: dict[int, _Sealed] = {}
+        self._overlay: dict[str, _Overlay] = {}
+        self._lru: OrderedDict[int, _View] = OrderedDict()
+        self._bloom = _Bloom(0)
+        self._head = 0
+
+    # ------------------------------------------------------------------ local operations
+
+    def append(self, msg_id: str, author: str, body: str, ts: Timestamp) -> Change:
+        """Append a new message. ``ValueError`` if the id is already in a live segment (the
+        node dedupes resends against its index; sealed segments are not searched)."""
+        _check_text("msg_id", msg_id)
+        _check_text("author", author)
+        _check_text("body", body)
+        seg = self._writable()
+        for live in self._live.values():
+            if msg_id in live.view.base:
+                raise ValueError(f"message id already used: {msg_id!r}")
+        ts_enc = ts.encode()
+        update = self._write(seg, ["a", msg_id, author, body, ts_enc])
+        seg.view.add(msg_id, ts_enc, author, body)
+        return Change(update, self._build(msg_id, (ts_enc, author, body)))
+
+    def edit(self, msg_id: str, body: str, ts: Timestamp) -> Change:
+        """Replace the body; the edit with the highest ts wins. ``KeyError`` if unknown."""
+        _check_text("body", body)
+        base = self._require(msg_id)
+        ts_enc = ts.encode()
+        update = self._write(self._writable(), ["e", msg_id, body, ts_enc])
+        self._ov(msg_id).edit(ts_enc, body)
+        return Change(update, self._build(msg_id, base))
+
+    def delete(self, msg_id: str, ts: Timestamp) -> Change:
+        """Tombstone the message: its body becomes "" and no edit can bring it back."""
+        base = self._require(msg_id)
+        update = self._write(self._writable(), ["d", msg_id, ts.encode()])
+        self._ov(msg_id).delete()
+        return Change(update, self._build(msg_id, base))
+
+    def react(self, msg_id: str, user: str, emoji: str, present: bool, ts: Timestamp) -> Change:
+        """Set or clear ``user``'s ``emoji`` on the message (LWW by ts; a tie keeps it on)."""
+        _check_text("user", user)
+        _check_text("emoji", emoji)
+        base = self._require(msg_id)
+        ts_enc = ts.encode()
+        update = self._write(self._writable(), ["r", msg_id, user, emoji, bool(present), ts_enc])
+        self._ov(msg_id).react(emoji, user, ts_enc, bool(present))
+        return Change(update, self._build(msg_id, base))
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, msg_id: str) -> Message | None:
+        """The message with this id, or None if no append for it has arrived."""
+        base = self._find(msg_id)
+        return None if base is None else self._build(msg_id, base)
+
+    def page(
+        self,
+        *,
+        after: Timestamp | None = None,
+        before: Timestamp | None = None,
+        limit: int = 50,
+    ) -> list[Message]:
+        """Messages in ascending ``(ts, id)`` order, strictly after ``after`` and strictly
+        before ``before``. With ``after`` (or no bound) the first ``limit`` of them; with only
+        ``before``, the last ``limit`` (the page just before a cursor)."""
+        if limit <= 0:
+            return []
+        lo = None if after is None else after.encode() + "\x01"
+        hi = None if before is None else before.encode() + _SEP
+        if lo is not None and hi is not None and lo >= hi:
+            return []
+        backwards = after is None and before is not None
+        picked = self._select(lo, hi, limit, backwards)
+        return [self._build(k.split(_SEP, 1)[1], base) for k, base in picked]
+
+    def __len__(self) -> int:
+        """Number of distinct (segment, id) appends known."""
+        return sum(len(s.view.base) for s in self._live.values()) + sum(
+            s.count for s in self._sealed.values()
+        )
+
+    @property
+    def head(self) -> int:
+        """The segment new local appends go to."""
+        return self._head
+
+    def sealed_segments(self) -> list[int]:
+        """Numbers of the segments kept as blobs in the store."""
+        return sorted(self._sealed)
+
+    # ------------------------------------------------------------------ remote updates
+
+    def apply(self, update: bytes) -> list[Message]:
+        """Integrate an envelope from :meth:`Change.update` or :meth:`diff` (any order,
+        duplicates welcome). Returns the messages whose state changed, in log order.
+        ``CodecError`` if the bytes are not a well-formed envelope of pycrdt updates."""
+        parts = decode_envelope(update)
+        if len(parts) > 1:
+            for _, payload in parts:
+                _check_update(payload)
+        changed: dict[str, None] = {}
+        for number, payload in parts:
+            self._apply_part(number, payload, changed)
+        out: list[Message] = []
+        for msg_id in changed:
+            msg = self.get(msg_id)
+            if msg is not None:
+                out.append(msg)
+        out.sort(key=lambda m: (m.ts, m.id))
+        return out
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    def state_vector(self) -> bytes:
+        """Per-segment pycrdt state vectors, in one envelope (y-sync step 1)."""
+        parts = [(n, s.doc.get_state()) for n, s in sorted(self._live.items())]
+        parts += [(n, s.state) for n, s in sorted(self._sealed.items())]
+        return encode_envelope(parts)
+
+    def diff(self, state_vector: bytes) -> bytes:
+        """Everything this replica has that the owner of ``state_vector`` lacks, for every
+        segment (y-sync step 2), as an envelope for :meth:`apply`."""
+        remote: dict[int, tuple[bytes, dict[int, int]]] = {}
+        for number, sv in decode_envelope(state_vector):
+            decoded = decode_state_vector(sv)
+            remote[number] = (encode_state_vector(decoded), decoded)
+        parts: list[tuple[int, bytes]] = []
+        for number, live in sorted(self._live.items()):
+            have = remote.get(number)
+            if (
+                have is not None
+                and not live.pending
+                and covers(have[1], decode_state_vector(live.doc.get_state()))
+            ):
+                continue
+            upd = live.doc.get_update(have[0] if have is not None else None)
+            if live.pending:
+                upd = pycrdt.merge_updates(upd, *live.pending)
+            if upd != EMPTY_UPDATE:
+                parts.append((number, upd))
+        for number, sealed in sorted(self._sealed.items()):
+            have = remote.get(number)
+            blob = self._blob(number)
+            if have is None:
+                parts.append((number, blob))
+                continue
+            if covers(have[1], decode_state_vector(sealed.state)) and not _has_gap(blob, sealed):
+                continue
+            upd = pycrdt.get_update(blob, have[0])
+            if upd != EMPTY_UPDATE:
+                parts.append((number, upd))
+        return encode_envelope(parts)
+
+    # ------------------------------------------------------------------ persistence
+
+    def snapshot(self) -> bytes:
+        """Everything needed to :meth:`restore` this log, except the sealed blobs, which are
+        in the store. Replaying updates received or produced after the snapshot is safe
+        (apply is idempotent)."""
+        body = {
+            "v": _SNAPSHOT_VERSION,
+            "room": self.room,
+            "size": self.segment_size,
+            "head": self._head,
+            "live": [[n, s.full_update()] for n, s in sorted(self._live.items())],
+            "sealed": [
+                [s.number, s.state, s.count, s.min_key, s.max_key, s.hashes.tobytes()]
+                for s in sorted(self._sealed.values(), key=lambda s: s.number)
+            ],
+            "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
+        }
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return packed
+
+    @classmethod
+    def restore(
+        cls, snapshot: bytes, client_id: int, *, store: SegmentStore | None = None
+    ) -> RoomLog:
+        """Rebuild a log from :meth:`snapshot` and the store holding its sealed blobs. Pass a
+        fresh ``client_id`` (one per writer incarnation). ``CodecError`` on bad bytes."""
+        try:
+            body = msgpack.unpackb(snapshot, raw=False, strict_map_key=True)
+            if not isinstance(body, dict) or body.get("v") != _SNAPSHOT_VERSION:
+                raise CodecError("unknown snapshot version")
+            self = cls(body["room"], client_id, segment_size=body["size"], store=store)
+            self._head = int(body["head"])
+            for number, state, count, min_key, max_key, hashes in body["sealed"]:
+                h: array[int] = array("Q")
+                h.frombytes(hashes)
+                self._sealed[number] = _Sealed(number, state, count, min_key, max_key, h)
+            self._rebuild_bloom(0)
+            for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
+                ov = self._ov(msg_id)
+                if edit_ts is not None:
+                    ov.edit(edit_ts, edit_body)
+                if deleted:
+                    ov.delete()
+                for emoji, user, ts, on in reactions:
+                    ov.react(emoji, user, ts, on)
+            sink: dict[str, None] = {}
+            for number, update in body["live"]:
+                self._apply_part(number, update, sink)
+        except CodecError:
+            raise
+        except Exception as exc:
+            raise CodecError(f"bad snapshot: {type(exc).__name__}: {exc}") from None
+        return self
+
+    # ------------------------------------------------------------------ internals: writing
+
+    def _writable(self) -> _Live:
+        head = self._live.get(self._head)
+        if head is None:
+            head = self._open(self._head)
+        if len(head.view.base) >= self.segment_size:
+            self._head += 1
+            head = self._open(self._head)
+            self._seal_old()
+        return head
+
+    def _open(self, number: int) -> _Live:
+        live = _Live(number, self.client_id)
+        self._live[number] = live
+        return live
+
+    def _write(self, seg: _Live, op: list[Any]) -> bytes:
+        seg.local = True
+        try:
+            with seg.doc.transaction():
+                seg.arr.append(op)
+        finally:
+            seg.local = False
+        update = seg.tx_update
+        seg.tx_update = b""
+        return encode_envelope([(seg.number, update)])
+
+    def _ov(self, msg_id: str) -> _Overlay:
+        ov = self._overlay.get(msg_id)
+        if ov is None:
+            ov = self._overlay[msg_id] = _Overlay()
+        return ov
+
+    # ------------------------------------------------------------------ internals: applying
+
+    def _apply_part(self, number: int, payload: bytes, changed: dict[str, None]) -> None:
+        if number in self._sealed:
+            self._apply_sealed(number, payload, changed)
+            return
+        live = self._live.get(number)
+        if live is None:
+            if number < self._head - _LIVE_BEHIND_HEAD:
+                self._apply_sealed(number, payload, changed)
+                return
+            live = self._open(number)
+        try:
+            live.doc.apply_update(payload)
+        except Exception as exc:
+            live.inbox.clear()
+            raise CodecError(f"bad pycrdt update: {exc}") from None
+        self._integrate(live.inbox, live.view, changed)
+        live.inbox.clear()
+        _track_pending(live, payload)
+        if number > self._head:
+            self._head = number
+            self._seal_old()
+
+    def _integrate(self, ops: list[Any], view: _View | None, changed: dict[str, None]) -> None:
+        """Fold ops into a segment view and the overlay. Malformed ops (only a broken or
+        hostile peer writes them) are skipped the same way on every replica."""
+        for op in ops:
+            if not isinstance(op, list) or not op:
+                continue
+            kind = op[0]
+            if kind == "a" and len(op) == 5:
+                _, msg_id, author, body, ts = op
+                if (
+                    _is_text(msg_id)
+                    and _is_text(author)
+                    and _is_text(body)
+                    and _valid_ts(ts)
+                    and (view is None or view.add(msg_id, ts, author, body))
+                ):
+                    changed[msg_id] = None
+            elif kind == "e" and len(op) == 4:
+                _, msg_id, body, ts = op
+                if (
+                    _is_text(msg_id)
+                    and _is_text(body)
+                    and _valid_ts(ts)
+                    and self._ov(msg_id).edit(ts, body)
+                ):
+                    changed[msg_id] = None
+            elif kind == "d" and len(op) == 3:
+                _, msg_id, ts = op
+                if _is_text(msg_id) and _valid_ts(ts) and self._ov(msg_id).delete():
+                    changed[msg_id] = None
+            elif kind == "r" and len(op) == 6:
+                _, msg_id, user, emoji, on, ts = op
+                if (
+                    _is_text(msg_id)
+                    and _is_text(user)
+                    and _is_text(emoji)
+                    and isinstance(on, bool)
+                    and _valid_ts(ts)
+                    and self._ov(msg_id).react(emoji, user, ts, on)
+                ):
+                    changed[msg_id] = None
+
+    def _apply_sealed(self, number: int, payload: bytes, changed: dict[str, None]) -> None:
+        """A (late) update for a sealed segment: merge it into the blob, which is replaced
+        by the superset. Local writes never go here."""
+        _check_update(payload)
+        sealed = self._sealed.get(number)
+        if sealed is not None and _covered(payload, sealed):
+            return
+        live = _Live(number, self.client_id)
+        live.local = True  # loading the old blob is not news
+        if sealed is not None:
+            blob = self._blob(number)
+            live.doc.apply_update(blob)
+            live.pending = _leftover(blob, live.doc)
+            live.view = self._decode_view(live.arr)
+        live.local = False
+        live.doc.apply_update(payload)
+        self._integrate(live.inbox, live.view, changed)
+        live.inbox.clear()
+        _track_pending(live, payload)
+        self._seal(live)
+
+    # ------------------------------------------------------------------ internals: sealing
+
+    def _seal_old(self) -> None:
+        for number in sorted(self._live):
+            if number < self._head - _LIVE_BEHIND_HEAD:
+                self._seal(self._live.pop(number))
+
+    def _seal(self, live: _Live) -> None:
+        blob = live.full_update()
+        self.store.put(self.room, live.number, blob)
+        keys = live.view.keys
+        hashes = array("Q", sorted(_id_hash(i) for i in live.view.base))
+        old = self._sealed.get(live.number)
+        self._index(hashes if old is None else array("Q", set(hashes) - set(old.hashes)))
+        self._sealed[live.number] = _Sealed(
+            number=live.number,
+            state=live.doc.get_state(),
+            count=len(keys),
+            min_key=keys[0] if keys else "",
+            max_key=keys[-1] if keys else "",
+            hashes=hashes,
+        )
+        self._lru.pop(live.number, None)
+        self._live.pop(live.number, None)
+        log.debug("room %s: sealed segment %d (%d messages)", self.room, live.number, len(keys))
+
+    def _index(self, hashes: array[int]) -> None:
+        """Add id hashes to the Bloom filter, rebuilding it bigger when it is full."""
+        if self._bloom.count + len(hashes) > self._bloom.capacity:
+            self._rebuild_bloom(len(hashes))
+        for h in hashes:
+            self._bloom.add(h)
+
+    def _rebuild_bloom(self, extra: int) -> None:
+        total = sum(len(s.hashes) for s in self._sealed.values())
+        self._bloom = _Bloom(2 * (total + extra))
+        for sealed in self._sealed.values():
+            for h in sealed.hashes:
+                self._bloom.add(h)
+
+    def _blob(self, number: int) -> bytes:
+        blob = self.store.get(self.room, number)
+        if blob is None:
+            raise LookupError(f"segment store lost blob {self.room!r}/{number}")
+        return blob
+
+    def _decode_view(self, arr: pycrdt.Array[Any]) -> _View:
+        view = _View()
+        for op in arr.to_py() or []:
+            if (
+                isinstance(op, list)
+                and len(op) == 5
+                and op[0] == "a"
+                and _is_text(op[1])
+                and _is_text(op[2])
+                and _is_text(op[3])
+                and _valid_ts(op[4])
+            ):
+                view.add(op[1], op[4], op[2], op[3])
+        return view
+
+    def _sealed_view(self, number: int) -> _View:
+        view = self._lru.get(number)
+        if view is not None:
+            self._lru.move_to_end(number)
+            return view
+        doc: pycrdt.Doc[Any] = pycrdt.Doc()
+        arr: pycrdt.Array[Any] = doc.get(_OPS, type=pycrdt.Array)
+        doc.apply_update(self._blob(number))
+        view = self._decode_view(arr)
+        self._lru[number] = view
+        if len(self._lru) > _LRU_SIZE:
+            self._lru.popitem(last=False)
+        return view
+
+    # ------------------------------------------------------------------ internals: reading
+
+    def _find(self, msg_id: str) -> tuple[str, str, str] | None:
+        """The base of a message: the smallest (ts, author, body) over every segment."""
+        best: tuple[str, str, str] | None = None
+        for live in self._live.values():
+            base = live.view.base.get(msg_id)
+            if base is not None and (best is None or base < best):
+                best = base
+        h = _id_hash(msg_id)
+        if self._sealed and h in self._bloom:
+            for number, sealed in self._sealed.items():
+                hashes = sealed.hashes
+                i = bisect.bisect_left(hashes, h)
+                if i < len(hashes) and hashes[i] == h:
+                    base = self._sealed_view(number).base.get(msg_id)
+                    if base is not None and (best is None or base < best):
+                        best = base
+        return best
+
+    def _require(self, msg_id: str) -> tuple[str, str, str]:
+        base = self._find(msg_id)
+        if base is None:
+            raise KeyError(msg_id)
+        return base
+
+    def _build(self, msg_id: str, base: tuple[str, str, str]) -> Message:
+        ts_enc, author, body = base
+        ov = self._overlay.get(msg_id)
+        edited: Timestamp | None = None
+        deleted = False
+        reactions: tuple[tuple[str, tuple[str, ...]], ...] = ()
+        if ov is not None:
+            if ov.edit_ts is not None:
+                edited = Timestamp.decode(ov.edit_ts)
+                body = ov.edit_body
+            deleted = ov.deleted
+            if deleted:
+                body = ""
+            else:
+                by_emoji: dict[str, list[str]] = {}
+                for (emoji, user), (_, on) in ov.reactions.items():
+                    if on:
+                        by_emoji.setdefault(emoji, []).append(user)
+                reactions = tuple((e, tuple(sorted(us))) for e, us in sorted(by_emoji.items()))
+        return Message(
+            id=msg_id,
+            author=author,
+            body=body,
+            ts=Timestamp.decode(ts_enc),
+            edited=edited,
+            deleted=deleted,
+            reactions=reactions,
+        )
+
+    def _select(
+        self, lo: str | None, hi: str | None, limit: int, backwards: bool
+    ) -> list[tuple[str, tuple[str, str, str]]]:
+        """The first (or last) ``limit`` keys in [lo, hi) over all segments, with bases."""
+        ranges: list[tuple[str, str, int]] = []  # (min_key, max_key, number)
+        for number, live in self._live.items():
+            if live.view.keys:
+                ranges.append((live.view.keys[0], live.view.keys[-1], number))
+        for number, sealed in self._sealed.items():
+            if sealed.count:
+                ranges.append((sealed.min_key, sealed.max_key, number))
+        ranges = [r for r in ranges if (lo is None or r[1] >= lo) and (hi is None or r[0] < hi)]
+        picked: list[tuple[str, tuple[str, str, str]]] = []
+        if backwards:
+            ranges.sort(key=lambda r: r[1], reverse=True)
+        else:
+            ranges.sort()
+        for min_key, max_key, number in ranges:
+            if len(picked) >= limit:
+                worst = picked[0][0] if backwards else picked[-1][0]
+                if (backwards and max_key < worst) or (not backwards and min_key > worst):
+                    break
+            seg = self._live.get(number)
+            view = seg.view if seg is not None else self._sealed_view(number)
+            i, j = view.range(lo, hi)
+            keys = (
+                view.keys[max(i, j - limit) : j] if backwards else view.keys[i : min(j, i + limit)]
+            )
+            for key in keys:
+                picked.append((key, view.base[key.split(_SEP, 1)[1]]))
+            picked.sort(key=lambda kb: kb[0])
+            picked = picked[-limit:] if backwards else picked[:limit]
+        return picked
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_update(payload: bytes) -> None:
+    try:
+        pycrdt.get_state(payload)
+    except Exception as exc:
+        raise CodecError(f"bad pycrdt update: {exc}") from None
+
+
+def _leftover(update: bytes, doc: pycrdt.Doc[Any]) -> list[bytes]:
+    rest = pycrdt.get_update(update, doc.get_state())
+    return [] if rest == EMPTY_UPDATE else [rest]
+
+
+def _track_pending(live: _Live, payload: bytes) -> None:
+    """Keep the parts of received updates that pycrdt could not integrate yet (missing
+    dependencies), so that sealing, snapshots and diffs never drop them."""
+    state = live.doc.get_state()
+    still: list[bytes] = []
+    for upd in [*live.pending, payload]:
+        rest = pycrdt.get_update(upd, state)
+        if rest != EMPTY_UPDATE:
+            still.append(rest)
+    live.pending = still
+
+
+def _covered(payload: bytes, sealed: _Sealed) -> bool:
+    return pycrdt.get_update(payload, sealed.state) == EMPTY_UPDATE
+
+
+def _has_gap(blob: bytes, sealed: _Sealed) -> bool:
+    """Whether a sealed blob carries structs beyond its integrated state (held pending)."""
+    return pycrdt.get_update(blob, sealed.state) != EMPTY_UPDATE
