@@ -1,0 +1,1484 @@
+// chatnode web client. Plain modern JavaScript, served as is: no build step, no framework.
+//
+// Safety rule for this file: text that comes from users or from the server is only ever put
+// into the page through textContent / text nodes (see `h`). Nothing is parsed as HTML.
+//
+// Protocol: docs/PROTOCOL.md (HTTP for accounts and sessions, one WebSocket of JSON frames).
+
+const SESSION_KEY = "chatnode.session";
+const ROOM_KEY = "chatnode.room";
+const REACTIONS = ["👍", "❤️", "😂", "🎉", "😮"];
+const HISTORY_PAGE = 50;
+const BODY_MAX = 4000;
+const USER_RE = /^[a-z0-9_][a-z0-9_.-]{1,31}$/;
+const ROOM_RE = /^[a-z0-9_][a-z0-9_-]{0,63}$/;
+const TYPING_SEND_EVERY_MS = 3000;
+const TYPING_SHOW_MS = 5000;
+const PING_EVERY_MS = 25000;
+const PING_TIMEOUT_MS = 10000;
+const REQUEST_TIMEOUT_MS = 30000;
+const BACKOFF_MIN_MS = 500;
+const BACKOFF_MAX_MS = 15000;
+const LIST_REFRESH_MS = 30000;
+const SEND_RETRIES = 5;
+
+const ERROR_TEXT = {
+  network: "Cannot reach the server",
+  timeout: "The server did not answer in time",
+  bad_json: "The server could not read a request",
+  bad_frame: "The server rejected a malformed request",
+  unknown_op: "The server does not know this operation",
+  invalid: "Invalid input",
+  unauthenticated: "Not logged in",
+  bad_token: "Your session is no longer valid",
+  token_expired: "Your session has expired",
+  bad_credentials: "Wrong user name or password",
+  forbidden: "Not allowed",
+  not_found: "Not found",
+  conflict: "That name is already taken",
+  rate_limited: "Too many requests, slow down",
+  too_large: "Request too large",
+  unavailable: "The server cannot store this right now",
+  internal: "Server error",
+};
+
+// ---------------------------------------------------------------- small helpers
+
+const $ = (id) => document.getElementById(id);
+
+// Builds an element. Strings among the children become text nodes; the `text` property sets
+// textContent. There is deliberately no way to pass HTML.
+function h(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return node;
+}
+
+class ServerError extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.code = code;
+  }
+}
+
+class Disconnected extends Error {
+  constructor() {
+    super("disconnected");
+    this.code = "disconnected";
+  }
+}
+
+function describe(err) {
+  if (typeof err === "string") return err;
+  const code = err && err.code;
+  const known = code ? ERROR_TEXT[code] : null;
+  const detail = err && err.message && err.message !== code ? err.message : "";
+  if (known && detail) return `${known} (${code}): ${detail}`;
+  if (known) return `${known} (${code})`;
+  if (code && detail) return `${code}: ${detail}`;
+  return detail || String(err);
+}
+
+function newId() {
+  // 128 random bits as 32 hex characters; crypto.getRandomValues works outside secure contexts.
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function formatTime(ts) {
+  const d = new Date(ts);
+  const sameDay = d.toDateString() === new Date().toDateString();
+  return sameDay
+    ? d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : d.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+}
+
+function listNames(names) {
+  if (names.length <= 1) return names.join("");
+  return `${names.slice(0, -1).join(", ")} and ${names[names.length - 1]}`;
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async function api(method, path, body, token) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let resp;
+  try {
+    resp = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+    });
+  } catch {
+    throw new ServerError("network", "the request did not reach the server");
+  }
+  if (resp.status === 204) return null;
+  let data = null;
+  try {
+    data = await resp.json();
+  } catch {
+    data = null;
+  }
+  if (!resp.ok) {
+    const e = data && typeof data === "object" ? data.error : null;
+    throw new ServerError(e && e.code ? e.code : `http_${resp.status}`, e && e.message ? e.message : resp.statusText);
+  }
+  return data;
+}
+
+// ---------------------------------------------------------------- WebSocket connection
+
+// One WebSocket with request/reply matching by `ref`. Events (frames without a ref that we
+// are waiting for) go to `onEvent`. When the socket closes every waiting request is rejected
+// with Disconnected.
+class Connection {
+  constructor(url, onEvent, onClose) {
+    this.onEvent = onEvent;
+    this.onClose = onClose;
+    this.nextRef = 0;
+    this.waiting = new Map();
+    this.closed = false;
+    this.ws = new WebSocket(url);
+    this.opened = new Promise((resolve, reject) => {
+      this.ws.addEventListener("open", () => resolve(), { once: true });
+      this.ws.addEventListener("close", () => reject(new Disconnected()), { once: true });
+    });
+    this.opened.catch(() => {});
+    this.ws.addEventListener("message", (ev) => this.receive(ev));
+    this.ws.addEventListener("close", (ev) => this.closedBy(ev));
+  }
+
+  receive(ev) {
+    let frame;
+    try {
+      frame = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    if ((frame.op === "ok" || frame.op === "error") && frame.ref !== undefined && frame.ref !== null) {
+      const key = String(frame.ref);
+      const w = this.waiting.get(key);
+      if (w) {
+        this.waiting.delete(key);
+        clearTimeout(w.timer);
+        if (frame.op === "ok") w.resolve(frame);
+        else w.reject(new ServerError(frame.code || "internal", frame.message || ""));
+        return;
+      }
+    }
+    this.onEvent(frame);
+  }
+
+  request(op, fields = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
+    if (this.closed || this.ws.readyState !== WebSocket.OPEN) return Promise.reject(new Disconnected());
+    this.nextRef += 1;
+    const ref = `r${this.nextRef}`;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiting.delete(ref);
+        reject(new ServerError("timeout", `no reply to ${op}`));
+        // A connection that stops answering is recycled; requests are replayed on reconnect.
+        this.close(4000);
+      }, timeoutMs);
+      this.waiting.set(ref, { resolve, reject, timer });
+      this.ws.send(JSON.stringify({ ...fields, op, ref }));
+    });
+  }
+
+  close(code = 1000) {
+    if (this.closed) return;
+    try {
+      this.ws.close(code);
+    } catch {
+      this.ws.close();
+    }
+  }
+
+  closedBy(ev) {
+    this.closed = true;
+    for (const w of this.waiting.values()) {
+      clearTimeout(w.timer);
+      w.reject(new Disconnected());
+    }
+    this.waiting.clear();
+    this.onClose(ev);
+  }
+}
+
+// ---------------------------------------------------------------- state
+
+class Room {
+  constructor(id) {
+    this.id = id;
+    this.title = "";
+    this.visibility = "public";
+    this.member = false;
+    this.unread = 0;
+    this.messages = new Map(); // id -> message (confirmed and local)
+    this.order = []; // confirmed message ids, ascending by cursor
+    this.pendingIds = []; // own messages not acknowledged yet, in the order they were written
+    this.lastCursor = null; // newest cursor received from the server for this room
+    this.more = true; // older history may exist
+    this.primed = false; // the newest page (or message) was fetched once
+    this.loadingOlder = false;
+    this.wanted = false; // keep subscribed across reconnects
+    this.subscribed = false; // subscribed on the current connection
+    this.readSent = null; // newest cursor sent with `read`
+    this.typing = new Map(); // user -> time (ms) until which they count as typing
+    this.online = new Set();
+    this.readers = new Map(); // user -> read cursor
+  }
+}
+
+const app = {
+  session: null, // {user, token, expires}
+  conn: null,
+  connected: false,
+  rooms: new Map(),
+  current: null,
+  outbox: new Map(), // own messages waiting for an ack (or failed), in creation order
+  backoff: BACKOFF_MIN_MS,
+  reconnectAt: 0,
+  reconnectTimer: null,
+  countdownTimer: null,
+  pingTimer: null,
+  listTimer: null,
+  readTimer: null,
+  lastTypingSent: 0,
+  editing: null, // id of the message being edited
+  liById: new Map(), // rendered <li> of the current room, by message id
+};
+
+function me() {
+  return app.session ? app.session.user : "";
+}
+
+function currentRoom() {
+  return app.current ? app.rooms.get(app.current) || null : null;
+}
+
+function isDm(room) {
+  return room.id.startsWith("dm:");
+}
+
+function displayName(room) {
+  if (isDm(room)) {
+    const others = room.id.slice(3).split(":").filter((u) => u !== me());
+    return `@${others[0] || me()}`;
+  }
+  return room.title || `#${room.id}`;
+}
+
+function upsertRoom(obj) {
+  const id = typeof obj === "string" ? obj : obj && obj.room;
+  if (typeof id !== "string") return null;
+  let room = app.rooms.get(id);
+  if (!room) {
+    room = new Room(id);
+    app.rooms.set(id, room);
+  }
+  if (obj && typeof obj === "object") {
+    if (typeof obj.title === "string") room.title = obj.title;
+    if (obj.visibility === "public" || obj.visibility === "private") room.visibility = obj.visibility;
+    if (typeof obj.member === "boolean") room.member = obj.member;
+    if (typeof obj.unread === "number" && !(room.id === app.current && isSeeingBottom())) {
+      room.unread = obj.unread;
+    }
+  }
+  return room;
+}
+
+// ---------------------------------------------------------------- banner and status
+
+let bannerTimer = null;
+
+function showBanner(text, kind) {
+  const banner = $("banner");
+  $("banner-text").textContent = text;
+  banner.dataset.kind = kind;
+  banner.setAttribute("role", kind === "error" ? "alert" : "status");
+  banner.hidden = false;
+  clearTimeout(bannerTimer);
+  bannerTimer = setTimeout(() => {
+    banner.hidden = true;
+  }, kind === "error" ? 12000 : 4000);
+}
+
+function showError(err, context) {
+  const text = describe(err);
+  showBanner(context ? `${context}: ${text}` : text, "error");
+}
+
+function showInfo(text) {
+  showBanner(text, "info");
+}
+
+function setStatus(stateName) {
+  const box = $("conn-status");
+  box.dataset.state = stateName;
+  const text = $("conn-text");
+  const retry = $("reconnect-btn");
+  clearInterval(app.countdownTimer);
+  app.countdownTimer = null;
+  retry.hidden = stateName !== "offline";
+  if (stateName === "connected") text.textContent = "Connected";
+  else if (stateName === "connecting") text.textContent = "Connecting…";
+  else {
+    const tick = () => {
+      const secs = Math.max(0, Math.ceil((app.reconnectAt - Date.now()) / 1000));
+      text.textContent = secs > 0 ? `Offline, retrying in ${secs} s` : "Offline, retrying…";
+    };
+    tick();
+    app.countdownTimer = setInterval(tick, 1000);
+  }
+}
+
+// ---------------------------------------------------------------- session and auth screen
+
+function loadSession() {
+  try {
+    const raw = sessionStorage.getItem(SESSION_KEY);
+    if (!raw) return null;
+    const s = JSON.parse(raw);
+    if (!s || typeof s.token !== "string" || typeof s.user !== "string") return null;
+    if (typeof s.expires === "number" && s.expires * (s.expires < 1e12 ? 1000 : 1) < Date.now()) return null;
+    return s;
+  } catch {
+    return null;
+  }
+}
+
+function saveSession(s) {
+  sessionStorage.setItem(SESSION_KEY, JSON.stringify(s));
+}
+
+function showAuth(message, kind = "error") {
+  $("main").hidden = true;
+  $("auth").hidden = false;
+  const err = $("auth-error");
+  err.textContent = message || "";
+  err.dataset.kind = kind;
+  document.title = "chatnode";
+  $("auth-user").focus();
+}
+
+async function authenticate(kind) {
+  const user = $("auth-user").value.trim().toLowerCase();
+  const password = $("auth-password").value;
+  const err = $("auth-error");
+  err.textContent = "";
+  if (!USER_RE.test(user)) {
+    err.textContent = "User names are 2–32 characters: lower-case letters, digits, _ . and -, not starting with . or -.";
+    $("auth-user").focus();
+    return;
+  }
+  if (password.length < 8 || password.length > 256) {
+    err.textContent = "Passwords are 8–256 characters.";
+    $("auth-password").focus();
+    return;
+  }
+  const buttons = [$("login-btn"), $("signup-btn")];
+  for (const b of buttons) b.disabled = true;
+  try {
+    const path = kind === "signup" ? "v1/accounts" : "v1/sessions";
+    const res = await api("POST", path, { user, password });
+    if (!res || typeof res.token !== "string") throw new ServerError("internal", "no token in the reply");
+    app.session = { user: res.user || user, token: res.token, expires: res.expires };
+    saveSession(app.session);
+    $("auth-password").value = "";
+    startMain();
+  } catch (e) {
+    err.dataset.kind = "error";
+    err.textContent = describe(e);
+  } finally {
+    for (const b of buttons) b.disabled = false;
+  }
+}
+
+function startMain() {
+  $("auth").hidden = true;
+  $("main").hidden = false;
+  $("me-name").textContent = me();
+  const saved = sessionStorage.getItem(ROOM_KEY);
+  app.current = saved && !app.current ? saved : app.current;
+  renderRoomList();
+  renderRoomView();
+  connect();
+  clearInterval(app.listTimer);
+  app.listTimer = setInterval(() => {
+    if (app.connected) refreshRooms(app.conn).catch(() => {});
+  }, LIST_REFRESH_MS);
+}
+
+function resetState() {
+  clearTimeout(app.reconnectTimer);
+  clearInterval(app.countdownTimer);
+  clearInterval(app.pingTimer);
+  clearInterval(app.listTimer);
+  clearTimeout(app.readTimer);
+  const conn = app.conn;
+  app.conn = null;
+  app.connected = false;
+  if (conn) conn.close();
+  app.session = null;
+  app.rooms = new Map();
+  app.outbox = new Map();
+  app.current = null;
+  app.editing = null;
+  app.liById = new Map();
+  app.backoff = BACKOFF_MIN_MS;
+  sessionStorage.removeItem(SESSION_KEY);
+  sessionStorage.removeItem(ROOM_KEY);
+  $("message-list").replaceChildren();
+}
+
+async function logout() {
+  const session = app.session;
+  resetState();
+  showAuth("");
+  if (!session) return;
+  try {
+    await api("DELETE", "v1/sessions", undefined, session.token);
+    showAuth("You are logged out.", "info");
+  } catch (e) {
+    if (e.code === "bad_token" || e.code === "token_expired") showAuth("You are logged out.", "info");
+    else showAuth(`Logged out here, but the server could not revoke the session: ${describe(e)}`);
+  }
+}
+
+function sessionEnded(err) {
+  resetState();
+  showAuth(`${describe(err)}. Please log in again.`);
+}
+
+// ---------------------------------------------------------------- connecting and resuming
+
+function wsUrl() {
+  const url = new URL("v1/ws", window.location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  url.hash = "";
+  url.search = "";
+  return url.toString();
+}
+
+function connect() {
+  if (!app.session) return;
+  clearTimeout(app.reconnectTimer);
+  app.reconnectTimer = null;
+  if (app.conn && !app.conn.closed) return;
+  setStatus("connecting");
+  const conn = new Connection(wsUrl(), onEvent, () => onConnectionClosed(conn));
+  app.conn = conn;
+  conn.opened.then(() => onConnectionOpen(conn), () => {});
+}
+
+async function onConnectionOpen(conn) {
+  try {
+    const res = await conn.request("hello", { token: app.session.token });
+    if (conn !== app.conn) return;
+    if (typeof res.user === "string" && res.user !== app.session.user) {
+      app.session.user = res.user;
+      saveSession(app.session);
+      $("me-name").textContent = res.user;
+    }
+    app.connected = true;
+    app.backoff = BACKOFF_MIN_MS;
+    setStatus("connected");
+    clearInterval(app.pingTimer);
+    app.pingTimer = setInterval(() => {
+      conn.request("ping", {}, PING_TIMEOUT_MS).catch(() => {});
+    }, PING_EVERY_MS);
+    await resume(conn);
+  } catch (e) {
+    if (conn !== app.conn) return;
+    if (e.code === "bad_token" || e.code === "token_expired" || e.code === "unauthenticated") {
+      sessionEnded(e);
+      return;
+    }
+    if (!(e instanceof Disconnected)) {
+      showError(e, "Could not start the session");
+      conn.close(4001);
+    }
+  }
+}
+
+function onConnectionClosed(conn) {
+  if (conn !== app.conn) return;
+  app.connected = false;
+  clearInterval(app.pingTimer);
+  for (const room of app.rooms.values()) {
+    room.subscribed = false;
+    room.loadingOlder = false;
+    room.typing.clear();
+    room.online.clear();
+  }
+  for (const msg of app.outbox.values()) msg.inflight = false;
+  if (!app.session) return;
+  renderPresence();
+  renderTyping();
+  const delay = Math.round(app.backoff * (0.5 + Math.random() * 0.5));
+  app.backoff = Math.min(app.backoff * 2, BACKOFF_MAX_MS);
+  app.reconnectAt = Date.now() + delay;
+  app.reconnectTimer = setTimeout(connect, delay);
+  setStatus("offline");
+}
+
+// After a successful hello: re-subscribe where we were (each room from its last cursor, so
+// nothing is skipped and nothing is delivered twice), learn new rooms, then resend the
+// messages that were never acknowledged, with their original ids.
+async function resume(conn) {
+  const known = [...app.rooms.values()].filter((r) => r.wanted);
+  await Promise.all(known.map((r) => subscribeRoom(conn, r)));
+  await refreshRooms(conn);
+  const fresh = [...app.rooms.values()].filter((r) => r.member && !r.subscribed && !r.wanted);
+  await Promise.all(fresh.map((r) => subscribeRoom(conn, r)));
+  if (fresh.length) await refreshRooms(conn); // authoritative unread counts after catch-up
+  if (conn !== app.conn) return;
+  for (const msg of app.outbox.values()) transmit(msg);
+  const room = currentRoom();
+  if (app.current && (!room || !room.member)) {
+    app.current = null;
+    sessionStorage.removeItem(ROOM_KEY);
+    renderRoomView();
+  } else if (room) {
+    if ($("room-view").hidden) {
+      renderRoomView();
+      scrollToBottom();
+    }
+    if (!room.subscribed) await subscribeRoom(conn, room);
+    requestPresence(room);
+    fillHistory(room);
+    scheduleRead();
+  }
+  renderRoomList();
+}
+
+async function refreshRooms(conn) {
+  const res = await conn.request("rooms.list");
+  const seen = new Set();
+  for (const obj of Array.isArray(res.rooms) ? res.rooms : []) {
+    const room = upsertRoom(obj);
+    if (room) seen.add(room.id);
+  }
+  for (const [id, room] of app.rooms) {
+    if (!seen.has(id) && id !== app.current) app.rooms.delete(id);
+    else if (!seen.has(id)) room.member = false;
+  }
+  renderRoomList();
+}
+
+async function subscribeRoom(conn, room) {
+  room.wanted = true;
+  try {
+    if (!room.primed) {
+      // The newest messages first (a full page for the room on screen, one message
+      // otherwise: enough to know where to resume from).
+      const limit = room.id === app.current ? HISTORY_PAGE : 1;
+      const res = await conn.request("history", { room: room.id, limit });
+      const stick = isCurrent(room) && isAtBottom();
+      for (const m of res.messages || []) ingest(room, m, "history");
+      room.more = Boolean(res.more);
+      room.primed = true;
+      if (stick) scrollToBottom();
+    }
+    const req = { room: room.id };
+    if (room.lastCursor) req.after = room.lastCursor;
+    await conn.request("subscribe", req);
+    room.subscribed = true;
+    renderHistoryStatus();
+  } catch (e) {
+    if (e.code === "forbidden" || e.code === "not_found") {
+      room.wanted = false;
+      room.member = false;
+    } else if (!(e instanceof Disconnected)) {
+      showError(e, `Could not follow ${displayName(room)}`);
+    }
+  }
+}
+
+function requestPresence(room) {
+  if (!app.connected) return;
+  app.conn
+    .request("presence", { room: room.id })
+    .then((res) => {
+      room.online = new Set(Array.isArray(res.users) ? res.users : []);
+      if (isCurrent(room)) renderPresence();
+    })
+    .catch(() => {});
+}
+
+// ---------------------------------------------------------------- events from the server
+
+function onEvent(frame) {
+  switch (frame.op) {
+    case "message":
+      onMessage(frame, false);
+      break;
+    case "update":
+      onMessage(frame, true);
+      break;
+    case "presence":
+      onPresence(frame);
+      break;
+    case "typing":
+      onTyping(frame);
+      break;
+    case "read":
+      onRead(frame);
+      break;
+    case "error":
+      showError(new ServerError(frame.code || "internal", frame.message || ""));
+      break;
+    default:
+      break;
+  }
+}
+
+function isCurrent(room) {
+  return room !== null && room.id === app.current;
+}
+
+function onMessage(frame, isUpdate) {
+  const room = app.rooms.get(frame.room);
+  if (!room) return;
+  const seeing = isCurrent(room) && isSeeingBottom();
+  const isNew = ingest(room, frame, isUpdate ? "update" : "live");
+  if (isNew && frame.author !== me() && !frame.deleted && !seeing) {
+    room.unread += 1;
+    renderRoomList();
+  }
+  if (isNew && room.typing.delete(frame.author) && isCurrent(room)) renderTyping();
+  if (seeing) scrollToBottom();
+  if (isCurrent(room)) {
+    renderSeenBy();
+    scheduleRead();
+  }
+}
+
+// Merges a message (from history, a live event or an update) into the room. Returns true
+// when it is a message we had never seen (deduplication is by message id).
+function ingest(room, m, source) {
+  if (!m || typeof m.id !== "string") return false;
+  if (source !== "update" && typeof m.cursor === "string" && (!room.lastCursor || m.cursor > room.lastCursor)) {
+    room.lastCursor = m.cursor;
+  }
+  const known = room.messages.get(m.id);
+  if (known) {
+    const wasLocal = Boolean(known.local);
+    Object.assign(known, pickMessage(m));
+    if (wasLocal && known.cursor) settle(room, known);
+    else if (isCurrent(room)) renderMessage(known);
+    return false;
+  }
+  if (source === "update") return false; // an update of a message older than what we hold
+  if (typeof m.cursor !== "string") return false;
+  const msg = { ...pickMessage(m), id: m.id, local: null };
+  room.messages.set(msg.id, msg);
+  insertSorted(room, msg);
+  return true;
+}
+
+function pickMessage(m) {
+  const out = {};
+  if (typeof m.author === "string") out.author = m.author;
+  if (typeof m.body === "string") out.body = m.body;
+  if (typeof m.ts === "number") out.ts = m.ts;
+  if (typeof m.cursor === "string") out.cursor = m.cursor;
+  if (m.edited !== undefined) out.edited = Boolean(m.edited);
+  if (m.deleted !== undefined) out.deleted = Boolean(m.deleted);
+  if (m.reactions && typeof m.reactions === "object") out.reactions = m.reactions;
+  return out;
+}
+
+function insertSorted(room, msg) {
+  const order = room.order;
+  let lo = 0;
+  let hi = order.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (room.messages.get(order[mid]).cursor < msg.cursor) lo = mid + 1;
+    else hi = mid;
+  }
+  order.splice(lo, 0, msg.id);
+  if (isCurrent(room)) placeMessage(room, msg, lo);
+}
+
+// An own message was acknowledged (by the `ok` of its send, or by its echo as an event).
+function settle(room, msg) {
+  msg.local = null;
+  msg.error = null;
+  msg.inflight = false;
+  app.outbox.delete(msg.id);
+  const i = room.pendingIds.indexOf(msg.id);
+  if (i >= 0) room.pendingIds.splice(i, 1);
+  insertSorted(room, msg);
+  if (isCurrent(room)) renderMessage(msg);
+}
+
+function onPresence(frame) {
+  const room = app.rooms.get(frame.room);
+  if (!room || typeof frame.user !== "string") return;
+  if (frame.online) room.online.add(frame.user);
+  else {
+    room.online.delete(frame.user);
+    room.typing.delete(frame.user);
+  }
+  if (isCurrent(room)) {
+    renderPresence();
+    renderTyping();
+  }
+}
+
+function onTyping(frame) {
+  const room = app.rooms.get(frame.room);
+  if (!room || typeof frame.user !== "string" || frame.user === me()) return;
+  room.typing.set(frame.user, Date.now() + TYPING_SHOW_MS);
+  if (isCurrent(room)) renderTyping();
+}
+
+function onRead(frame) {
+  const room = app.rooms.get(frame.room);
+  if (!room || typeof frame.user !== "string" || typeof frame.cursor !== "string") return;
+  const prev = room.readers.get(frame.user);
+  if (!prev || frame.cursor > prev) room.readers.set(frame.user, frame.cursor);
+  if (isCurrent(room)) renderSeenBy();
+}
+
+// ---------------------------------------------------------------- sending and changing messages
+
+function sendFromComposer() {
+  const room = currentRoom();
+  const input = $("composer-input");
+  const body = input.value.trim();
+  if (!room || !body) return;
+  if (body.length > BODY_MAX) {
+    showError(`A message is at most ${BODY_MAX.toLocaleString()} characters (this one has ${body.length.toLocaleString()}).`);
+    return;
+  }
+  const msg = {
+    id: newId(),
+    room: room.id,
+    author: me(),
+    body,
+    ts: Date.now(),
+    cursor: null,
+    edited: false,
+    deleted: false,
+    reactions: {},
+    local: "pending",
+    inflight: false,
+    tries: 0,
+    error: null,
+  };
+  room.messages.set(msg.id, msg);
+  room.pendingIds.push(msg.id);
+  app.outbox.set(msg.id, msg);
+  placeMessage(room, msg, null);
+  scrollToBottom();
+  input.value = "";
+  autosize(input);
+  app.lastTypingSent = 0;
+  transmit(msg);
+}
+
+async function transmit(msg) {
+  if (msg.local !== "pending" || msg.inflight || !app.connected) return; // sent on reconnect
+  const conn = app.conn;
+  msg.inflight = true;
+  try {
+    const res = await conn.request("send", { room: msg.room, id: msg.id, body: msg.body });
+    const room = app.rooms.get(msg.room);
+    if (msg.local && room) {
+      if (typeof res.cursor === "string") msg.cursor = res.cursor;
+      if (typeof res.ts === "number") msg.ts = res.ts;
+      if (msg.cursor) settle(room, msg);
+    }
+  } catch (e) {
+    msg.inflight = false;
+    if (e instanceof Disconnected || e.code === "timeout") return; // resent after reconnecting
+    if ((e.code === "rate_limited" || e.code === "unavailable") && msg.tries < SEND_RETRIES) {
+      msg.tries += 1;
+      setTimeout(() => transmit(msg), 1000 * msg.tries);
+      return;
+    }
+    msg.local = "failed";
+    msg.error = describe(e);
+    const room = app.rooms.get(msg.room);
+    if (room && isCurrent(room)) renderMessage(msg);
+    showError(e, "Message not sent");
+  }
+}
+
+function retry(msg) {
+  msg.local = "pending";
+  msg.error = null;
+  msg.tries = 0;
+  renderMessage(msg);
+  transmit(msg);
+}
+
+function discard(room, msg) {
+  app.outbox.delete(msg.id);
+  room.messages.delete(msg.id);
+  const i = room.pendingIds.indexOf(msg.id);
+  if (i >= 0) room.pendingIds.splice(i, 1);
+  const li = app.liById.get(msg.id);
+  if (li) li.remove();
+  app.liById.delete(msg.id);
+}
+
+async function call(op, fields, context) {
+  if (!app.connected) {
+    showError("Not connected; try again when the connection is back.", context);
+    return null;
+  }
+  try {
+    return await app.conn.request(op, fields);
+  } catch (e) {
+    showError(e, context);
+    return null;
+  }
+}
+
+async function saveEdit(room, msg, body) {
+  const text = body.trim();
+  if (!text) return;
+  if (text === msg.body) {
+    stopEditing();
+    return;
+  }
+  const res = await call("edit", { room: room.id, id: msg.id, body: text }, "Could not edit");
+  if (res) {
+    msg.body = text;
+    msg.edited = true;
+    stopEditing();
+  }
+}
+
+async function deleteMessage(room, msg) {
+  const res = await call("delete", { room: room.id, id: msg.id }, "Could not delete");
+  if (res) {
+    msg.deleted = true;
+    msg.body = "";
+    renderMessage(msg);
+  }
+}
+
+async function toggleReaction(room, msg, emoji) {
+  const users = (msg.reactions && msg.reactions[emoji]) || [];
+  const on = !users.includes(me());
+  const res = await call("react", { room: room.id, id: msg.id, emoji, on }, "Could not react");
+  if (res) {
+    const now = (msg.reactions && msg.reactions[emoji]) || [];
+    const next = on ? [...new Set([...now, me()])] : now.filter((u) => u !== me());
+    msg.reactions = { ...msg.reactions, [emoji]: next };
+    if (!next.length) delete msg.reactions[emoji];
+    renderMessage(msg);
+  }
+}
+
+function startEditing(msg) {
+  const previous = app.editing;
+  app.editing = msg.id;
+  if (previous && previous !== msg.id) {
+    const room = currentRoom();
+    const other = room && room.messages.get(previous);
+    if (other) renderMessage(other);
+  }
+  renderMessage(msg);
+  const li = app.liById.get(msg.id);
+  const area = li && li.querySelector("textarea");
+  if (area) {
+    area.focus();
+    area.setSelectionRange(area.value.length, area.value.length);
+  }
+}
+
+function stopEditing() {
+  const id = app.editing;
+  app.editing = null;
+  const room = currentRoom();
+  const msg = room && id ? room.messages.get(id) : null;
+  if (msg) renderMessage(msg);
+}
+
+// ---------------------------------------------------------------- rooms
+
+async function openRoom(id) {
+  let room = app.rooms.get(id);
+  if (!room) return;
+  if (!room.member) {
+    const res = await call("rooms.join", { room: id }, `Could not join ${displayName(room)}`);
+    if (!res) return;
+    room = upsertRoom(res.room || id) || room;
+    room.member = true;
+  }
+  app.current = room.id;
+  app.editing = null;
+  sessionStorage.setItem(ROOM_KEY, room.id);
+  renderRoomList();
+  renderRoomView();
+  scrollToBottom();
+  $("composer-input").focus();
+  if (app.connected) {
+    if (!room.subscribed) await subscribeRoom(app.conn, room);
+    if (!isCurrent(room)) return;
+    scrollToBottom();
+    requestPresence(room);
+    fillHistory(room);
+  }
+  scheduleRead();
+}
+
+async function createRoom(ev) {
+  ev.preventDefault();
+  const id = $("create-id").value.trim().toLowerCase();
+  const title = $("create-title").value.trim();
+  const visibility = document.querySelector('input[name="visibility"]:checked').value;
+  if (!ROOM_RE.test(id)) {
+    showError("Room ids are 1–64 characters: lower-case letters, digits, _ and -, not starting with -.");
+    $("create-id").focus();
+    return;
+  }
+  const fields = { room: id, visibility };
+  if (title) fields.title = title;
+  const res = await call("rooms.create", fields, "Could not create the room");
+  if (!res) return;
+  const room = upsertRoom(res.room || id) || upsertRoom(id);
+  room.member = true;
+  room.visibility = visibility;
+  if (title && !room.title) room.title = title;
+  room.primed = true; // a new room has no history
+  room.more = false;
+  $("create-id").value = "";
+  $("create-title").value = "";
+  await openRoom(room.id);
+}
+
+async function joinRoom(ev) {
+  ev.preventDefault();
+  const id = $("join-id").value.trim().toLowerCase();
+  if (!ROOM_RE.test(id)) {
+    showError("That is not a valid room id.");
+    return;
+  }
+  const res = await call("rooms.join", { room: id }, `Could not join #${id}`);
+  if (!res) return;
+  const room = upsertRoom(res.room || id) || upsertRoom(id);
+  room.member = true;
+  $("join-id").value = "";
+  await openRoom(room.id);
+}
+
+async function openDm(ev) {
+  ev.preventDefault();
+  const user = $("dm-user").value.trim().toLowerCase();
+  if (!USER_RE.test(user)) {
+    showError("That is not a valid user name.");
+    return;
+  }
+  const res = await call("dm.open", { user }, `Could not open a conversation with ${user}`);
+  if (!res) return;
+  const room = upsertRoom(res.room);
+  if (!room) return;
+  room.member = true;
+  if (room.visibility !== "private") room.visibility = "private";
+  $("dm-user").value = "";
+  await openRoom(room.id);
+}
+
+async function inviteUser(ev) {
+  ev.preventDefault();
+  const room = currentRoom();
+  const user = $("invite-user").value.trim().toLowerCase();
+  if (!room || !user) return;
+  const res = await call("rooms.invite", { room: room.id, user }, `Could not invite ${user}`);
+  if (res) {
+    $("invite-user").value = "";
+    showInfo(`${user} is invited to ${displayName(room)}.`);
+  }
+}
+
+async function leaveRoom() {
+  const room = currentRoom();
+  if (!room) return;
+  if (room.subscribed) await call("unsubscribe", { room: room.id }, null).catch(() => null);
+  const res = await call("rooms.leave", { room: room.id }, `Could not leave ${displayName(room)}`);
+  if (!res) return;
+  room.member = false;
+  room.wanted = false;
+  room.subscribed = false;
+  if (room.visibility === "private") app.rooms.delete(room.id);
+  app.current = null;
+  sessionStorage.removeItem(ROOM_KEY);
+  renderRoomList();
+  renderRoomView();
+}
+
+// ---------------------------------------------------------------- history and read markers
+
+function isAtBottom() {
+  const box = $("messages");
+  return box.scrollHeight - box.scrollTop - box.clientHeight < 48;
+}
+
+function isSeeingBottom() {
+  return document.visibilityState === "visible" && !$("main").hidden && isAtBottom();
+}
+
+function scrollToBottom() {
+  const box = $("messages");
+  box.scrollTop = box.scrollHeight;
+}
+
+async function loadOlder(room) {
+  if (room.loadingOlder || !room.more || !app.connected || !room.primed) return false;
+  room.loadingOlder = true;
+  renderHistoryStatus();
+  const first = room.order.length ? room.messages.get(room.order[0]).cursor : null;
+  const req = { room: room.id, limit: HISTORY_PAGE };
+  if (first) req.before = first;
+  let loaded = false;
+  try {
+    const res = await app.conn.request("history", req);
+    const box = $("messages");
+    const before = box.scrollHeight;
+    const top = box.scrollTop;
+    for (const m of res.messages || []) ingest(room, m, "history");
+    room.more = Boolean(res.more) && (res.messages || []).length > 0;
+    if (isCurrent(room)) box.scrollTop = first ? top + (box.scrollHeight - before) : box.scrollHeight;
+    loaded = true;
+  } catch (e) {
+    if (!(e instanceof Disconnected)) showError(e, "Could not load older messages");
+  } finally {
+    room.loadingOlder = false;
+    renderHistoryStatus();
+  }
+  return loaded;
+}
+
+// Loads older pages until the message list can scroll (or there is nothing older).
+async function fillHistory(room) {
+  const box = $("messages");
+  for (let i = 0; i < 20 && isCurrent(room) && room.more; i += 1) {
+    if (box.scrollHeight > box.clientHeight + 120 && room.order.length >= HISTORY_PAGE) break;
+    if (!(await loadOlder(room))) break;
+  }
+}
+
+function onScroll() {
+  const room = currentRoom();
+  if (!room) return;
+  if ($("messages").scrollTop < 120) loadOlder(room);
+  scheduleRead();
+}
+
+function scheduleRead() {
+  clearTimeout(app.readTimer);
+  app.readTimer = setTimeout(markRead, 250);
+}
+
+// Sends `read` with the cursor of the last message visible on screen.
+function markRead() {
+  const room = currentRoom();
+  if (!room || !app.connected || document.visibilityState !== "visible") return;
+  const box = $("messages").getBoundingClientRect();
+  let cursor = null;
+  let index = -1;
+  for (let i = room.order.length - 1; i >= 0; i -= 1) {
+    const li = app.liById.get(room.order[i]);
+    if (!li) continue;
+    const r = li.getBoundingClientRect();
+    if (r.top < box.bottom - 4) {
+      cursor = room.messages.get(room.order[i]).cursor;
+      index = i;
+      break;
+    }
+  }
+  if (!cursor) return;
+  let unread = 0;
+  for (let i = index + 1; i < room.order.length; i += 1) {
+    const m = room.messages.get(room.order[i]);
+    if (m.author !== me() && !m.deleted) unread += 1;
+  }
+  if (room.unread !== unread) {
+    room.unread = unread;
+    renderRoomList();
+  }
+  if (room.readSent && cursor <= room.readSent) return;
+  room.readSent = cursor;
+  app.conn.request("read", { room: room.id, cursor }).catch((e) => {
+    if (!(e instanceof Disconnected)) room.readSent = null;
+  });
+}
+
+// ---------------------------------------------------------------- rendering
+
+function renderRoomList() {
+  const rooms = [...app.rooms.values()];
+  const byName = (a, b) => displayName(a).localeCompare(displayName(b));
+  const channels = rooms.filter((r) => !isDm(r) && (r.member || r.visibility === "public")).sort(
+    (a, b) => Number(b.member) - Number(a.member) || byName(a, b),
+  );
+  const dms = rooms.filter((r) => isDm(r) && r.member).sort(byName);
+  $("room-list").replaceChildren(...channels.map(roomItem));
+  $("dm-list").replaceChildren(...dms.map(roomItem));
+  if (!channels.length) $("room-list").append(h("li", { class: "muted empty-list", text: "No rooms yet." }));
+  if (!dms.length) $("dm-list").append(h("li", { class: "muted empty-list", text: "None yet." }));
+  const total = rooms.reduce((n, r) => n + (r.member ? r.unread : 0), 0);
+  document.title = total ? `(${total}) chatnode` : "chatnode";
+}
+
+function roomItem(room) {
+  const current = room.id === app.current;
+  return h(
+    "li",
+    {},
+    h(
+      "button",
+      {
+        type: "button",
+        class: `room-item${current ? " current" : ""}${room.unread ? " has-unread" : ""}`,
+        "aria-current": current ? "page" : null,
+        dataset: { room: room.id },
+        onclick: () => openRoom(room.id),
+      },
+      h("span", { class: "room-name", text: displayName(room) }),
+      room.visibility === "private" && !isDm(room) ? h("span", { class: "tag", text: "private" }) : null,
+      room.member ? null : h("span", { class: "tag join", text: "join" }),
+      room.unread
+        ? h("span", { class: "badge" }, String(room.unread), h("span", { class: "sr-only", text: " unread" }))
+        : null,
+    ),
+  );
+}
+
+function renderRoomView() {
+  const room = currentRoom();
+  $("no-room").hidden = Boolean(room);
+  $("room-view").hidden = !room;
+  app.liById = new Map();
+  const list = $("message-list");
+  if (!room) {
+    list.replaceChildren();
+    return;
+  }
+  $("room-title").textContent = displayName(room);
+  const sub = isDm(room)
+    ? "direct message"
+    : `#${room.id} · ${room.visibility}${room.member ? "" : " · not a member"}`;
+  $("room-sub").textContent = sub;
+  $("invite-form").hidden = isDm(room) || room.visibility !== "private" || !room.member;
+  $("leave-btn").hidden = isDm(room) || !room.member;
+  const items = [];
+  for (const id of [...room.order, ...room.pendingIds]) {
+    const li = h("li");
+    app.liById.set(id, li);
+    fillMessage(li, room, room.messages.get(id));
+    items.push(li);
+  }
+  list.replaceChildren(...items);
+  $("composer-input").disabled = !room.member;
+  $("send-btn").disabled = !room.member;
+  renderHistoryStatus();
+  renderPresence();
+  renderTyping();
+  renderSeenBy();
+}
+
+// Puts the <li> of msg at its place: confirmed messages by cursor, then pending ones.
+function placeMessage(room, msg, index) {
+  if (!isCurrent(room)) return;
+  let li = app.liById.get(msg.id);
+  if (!li) {
+    li = h("li");
+    app.liById.set(msg.id, li);
+  }
+  fillMessage(li, room, msg);
+  const list = $("message-list");
+  let anchor = null;
+  if (index === null) anchor = null;
+  else {
+    const nextId = room.order[index + 1] || room.pendingIds.find((id) => id !== msg.id);
+    anchor = nextId ? app.liById.get(nextId) || null : null;
+  }
+  if (anchor === li) return;
+  list.insertBefore(li, anchor);
+}
+
+function renderMessage(msg) {
+  const room = currentRoom();
+  const li = app.liById.get(msg.id);
+  if (room && li) fillMessage(li, room, msg);
+}
+
+function fillMessage(li, room, msg) {
+  const own = msg.author === me();
+  const state = msg.local || "confirmed";
+  li.className = `msg${own ? " own" : ""}${msg.deleted ? " deleted" : ""}`;
+  li.dataset.id = msg.id;
+  li.dataset.state = state;
+  li.dataset.author = msg.author;
+
+  const time = h("time", { datetime: new Date(msg.ts).toISOString(), title: new Date(msg.ts).toLocaleString() }, formatTime(msg.ts));
+  const meta = h(
+    "div",
+    { class: "meta" },
+    h("span", { class: "author", text: msg.author }),
+    " ",
+    time,
+    msg.edited && !msg.deleted ? h("span", { class: "edited", text: "(edited)" }) : null,
+    state === "pending" ? h("span", { class: "state pending", text: "sending…" }) : null,
+    state === "failed" ? h("span", { class: "state failed", text: "not sent" }) : null,
+  );
+
+  let body;
+  if (msg.deleted) body = h("p", { class: "body deleted-note", text: "message deleted" });
+  else if (app.editing === msg.id && own && state === "confirmed") body = editForm(room, msg, li);
+  else body = h("p", { class: "body", text: msg.body });
+
+  const parts = [meta, body];
+  const reactions = msg.reactions || {};
+  const emojis = Object.keys(reactions).filter((e) => (reactions[e] || []).length);
+  if (emojis.length && !msg.deleted) {
+    parts.push(
+      h(
+        "div",
+        { class: "reactions" },
+        ...emojis.map((emoji) => {
+          const users = reactions[emoji];
+          const mine = users.includes(me());
+          return h(
+            "button",
+            {
+              type: "button",
+              class: `chip${mine ? " mine" : ""}`,
+              "aria-pressed": mine ? "true" : "false",
+              title: users.join(", "),
+              "aria-label": `${emoji} ${users.length}: ${users.join(", ")}`,
+              onclick: () => toggleReaction(room, msg, emoji),
+            },
+            `${emoji} ${users.length}`,
+          );
+        }),
+      ),
+    );
+  }
+  if (state === "failed") {
+    parts.push(
+      h(
+        "div",
+        { class: "failure", role: "alert" },
+        h("span", { text: msg.error || "Not sent." }),
+        h("button", { type: "button", class: "link-button", onclick: () => retry(msg) }, "Retry"),
+        h("button", { type: "button", class: "link-button", onclick: () => discard(room, msg) }, "Discard"),
+      ),
+    );
+  }
+  if (state === "confirmed" && !msg.deleted && app.editing !== msg.id) parts.push(messageActions(room, msg, own));
+  li.replaceChildren(...parts);
+}
+
+function messageActions(room, msg, own) {
+  const bar = h("div", { class: "actions", role: "toolbar", "aria-label": `Actions for the message from ${msg.author}` });
+  for (const emoji of REACTIONS) {
+    bar.append(
+      h(
+        "button",
+        {
+          type: "button",
+          class: "icon-button react",
+          "aria-label": `React with ${emoji}`,
+          title: `React with ${emoji}`,
+          onclick: () => toggleReaction(room, msg, emoji),
+        },
+        emoji,
+      ),
+    );
+  }
+  if (own) {
+    bar.append(h("button", { type: "button", class: "link-button edit", onclick: () => startEditing(msg) }, "Edit"));
+    const del = h("button", { type: "button", class: "link-button delete" }, "Delete");
+    let armed = null;
+    del.addEventListener("click", () => {
+      if (armed) {
+        clearTimeout(armed);
+        armed = null;
+        deleteMessage(room, msg);
+        return;
+      }
+      del.textContent = "Really delete?";
+      del.classList.add("armed");
+      armed = setTimeout(() => {
+        armed = null;
+        del.textContent = "Delete";
+        del.classList.remove("armed");
+      }, 4000);
+    });
+    bar.append(del);
+  }
+  return bar;
+}
+
+function editForm(room, msg, li) {
+  const existing = li.querySelector("form.edit-form");
+  if (existing) return existing;
+  const area = h("textarea", { class: "edit-input", maxlength: String(BODY_MAX), "aria-label": "Edit message", rows: "2" });
+  area.value = msg.body;
+  const form = h(
+    "form",
+    { class: "edit-form", novalidate: true },
+    area,
+    h("div", { class: "row" },
+      h("button", { type: "submit", class: "primary" }, "Save"),
+      h("button", { type: "button", onclick: () => stopEditing() }, "Cancel"),
+    ),
+  );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    saveEdit(room, msg, area.value);
+  });
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") stopEditing();
+    else if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      saveEdit(room, msg, area.value);
+    }
+  });
+  return form;
+}
+
+function renderHistoryStatus() {
+  const room = currentRoom();
+  const status = $("history-status");
+  if (!room) return;
+  if (room.loadingOlder) status.textContent = "Loading older messages…";
+  else if (!room.primed) status.textContent = app.connected ? "Loading…" : "";
+  else if (!room.more) status.textContent = room.order.length ? "This is the start of the room." : "No messages yet. Say hello!";
+  else status.textContent = "Scroll up for older messages.";
+}
+
+function renderPresence() {
+  const room = currentRoom();
+  const box = $("presence");
+  if (!room) return;
+  const users = [...room.online].sort();
+  box.replaceChildren(
+    ...users.map((u) => h("span", { class: `presence-user${u === me() ? " self" : ""}`, title: `${u} is online` }, h("span", { class: "dot", "aria-hidden": "true" }), u)),
+  );
+  box.setAttribute("aria-label", users.length ? `Online now: ${users.join(", ")}` : "Nobody else online");
+}
+
+function renderTyping() {
+  const room = currentRoom();
+  const box = $("typing");
+  if (!room) return;
+  const now = Date.now();
+  const users = [];
+  for (const [u, until] of room.typing) {
+    if (until > now) users.push(u);
+    else room.typing.delete(u);
+  }
+  users.sort();
+  if (!users.length) box.textContent = "";
+  else if (users.length > 3) box.textContent = "Several people are typing…";
+  else box.textContent = `${listNames(users)} ${users.length === 1 ? "is" : "are"} typing…`;
+}
+
+function renderSeenBy() {
+  const room = currentRoom();
+  const box = $("seen-by");
+  if (!room) return;
+  const lastId = room.order[room.order.length - 1];
+  const last = lastId ? room.messages.get(lastId) : null;
+  const users = last
+    ? [...room.readers].filter(([u, c]) => u !== me() && u !== last.author && c >= last.cursor).map(([u]) => u).sort()
+    : [];
+  box.textContent = users.length ? `Seen by ${listNames(users)}` : "";
+}
+
+function autosize(area) {
+  area.style.height = "auto";
+  area.style.height = `${Math.min(area.scrollHeight, 200)}px`;
+}
+
+// ---------------------------------------------------------------- wiring
+
+function onComposerInput() {
+  const area = $("composer-input");
+  autosize(area);
+  const room = currentRoom();
+  const now = Date.now();
+  if (room && area.value.trim() && app.connected && now - app.lastTypingSent > TYPING_SEND_EVERY_MS) {
+    app.lastTypingSent = now;
+    app.conn.request("typing", { room: room.id }).catch(() => {});
+  }
+}
+
+function init() {
+  $("auth-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    authenticate("login");
+  });
+  $("signup-btn").addEventListener("click", () => authenticate("signup"));
+  $("logout-btn").addEventListener("click", logout);
+  $("reconnect-btn").addEventListener("click", () => {
+    app.backoff = BACKOFF_MIN_MS;
+    connect();
+  });
+  $("banner-close").addEventListener("click", () => {
+    $("banner").hidden = true;
+  });
+  $("create-form").addEventListener("submit", createRoom);
+  $("join-form").addEventListener("submit", joinRoom);
+  $("dm-form").addEventListener("submit", openDm);
+  $("invite-form").addEventListener("submit", inviteUser);
+  $("leave-btn").addEventListener("click", leaveRoom);
+  $("composer").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    sendFromComposer();
+  });
+  const area = $("composer-input");
+  area.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      sendFromComposer();
+    }
+  });
+  area.addEventListener("input", onComposerInput);
+  $("messages").addEventListener("scroll", onScroll, { passive: true });
+  document.addEventListener("visibilitychange", scheduleRead);
+  window.addEventListener("focus", scheduleRead);
+  window.addEventListener("online", () => {
+    if (app.session && !app.connected) {
+      app.backoff = BACKOFF_MIN_MS;
+      connect();
+    }
+  });
+  setInterval(() => {
+    const room = currentRoom();
+    if (room && room.typing.size) renderTyping();
+  }, 1000);
+
+  app.session = loadSession();
+  if (app.session) startMain();
+  else showAuth("");
+}
+
+init();
