@@ -1,0 +1,459 @@
+"""Kafka/Redpanda forwarder: the adapter around :mod:`chatnode.forwarding`.
+
+The only module that imports ``confluent_kafka``. Every call into it runs on a small thread
+pool owned by the :class:`Forwarder`, never on the event loop. The forwarder owns three tasks:
+
+- the *pump* asks the node for committed messages (``read_after``) and hands them to the
+  producer, in batches, within the in-flight caps of the state machine;
+- the *poller* serves the producer's delivery reports (``poll`` in a thread) and feeds them to
+  the state machine, which advances each room's frontier;
+- the *saver* persists advanced frontiers through the node (``save_frontier``).
+
+Records are keyed by room id and partitioned with murmur2 (Kafka's default), so a room stays
+in one partition, in order. See docs/KAFKA.md for the record layout.
+
+Also here, blocking helpers for tools and tests: :func:`ensure_topic`, :func:`read_room` and
+:func:`read_topic` (readers use ``assign()``, never a consumer group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from chatnode.forwarding import (
+    BACKOFF_MAX_S,
+    DeliveryReport,
+    ForwardedMessage,
+    Forwarding,
+    MessageLike,
+    Record,
+    RecordError,
+    decode_record,
+    encode_record,
+    partition_for,
+)
+from crdt.clock import Timestamp
+
+log = logging.getLogger(__name__)
+_rdlog = logging.getLogger(__name__ + ".librdkafka")
+
+ReadAfter = Callable[[str, Timestamp | None, int], Awaitable[Sequence[MessageLike]]]
+SaveFrontier = Callable[[str, int, Timestamp], Awaitable[bool]]
+
+DEFAULT_TOPIC = "chat.messages"
+_POLL_S = 0.1
+_TOPIC_TIMEOUT_S = 3.0
+
+# (producer incarnation, room, generation, timestamp) carried by each delivery callback
+_Token = tuple[int, str, int, Timestamp]
+
+
+class Forwarder:
+    """Forwards the committed history of the rooms this node is home of to one topic.
+
+    ``read_after(room, after, limit)`` returns up to ``limit`` committed messages of the room
+    with ``ts > after`` (all of them when ``after`` is None), in ascending ``ts`` order. It
+    must only return a message once no message with a smaller ``ts`` can still appear in the
+    room (the forwarder never goes back below its frontier).
+
+    ``save_frontier(room, epoch, ts)`` persists the room's frontier (in the registry, next to
+    its home and epoch) and returns False if the room has a newer epoch than ``epoch``: the
+    forwarder then stops forwarding the room (fencing).
+    """
+
+    def __init__(
+        self,
+        brokers: str,
+        topic: str = DEFAULT_TOPIC,
+        *,
+        read_after: ReadAfter,
+        save_frontier: SaveFrontier,
+        home: str = "",
+        batch_size: int = 500,
+        max_in_flight: int = 20_000,
+        max_room_in_flight: int = 2_000,
+        partitions: int = 12,
+        replication_factor: int = -1,
+        create_topic: bool = True,
+        message_timeout_ms: int = 60_000,
+        producer_config: Mapping[str, object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.home = home
+        self._read_after = read_after
+        self._save_frontier = save_frontier
+        self._partitions = partitions
+        self._replication = replication_factor
+        self._create_topic = create_topic
+        self._clock = clock
+        self._state = Forwarding(
+            batch_size=batch_size, max_room_in_flight=max_room_in_flight,
+            max_in_flight=max_in_flight,
+        )
+        self._conf: dict[str, object] = {
+            "bootstrap.servers": brokers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "partitioner": "murmur2_random",
+            "message.timeout.ms": message_timeout_ms,
+            "queue.buffering.max.messages": max(100_000, 2 * max_in_flight),
+            "client.id": f"chatnode-forwarder-{home}" if home else "chatnode-forwarder",
+            "logger": _rdlog,
+        }
+        self._conf.update(producer_config or {})
+        self._conf["error_cb"] = self._on_error
+        self._pool: ThreadPoolExecutor | None = None
+        self._producer: Any = None
+        self._incarnation = 0
+        self._fatal = False
+        self._reports: deque[tuple[_Token, KafkaError | None]] = deque()
+        self._producer_lock = asyncio.Lock()
+        self._wake_pump = asyncio.Event()
+        self._wake_saver = asyncio.Event()
+        self._closing = False
+        self._final_saves = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._errors = 0
+
+    # ------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            raise RuntimeError("forwarder already started")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kafka-forwarder")
+        await self._new_producer()
+        self._tasks = [
+            asyncio.create_task(self._pump_loop(), name="forwarder-pump"),
+            asyncio.create_task(self._poll_loop(), name="forwarder-poll"),
+            asyncio.create_task(self._save_loop(), name="forwarder-save"),
+        ]
+        log.info("forwarding to %s topic %s", self.brokers, self.topic)
+
+    async def stop(self, flush_timeout: float = 10.0) -> None:
+        """Stop reading, wait up to ``flush_timeout`` s for deliveries, save the frontiers."""
+        if self._pool is None or self._closing:
+            return
+        self._closing = True
+        self._wake_pump.set()
+        pump, poller, saver = self._tasks
+        await self._finish(pump, flush_timeout)
+        loop = asyncio.get_running_loop()
+        if self._producer is not None:
+            async with self._producer_lock:
+                left = await loop.run_in_executor(self._pool, self._producer.flush, flush_timeout)
+            if left:
+                log.warning("stopping with %d records undelivered", left)
+        self._drain_reports()
+        self._final_saves = True
+        self._wake_saver.set()
+        await self._finish(saver, flush_timeout)
+        await self._finish(poller, 0)
+        self._producer = None
+        pool, self._pool = self._pool, None
+        await asyncio.to_thread(pool.shutdown, True)
+        log.info("forwarder stopped: %s", self.stats())
+
+    @staticmethod
+    async def _finish(task: asyncio.Task[None], wait_s: float) -> None:
+        if wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), wait_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # -------------------------------------------------------------------- node API
+
+    def own(self, room: str, epoch: int, frontier: Timestamp | None) -> bool:
+        """This node is home of ``room`` at ``epoch``; forward what follows ``frontier``."""
+        ok = self._state.own(room, epoch, frontier)
+        if not ok:
+            log.warning("refused to own %s at stale epoch %d", room, epoch)
+        self._wake_pump.set()
+        return ok
+
+    def disown(self, room: str) -> None:
+        """No longer home: finish what is in flight, save the frontier, forget the room."""
+        self._state.disown(room)
+        self._wake_saver.set()
+
+    def fence(self, room: str, epoch: int) -> None:
+        """``room`` has epoch ``epoch`` in the registry: stop at once if ours is older."""
+        if self._state.fence(room, epoch):
+            log.warning("room %s fenced by epoch %d: forwarding stopped", room, epoch)
+
+    def notify(self, room: str) -> None:
+        """New committed messages exist in ``room``."""
+        self._state.notify(room)
+        self._wake_pump.set()
+
+    def frontier(self, room: str) -> Timestamp | None:
+        return self._state.frontier(room)
+
+    def stats(self) -> dict[str, int]:
+        out = self._state.stats()
+        out["errors"] = self._errors
+        out["producer_restarts"] = max(0, self._incarnation - 1)
+        return out
+
+    # ------------------------------------------------------------------- producer
+
+    async def _new_producer(self) -> None:
+        assert self._pool is not None
+        self._incarnation += 1
+        self._fatal = False
+        loop = asyncio.get_running_loop()
+        self._producer = await loop.run_in_executor(self._pool, Producer, dict(self._conf))
+
+    def _on_error(self, err: KafkaError) -> None:  # producer thread
+        self._errors += 1
+        if err.fatal():
+            self._fatal = True
+            _rdlog.error("fatal producer error: %s", err)
+        else:
+            _rdlog.info("producer error: %s", err)
+
+    def _on_delivery(self, token: _Token, err: KafkaError | None, _msg: object) -> None:
+        # runs in whichever pool thread polls or flushes; deque appends are atomic
+        self._reports.append((token, err))
+        if err is not None and err.fatal():
+            self._fatal = True
+
+    def _produce_batch(self, records: Sequence[Record], incarnation: int) -> None:  # in pool
+        producer = self._producer
+        for i, rec in enumerate(records):
+            key, value, headers = encode_record(rec, self.home)
+            token = (incarnation, rec.room, rec.gen, rec.message.ts)
+            try:
+                producer.produce(
+                    self.topic, value=value, key=key, headers=headers,
+                    on_delivery=functools.partial(self._on_delivery, token),
+                )
+            except (BufferError, KafkaException) as e:
+                log.warning("produce refused (%s): %d records to retry", e, len(records) - i)
+                for r in records[i:]:
+                    self._reports.append(((incarnation, r.room, r.gen, r.message.ts), _REFUSED))
+                return
+
+    def _drain_reports(self) -> None:
+        now = self._clock()
+        n = 0
+        first_err: KafkaError | None = None
+        while self._reports:
+            (inc, room, gen, ts), err = self._reports.popleft()
+            if inc != self._incarnation:
+                continue
+            n += 1
+            if err is not None and first_err is None:
+                first_err = err
+            self._state.on_report(DeliveryReport(room, gen, ts, err is None), now)
+        if first_err is not None:
+            log.warning("delivery failed (%s): rewinding to the frontier", first_err)
+        if n:
+            self._wake_pump.set()
+            self._wake_saver.set()
+
+    # ---------------------------------------------------------------------- tasks
+
+    async def _poll_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await loop.run_in_executor(self._pool, self._producer.poll, _POLL_S)
+            self._drain_reports()
+            if self._fatal and not self._closing:
+                async with self._producer_lock:
+                    log.error("replacing the producer after a fatal error")
+                    self._reports.clear()
+                    self._state.reset_all(self._clock())
+                    await self._new_producer()
+                self._wake_pump.set()
+
+    async def _ensure_topic(self) -> None:
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        delay = 0.2
+        while not self._closing:
+            try:
+                await loop.run_in_executor(
+                    self._pool, ensure_topic, self.brokers, self.topic, self._partitions,
+                    self._replication, _TOPIC_TIMEOUT_S,
+                )
+                return
+            except (KafkaException, TimeoutError) as e:
+                log.info("topic %s not ensured yet (%s); retrying", self.topic, e)
+            self._wake_pump.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_pump.wait(), delay)
+            delay = min(BACKOFF_MAX_S, delay * 2)
+
+    async def _pump_loop(self) -> None:
+        if self._create_topic:
+            await self._ensure_topic()
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            self._wake_pump.clear()
+            reqs = self._state.next_reads(self._clock())
+            if not reqs:
+                deadline = self._state.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - self._clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_pump.wait(), timeout)
+                continue
+            for req in reqs:
+                try:
+                    msgs = await self._read_after(req.room, req.after, req.limit)
+                except Exception:
+                    log.exception("read_after(%s) failed", req.room)
+                    self._state.on_read_failed(req, self._clock())
+                    continue
+                records = self._state.on_read(req, msgs)
+                if records:
+                    async with self._producer_lock:
+                        await loop.run_in_executor(
+                            self._pool, self._produce_batch, records, self._incarnation
+                        )
+                self._drain_reports()
+
+    async def _save_loop(self) -> None:
+        while True:
+            self._wake_saver.clear()
+            saves = self._state.pending_saves()
+            if not saves:
+                if self._final_saves:
+                    return
+                await self._wake_saver.wait()
+                continue
+            failed = False
+            for s in saves:
+                try:
+                    accepted = await self._save_frontier(s.room, s.epoch, s.frontier)
+                except Exception:
+                    log.exception("save_frontier(%s) failed", s.room)
+                    self._state.on_save_failed(s)
+                    failed = True
+                    continue
+                self._state.on_saved(s, accepted)
+                if not accepted:
+                    log.warning("room %s has an epoch newer than %d: stopped", s.room, s.epoch)
+            if failed:
+                await asyncio.sleep(0.5)
+
+
+# marks records the producer refused to queue (queue full, producer failed)
+_REFUSED = KafkaError(KafkaError._QUEUE_FULL, "refused by the producer")
+
+
+# ------------------------------------------------------------------ blocking helpers
+
+
+def ensure_topic(
+    brokers: str, topic: str, partitions: int = 12, replication_factor: int = -1,
+    timeout: float = 10.0,
+) -> None:
+    """Create ``topic`` unless it exists. Raises ``KafkaException`` or ``TimeoutError``."""
+    admin = AdminClient({"bootstrap.servers": brokers}, logger=_rdlog)
+    md = admin.list_topics(topic=None, timeout=timeout)
+    if topic in md.topics and md.topics[topic].error is None:
+        return
+    fut = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
+        request_timeout=timeout, operation_timeout=timeout,
+    )[topic]
+    try:
+        fut.result(timeout)
+    except KafkaException as e:
+        if e.args and e.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return
+        raise
+    log.info("created topic %s with %d partitions", topic, partitions)
+
+
+def _consumer(brokers: str) -> Any:
+    return Consumer({
+        "bootstrap.servers": brokers,
+        "group.id": "chatnode-reader",  # required by the client; assign() never joins it
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+        "logger": _rdlog,
+    })
+
+
+def _read_partitions(
+    c: Any, topic: str, parts: list[int], timeout: float, room: str | None
+) -> list[ForwardedMessage]:
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    open_parts = set(parts)
+    out: list[ForwardedMessage] = []
+    deadline = time.monotonic() + timeout
+    while open_parts:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"reading {topic}: partitions {sorted(open_parts)} not at end")
+        for m in c.consume(1000, min(left, 0.5)):
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    open_parts.discard(m.partition())
+                    continue
+                raise KafkaException(err)
+            key = m.key()
+            if room is not None and key != room.encode():
+                continue
+            try:
+                out.append(decode_record(key, m.value(), m.headers()))
+            except RecordError as e:
+                log.warning("skipping record %s/%d@%d: %s", topic, m.partition(), m.offset(), e)
+    return out
+
+
+def read_room(
+    brokers: str, room: str, topic: str = DEFAULT_TOPIC, timeout: float = 30.0
+) -> list[ForwardedMessage]:
+    """Every record of ``room`` in topic order (duplicates included; see ``dedupe``)."""
+    c = _consumer(brokers)
+    try:
+        md = c.list_topics(topic=topic, timeout=timeout)
+        t = md.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            return []
+        return _read_partitions(c, topic, [partition_for(room, len(t.partitions))], timeout, room)
+    finally:
+        c.close()
+
+
+def read_topic(
+    brokers: str, topic: str = DEFAULT_TOPIC, timeout: float = 30.0
+) -> list[ForwardedMessage]:
+    """Every record of the topic, partition by partition (in order within a room)."""
+    c = _consumer(brokers)
+    try:
+        md = c.list_topics(topic=topic, timeout=timeout)
+        t = md.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            return []
+        return _read_partitions(c, topic, sorted(t.partitions), timeout, None)
+    finally:
+        c.close()

@@ -1,0 +1,574 @@
+"""Forwarding of committed room history to Kafka: the pure state machine (no I/O, time passed in).
+
+The home node of a room forwards the room's committed messages, in timestamp order, to one
+Kafka topic keyed by room id. This module decides *what* to read and produce next and what a
+delivery report means; :mod:`chatnode.forwarder` does the producing.
+
+Rules, per room:
+
+1. The **frontier** is the timestamp of the newest message such that it and every message
+   before it were delivered (acknowledged by the broker with ``acks=all``). It only moves
+   forwards, and only over a contiguous prefix of delivered messages.
+2. Messages are read after ``sent`` (the newest message handed to the producer in the current
+   *generation*) and produced in ascending timestamp order. A read asks for at most
+   ``batch_size`` messages and never lets a room's in-flight count or the global count of
+   records outstanding in the producer pass their caps.
+3. A delivery failure rewinds the room: a new generation starts at the frontier, everything
+   in flight is forgotten, and the room is read again from the frontier after a backoff.
+   Reports of older generations are ignored (a late success of an old generation is simply
+   produced again: at-least-once; consumers drop duplicates by the ``msg-id`` header).
+4. Frontiers are persisted through the node (``save_frontier``); saves are coalesced, one in
+   progress per room, and always carry the room's epoch.
+5. **Epoch fencing**: a room is owned at an epoch. Seeing a newer epoch for the room
+   (:meth:`Forwarding.fence`, or the node refusing a frontier save) stops it at once: no more
+   reads, produces or saves. ``own`` with an epoch older than one already seen is refused.
+6. ``disown`` drains: no more reads, but reports of records in flight still advance the
+   frontier and it is saved once more; the room is then forgotten.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from crdt.clock import Timestamp
+from crdt.errors import CodecError
+
+SCHEMA = "chatnode.message/1"
+CONTENT_TYPE = "application/json"
+HEADER_ID = "msg-id"
+HEADER_CURSOR = "cursor"
+HEADER_EPOCH = "epoch"
+HEADER_HOME = "home"
+HEADER_CONTENT_TYPE = "content-type"
+
+BACKOFF_BASE_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+class MessageLike(Protocol):
+    """The fields of ``crdt.roomlog.Message`` the forwarder reads."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def author(self) -> str: ...
+    @property
+    def body(self) -> str: ...
+    @property
+    def ts(self) -> Timestamp: ...
+    @property
+    def edited(self) -> Timestamp | None: ...
+    @property
+    def deleted(self) -> bool: ...
+    @property
+    def reactions(self) -> tuple[tuple[str, tuple[str, ...]], ...]: ...
+
+
+class RecordError(ValueError):
+    """A Kafka record read back from the topic is not a well-formed chatnode message."""
+
+
+class Phase(enum.Enum):
+    ACTIVE = "active"      # this node is home: read, produce, save
+    DRAINING = "draining"  # disowned: no reads; in-flight reports and one last save still apply
+
+
+# ----------------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """Ask the node for up to ``limit`` committed messages of ``room`` with ``ts > after``."""
+
+    room: str
+    epoch: int
+    gen: int
+    after: Timestamp | None
+    limit: int
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ValueError("limit must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One message to produce. ``gen`` comes back in the delivery report."""
+
+    room: str
+    epoch: int
+    gen: int
+    message: MessageLike
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    room: str
+    gen: int
+    ts: Timestamp
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FrontierSave:
+    """Persist ``frontier`` as the room's forwarding frontier at ``epoch``."""
+
+    room: str
+    epoch: int
+    frontier: Timestamp
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedMessage:
+    """A message as read back from the topic."""
+
+    room: str
+    epoch: int
+    home: str
+    id: str
+    author: str
+    body: str
+    ts: Timestamp
+    edited: Timestamp | None
+    deleted: bool
+    reactions: tuple[tuple[str, tuple[str, ...]], ...]
+
+    def __post_init__(self) -> None:
+        if not self.room or not self.id:
+            raise ValueError("room and id must be non-empty")
+        if self.epoch < 0:
+            raise ValueError("epoch must be >= 0")
+
+
+# ----------------------------------------------------------------------------- state machine
+
+
+@dataclass(slots=True)
+class _Room:
+    room: str
+    epoch: int
+    gen: int
+    frontier: Timestamp | None
+    saved: Timestamp | None
+    phase: Phase = Phase.ACTIVE
+    sent: Timestamp | None = None
+    saving: Timestamp | None = None
+    reading: int | None = None  # generation of the read in progress
+    dirty: bool = True
+    failures: int = 0
+    retry_at: float = 0.0
+    in_flight: deque[Timestamp] = field(default_factory=deque)
+    done: set[Timestamp] = field(default_factory=set)
+
+    def rewind(self, gen: int) -> None:
+        self.gen = gen
+        self.in_flight.clear()
+        self.done.clear()
+        self.sent = self.frontier
+        self.dirty = True
+
+
+def _later(a: Timestamp | None, b: Timestamp | None) -> Timestamp | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+class Forwarding:
+    """Forwarding state of every room this node is home of. See the module rules."""
+
+    def __init__(
+        self, *, batch_size: int = 500, max_room_in_flight: int = 2_000,
+        max_in_flight: int = 20_000,
+    ) -> None:
+        if batch_size < 1 or max_room_in_flight < 1 or max_in_flight < 1:
+            raise ValueError("batch_size and in-flight caps must be positive")
+        self.batch_size = batch_size
+        self.max_room_in_flight = max_room_in_flight
+        self.max_in_flight = max_in_flight
+        self._rooms: dict[str, _Room] = {}
+        self._seen_epoch: dict[str, int] = {}
+        self._next_gen = 1
+        self.outstanding = 0  # records handed to the producer and not yet reported, any gen
+        self.counters: dict[str, int] = {
+            "produced": 0, "delivered": 0, "failed": 0, "rewinds": 0, "fenced": 0,
+            "saves": 0, "out_of_order": 0, "stale_reports": 0,
+        }
+
+    # --------------------------------------------------------------------- ownership
+
+    def _gen(self) -> int:
+        g = self._next_gen
+        self._next_gen += 1
+        return g
+
+    def own(self, room: str, epoch: int, frontier: Timestamp | None) -> bool:
+        """This node is home of ``room`` at ``epoch``, resuming after ``frontier``.
+
+        Returns False (and changes nothing) if a newer epoch was already seen for the room.
+        """
+        if epoch < self._seen_epoch.get(room, -1):
+            return False
+        self._seen_epoch[room] = epoch
+        cur = self._rooms.get(room)
+        if cur is not None and cur.epoch == epoch:
+            cur.phase = Phase.ACTIVE
+            cur.dirty = True
+            return True
+        # What we saw delivered ourselves is in the topic: never resume before it.
+        local = cur.frontier if cur is not None else None
+        start = _later(frontier, local)
+        self._rooms[room] = _Room(room, epoch, self._gen(), start, frontier, sent=start)
+        return True
+
+    def disown(self, room: str) -> None:
+        """This node is no longer home: stop reading, drain what is in flight, save, forget."""
+        r = self._rooms.get(room)
+        if r is None:
+            return
+        r.phase = Phase.DRAINING
+        r.dirty = False
+        self._maybe_forget(r)
+
+    def fence(self, room: str, epoch: int) -> bool:
+        """A newer epoch ``epoch`` exists for ``room``; stop at once if ours is older.
+
+        Returns True if the room was being forwarded and is now stopped.
+        """
+        self._seen_epoch[room] = max(epoch, self._seen_epoch.get(room, -1))
+        r = self._rooms.get(room)
+        if r is None or epoch <= r.epoch:
+            return False
+        del self._rooms[room]
+        self.counters["fenced"] += 1
+        return True
+
+    def notify(self, room: str) -> None:
+        """New committed messages exist in ``room``."""
+        r = self._rooms.get(room)
+        if r is not None and r.phase is Phase.ACTIVE:
+            r.dirty = True
+
+    # ----------------------------------------------------------------------- reading
+
+    def next_reads(self, now: float) -> list[ReadRequest]:
+        """Reads to issue now; each room has at most one read in progress."""
+        out: list[ReadRequest] = []
+        budget = self.max_in_flight - self.outstanding
+        for r in self._rooms.values():
+            if budget <= 0:
+                break
+            if r.phase is not Phase.ACTIVE or not r.dirty or r.reading is not None:
+                continue
+            if now < r.retry_at:
+                continue
+            limit = min(self.batch_size, self.max_room_in_flight - len(r.in_flight), budget)
+            if limit <= 0:
+                continue
+            r.dirty = False
+            r.reading = r.gen
+            budget -= limit
+            out.append(ReadRequest(r.room, r.epoch, r.gen, r.sent, limit))
+        return out
+
+    def on_read(self, req: ReadRequest, messages: Sequence[MessageLike]) -> list[Record]:
+        """The node answered ``req``; returns the records to produce, in order."""
+        r = self._rooms.get(req.room)
+        if r is None or r.reading != req.gen:
+            return []
+        r.reading = None
+        if r.gen != req.gen or r.epoch != req.epoch or r.phase is not Phase.ACTIVE:
+            self._maybe_forget(r)
+            return []
+        if len(messages) >= req.limit:
+            r.dirty = True
+        out: list[Record] = []
+        for m in messages:
+            if r.sent is not None and m.ts <= r.sent:
+                self.counters["out_of_order"] += 1
+                continue
+            r.sent = m.ts
+            r.in_flight.append(m.ts)
+            out.append(Record(r.room, r.epoch, r.gen, m))
+        self.outstanding += len(out)
+        self.counters["produced"] += len(out)
+        return out
+
+    def on_read_failed(self, req: ReadRequest, now: float) -> None:
+        r = self._rooms.get(req.room)
+        if r is None or r.reading != req.gen:
+            return
+        r.reading = None
+        r.dirty = r.phase is Phase.ACTIVE
+        self._backoff(r, now)
+        self._maybe_forget(r)
+
+    # --------------------------------------------------------------------- delivery
+
+    def on_report(self, rep: DeliveryReport, now: float) -> None:
+        """A delivery report from the producer (any generation)."""
+        self.outstanding = max(0, self.outstanding - 1)
+        r = self._rooms.get(rep.room)
+        if r is None or r.gen != rep.gen:
+            self.counters["stale_reports"] += 1
+            return
+        if rep.ok:
+            self.counters["delivered"] += 1
+            r.failures = 0
+            r.done.add(rep.ts)
+            while r.in_flight and r.in_flight[0] in r.done:
+                ts = r.in_flight.popleft()
+                r.done.discard(ts)
+                r.frontier = _later(r.frontier, ts)
+            self._maybe_forget(r)
+            return
+        self.counters["failed"] += 1
+        if r.phase is Phase.DRAINING:
+            # The new home resumes from the saved frontier; nothing more for us to do.
+            r.in_flight.clear()
+            r.done.clear()
+            self._maybe_forget(r)
+            return
+        self.counters["rewinds"] += 1
+        r.rewind(self._gen())
+        self._backoff(r, now)
+
+    def reset_all(self, now: float) -> None:
+        """The producer was lost (fatal error, replaced): every record in it is forgotten."""
+        self.outstanding = 0
+        for r in list(self._rooms.values()):
+            if r.phase is Phase.DRAINING:
+                r.in_flight.clear()
+                r.done.clear()
+                self._maybe_forget(r)
+            else:
+                self.counters["rewinds"] += 1
+                r.rewind(self._gen())
+                self._backoff(r, now)
+
+    # ----------------------------------------------------------------------- saving
+
+    def pending_saves(self) -> list[FrontierSave]:
+        """Frontiers to persist now; at most one save in progress per room."""
+        out: list[FrontierSave] = []
+        for r in self._rooms.values():
+            if r.saving is None and r.frontier is not None and r.frontier != r.saved:
+                r.saving = r.frontier
+                out.append(FrontierSave(r.room, r.epoch, r.frontier))
+        return out
+
+    def on_saved(self, save: FrontierSave, accepted: bool) -> None:
+        """The node persisted ``save`` (``accepted``) or refused it for a newer epoch."""
+        r = self._rooms.get(save.room)
+        if r is None or r.epoch != save.epoch or r.saving != save.frontier:
+            return
+        r.saving = None
+        if not accepted:
+            self.fence(save.room, save.epoch + 1)
+            return
+        self.counters["saves"] += 1
+        r.saved = _later(r.saved, save.frontier)
+        self._maybe_forget(r)
+
+    def on_save_failed(self, save: FrontierSave) -> None:
+        r = self._rooms.get(save.room)
+        if r is not None and r.epoch == save.epoch and r.saving == save.frontier:
+            r.saving = None
+
+    # ------------------------------------------------------------------ inspection
+
+    def _backoff(self, r: _Room, now: float) -> None:
+        r.failures += 1
+        r.retry_at = now + min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (r.failures - 1))
+
+    def _maybe_forget(self, r: _Room) -> None:
+        if (
+            r.phase is Phase.DRAINING and not r.in_flight and r.reading is None
+            and r.saving is None and r.saved == r.frontier
+        ):
+            del self._rooms[r.room]
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a backed-off room may read again, if any is waiting."""
+        times = [
+            r.retry_at for r in self._rooms.values()
+            if r.phase is Phase.ACTIVE and r.dirty and r.reading is None
+        ]
+        return min(times) if times else None
+
+    def rooms(self) -> dict[str, tuple[int, Timestamp | None]]:
+        """``room -> (epoch, frontier)`` of every room held (active or draining)."""
+        return {k: (r.epoch, r.frontier) for k, r in self._rooms.items()}
+
+    def frontier(self, room: str) -> Timestamp | None:
+        r = self._rooms.get(room)
+        return None if r is None else r.frontier
+
+    def is_active(self, room: str) -> bool:
+        r = self._rooms.get(room)
+        return r is not None and r.phase is Phase.ACTIVE
+
+    def idle(self) -> bool:
+        """Nothing outstanding, being read, or waiting to be saved."""
+        return self.outstanding == 0 and all(
+            r.reading is None and not r.in_flight and r.saving is None
+            and (r.frontier is None or r.frontier == r.saved)
+            for r in self._rooms.values()
+        )
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        out["rooms"] = sum(1 for r in self._rooms.values() if r.phase is Phase.ACTIVE)
+        out["draining"] = sum(1 for r in self._rooms.values() if r.phase is Phase.DRAINING)
+        out["outstanding"] = self.outstanding
+        out["backlog_rooms"] = sum(1 for r in self._rooms.values() if r.dirty)
+        return out
+
+
+# -------------------------------------------------------------------------------- codec
+
+
+def encode_record(
+    rec: Record, home: str
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """``(key, value, headers)`` of a record: key = room id, value = JSON of the message."""
+    m = rec.message
+    value = {
+        "schema": SCHEMA,
+        "room": rec.room,
+        "epoch": rec.epoch,
+        "home": home,
+        "id": m.id,
+        "author": m.author,
+        "body": m.body,
+        "ts": m.ts.encode(),
+        "edited": None if m.edited is None else m.edited.encode(),
+        "deleted": m.deleted,
+        "reactions": [[emoji, list(users)] for emoji, users in m.reactions],
+    }
+    headers = [
+        (HEADER_ID, m.id.encode()),
+        (HEADER_CURSOR, m.ts.encode().encode()),
+        (HEADER_EPOCH, str(rec.epoch).encode()),
+        (HEADER_HOME, home.encode()),
+        (HEADER_CONTENT_TYPE, CONTENT_TYPE.encode()),
+    ]
+    blob = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return rec.room.encode(), blob, headers
+
+
+def _str(d: dict[str, object], k: str) -> str:
+    v = d.get(k)
+    if not isinstance(v, str):
+        raise RecordError(f"field {k!r} must be a string")
+    return v
+
+
+def decode_record(
+    key: bytes | None, value: bytes | None,
+    headers: Iterable[tuple[str, bytes | None]] | None = None,
+) -> ForwardedMessage:
+    """Inverse of :func:`encode_record`; raises :class:`RecordError` on anything else."""
+    if value is None or key is None:
+        raise RecordError("record without key or value")
+    try:
+        d = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RecordError(f"value is not JSON: {e}") from e
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        raise RecordError("not a chatnode message record")
+    try:
+        room = key.decode()
+        if _str(d, "room") != room:
+            raise RecordError("key and room differ")
+        epoch = d.get("epoch")
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise RecordError("epoch must be an integer")
+        edited = d.get("edited")
+        deleted = d.get("deleted")
+        if not isinstance(deleted, bool):
+            raise RecordError("deleted must be a boolean")
+        raw_reactions = d.get("reactions")
+        if not isinstance(raw_reactions, list):
+            raise RecordError("reactions must be a list")
+        reactions: list[tuple[str, tuple[str, ...]]] = []
+        for item in raw_reactions:
+            if (
+                not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                or not isinstance(item[1], list) or not all(isinstance(u, str) for u in item[1])
+            ):
+                raise RecordError("malformed reaction")
+            reactions.append((item[0], tuple(item[1])))
+        msg = ForwardedMessage(
+            room=room, epoch=epoch, home=_str(d, "home"), id=_str(d, "id"),
+            author=_str(d, "author"), body=_str(d, "body"),
+            ts=Timestamp.decode(_str(d, "ts")),
+            edited=None if edited is None else Timestamp.decode(edited),
+            deleted=deleted, reactions=tuple(reactions),
+        )
+    except (CodecError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, RecordError):
+            raise
+        raise RecordError(str(e)) from e
+    if headers is not None:
+        hs = {k: v for k, v in headers}
+        if hs.get(HEADER_ID) not in (None, msg.id.encode()):
+            raise RecordError("msg-id header and value differ")
+    return msg
+
+
+def dedupe(messages: Iterable[ForwardedMessage]) -> list[ForwardedMessage]:
+    """Drop records whose ``(room, id)`` was already seen, keeping the first."""
+    seen: set[tuple[str, str]] = set()
+    out: list[ForwardedMessage] = []
+    for m in messages:
+        k = (m.room, m.id)
+        if k not in seen:
+            seen.add(k)
+            out.append(m)
+    return out
+
+
+# ---------------------------------------------------------------------------- partitioning
+
+
+def murmur2(data: bytes) -> int:
+    """The 32-bit murmur2 hash Kafka's default partitioner uses (seed 0x9747b28c)."""
+    mult = 0x5BD1E995
+    mask = 0xFFFFFFFF
+    n = len(data)
+    h = (0x9747B28C ^ n) & mask
+    whole = n - n % 4
+    for i in range(0, whole, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * mult) & mask
+        k ^= k >> 24
+        k = (k * mult) & mask
+        h = ((h * mult) & mask) ^ k
+    rest = n - whole
+    if rest == 3:
+        h ^= data[whole + 2] << 16
+    if rest >= 2:
+        h ^= data[whole + 1] << 8
+    if rest >= 1:
+        h ^= data[whole]
+        h = (h * mult) & mask
+    h ^= h >> 13
+    h = (h * mult) & mask
+    h ^= h >> 15
+    return h
+
+
+def partition_for(room: str, partitions: int) -> int:
+    """The partition of ``room``'s records, as the producer's ``murmur2_random`` partitioner
+    (and Kafka's Java default partitioner) picks it."""
+    if partitions < 1:
+        raise ValueError("partitions must be positive")
+    return (murmur2(room.encode()) & 0x7FFFFFFF) % partitions
