@@ -256,6 +256,7 @@ class _Sealed:
     min_key: str
     max_key: str
     hashes: array[int]  # sorted 64-bit hashes of the message ids (a lookup filter)
+    gapped: bool  # the blob holds structs pycrdt could not integrate yet (see diff)
 
 
 class _Bloom:
@@ -456,13 +457,12 @@ class RoomLog:
                 parts.append((number, upd))
         for number, sealed in sorted(self._sealed.items()):
             have = remote.get(number)
-            blob = self._blob(number)
             if have is None:
-                parts.append((number, blob))
+                parts.append((number, self._blob(number)))
                 continue
-            if covers(have[1], decode_state_vector(sealed.state)) and not _has_gap(blob, sealed):
+            if not sealed.gapped and covers(have[1], decode_state_vector(sealed.state)):
                 continue
-            upd = pycrdt.get_update(blob, have[0])
+            upd = pycrdt.get_update(self._blob(number), have[0])
             if upd != EMPTY_UPDATE:
                 parts.append((number, upd))
         return encode_envelope(parts)
@@ -480,7 +480,7 @@ class RoomLog:
             "head": self._head,
             "live": [[n, s.full_update()] for n, s in sorted(self._live.items())],
             "sealed": [
-                [s.number, s.state, s.count, s.min_key, s.max_key, s.hashes.tobytes()]
+                [s.number, s.state, s.count, s.min_key, s.max_key, s.hashes.tobytes(), s.gapped]
                 for s in sorted(self._sealed.values(), key=lambda s: s.number)
             ],
             "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
@@ -500,10 +500,12 @@ class RoomLog:
                 raise CodecError("unknown snapshot version")
             self = cls(body["room"], client_id, segment_size=body["size"], store=store)
             self._head = int(body["head"])
-            for number, state, count, min_key, max_key, hashes in body["sealed"]:
+            for number, state, count, min_key, max_key, hashes, gapped in body["sealed"]:
                 h: array[int] = array("Q")
                 h.frombytes(hashes)
-                self._sealed[number] = _Sealed(number, state, count, min_key, max_key, h)
+                self._sealed[number] = _Sealed(
+                    number, state, count, min_key, max_key, h, bool(gapped)
+                )
             self._rebuild_bloom(0)
             for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
                 ov = self._ov(msg_id)
@@ -664,6 +666,7 @@ class RoomLog:
             min_key=keys[0] if keys else "",
             max_key=keys[-1] if keys else "",
             hashes=hashes,
+            gapped=bool(live.pending),
         )
         self._lru.pop(live.number, None)
         self._live.pop(live.number, None)
@@ -837,8 +840,3 @@ def _track_pending(live: _Live, payload: bytes) -> None:
 
 def _covered(payload: bytes, sealed: _Sealed) -> bool:
     return pycrdt.get_update(payload, sealed.state) == EMPTY_UPDATE
-
-
-def _has_gap(blob: bytes, sealed: _Sealed) -> bool:
-    """Whether a sealed blob carries structs beyond its integrated state (held pending)."""
-    return pycrdt.get_update(blob, sealed.state) != EMPTY_UPDATE
