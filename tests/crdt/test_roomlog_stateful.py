@@ -1,0 +1,243 @@
+"""Convergence of the room log under a hostile network, as a hypothesis state machine.
+
+Three replicas do local appends, edits, deletes and reactions (often on the same message at
+once); every update goes into flight to every other replica, where it may be delivered,
+dropped, duplicated or reordered. A replica may restart from what it persisted: its last
+snapshot, its segment store and the journal of every update it produced or applied since.
+After a final full sync (state vector / diff both ways) all replicas are equal and every
+acknowledged append is present everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from crdt.clock import HybridClock
+from crdt.roomlog import MemorySegmentStore, Message, RoomLog
+
+ROOM = "room-1"
+REPLICAS = 3
+SEGMENT_SIZE = 3
+MAX_IN_FLIGHT = 80
+
+
+@dataclass
+class Disk:
+    """What a replica has persisted: like the node's RocksDB."""
+
+    store: MemorySegmentStore = field(default_factory=MemorySegmentStore)
+    snapshot: bytes | None = None
+    journal: list[bytes] = field(default_factory=list)
+
+
+class RoomLogMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.disks = [Disk() for _ in range(REPLICAS)]
+        self.next_client = 100
+        self.logs = [self._fresh(i) for i in range(REPLICAS)]
+        self.clocks = [HybridClock(f"n{i}") for i in range(REPLICAS)]
+        self.wall = 1_000
+        self.in_flight: list[tuple[int, bytes]] = []
+        self.acked: dict[str, int] = {}  # message id -> replica that acknowledged it
+        self.counter = 0
+
+    def _fresh(self, i: int) -> RoomLog:
+        self.next_client += 1
+        return RoomLog(ROOM, self.next_client, segment_size=SEGMENT_SIZE, store=self.disks[i].store)
+
+    def _emit(self, src: int, update: bytes) -> None:
+        self.disks[src].journal.append(update)
+        for dst in range(REPLICAS):
+            if dst != src and len(self.in_flight) < MAX_IN_FLIGHT:
+                self.in_flight.append((dst, update))
+
+    def _stamp(self, i: int, advance: int) -> object:
+        self.wall += advance
+        return self.clocks[i].now(self.wall)
+
+    def _known(self, i: int, pick: int) -> str | None:
+        ids = sorted(m for m in self.acked if self.logs[i].get(m) is not None)
+        return ids[pick % len(ids)] if ids else None
+
+    # ------------------------------------------------------------------ local operations
+
+    @initialize(n=st.integers(0, 7))
+    def shared_history(self, n: int) -> None:
+        """Some messages every replica has, so that concurrent edits have targets."""
+        for _ in range(n):
+            self.counter += 1
+            self.wall += 1
+            change = self.logs[0].append(
+                f"m{self.counter}", "user0", "hi", self.clocks[0].now(self.wall)
+            )
+            self.acked[change.message.id] = 0
+            self.disks[0].journal.append(change.update)
+            for j in range(1, REPLICAS):
+                self.logs[j].apply(change.update)
+                self.disks[j].journal.append(change.update)
+
+    @rule(
+        i=st.integers(0, REPLICAS - 1),
+        advance=st.integers(0, 3),
+        text=st.text(max_size=5),
+        burst=st.integers(1, 4),
+    )
+    def append(self, i: int, advance: int, text: str, burst: int) -> None:
+        for _ in range(burst):
+            self.counter += 1
+            msg_id = f"m{self.counter}"
+            self.wall += advance
+            change = self.logs[i].append(msg_id, f"user{i}", text, self.clocks[i].now(self.wall))
+            assert change.message.id == msg_id and change.message.body == text
+            self.acked[msg_id] = i
+            self._emit(i, change.update)
+
+    @rule(
+        i=st.integers(0, REPLICAS - 1),
+        pick=st.integers(0, 1000),
+        body=st.sampled_from(["x", "y", "z"]),
+        advance=st.integers(0, 2),
+    )
+    def edit(self, i: int, pick: int, body: str, advance: int) -> None:
+        msg_id = self._known(i, pick)
+        if msg_id is None:
+            return
+        self.wall += advance
+        change = self.logs[i].edit(msg_id, f"{body}{i}", self.clocks[i].now(self.wall))
+        assert (
+            change.message.deleted
+            or change.message.body == f"{body}{i}"
+            or (change.message.edited is not None)
+        )
+        self._emit(i, change.update)
+
+    @rule(i=st.integers(0, REPLICAS - 1), pick=st.integers(0, 1000))
+    def delete(self, i: int, pick: int) -> None:
+        msg_id = self._known(i, pick)
+        if msg_id is None:
+            return
+        change = self.logs[i].delete(msg_id, self.clocks[i].now(self.wall))
+        assert change.message.deleted and change.message.body == ""
+        self._emit(i, change.update)
+
+    @rule(
+        pick=st.integers(0, 1000),
+        body=st.sampled_from(["p", "q"]),
+        deleter=st.booleans(),
+    )
+    def concurrent_edit_and_delete(self, pick: int, body: str, deleter: bool) -> None:
+        """The same message edited on one replica and edited or deleted on another, before
+        either hears of the other."""
+        msg_id = self._known(0, pick)
+        if msg_id is None or self.logs[1].get(msg_id) is None:
+            return
+        first = self.logs[0].edit(msg_id, body, self.clocks[0].now(self.wall))
+        if deleter:
+            second = self.logs[1].delete(msg_id, self.clocks[1].now(self.wall))
+        else:
+            second = self.logs[1].edit(msg_id, body + "!", self.clocks[1].now(self.wall))
+        self._emit(0, first.update)
+        self._emit(1, second.update)
+
+    @rule(
+        i=st.integers(0, REPLICAS - 1),
+        pick=st.integers(0, 1000),
+        user=st.sampled_from(["ann", "bob"]),
+        emoji=st.sampled_from(["+1", "tada"]),
+        on=st.booleans(),
+    )
+    def react(self, i: int, pick: int, user: str, emoji: str, on: bool) -> None:
+        msg_id = self._known(i, pick)
+        if msg_id is None:
+            return
+        change = self.logs[i].react(msg_id, user, emoji, on, self.clocks[i].now(self.wall))
+        self._emit(i, change.update)
+
+    # ------------------------------------------------------------------ the network
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(k=st.integers(0, 10**6))
+    def deliver(self, k: int) -> None:
+        dst, update = self.in_flight.pop(k % len(self.in_flight))
+        changed = self.logs[dst].apply(update)
+        assert all(isinstance(m, Message) for m in changed)
+        self.disks[dst].journal.append(update)
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(k=st.integers(0, 10**6))
+    def drop(self, k: int) -> None:
+        self.in_flight.pop(k % len(self.in_flight))
+
+    @precondition(lambda self: 0 < len(self.in_flight) < MAX_IN_FLIGHT)
+    @rule(k=st.integers(0, 10**6))
+    def duplicate(self, k: int) -> None:
+        self.in_flight.append(self.in_flight[k % len(self.in_flight)])
+
+    @rule(a=st.integers(0, REPLICAS - 1), b=st.integers(0, REPLICAS - 1))
+    def partial_sync(self, a: int, b: int) -> None:
+        """One direction of y-sync, put in flight (so it may be lost or reordered too)."""
+        if a != b and len(self.in_flight) < MAX_IN_FLIGHT:
+            self.in_flight.append((b, self.logs[a].diff(self.logs[b].state_vector())))
+
+    # ------------------------------------------------------------------ persistence
+
+    @rule(i=st.integers(0, REPLICAS - 1))
+    def persist_snapshot(self, i: int) -> None:
+        disk = self.disks[i]
+        disk.snapshot = self.logs[i].snapshot()
+        disk.journal = []
+
+    @rule(i=st.integers(0, REPLICAS - 1))
+    def restart(self, i: int) -> None:
+        disk = self.disks[i]
+        self.next_client += 1
+        if disk.snapshot is None:
+            log = RoomLog(ROOM, self.next_client, segment_size=SEGMENT_SIZE, store=disk.store)
+        else:
+            log = RoomLog.restore(disk.snapshot, self.next_client, store=disk.store)
+        for update in disk.journal:
+            log.apply(update)
+        before = self.logs[i].page(limit=10**9)
+        self.logs[i] = log
+        assert log.page(limit=10**9) == before
+
+    # ------------------------------------------------------------------ checks
+
+    @invariant()
+    def own_acks_are_local(self) -> None:
+        for msg_id, i in self.acked.items():
+            assert self.logs[i].get(msg_id) is not None
+
+    def teardown(self) -> None:
+        # final full sync: every pair, both directions, until nothing moves
+        for _ in range(2):
+            for a in range(REPLICAS):
+                for b in range(REPLICAS):
+                    if a != b:
+                        self.logs[b].apply(self.logs[a].diff(self.logs[b].state_vector()))
+        pages = [log.page(limit=10**9) for log in self.logs]
+        assert pages[0] == pages[1] == pages[2]
+        ids = {m.id for m in pages[0]}
+        assert set(self.acked) <= ids
+        assert len(pages[0]) == len(ids)
+        for log in self.logs:
+            for msg_id in self.acked:
+                assert log.get(msg_id) == self.logs[0].get(msg_id)
+        # the order is the timestamp order
+        assert [m.ts for m in pages[0]] == sorted(m.ts for m in pages[0])
+        super().teardown()
+
+
+RoomLogMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+TestRoomLogStateful = RoomLogMachine.TestCase
