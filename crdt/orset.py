@@ -96,7 +96,12 @@ class ORSet:
 
     @property
     def context(self) -> CausalContext:
+        """The causal context (read only: do not mutate)."""
         return self._s.ctx
+
+    def tags(self, element: Element) -> frozenset[Dot]:
+        """The live dots (add tags) of ``element``."""
+        return frozenset(self._s.entries.get(element, ()))
 
     def add(self, replica: str, element: Element) -> ORSet:
         check_replica(replica)

@@ -1,0 +1,279 @@
+"""Delta shipping between replicas: Algorithm 2 of Almeida, Shoker and Baquero (arXiv
+1603.01529, section 6, "causal delta-merging anti-entropy"), sans-I/O.
+
+One :class:`DeltaReplicator` wraps one delta CRDT instance on one replica. It keeps
+
+* the state ``X``, and a sequence number ``c`` counting the deltas it has buffered;
+* a delta buffer ``D[l]`` for ``l`` in ``[start, c)``: local deltas, and (transitive mode, as in
+  the paper) every received delta-interval that brought something new;
+* ``acked[peer]``: the peer has (joined) every buffered delta below that number.
+
+``ship(peer)`` joins ``D[acked[peer] .. c)`` into one *delta-interval* and tags it with ``c``
+(a peer that never acked counts as ``acked = 0``, as in the paper); when the buffer no longer
+reaches back that far (it was trimmed, or this replica restarted) it ships the whole state.
+``receive`` joins an interval only if it is not already included (``d ⋢ X``), buffers it for
+the other peers, and answers with ``ack(n)``; an ack raises ``acked[peer]``. ``gc(peers)``
+drops the buffer below the smallest ack. Delivery may drop, duplicate and reorder payloads:
+intervals are joined (idempotent, commutative), acks are maxed.
+
+Two refinements over the paper's listing:
+
+* *no back-propagation*: a buffered interval remembers the peer it came from and is not shipped
+  back to it (that peer already has it); if everything a peer is owed came from that peer,
+  its ack moves forward without a message;
+* the buffer is bounded (``max_buffer``): the oldest entries fall off and a peer that still
+  needed them gets the full state, which is always correct.
+
+Durability contract (the caller's): after ``mutate`` or ``receive`` changed the state, write
+:meth:`persisted` (state and sequence number together, one atomic write) *before* sending any
+payload produced afterwards. :meth:`restore` brings back the state and sequence number with an
+empty buffer and no acks, so every peer gets the full state next. A replica that lost its state
+must come back under a new replica id: its dots would otherwise be reused.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, Protocol, Self, TypeVar
+
+from crdt.causal import MAX_COUNTER, check_replica
+from crdt.codec import (
+    DEFAULT_LIMITS,
+    KIND_ACK,
+    KIND_INTERVAL,
+    KIND_PERSISTED,
+    Limits,
+    expect_bool,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    expect_str,
+    pack,
+    peek_kind,
+    unpack,
+)
+from crdt.errors import CodecError
+
+
+class DeltaCRDT(Protocol):
+    """What :class:`DeltaReplicator` needs from a delta CRDT (a join-semilattice)."""
+
+    def join(self, other: Self) -> None:
+        """``self = self ⊔ other``, in place."""
+
+    def leq(self, other: Self) -> bool:
+        """``self ⊑ other``."""
+
+    def copy(self) -> Self: ...
+
+    def to_bytes(self) -> bytes: ...
+
+    @classmethod
+    def bottom(cls) -> Self: ...
+
+    @classmethod
+    def from_bytes(cls, data: bytes, limits: Limits = ...) -> Self: ...
+
+
+T = TypeVar("T", bound=DeltaCRDT)
+
+
+class DeltaReplicator(Generic[T]):
+    """Algorithm 2 for one CRDT instance on one replica. See the module docstring."""
+
+    def __init__(
+        self,
+        replica: str,
+        crdt: type[T],
+        *,
+        state: T | None = None,
+        seq: int = 0,
+        max_buffer: int = 4096,
+        transitive: bool = True,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if max_buffer < 1:
+            raise ValueError("max_buffer must be >= 1")
+        if not 0 <= seq <= MAX_COUNTER:
+            raise ValueError("seq out of range")
+        self.replica = check_replica(replica)
+        self.crdt = crdt
+        self._state: T = crdt.bottom() if state is None else state
+        self._seq = seq
+        # D[l] for l in [_start, _seq): (delta, peer it came from or None if local)
+        self._buf: deque[tuple[T, str | None]] = deque()
+        self._start = seq
+        self._acked: dict[str, int] = {}
+        self.max_buffer = max_buffer
+        self.transitive = transitive
+        self.limits = limits
+        self.last_applied: T | None = None
+        """The interval joined by the last :meth:`receive`, ``None`` if it brought nothing."""
+
+    # -- inspection -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> T:
+        """The replicated state. Mutate it only through a mutator whose delta goes to
+        :meth:`mutate`."""
+        return self._state
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @property
+    def buffer_range(self) -> tuple[int, int]:
+        """``(start, seq)``: the sequence numbers the delta buffer holds."""
+        return self._start, self._seq
+
+    def acked(self, peer: str) -> int | None:
+        return self._acked.get(peer)
+
+    # -- local updates --------------------------------------------------------------------
+
+    def mutate(self, delta: T) -> None:
+        """Apply a local delta (again: it may already be in the state) and buffer it.
+
+        Typical use: ``rep.mutate(rep.state.set(rep.replica, key, value, ts))``.
+        """
+        if delta.leq(self.crdt.bottom()):
+            return  # an empty delta (say, removing an absent key) changes nothing anywhere
+        self._state.join(delta)
+        self._push(delta, None)
+
+    def _push(self, delta: T, origin: str | None) -> None:
+        self._buf.append((delta, origin))
+        self._seq += 1
+        while len(self._buf) > self.max_buffer:
+            self._buf.popleft()
+            self._start += 1
+
+    # -- shipping -------------------------------------------------------------------------
+
+    def ship(self, peer: str) -> bytes | None:
+        """The payload owed to ``peer`` now (``None`` when it is up to date).
+
+        Resending is fine (payloads are idempotent): call this on every anti-entropy round.
+        """
+        if peer == self.replica:
+            raise ValueError("cannot ship to self")
+        a = self._acked.get(peer)
+        if a is None and self._start == 0:
+            a = 0  # the buffer still holds everything since the beginning (the paper's A[j]=0)
+        if a is None or a < self._start:
+            if self._state.leq(self.crdt.bottom()):
+                return None
+            return pack(KIND_INTERVAL, [self._seq, True, self._state.to_bytes()])
+        if a >= self._seq:
+            return None
+        acc: T | None = None
+        for delta, origin in self._slice(a):
+            if origin == peer:
+                continue
+            if acc is None:
+                acc = self.crdt.bottom()
+            acc.join(delta)
+        if acc is None:
+            # everything owed came from that peer: it has it already
+            self._acked[peer] = self._seq
+            return None
+        return pack(KIND_INTERVAL, [self._seq, False, acc.to_bytes()])
+
+    def _slice(self, lo: int) -> Iterable[tuple[T, str | None]]:
+        skip = lo - self._start
+        for i, item in enumerate(self._buf):
+            if i >= skip:
+                yield item
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive(self, peer: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """Handle a payload from ``peer``; returns ``(peer, payload)`` pairs to send.
+
+        Raises :class:`~crdt.errors.CodecError` (and nothing else) on a bad payload, leaving
+        the replicator unchanged.
+        """
+        if peer == self.replica:
+            raise ValueError("payload from self")
+        kind = peek_kind(payload)
+        self.last_applied = None
+        if kind == KIND_ACK:
+            _, body = unpack(payload, (KIND_ACK,), self.limits)
+            (n_obj,) = expect_list(body, "ack", 1)
+            n = expect_int(n_obj, "ack", 0, MAX_COUNTER)
+            # an ack beyond what we ever numbered is stale news from before a restart that
+            # lost deltas; it must not claim those numbers for the future
+            n = min(n, self._seq)
+            if n > self._acked.get(peer, -1):
+                self._acked[peer] = n
+            return []
+        if kind != KIND_INTERVAL:
+            raise CodecError(f"unexpected payload kind {kind}")
+        _, body = unpack(payload, (KIND_INTERVAL,), self.limits)
+        n_obj, full_obj, state_obj = expect_list(body, "interval", 3)
+        n = expect_int(n_obj, "interval seq", 0, MAX_COUNTER)
+        expect_bool(full_obj, "interval full flag")
+        delta = self.crdt.from_bytes(expect_bytes(state_obj, "interval state"), self.limits)
+        if not delta.leq(self._state):
+            self._state.join(delta)
+            self.last_applied = delta
+            if self.transitive:
+                self._push(delta, peer)
+        return [(peer, pack(KIND_ACK, [n]))]
+
+    # -- buffer maintenance ---------------------------------------------------------------
+
+    def gc(self, peers: Iterable[str]) -> None:
+        """Drop buffered deltas every one of ``peers`` has acked.
+
+        Peers that never acked get the full state anyway and do not hold the buffer back;
+        with no acking peer at all the buffer is emptied.
+        """
+        acks = [self._acked[p] for p in peers if p in self._acked]
+        low = min(acks) if acks else self._seq
+        while self._start < low and self._buf:
+            self._buf.popleft()
+            self._start += 1
+        if not self._buf:
+            self._start = self._seq
+
+    def forget(self, peer: str) -> None:
+        """Drop what we know of ``peer`` (it left the cluster)."""
+        self._acked.pop(peer, None)
+
+    # -- durability -----------------------------------------------------------------------
+
+    def persisted(self) -> bytes:
+        """State and sequence number, for one atomic write (see the durability contract)."""
+        return pack(KIND_PERSISTED, [self.replica, self._seq, self._state.to_bytes()])
+
+    @classmethod
+    def restore(
+        cls,
+        replica: str,
+        data: bytes,
+        crdt: type[T],
+        *,
+        max_buffer: int = 4096,
+        transitive: bool = True,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> DeltaReplicator[T]:
+        """A replicator from :meth:`persisted` bytes: state and sequence number back, empty
+        buffer, no acks. Raises :class:`CodecError` on bad bytes or another replica's."""
+        _, body = unpack(data, (KIND_PERSISTED,), limits)
+        r_obj, seq_obj, state_obj = expect_list(body, "persisted", 3)
+        if expect_str(r_obj, "replica") != replica:
+            raise CodecError(f"persisted state of {r_obj!r}, not {replica!r}")
+        seq = expect_int(seq_obj, "seq", 0, MAX_COUNTER)
+        state = crdt.from_bytes(expect_bytes(state_obj, "state"), limits)
+        return cls(
+            replica,
+            crdt,
+            state=state,
+            seq=seq,
+            max_buffer=max_buffer,
+            transitive=transitive,
+            limits=limits,
+        )

@@ -1,0 +1,343 @@
+"""Algorithm 2 (delta-interval shipping with acks) under a hostile network.
+
+A RuleBasedStateMachine runs three replicas of one CRDT, each behind a DeltaReplicator. Rules
+write locally (concurrent writes and removes of the same keys on different replicas), ship
+payloads into an in-flight multiset, and deliver, drop, duplicate and reorder them; they also
+collect garbage and restart replicas from what they persisted (buffers and acks lost). After a
+final full sync every replica must be equal, and exactly the writes that no later operation
+observed (overwrote or removed) must be present, with the LWW winner readable everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from crdt.awlwwmap import AWLWWMap
+from crdt.causal import Dot
+from crdt.clock import HybridClock, Timestamp
+from crdt.codec import KIND_INTERVAL, pack
+from crdt.deltasync import DeltaReplicator
+from crdt.errors import CodecError
+from crdt.orset import ORSet
+
+REPLICAS = ("a", "b", "c")
+PAIRS = [(s, d) for s in REPLICAS for d in REPLICAS if s != d]
+KEYS = ("k0", "k1", "k2")
+
+
+@dataclass(frozen=True)
+class Write:
+    key: Any
+    ts: Timestamp
+    value: Any
+
+
+class ReplicationMachine(RuleBasedStateMachine):
+    crdt: ClassVar[type[Any]] = AWLWWMap
+    transitive: ClassVar[bool] = True
+    links: ClassVar[list[tuple[str, str]]] = PAIRS  # who may ship to whom
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reps: dict[str, DeltaReplicator[Any]] = {r: self._new(r) for r in REPLICAS}
+        self.disk = {r: rep.persisted() for r, rep in self.reps.items()}
+        self.clocks = {r: HybridClock(r) for r in REPLICAS}
+        self.wall = 1_000
+        self.inflight: list[tuple[str, str, bytes]] = []
+        self.writes: dict[Dot, Write] = {}
+        self.observed: set[Dot] = set()
+
+    def _new(self, r: str) -> DeltaReplicator[Any]:
+        # a tiny buffer so that falling back to the full state is exercised too
+        return DeltaReplicator(r, self.crdt, max_buffer=5, transitive=self.transitive)
+
+    def _persist(self, r: str) -> None:
+        # the durability contract: persist before anything produced afterwards is sent
+        self.disk[r] = self.reps[r].persisted()
+
+    # -- local operations --------------------------------------------------------------------
+
+    def _write(self, r: str, key: Any, value: Any) -> None:
+        rep = self.reps[r]
+        before = set(rep.state.dots(key)) if self.crdt is AWLWWMap else set(rep.state.tags(key))
+        if self.crdt is AWLWWMap:
+            ts = self.clocks[r].now(self.wall)
+            delta = rep.state.set(r, key, value, ts)
+            (dot,) = delta.dots(key)
+        else:
+            ts = Timestamp(self.wall, 0, r)
+            delta = rep.state.add(r, key)
+            (dot,) = delta.tags(key)
+        rep.mutate(delta)
+        self.writes[dot] = Write(key, ts, value)
+        self.observed |= before
+        self._persist(r)
+
+    def _remove(self, r: str, key: Any) -> None:
+        rep = self.reps[r]
+        if self.crdt is AWLWWMap:
+            before = set(rep.state.dots(key))
+            rep.mutate(rep.state.remove(r, key))
+        else:
+            before = set(rep.state.tags(key))
+            rep.mutate(rep.state.remove(r, key))
+        self.observed |= before
+        self._persist(r)
+
+    @rule(
+        r=st.sampled_from(REPLICAS),
+        key=st.sampled_from(KEYS),
+        value=st.integers(0, 9),
+        dt=st.integers(0, 2),
+    )
+    def write(self, r: str, key: str, value: int, dt: int) -> None:
+        self.wall += dt
+        self._write(r, key, value)
+
+    @rule(r=st.sampled_from(REPLICAS), key=st.sampled_from(KEYS))
+    def remove(self, r: str, key: str) -> None:
+        self._remove(r, key)
+
+    @rule(key=st.sampled_from(KEYS), value=st.integers(0, 9), remover=st.sampled_from(REPLICAS))
+    def concurrent_write_and_remove(self, key: str, value: int, remover: str) -> None:
+        # the same key written on two replicas and removed on a third, none seeing the others
+        writers = [r for r in REPLICAS if r != remover]
+        for r in writers:
+            self._write(r, key, value)
+        self._remove(remover, key)
+
+    # -- network -----------------------------------------------------------------------------
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def ship(self, pair: tuple[str, str]) -> None:
+        if pair not in self.links:
+            return
+        src, dst = pair
+        payload = self.reps[src].ship(dst)
+        if payload is not None:
+            self.inflight.append((src, dst, payload))
+
+    @precondition(lambda self: self.inflight)
+    @rule(i=st.integers(0, 1_000))
+    def deliver(self, i: int) -> None:
+        src, dst, payload = self.inflight.pop(i % len(self.inflight))
+        out = self.reps[dst].receive(src, payload)
+        self._persist(dst)
+        self.inflight.extend((dst, peer, p) for peer, p in out)
+
+    @precondition(lambda self: self.inflight)
+    @rule(i=st.integers(0, 1_000))
+    def drop(self, i: int) -> None:
+        self.inflight.pop(i % len(self.inflight))
+
+    @precondition(lambda self: self.inflight and len(self.inflight) < 30)
+    @rule(i=st.integers(0, 1_000))
+    def duplicate(self, i: int) -> None:
+        self.inflight.append(self.inflight[i % len(self.inflight)])
+
+    @rule(r=st.sampled_from(REPLICAS))
+    def gc(self, r: str) -> None:
+        self.reps[r].gc([d for s, d in self.links if s == r])
+
+    @rule(r=st.sampled_from(REPLICAS))
+    def restart(self, r: str) -> None:
+        self.reps[r] = DeltaReplicator.restore(
+            r, self.disk[r], self.crdt, max_buffer=5, transitive=self.transitive
+        )
+        assert self.reps[r].buffer_range == (self.reps[r].seq, self.reps[r].seq)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _live(self, state: Any, key: Any) -> set[Dot]:
+        return set(state.dots(key)) if self.crdt is AWLWWMap else set(state.tags(key))
+
+    @invariant()
+    def only_real_writes_are_live(self) -> None:
+        for rep in self.reps.values():
+            for key in KEYS:
+                for dot in self._live(rep.state, key):
+                    w = self.writes[dot]
+                    assert w.key == key
+                    if self.crdt is AWLWWMap and rep.state.conflicts(key) == 1:
+                        assert rep.state.get(key) == w.value
+
+    def teardown(self) -> None:
+        # final full sync over a reliable network
+        for _ in range(3):
+            for src, dst in self.links:
+                payload = self.reps[src].ship(dst)
+                if payload is None:
+                    continue
+                for peer, ack in self.reps[dst].receive(src, payload):
+                    assert peer == src
+                    self.reps[src].receive(dst, ack)
+        states = [rep.state for rep in self.reps.values()]
+        assert states[0] == states[1] == states[2]
+        final = states[0]
+        for key in KEYS:
+            surviving = {
+                d for d, w in self.writes.items() if w.key == key and d not in self.observed
+            }
+            assert self._live(final, key) == surviving
+            if self.crdt is AWLWWMap:
+                if surviving:
+                    win = max(surviving, key=lambda d: (self.writes[d].ts, d))
+                    assert final.get(key) == self.writes[win].value
+                else:
+                    assert key not in final
+            else:
+                assert (key in final) == bool(surviving)
+        # and nobody owes anybody anything any more
+        for src, dst in self.links:
+            assert self.reps[src].ship(dst) is None
+
+
+class ORSetReplication(ReplicationMachine):
+    crdt = ORSet
+
+
+class NonTransitiveReplication(ReplicationMachine):
+    transitive = False
+
+
+class LineReplication(ReplicationMachine):
+    """a - b - c: a and c never talk, everything between them goes through b."""
+
+    links = [("a", "b"), ("b", "a"), ("b", "c"), ("c", "b")]
+
+
+_settings = settings(max_examples=150, stateful_step_count=50)
+TestAWLWWMapReplication = ReplicationMachine.TestCase
+TestAWLWWMapReplication.settings = _settings
+TestORSetReplication = ORSetReplication.TestCase
+TestORSetReplication.settings = _settings
+TestNonTransitiveReplication = NonTransitiveReplication.TestCase
+TestNonTransitiveReplication.settings = settings(max_examples=40, stateful_step_count=50)
+TestLineReplication = LineReplication.TestCase
+TestLineReplication.settings = settings(max_examples=60, stateful_step_count=50)
+
+
+# -- focused cases -------------------------------------------------------------------------
+
+
+def _exchange(src: DeltaReplicator[Any], dst: DeltaReplicator[Any]) -> bytes | None:
+    payload = src.ship(dst.replica)
+    if payload is not None:
+        for _, ack in dst.receive(src.replica, payload):
+            src.receive(dst.replica, ack)
+    return payload
+
+
+def test_transitive_propagation_along_a_line() -> None:
+    a, b, c = (DeltaReplicator(r, AWLWWMap) for r in "abc")
+    a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
+    _exchange(a, b)
+    _exchange(b, c)  # c never talks to a
+    assert c.state.get("k") == 1
+    # no echo: b does not send a's delta back to a, and a's ack of b moves on by itself
+    assert b.ship("a") is None
+    assert b.acked("a") == b.seq
+
+
+def test_intervals_after_first_full_state_and_gc() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap), DeltaReplicator("b", AWLWWMap)
+    for i in range(3):
+        a.mutate(a.state.set("a", f"k{i}", i, Timestamp(i, 0, "a")))
+    first = _exchange(a, b)
+    assert first is not None and b.state == a.state
+    a.mutate(a.state.set("a", "k9", 9, Timestamp(9, 0, "a")))
+    second = a.ship("b")
+    assert second is not None and len(second) < len(first)
+    interval = AWLWWMap.from_bytes(_state_bytes(second))
+    assert list(interval.keys()) == ["k9"]  # only the news, with exact dots
+    assert a.buffer_range == (0, 4)
+    a.gc(["b"])
+    assert a.buffer_range == (3, 4)  # b acked 3 deltas; the fourth is still owed
+    for _, ack in b.receive("a", second):
+        a.receive("b", ack)
+    a.gc(["b"])
+    assert a.buffer_range == (4, 4)
+    assert a.ship("b") is None
+
+
+def test_duplicate_interval_is_not_rebuffered() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap), DeltaReplicator("b", AWLWWMap)
+    a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
+    p = a.ship("b")
+    assert p is not None
+    out1 = b.receive("a", p)
+    assert b.last_applied is not None and b.seq == 1
+    out2 = b.receive("a", p)
+    assert b.last_applied is None and b.seq == 1  # nothing new: acked, not buffered
+    assert out1 == out2
+
+
+def test_buffer_overflow_falls_back_to_full_state() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap, max_buffer=2), DeltaReplicator("b", AWLWWMap)
+    a.mutate(a.state.set("a", "k0", 0, Timestamp(1, 0, "a")))
+    _exchange(a, b)
+    for i in range(1, 5):
+        a.mutate(a.state.set("a", f"k{i}", i, Timestamp(1 + i, 0, "a")))
+    p = a.ship("b")
+    assert p is not None
+    assert AWLWWMap.from_bytes(_state_bytes(p)) == a.state  # the whole state
+    _exchange(a, b)
+    assert b.state == a.state
+
+
+def test_restart_ships_full_state_and_keeps_seq() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap), DeltaReplicator("b", AWLWWMap)
+    a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
+    _exchange(a, b)
+    a2 = DeltaReplicator.restore("a", a.persisted(), AWLWWMap)
+    assert a2.state == a.state and a2.seq == a.seq and a2.acked("b") is None
+    p = a2.ship("b")
+    assert p is not None and AWLWWMap.from_bytes(_state_bytes(p)) == a.state
+    # a write after restart gets a fresh dot
+    d = a2.state.set("a", "k", 2, Timestamp(2, 0, "a"))
+    assert d.dots("k") == {Dot("a", 2)}
+    with pytest.raises(CodecError):
+        DeltaReplicator.restore("b", a.persisted(), AWLWWMap)
+    with pytest.raises(CodecError):
+        DeltaReplicator.restore("a", a.persisted(), ORSet)
+
+
+def test_stale_ack_beyond_seq_is_clamped() -> None:
+    a = DeltaReplicator("a", AWLWWMap)
+    a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
+    a.receive("b", pack(17, [99]))
+    assert a.acked("b") == 1
+
+
+def test_bad_payload_leaves_replicator_unchanged() -> None:
+    a = DeltaReplicator("a", AWLWWMap)
+    a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
+    before = a.persisted()
+    for bad in (
+        b"",
+        b"\x01",
+        b"\x09\x10",
+        pack(KIND_INTERVAL, [1, False, b"junk"]),
+        pack(KIND_INTERVAL, [-1, False, AWLWWMap().to_bytes()]),
+        pack(KIND_INTERVAL, [1, "x", AWLWWMap().to_bytes()]),
+        pack(KIND_INTERVAL, [1, False, ORSet().to_bytes()]),
+        pack(17, [-1]),
+        pack(17, []),
+        a.persisted(),
+    ):
+        with pytest.raises(CodecError):
+            a.receive("b", bad)
+    assert a.persisted() == before and a.acked("b") is None
+
+
+def _state_bytes(payload: bytes) -> bytes:
+    _, _, state = msgpack.unpackb(payload[2:])
+    assert isinstance(state, bytes)
+    return state
