@@ -3,7 +3,6 @@ the documented error code, and the server frame builders produce what PROTOCOL.m
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from dataclasses import FrozenInstanceError, dataclass
@@ -587,49 +586,78 @@ def test_spec_lists_exactly_our_ops() -> None:
     assert set(table) == p.OPS
 
 
-def _json_blocks(text: str) -> list[str]:
-    return re.findall(r"```text\n(.*?)```", text, re.S)
+def _blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
 
 
-def test_spec_request_examples_parse() -> None:
-    """Every example line starting with "→" (client to server) in PROTOCOL.md parses."""
-    seen: set[str] = set()
-    for block in _json_blocks(_doc()):
+PARSE_CODES = {"bad_json", "bad_frame", "unknown_op", "invalid", "too_large"}
+
+
+def _exchanges() -> list[tuple[str, dict[str, Any] | None]]:
+    """(request text, the reply right after it or None) for every "→" line of the spec."""
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for block in _blocks(_doc(), "text"):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("→ "):
+                continue
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            out.append((line[2:], json.loads(nxt[2:]) if nxt.startswith("← ") else None))
+    return out
+
+
+def test_spec_examples_are_well_formed() -> None:
+    for block in _blocks(_doc(), "text"):
         for line in block.splitlines():
-            if line.startswith("→ "):
-                req = p.parse_request(line[2:])
-                seen.add(json.loads(line[2:])["op"])
-                assert req is not None
-            elif line.startswith("← "):
-                json.loads(line[2:])
-    assert seen == p.OPS
+            assert line.startswith(("→ ", "← ")), line
+            if line.startswith("← "):
+                assert isinstance(json.loads(line[2:]), dict)
+    for block in _blocks(_doc(), "http"):
+        for line in block.splitlines():
+            if line.startswith("{"):
+                json.loads(line)
+
+
+def test_spec_request_examples_parse_or_fail_as_shown() -> None:
+    """Every "→" line parses, unless the reply shown is an error the parser decides: then the
+    parser fails with exactly that code and ref."""
+    seen: set[str] = set()
+    for request, reply in _exchanges():
+        if reply is not None and reply.get("op") == "error" and reply["code"] in PARSE_CODES:
+            with pytest.raises(ClientError) as info:
+                p.parse_request(request)
+            assert (info.value.code, info.value.ref) == (reply["code"], reply["ref"]), request
+            assert info.value.message == reply["message"], request
+        else:
+            req = p.parse_request(request)
+            seen.add(type(req).__name__)
+            if reply is not None:
+                assert reply["ref"] == req.ref, request
+    assert len(seen) == len(p.OPS)
 
 
 def test_spec_error_examples_cover_every_code() -> None:
     codes = set()
-    for block in _json_blocks(_doc()):
+    for _, reply in _exchanges():
+        if reply is not None and reply.get("op") == "error":
+            codes.add(reply["code"])
+    for block in _blocks(_doc(), "http"):
         for line in block.splitlines():
-            if line.startswith("← "):
-                value = json.loads(line[2:])
-                if value.get("op") == "error":
-                    codes.add(value["code"])
-                elif isinstance(value.get("error"), dict):
-                    codes.add(value["error"]["code"])
+            if line.startswith("{") and "error" in (value := json.loads(line)):
+                codes.add(value["error"]["code"])
     assert codes == ERROR_CODES
 
 
-def test_spec_bad_request_examples_fail_with_their_code() -> None:
-    """A "→" line followed by an error reply "←" must fail parsing with that code when the
-    code is one parse_request decides."""
-    parse_codes = {"bad_json", "bad_frame", "unknown_op", "invalid"}
-    for block in _json_blocks(_doc()):
-        lines = block.splitlines()
-        for req, rep in itertools.pairwise(lines):
-            if not (req.startswith("→ ") and rep.startswith("← ")):
-                continue
-            reply = json.loads(rep[2:])
-            if reply.get("op") == "error" and reply["code"] in parse_codes:
+def test_spec_http_credential_examples() -> None:
+    """The HTTP examples whose reply is a parse error fail parse_credentials that way."""
+    for block in _blocks(_doc(), "http"):
+        lines = [line for line in block.splitlines() if line.startswith("{")]
+        if block.startswith("POST") and len(lines) == 2:
+            reply = json.loads(lines[1])
+            err = reply.get("error")
+            if err and err["code"] in ("bad_json", "bad_frame", "invalid"):
                 with pytest.raises(ClientError) as info:
-                    p.parse_request(req[2:])
-                assert info.value.code == reply["code"], req
-                assert info.value.ref == reply["ref"], req
+                    p.parse_credentials(lines[0])
+                assert (info.value.code, info.value.message) == (err["code"], err["message"])
+            elif err is None:
+                p.parse_credentials(lines[0])
