@@ -19,7 +19,7 @@ const PING_TIMEOUT_MS = 10000;
 const REQUEST_TIMEOUT_MS = 30000;
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
-const LIST_REFRESH_MS = 30000;
+const LIST_REFRESH_MS = 15000;
 const SEND_RETRIES = 5;
 
 const ERROR_TEXT = {
@@ -666,6 +666,7 @@ function onMessage(frame, isUpdate) {
   if (isNew && room.typing.delete(frame.author) && isCurrent(room)) renderTyping();
   if (seeing) scrollToBottom();
   if (isCurrent(room)) {
+    renderHistoryStatus();
     renderSeenBy();
     scheduleRead();
   }
@@ -790,6 +791,7 @@ function sendFromComposer() {
   room.pendingIds.push(msg.id);
   app.outbox.set(msg.id, msg);
   placeMessage(room, msg, null);
+  renderHistoryStatus();
   scrollToBottom();
   input.value = "";
   autosize(input);
@@ -1370,7 +1372,9 @@ function renderHistoryStatus() {
   if (!room) return;
   if (room.loadingOlder) status.textContent = "Loading older messages…";
   else if (!room.primed) status.textContent = app.connected ? "Loading…" : "";
-  else if (!room.more) status.textContent = room.order.length ? "This is the start of the room." : "No messages yet. Say hello!";
+  else if (!room.more) {
+    status.textContent = room.order.length || room.pendingIds.length ? "This is the start of the room." : "No messages yet. Say hello!";
+  }
   else status.textContent = "Scroll up for older messages.";
 }
 
