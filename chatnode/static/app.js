@@ -21,6 +21,7 @@ const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const LIST_REFRESH_MS = 15000;
 const SEND_RETRIES = 5;
+const RATE_RETRIES = 6;
 
 const ERROR_TEXT = {
   network: "Cannot reach the server",
@@ -185,7 +186,20 @@ class Connection {
     this.onEvent(frame);
   }
 
-  request(op, fields = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
+  // Like requestOnce, but a request dropped by the server's rate limit is retried after a
+  // growing pause (a few times), as the protocol asks.
+  async request(op, fields = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        return await this.requestOnce(op, fields, timeoutMs);
+      } catch (e) {
+        if (e.code !== "rate_limited" || attempt >= RATE_RETRIES || op === "typing") throw e;
+        await new Promise((resolve) => setTimeout(resolve, 300 * attempt));
+      }
+    }
+  }
+
+  requestOnce(op, fields = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
     if (this.closed || this.ws.readyState !== WebSocket.OPEN) return Promise.reject(new Disconnected());
     this.nextRef += 1;
     const ref = `r${this.nextRef}`;
@@ -233,7 +247,8 @@ class Room {
     this.messages = new Map(); // id -> message (confirmed and local)
     this.order = []; // confirmed message ids, ascending by cursor
     this.pendingIds = []; // own messages not acknowledged yet, in the order they were written
-    this.lastCursor = null; // newest cursor received from the server for this room
+    this.lastCursor = null; // cursor of the newest `message` event received (the resume point)
+    this.historyCursor = null; // newest cursor seen in a `history` reply
     this.more = true; // older history may exist
     this.primed = false; // the newest page (or message) was fetched once
     this.loadingOlder = false;
@@ -583,24 +598,28 @@ async function refreshRooms(conn) {
   renderRoomList();
 }
 
+// Follows a room on this connection without a gap: the first time, the newest messages are
+// read with `history` and the subscription starts after the newest of them; afterwards it
+// resumes after the last `message` event received (PROTOCOL.md, "Resuming").
 async function subscribeRoom(conn, room) {
   room.wanted = true;
   try {
+    const stick = isCurrent(room) && isAtBottom();
     if (!room.primed) {
-      // The newest messages first (a full page for the room on screen, one message
-      // otherwise: enough to know where to resume from).
+      // A full page for the room on screen; one message otherwise, enough to resume from.
       const limit = room.id === app.current ? HISTORY_PAGE : 1;
-      const res = await conn.request("history", { room: room.id, limit });
-      const stick = isCurrent(room) && isAtBottom();
-      for (const m of res.messages || []) ingest(room, m, "history");
-      room.more = Boolean(res.more);
+      await loadLatest(conn, room, limit);
       room.primed = true;
-      if (stick) scrollToBottom();
     }
-    const req = { room: room.id };
-    if (room.lastCursor) req.after = room.lastCursor;
-    await conn.request("subscribe", req);
+    const after = room.lastCursor || room.historyCursor;
+    await conn.request("subscribe", after ? { room: room.id, after } : { room: room.id });
+    if (!after) {
+      // Nothing to resume from (an empty room): without `after` there is no catch-up, so
+      // read again what may have arrived before the subscription took effect.
+      await loadLatest(conn, room, HISTORY_PAGE);
+    }
     room.subscribed = true;
+    if (stick) scrollToBottom();
     renderHistoryStatus();
   } catch (e) {
     if (e.code === "forbidden" || e.code === "not_found") {
@@ -610,6 +629,13 @@ async function subscribeRoom(conn, room) {
       showError(e, `Could not follow ${displayName(room)}`);
     }
   }
+}
+
+async function loadLatest(conn, room, limit) {
+  const res = await conn.request("history", { room: room.id, limit });
+  const messages = Array.isArray(res.messages) ? res.messages : [];
+  for (const m of messages) ingest(room, m, "history");
+  if (!room.primed || !room.order.length) room.more = Boolean(res.more);
 }
 
 function requestPresence(room) {
@@ -676,8 +702,9 @@ function onMessage(frame, isUpdate) {
 // when it is a message we had never seen (deduplication is by message id).
 function ingest(room, m, source) {
   if (!m || typeof m.id !== "string") return false;
-  if (source !== "update" && typeof m.cursor === "string" && (!room.lastCursor || m.cursor > room.lastCursor)) {
-    room.lastCursor = m.cursor;
+  if (typeof m.cursor === "string") {
+    if (source === "live" && (!room.lastCursor || m.cursor > room.lastCursor)) room.lastCursor = m.cursor;
+    if (source === "history" && (!room.historyCursor || m.cursor > room.historyCursor)) room.historyCursor = m.cursor;
   }
   const known = room.messages.get(m.id);
   if (known) {
@@ -768,8 +795,9 @@ function sendFromComposer() {
   const input = $("composer-input");
   const body = input.value.trim();
   if (!room || !body) return;
-  if (body.length > BODY_MAX) {
-    showError(`A message is at most ${BODY_MAX.toLocaleString()} characters (this one has ${body.length.toLocaleString()}).`);
+  const length = [...body].length; // the protocol counts code points
+  if (length > BODY_MAX) {
+    showError(`A message is at most ${BODY_MAX.toLocaleString()} characters (this one has ${length.toLocaleString()}).`);
     return;
   }
   const msg = {
@@ -861,6 +889,10 @@ async function call(op, fields, context) {
 async function saveEdit(room, msg, body) {
   const text = body.trim();
   if (!text) return;
+  if ([...text].length > BODY_MAX) {
+    showError(`A message is at most ${BODY_MAX.toLocaleString()} characters.`);
+    return;
+  }
   if (text === msg.body) {
     stopEditing();
     return;
@@ -1341,7 +1373,7 @@ function messageActions(room, msg, own) {
 function editForm(room, msg, li) {
   const existing = li.querySelector("form.edit-form");
   if (existing) return existing;
-  const area = h("textarea", { class: "edit-input", maxlength: String(BODY_MAX), "aria-label": "Edit message", rows: "2" });
+  const area = h("textarea", { class: "edit-input", "aria-label": "Edit message", rows: "2" });
   area.value = msg.body;
   const form = h(
     "form",
