@@ -7,6 +7,7 @@ import json
 from dataclasses import fields
 from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -170,3 +171,97 @@ def test_mutated_valid_frames(data: bytes) -> None:
 def test_deep_and_long_junk(n: int, ch: str) -> None:
     check(ch * n)
     check('{"op":"ping","x":' + "[" * n)
+
+
+# --------------------------------------------------------------------------- valid round trip
+
+users = st.from_regex(r"[a-z0-9_][a-z0-9_.-]{1,31}", fullmatch=True)
+plain_rooms = st.from_regex(r"[a-z0-9_][a-z0-9_-]{0,63}", fullmatch=True)
+rooms = plain_rooms | st.builds(p.dm_room, users, users)
+msg_ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+texts = st.text(st.characters(codec="utf-8"), min_size=1, max_size=p.MAX_BODY)
+refs = st.none() | st.text(max_size=64).filter(p._utf8_ok) | st.integers(-(10**64) + 1, 10**64 - 1)
+stamps = st.builds(
+    Timestamp,
+    st.integers(0, 16**12 - 1),
+    st.integers(0, 16**6 - 1),
+    st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True),
+)
+
+requests: st.SearchStrategy[p.Request] = st.one_of(
+    st.builds(p.Hello, refs, st.text(min_size=1, max_size=p.MAX_TOKEN).filter(p._utf8_ok)),
+    st.builds(p.Ping, refs),
+    st.builds(
+        p.RoomsCreate,
+        refs,
+        plain_rooms,
+        st.sampled_from(["public", "private"]),
+        st.text(st.characters(codec="utf-8"), max_size=p.MAX_TITLE),
+    ),
+    st.builds(p.RoomsList, refs),
+    st.builds(p.RoomsJoin, refs, rooms),
+    st.builds(p.RoomsLeave, refs, rooms),
+    st.builds(p.RoomsInvite, refs, rooms, users),
+    st.builds(p.DmOpen, refs, users),
+    st.builds(p.Subscribe, refs, rooms, st.none() | stamps),
+    st.builds(p.Unsubscribe, refs, rooms),
+    st.builds(p.Send, refs, rooms, msg_ids, texts),
+    st.builds(p.Edit, refs, rooms, msg_ids, texts),
+    st.builds(p.Delete, refs, rooms, msg_ids),
+    st.builds(
+        p.React,
+        refs,
+        rooms,
+        msg_ids,
+        st.text(st.characters(codec="utf-8"), min_size=1, max_size=p.MAX_EMOJI),
+        st.booleans(),
+    ),
+    st.builds(
+        p.History,
+        refs,
+        rooms,
+        st.none() | stamps,
+        st.none(),
+        st.integers(1, p.MAX_HISTORY_LIMIT),
+    ),
+    st.builds(p.History, refs, rooms, st.none(), stamps, st.integers(1, p.MAX_HISTORY_LIMIT)),
+    st.builds(p.Typing, refs, rooms),
+    st.builds(p.Read, refs, rooms, stamps),
+    st.builds(p.Presence, refs, rooms),
+)
+
+_OP_OF = {
+    p.Hello: "hello", p.Ping: "ping", p.RoomsCreate: "rooms.create", p.RoomsList: "rooms.list",
+    p.RoomsJoin: "rooms.join", p.RoomsLeave: "rooms.leave", p.RoomsInvite: "rooms.invite",
+    p.DmOpen: "dm.open", p.Subscribe: "subscribe", p.Unsubscribe: "unsubscribe",
+    p.Send: "send", p.Edit: "edit", p.Delete: "delete", p.React: "react",
+    p.History: "history", p.Typing: "typing", p.Read: "read", p.Presence: "presence",
+}
+
+
+def to_frame(req: p.Request) -> dict[str, Any]:
+    """How a client would write ``req`` (independent of the parser)."""
+    out: dict[str, Any] = {"op": _OP_OF[type(req)]}
+    for f in fields(req):
+        value = getattr(req, f.name)
+        if value is None:
+            continue
+        out[f.name] = value.encode() if isinstance(value, Timestamp) else value
+    return out
+
+
+def test_every_op_is_generated() -> None:
+    assert set(_OP_OF.values()) == p.OPS
+
+
+@settings(max_examples=200)
+@given(requests, st.booleans(), st.booleans())
+def test_valid_requests_round_trip(req: p.Request, as_bytes: bool, ascii_only: bool) -> None:
+    text = json.dumps(to_frame(req), ensure_ascii=ascii_only)
+    size = len(text.encode("utf-8"))
+    data: str | bytes = text.encode("utf-8") if as_bytes else text
+    if size > p.MAX_FRAME_BYTES:  # a 4,000-character body of escaped astral characters
+        with pytest.raises(ClientError):
+            p.parse_request(data)
+        return
+    assert p.parse_request(data) == req
