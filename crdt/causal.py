@@ -29,7 +29,7 @@ from typing import Any, Final, TypeVar
 from crdt.codec import expect_int, expect_list, expect_str
 from crdt.errors import CodecError
 
-REPLICA_RE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+REPLICA_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")  # use with .match()
 MAX_COUNTER: Final = 2**63 - 1
 
 

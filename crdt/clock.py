@@ -17,7 +17,7 @@ from crdt.errors import CodecError
 
 __all__ = ["CausalContext", "Dot", "HybridClock", "Timestamp"]
 
-_CURSOR_RE = re.compile(r"^([0-9a-f]{12})([0-9a-f]{6})([A-Za-z0-9_.:-]{1,64})$")
+_CURSOR_RE = re.compile(r"([0-9a-f]{12})([0-9a-f]{6})([A-Za-z0-9_.:-]{1,64})\Z")
 _MAX_WALL = 16**12 - 1
 _MAX_LOGICAL = 16**6 - 1
 
@@ -31,11 +31,13 @@ class Timestamp:
     replica: str
 
     def __post_init__(self) -> None:
+        if type(self.wall_ms) is not int or type(self.logical) is not int:
+            raise ValueError("wall_ms and logical must be int")
         if not (0 <= self.wall_ms <= _MAX_WALL):
             raise ValueError(f"wall_ms out of range: {self.wall_ms}")
         if not (0 <= self.logical <= _MAX_LOGICAL):
             raise ValueError(f"logical out of range: {self.logical}")
-        if not _REPLICA_RE.match(self.replica):
+        if not isinstance(self.replica, str) or not _REPLICA_RE.match(self.replica):
             raise ValueError(f"bad replica id: {self.replica!r}")
 
     def encode(self) -> str:
@@ -82,10 +84,16 @@ class HybridClock:
         """Stamp a local event happening at physical time ``wall_ms``."""
         last_wall, last_logical = self._last
         if wall_ms > last_wall:
-            self._last = (wall_ms, 0)
-        else:
-            self._last = (last_wall, last_logical + 1)
-        return Timestamp(self._last[0], self._last[1], self.replica)
+            return self._issue(wall_ms, 0)
+        return self._issue(last_wall, last_logical + 1)
+
+    def _issue(self, wall: int, logical: int) -> Timestamp:
+        if logical > _MAX_LOGICAL:
+            # the logical counter is full: borrow the next millisecond (still monotonic and
+            # still above every stamp seen)
+            wall, logical = wall + 1, 0
+        self._last = (wall, logical)
+        return Timestamp(wall, logical, self.replica)
 
     def observe(self, remote: Timestamp, wall_ms: int) -> Timestamp:
         """Merge a received stamp; returns the stamp of the receive event.
@@ -106,5 +114,4 @@ class HybridClock:
             logical = remote.logical + 1
         else:
             logical = 0
-        self._last = (wall, logical)
-        return Timestamp(wall, logical, self.replica)
+        return self._issue(wall, logical)

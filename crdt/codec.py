@@ -13,8 +13,8 @@ type, a delta-interval, an ack, a persisted replicator). Decoding is strict and 
 * msgpack is told the longest string, binary, array and map it may build (its ``max_*_len``
   unpacker limits), and extension types are refused, so a hostile header cannot make it
   allocate without bound;
-* the decoded tree is walked (iteratively) to bound its nesting depth and to require ``str``
-  map keys;
+* the decoded tree is walked (iteratively) to bound its nesting depth, to require ``str``
+  map keys and to refuse NaN;
 * each data type then checks the exact shape of its body.
 
 Anything malformed, truncated, oversized, of an unknown version or kind, or of the wrong
@@ -119,22 +119,29 @@ def unpack(data: object, kinds: Iterable[int], limits: Limits = DEFAULT_LIMITS) 
 
 
 def check_tree(obj: object, max_depth: int) -> None:
-    """Bound the nesting depth of a decoded tree and require ``str`` map keys (iterative)."""
+    """Bound the nesting depth of a decoded tree, require ``str`` map keys, and refuse NaN
+    (not equal to itself, it would break state equality). Iterative."""
     stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, list):
-            if depth > max_depth:
-                raise CodecError(f"nesting deeper than {max_depth}")
-            stack.extend((x, depth + 1) for x in item if isinstance(x, list | dict))
+            children: Iterable[object] = item
         elif isinstance(item, dict):
-            if depth > max_depth:
-                raise CodecError(f"nesting deeper than {max_depth}")
-            for k, v in item.items():
+            for k in item:
                 if type(k) is not str:
                     raise CodecError("map keys must be strings")
-                if isinstance(v, list | dict):
-                    stack.append((v, depth + 1))
+            children = item.values()
+        else:
+            if type(item) is float and math.isnan(item):
+                raise CodecError("NaN is not a valid value")
+            continue
+        if depth > max_depth:
+            raise CodecError(f"nesting deeper than {max_depth}")
+        for x in children:
+            if isinstance(x, list | dict):
+                stack.append((x, depth + 1))
+            elif type(x) is float and math.isnan(x):
+                raise CodecError("NaN is not a valid value")
 
 
 # -- shape checks used by the data types' decoders -------------------------------------------
