@@ -205,29 +205,18 @@ class _View:
         return i, j
 
 
-class _Live:
-    """A segment whose pycrdt doc is in memory."""
+class _Sink:
+    """What the pycrdt observers of a live segment write to. Kept apart from :class:`_Live`
+    so that the Rust-held callbacks do not close a reference cycle through the doc."""
 
-    __slots__ = ("arr", "doc", "inbox", "local", "number", "pending", "subs", "tx_update", "view")
+    __slots__ = ("inbox", "local", "tx_update")
 
-    def __init__(self, number: int, client_id: int) -> None:
-        self.number = number
-        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
-        self.arr: pycrdt.Array[Any] = self.doc.get(_OPS, type=pycrdt.Array)
-        self.view = _View()
-        self.pending: list[bytes] = []  # parts of received updates pycrdt still holds
+    def __init__(self) -> None:
         self.inbox: list[Any] = []  # ops inserted by the update being applied
-        self.local = False
+        self.local = False  # a local write is in progress: not news, but keep its update
         self.tx_update = b""
-        # Raw (Rust-level) observers: pycrdt's Python wrappers convert events eagerly and
-        # cost 2-3x the append itself.
-        # The subscriptions must stay referenced: dropping them unsubscribes.
-        self.subs = (
-            self.arr.integrated.observe(self._on_array),
-            self.doc._doc.observe(self._on_txn),
-        )
 
-    def _on_array(self, event: Any) -> None:
+    def on_array(self, event: Any) -> None:
         if self.local:
             return
         for part in event.delta:
@@ -235,9 +224,36 @@ class _Live:
             if ins is not None:
                 self.inbox.extend(ins)
 
-    def _on_txn(self, event: Any) -> None:
+    def on_txn(self, event: Any) -> None:
         if self.local:
             self.tx_update = event.update
+
+
+class _Live:
+    """A segment whose pycrdt doc is in memory."""
+
+    __slots__ = ("arr", "doc", "number", "pending", "raw_arr", "raw_doc", "sink", "subs", "view")
+
+    def __init__(self, number: int, client_id: int) -> None:
+        self.number = number
+        self.doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=client_id)
+        self.arr: pycrdt.Array[Any] = self.doc.get(_OPS, type=pycrdt.Array)
+        self.view = _View()
+        self.pending: list[bytes] = []  # parts of received updates pycrdt still holds
+        self.sink = _Sink()
+        # Observers at the Rust level: pycrdt's Python event wrappers convert every event
+        # eagerly and cost 2-3x the append itself. The subscriptions must stay referenced.
+        self.raw_doc: Any = self.doc._doc
+        self.raw_arr: Any = self.arr.integrated
+        self.subs: tuple[Any, ...] = (
+            self.raw_arr.observe(self.sink.on_array),
+            self.raw_doc.observe(self.sink.on_txn),
+        )
+
+    def close(self) -> None:
+        for sub in self.subs:
+            sub.drop()
+        self.subs = ()
 
     def full_update(self) -> bytes:
         update = self.doc.get_update()
@@ -274,21 +290,25 @@ class _Bloom:
         self.bits = bytearray((self.nbits + 7) // 8)
         self.count = 0
 
-    def _positions(self, h: int) -> list[int]:
-        h1 = h & 0xFFFFFFFF
-        h2 = (h >> 32) | 1
-        m = self.nbits
-        return [(h1 + i * h2) % m for i in range(self._K)]
-
-    def add(self, h: int) -> None:
-        bits = self.bits
-        for p in self._positions(h):
-            bits[p >> 3] |= 1 << (p & 7)
-        self.count += 1
+    def add_all(self, hashes: array[int]) -> None:
+        bits, m, k = self.bits, self.nbits, self._K
+        for h in hashes:
+            h1 = h & 0xFFFFFFFF
+            h2 = (h >> 32) | 1
+            for i in range(k):
+                p = (h1 + i * h2) % m
+                bits[p >> 3] |= 1 << (p & 7)
+        self.count += len(hashes)
 
     def __contains__(self, h: int) -> bool:
-        bits = self.bits
-        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._positions(h))
+        bits, m = self.bits, self.nbits
+        h1 = h & 0xFFFFFFFF
+        h2 = (h >> 32) | 1
+        for i in range(self._K):
+            p = (h1 + i * h2) % m
+            if not bits[p >> 3] & (1 << (p & 7)):
+                return False
+        return True
 
 
 # --------------------------------------------------------------------------- the log
@@ -335,7 +355,7 @@ class RoomLog:
         ts_enc = ts.encode()
         update = self._write(seg, ["a", msg_id, author, body, ts_enc])
         seg.view.add(msg_id, ts_enc, author, body)
-        return Change(update, self._build(msg_id, (ts_enc, author, body)))
+        return Change(update, self._build(msg_id, (ts_enc, author, body), ts))
 
     def edit(self, msg_id: str, body: str, ts: Timestamp) -> Change:
         """Replace the body; the edit with the highest ts wins. ``KeyError`` if unknown."""
@@ -542,14 +562,21 @@ class RoomLog:
         return live
 
     def _write(self, seg: _Live, op: list[Any]) -> bytes:
-        seg.local = True
+        """Append one op in its own transaction; returns the envelope of its update.
+
+        Uses the transaction and array objects under pycrdt's Python wrappers directly: the
+        wrappers' bookkeeping costs more than the insert itself (docs/BENCHMARKS.md).
+        """
+        seg.sink.local = True
+        txn = seg.raw_doc.create_transaction()
         try:
-            with seg.doc.transaction():
-                seg.arr.append(op)
+            seg.raw_arr.insert(txn, seg.raw_arr.len(txn), op)
+            txn.commit()
         finally:
-            seg.local = False
-        update = seg.tx_update
-        seg.tx_update = b""
+            txn.drop()
+            seg.sink.local = False
+        update = seg.sink.tx_update
+        seg.sink.tx_update = b""
         return encode_envelope([(seg.number, update)])
 
     def _ov(self, msg_id: str) -> _Overlay:
@@ -573,10 +600,10 @@ class RoomLog:
         try:
             live.doc.apply_update(payload)
         except Exception as exc:
-            live.inbox.clear()
+            live.sink.inbox.clear()
             raise CodecError(f"bad pycrdt update: {exc}") from None
-        self._integrate(live.inbox, live.view, changed)
-        live.inbox.clear()
+        self._integrate(live.sink.inbox, live.view, changed)
+        live.sink.inbox.clear()
         _track_pending(live, payload)
         if number > self._head:
             self._head = number
@@ -632,16 +659,16 @@ class RoomLog:
         if sealed is not None and _covered(payload, sealed):
             return
         live = _Live(number, self.client_id)
-        live.local = True  # loading the old blob is not news
+        live.sink.local = True  # loading the old blob is not news
         if sealed is not None:
             blob = self._blob(number)
             live.doc.apply_update(blob)
             live.pending = _leftover(blob, live.doc)
             live.view = self._decode_view(live.arr)
-        live.local = False
+        live.sink.local = False
         live.doc.apply_update(payload)
-        self._integrate(live.inbox, live.view, changed)
-        live.inbox.clear()
+        self._integrate(live.sink.inbox, live.view, changed)
+        live.sink.inbox.clear()
         _track_pending(live, payload)
         self._seal(live)
 
@@ -670,21 +697,20 @@ class RoomLog:
         )
         self._lru.pop(live.number, None)
         self._live.pop(live.number, None)
+        live.close()
         log.debug("room %s: sealed segment %d (%d messages)", self.room, live.number, len(keys))
 
     def _index(self, hashes: array[int]) -> None:
         """Add id hashes to the Bloom filter, rebuilding it bigger when it is full."""
         if self._bloom.count + len(hashes) > self._bloom.capacity:
             self._rebuild_bloom(len(hashes))
-        for h in hashes:
-            self._bloom.add(h)
+        self._bloom.add_all(hashes)
 
     def _rebuild_bloom(self, extra: int) -> None:
         total = sum(len(s.hashes) for s in self._sealed.values())
-        self._bloom = _Bloom(2 * (total + extra))
+        self._bloom = _Bloom(4 * (total + extra))
         for sealed in self._sealed.values():
-            for h in sealed.hashes:
-                self._bloom.add(h)
+            self._bloom.add_all(sealed.hashes)
 
     def _blob(self, number: int) -> bytes:
         blob = self.store.get(self.room, number)
@@ -747,7 +773,9 @@ class RoomLog:
             raise KeyError(msg_id)
         return base
 
-    def _build(self, msg_id: str, base: tuple[str, str, str]) -> Message:
+    def _build(
+        self, msg_id: str, base: tuple[str, str, str], ts: Timestamp | None = None
+    ) -> Message:
         ts_enc, author, body = base
         ov = self._overlay.get(msg_id)
         edited: Timestamp | None = None
@@ -770,7 +798,7 @@ class RoomLog:
             id=msg_id,
             author=author,
             body=body,
-            ts=Timestamp.decode(ts_enc),
+            ts=Timestamp.decode(ts_enc) if ts is None else ts,
             edited=edited,
             deleted=deleted,
             reactions=reactions,

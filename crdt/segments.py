@@ -65,7 +65,8 @@ class MemorySegmentStore:
 def encode_envelope(parts: list[tuple[int, bytes]]) -> bytes:
     """``[version, [[segment, payload], ...]]`` in msgpack; payloads are pycrdt updates or
     state vectors."""
-    return msgpack.packb([WIRE_VERSION, [[n, p] for n, p in parts]], use_bin_type=True)
+    packed: bytes = msgpack.packb([WIRE_VERSION, parts], use_bin_type=True)
+    return packed
 
 
 def decode_envelope(data: object) -> list[tuple[int, bytes]]:
