@@ -233,8 +233,13 @@ def test_signer_and_issue_arguments() -> None:
     with pytest.raises(ValueError):
         TokenSigner([b"short"])
     signer = TokenSigner([KEY_A])
-    for user, tid, ttl in (("Alice", "t", HOUR), ("alice", "", HOUR), ("alice", "t.x", HOUR),
-                           ("alice", "t", 0), ("alice", "t", -5)):
+    for user, tid, ttl in (
+        ("Alice", "t", HOUR),
+        ("alice", "", HOUR),
+        ("alice", "t.x", HOUR),
+        ("alice", "t", 0),
+        ("alice", "t", -5),
+    ):
         with pytest.raises(ValueError):
             signer.issue(user, tid, 0, ttl)
 

@@ -90,9 +90,10 @@ VALID: list[tuple[dict[str, Any], p.Request]] = [
         p.Read(None, "general", C2),
     ),
     ({"op": "presence", "room": "general"}, p.Presence(None, "general")),
-    ({"op": "send", "room": "dm:alice:bob", "id": "x", "body": "hi"}, p.Send(
-        None, "dm:alice:bob", "x", "hi"
-    )),
+    (
+        {"op": "send", "room": "dm:alice:bob", "id": "x", "body": "hi"},
+        p.Send(None, "dm:alice:bob", "x", "hi"),
+    ),
 ]
 
 
@@ -265,9 +266,7 @@ def _full(op: str) -> dict[str, Any]:
     raise AssertionError(op)
 
 
-@pytest.mark.parametrize(
-    ("op", "field"), [(op, f) for op, fs in REQUIRED.items() for f in fs]
-)
+@pytest.mark.parametrize(("op", "field"), [(op, f) for op, fs in REQUIRED.items() for f in fs])
 def test_missing_required_field(op: str, field: str) -> None:
     fields = _full(op)
     del fields[field]
@@ -320,8 +319,22 @@ def test_history_before_and_after_together() -> None:
     fails(frame(op="history", room="a", before=C2.encode(), after=C1.encode()), "invalid")
 
 
-BAD_ROOMS = ["", "A", "-a", "a" * 65, "a b", "a.b", "dm:bob:alice", "dm:alice", "dm:a:b",
-             "dm:alice:bob:carol", "Dm:alice:bob", "général", "a\n", "dm:alice:bob\n"]
+BAD_ROOMS = [
+    "",
+    "A",
+    "-a",
+    "a" * 65,
+    "a b",
+    "a.b",
+    "dm:bob:alice",
+    "dm:alice",
+    "dm:a:b",
+    "dm:alice:bob:carol",
+    "Dm:alice:bob",
+    "général",
+    "a\n",
+    "dm:alice:bob\n",
+]
 
 
 @pytest.mark.parametrize("room", BAD_ROOMS)
@@ -486,21 +499,28 @@ class Msg:
 def test_ok_and_error_frames() -> None:
     assert p.ok(7) == {"op": "ok", "ref": 7}
     assert p.ok("a", user="alice", node="n1") == {
-        "op": "ok", "ref": "a", "user": "alice", "node": "n1"
+        "op": "ok",
+        "ref": "a",
+        "user": "alice",
+        "node": "n1",
     }
     with pytest.raises(ValueError):
         p.ok(1, op="x")
     assert p.error("forbidden", "no", 3) == {
-        "op": "error", "ref": 3, "code": "forbidden", "message": "no"
+        "op": "error",
+        "ref": 3,
+        "code": "forbidden",
+        "message": "no",
     }
     assert p.error("internal", "bug") == {
-        "op": "error", "ref": None, "code": "internal", "message": "bug"
+        "op": "error",
+        "ref": None,
+        "code": "internal",
+        "message": "bug",
     }
     with pytest.raises(ValueError):
         p.error("oops", "not a code")
-    assert p.http_error("conflict", "taken") == {
-        "error": {"code": "conflict", "message": "taken"}
-    }
+    assert p.http_error("conflict", "taken") == {"error": {"code": "conflict", "message": "taken"}}
 
 
 def test_encode_is_compact_and_keeps_unicode() -> None:
@@ -545,11 +565,17 @@ def test_message_frame_accepts_a_real_roomlog_message() -> None:
 
 def test_event_builders() -> None:
     assert p.presence_event("a", "bob", True) == {
-        "op": "presence", "room": "a", "user": "bob", "online": True
+        "op": "presence",
+        "room": "a",
+        "user": "bob",
+        "online": True,
     }
     assert p.typing_event("a", "bob") == {"op": "typing", "room": "a", "user": "bob"}
     assert p.read_event("a", "bob", C1) == {
-        "op": "read", "room": "a", "user": "bob", "cursor": C1.encode()
+        "op": "read",
+        "room": "a",
+        "user": "bob",
+        "cursor": C1.encode(),
     }
 
 

@@ -27,8 +27,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -45,8 +46,24 @@ field_values = (
     | cursors
     | st.sampled_from([True, False, 0, 1, 50, 200, 201, -1, "public", "private", 1.0])
 )
-FIELD_NAMES = ["op", "ref", "room", "user", "id", "body", "emoji", "on", "after", "before",
-               "limit", "cursor", "token", "visibility", "title", "extra"]
+FIELD_NAMES = [
+    "op",
+    "ref",
+    "room",
+    "user",
+    "id",
+    "body",
+    "emoji",
+    "on",
+    "after",
+    "before",
+    "limit",
+    "cursor",
+    "token",
+    "visibility",
+    "title",
+    "extra",
+]
 frames = st.fixed_dictionaries(
     {"op": st.sampled_from(sorted(p.OPS)) | json_values},
     optional={name: field_values for name in FIELD_NAMES if name != "op"},
@@ -167,7 +184,7 @@ def test_mutated_valid_frames(data: bytes) -> None:
 
 
 @settings(max_examples=60)
-@given(st.integers(1, 60_000), st.sampled_from("[{\"ab1 ,:"))
+@given(st.integers(1, 60_000), st.sampled_from('[{"ab1 ,:'))
 def test_deep_and_long_junk(n: int, ch: str) -> None:
     check(ch * n)
     check('{"op":"ping","x":' + "[" * n)
@@ -231,11 +248,24 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
 )
 
 _OP_OF = {
-    p.Hello: "hello", p.Ping: "ping", p.RoomsCreate: "rooms.create", p.RoomsList: "rooms.list",
-    p.RoomsJoin: "rooms.join", p.RoomsLeave: "rooms.leave", p.RoomsInvite: "rooms.invite",
-    p.DmOpen: "dm.open", p.Subscribe: "subscribe", p.Unsubscribe: "unsubscribe",
-    p.Send: "send", p.Edit: "edit", p.Delete: "delete", p.React: "react",
-    p.History: "history", p.Typing: "typing", p.Read: "read", p.Presence: "presence",
+    p.Hello: "hello",
+    p.Ping: "ping",
+    p.RoomsCreate: "rooms.create",
+    p.RoomsList: "rooms.list",
+    p.RoomsJoin: "rooms.join",
+    p.RoomsLeave: "rooms.leave",
+    p.RoomsInvite: "rooms.invite",
+    p.DmOpen: "dm.open",
+    p.Subscribe: "subscribe",
+    p.Unsubscribe: "unsubscribe",
+    p.Send: "send",
+    p.Edit: "edit",
+    p.Delete: "delete",
+    p.React: "react",
+    p.History: "history",
+    p.Typing: "typing",
+    p.Read: "read",
+    p.Presence: "presence",
 }
 
 
