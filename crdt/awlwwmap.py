@@ -40,6 +40,7 @@ from crdt.codec import (
     DEFAULT_LIMITS,
     KIND_AWLWWMAP,
     Limits,
+    check_value,
     expect_int,
     expect_list,
     expect_str,
@@ -234,6 +235,7 @@ class AWLWWMap:
                     )
                 except ValueError as exc:
                     raise CodecError(f"bad timestamp: {exc}") from None
+                check_value(value, limits)
                 dots[d] = (ts, value)
             s.entries[key] = dots
         s.check()

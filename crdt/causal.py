@@ -120,15 +120,27 @@ class CausalContext:
         self._vv[replica] = n
 
     def join(self, other: CausalContext) -> None:
-        """Union with ``other``, in place, then compact."""
+        """Union with ``other``, in place, keeping the context compact.
+
+        Costs O(|other|) plus, only for replicas whose version vector entry jumps forward, a
+        scan of the cloud (so joining many small deltas never re-sorts a large cloud).
+        """
         vv = self._vv
+        cloud = self._cloud
+        jumped: list[str] = []
         for r, n in other._vv.items():
             if n > vv.get(r, 0):
                 vv[r] = n
-        if other._cloud:
-            self._cloud |= other._cloud
-        if self._cloud:
-            self._compact()
+                jumped.append(r)
+        if jumped and cloud:
+            js = set(jumped)
+            cloud.difference_update(
+                [d for d in cloud if d.replica in js and d.counter <= vv[d.replica]]
+            )
+            for r in jumped:
+                self._absorb(r)
+        for d in other._cloud:
+            self.add(d)
 
     def _compact(self) -> None:
         keep: set[Dot] = set()

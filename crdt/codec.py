@@ -13,9 +13,10 @@ type, a delta-interval, an ack, a persisted replicator). Decoding is strict and 
 * msgpack is told the longest string, binary, array and map it may build (its ``max_*_len``
   unpacker limits), and extension types are refused, so a hostile header cannot make it
   allocate without bound;
-* the decoded tree is walked (iteratively) to bound its nesting depth, to require ``str``
-  map keys and to refuse NaN;
-* each data type then checks the exact shape of its body.
+* msgpack's own parser refuses nesting beyond its fixed stack;
+* each data type then checks the exact shape of its body, and walks every opaque user value
+  (iteratively, :func:`check_value`) to bound its nesting depth, require ``str`` map keys and
+  refuse NaN.
 
 Anything malformed, truncated, oversized, of an unknown version or kind, or of the wrong
 types raises :class:`~crdt.errors.CodecError`, and nothing else.
@@ -114,13 +115,21 @@ def unpack(data: object, kinds: Iterable[int], limits: Limits = DEFAULT_LIMITS) 
         )
     except Exception as exc:  # every failure of the parser on outside bytes is a CodecError
         raise CodecError(f"undecodable msgpack body: {exc.__class__.__name__}: {exc}") from None
-    check_tree(body, limits.max_depth)
     return kind, body
 
 
+def check_value(obj: object, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a decoded user value: nesting at most ``limits.max_depth``, ``str`` map keys, no
+    NaN (not equal to itself, it would break state equality). Iterative."""
+    if type(obj) is float:
+        if math.isnan(obj):
+            raise CodecError("NaN is not a valid value")
+    elif type(obj) is list or type(obj) is dict:
+        check_tree(obj, limits.max_depth)
+
+
 def check_tree(obj: object, max_depth: int) -> None:
-    """Bound the nesting depth of a decoded tree, require ``str`` map keys, and refuse NaN
-    (not equal to itself, it would break state equality). Iterative."""
+    """The walk behind :func:`check_value`."""
     stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
@@ -195,34 +204,37 @@ def normalize_value(value: object, limits: Limits = DEFAULT_LIMITS) -> Any:
     return _normalize(value, limits, 1)
 
 
+def _check_str(value: str, limits: Limits) -> str:
+    # four UTF-8 bytes per character at most: only long strings need the exact count
+    if len(value) * 4 > limits.max_str_len and len(value.encode("utf-8")) > limits.max_str_len:
+        raise ValueError("string too long")
+    value.encode("utf-8")  # lone surrogates cannot be packed
+    return value
+
+
 def _normalize(value: object, limits: Limits, depth: int) -> Any:
-    if value is None or type(value) is bool:
+    t = type(value)
+    if t is str:
+        assert isinstance(value, str)
+        return _check_str(value, limits)
+    if value is None or t is bool:
         return value
-    if type(value) is int:
+    if t is int:
+        assert isinstance(value, int)
         if not INT_MIN <= value <= INT_MAX:
             raise ValueError("integer out of the 64-bit range")
         return value
-    if type(value) is float:
+    if t is float:
+        assert isinstance(value, float)
         if math.isnan(value):
             raise ValueError("NaN is not a storable value")
         return value
-    if type(value) is str:
-        if len(value.encode("utf-8", "surrogatepass")) > limits.max_str_len:
-            raise ValueError("string too long")
-        value.encode("utf-8")  # lone surrogates cannot be packed
-        return value
-    if type(value) is bytes:
+    if t is bytes:
+        assert isinstance(value, bytes)
         if len(value) > limits.max_bin_len:
             raise ValueError("bytes too long")
         return value
-    if type(value) in (list, tuple):
-        assert isinstance(value, list | tuple)
-        if depth > limits.max_depth:
-            raise ValueError(f"value nested deeper than {limits.max_depth}")
-        if len(value) > limits.max_array_len:
-            raise ValueError("list too long")
-        return [_normalize(x, limits, depth + 1) for x in value]
-    if type(value) is dict:
+    if t is dict:
         assert isinstance(value, dict)
         if depth > limits.max_depth:
             raise ValueError(f"value nested deeper than {limits.max_depth}")
@@ -232,6 +244,13 @@ def _normalize(value: object, limits: Limits, depth: int) -> Any:
         for k, v in value.items():
             if type(k) is not str:
                 raise TypeError("dict keys must be str")
-            out[_normalize(k, limits, depth)] = _normalize(v, limits, depth + 1)
+            out[_check_str(k, limits)] = _normalize(v, limits, depth + 1)
         return out
-    raise TypeError(f"value of type {type(value).__name__} is not storable")
+    if t is list or t is tuple:
+        assert isinstance(value, list | tuple)
+        if depth > limits.max_depth:
+            raise ValueError(f"value nested deeper than {limits.max_depth}")
+        if len(value) > limits.max_array_len:
+            raise ValueError("list too long")
+        return [_normalize(x, limits, depth + 1) for x in value]
+    raise TypeError(f"value of type {t.__name__} is not storable")

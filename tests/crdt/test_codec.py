@@ -275,9 +275,15 @@ def test_lying_length_headers_do_not_allocate() -> None:
 
 
 def test_depth_limit() -> None:
-    deep = b"\x91" * 40 + b"\xc0"
+    m = AWLWWMap()
+    m.set("a", "k", [0], Timestamp(1, 0, "a"))
+    raw = m.to_bytes()
+    assert raw.count(b"\x91\x00") == 1
+    deep = raw.replace(b"\x91\x00", b"\x91" * 40 + b"\x00")  # the value nested 40 deep
     with pytest.raises(CodecError, match="deeper"):
-        unpack(bytes((1, KIND_AWLWWMAP)) + deep, [KIND_AWLWWMAP])
+        AWLWWMap.from_bytes(deep)
+    AWLWWMap.from_bytes(raw.replace(b"\x91\x00", b"\x91" * 30 + b"\x00"))
+    # far deeper than anything: msgpack's own parser stack refuses it
     very_deep = b"\x91" * 100_000 + b"\xc0"
     with pytest.raises(CodecError):
         unpack(bytes((1, KIND_AWLWWMAP)) + very_deep, [KIND_AWLWWMAP])
