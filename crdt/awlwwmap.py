@@ -162,6 +162,16 @@ class AWLWWMap:
         """``self ⊑ other``: joining ``self`` into ``other`` would change nothing."""
         return self._s.leq(other._s)
 
+    def news(self, state: AWLWWMap) -> AWLWWMap | None:
+        """The part of ``self`` that ``state`` lacks (``None`` if ``self ⊑ state``): the
+        smallest delta ``r ⊑ self`` with ``state ⊔ r == state ⊔ self``."""
+        s = self._s.news(state._s)
+        if s is None:
+            return None
+        out = AWLWWMap()
+        out._s = s
+        return out
+
     def copy(self) -> AWLWWMap:
         c = AWLWWMap()
         c._s = self._s.copy()

@@ -16,8 +16,11 @@ the other peers, and answers with ``ack(n)``; an ack raises ``acked[peer]``. ``g
 drops the buffer below the smallest ack. Delivery may drop, duplicate and reorder payloads:
 intervals are joined (idempotent, commutative), acks are maxed.
 
-Two refinements over the paper's listing:
+Three refinements over the paper's listing:
 
+* *no redundancy*: of a received interval only the part the state lacks (``delta.news(X)``)
+  is joined and buffered, so a full state received from a restarted peer costs the buffer
+  only what it actually brought (Enes et al., ICDE 2019, "remove redundant state");
 * *no back-propagation*: a buffered interval remembers the peer it came from and is not shipped
   back to it (that peer already has it); if everything a peer is owed came from that peer,
   its ack moves forward without a message;
@@ -65,6 +68,10 @@ class DeltaCRDT(Protocol):
     def leq(self, other: Self) -> bool:
         """``self ⊑ other``."""
 
+    def news(self, state: Self) -> Self | None:
+        """The smallest ``r ⊑ self`` with ``state ⊔ r == state ⊔ self``; ``None`` if
+        ``self ⊑ state``."""
+
     def copy(self) -> Self: ...
 
     def to_bytes(self) -> bytes: ...
@@ -109,7 +116,8 @@ class DeltaReplicator(Generic[T]):
         self.transitive = transitive
         self.limits = limits
         self.last_applied: T | None = None
-        """The interval joined by the last :meth:`receive`, ``None`` if it brought nothing."""
+        """What the last :meth:`receive` joined (the news of the interval), ``None`` if it
+        brought nothing: lets the owner react to remote changes."""
 
     # -- inspection -----------------------------------------------------------------------
 
@@ -216,11 +224,12 @@ class DeltaReplicator(Generic[T]):
         n = expect_int(n_obj, "interval seq", 0, MAX_COUNTER)
         expect_bool(full_obj, "interval full flag")
         delta = self.crdt.from_bytes(expect_bytes(state_obj, "interval state"), self.limits)
-        if not delta.leq(self._state):
-            self._state.join(delta)
-            self.last_applied = delta
+        news = delta.news(self._state)  # None exactly when delta ⊑ X (the paper's check)
+        if news is not None:
+            self._state.join(news)
+            self.last_applied = news
             if self.transitive:
-                self._push(delta, peer)
+                self._push(news, peer)
         return [(peer, pack(KIND_ACK, [n]))]
 
     # -- buffer maintenance ---------------------------------------------------------------

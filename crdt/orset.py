@@ -126,6 +126,16 @@ class ORSet:
     def leq(self, other: ORSet) -> bool:
         return self._s.leq(other._s)
 
+    def news(self, state: ORSet) -> ORSet | None:
+        """The part of ``self`` that ``state`` lacks (``None`` if ``self ⊑ state``): the
+        smallest delta ``r ⊑ self`` with ``state ⊔ r == state ⊔ self``."""
+        s = self._s.news(state._s)
+        if s is None:
+            return None
+        out = ORSet()
+        out._s = s
+        return out
+
     def copy(self) -> ORSet:
         c = ORSet()
         c._s = self._s.copy()

@@ -177,3 +177,23 @@ def test_from_bytes_rejects_inconsistent_state() -> None:
     bad = data[:2] + msgpack.packb([names, ctx, [*entries, ["k2", entries[0][1]]]])
     with pytest.raises(CodecError):
         AWLWWMap.from_bytes(bad)
+
+
+@given(awl_universe(), st.data())
+def test_news_is_the_smallest_sufficient_part(u: Universe[AWLWWMap], data: st.DataObject) -> None:
+    pool = [*u.states, *u.deltas, AWLWWMap()]
+    a = data.draw(st.sampled_from(pool))
+    x = data.draw(st.sampled_from(pool))
+    news = a.news(x)
+    if news is None:
+        assert a.leq(x)
+        return
+    assert not a.leq(x)
+    assert news.leq(a)  # nothing a does not say
+    assert joined(x, news) == joined(x, a)  # and enough
+    assert news.news(x) is not None and joined(x, news).news(x) is not None
+    # minimal: every dot of its context is one x has not seen, or one x holds and a removed
+    for d in news.context.dots():
+        assert not x.context.contains(d) or (
+            any(d in x.dots(k) for k in x) and not any(d in a.dots(k) for k in a)
+        )

@@ -279,6 +279,26 @@ def test_duplicate_interval_is_not_rebuffered() -> None:
     assert out1 == out2
 
 
+def test_full_state_received_buffers_only_its_news() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap), DeltaReplicator("b", AWLWWMap)
+    for i in range(20):
+        a.mutate(a.state.set("a", f"k{i}", i, Timestamp(i, 0, "a")))
+    _exchange(a, b)
+    a2 = DeltaReplicator.restore("a", a.persisted(), AWLWWMap)  # acks lost: ships full state
+    b.mutate(b.state.remove("b", "k3"))
+    a2.mutate(a2.state.set("a", "k99", 99, Timestamp(99, 0, "a")))
+    full = a2.ship("b")
+    assert full is not None and len(AWLWWMap.from_bytes(_state_bytes(full))) == 21
+    seq = b.seq
+    b.receive("a", full)
+    assert b.seq == seq + 1
+    news = b.last_applied
+    assert news is not None and list(news.keys()) == ["k99"]  # not the 20 keys b had
+    assert "k3" not in b.state  # b's remove is not undone by a's older full state
+    _exchange(b, a2)
+    assert a2.state == b.state
+
+
 def test_buffer_overflow_falls_back_to_full_state() -> None:
     a, b = DeltaReplicator("a", AWLWWMap, max_buffer=2), DeltaReplicator("b", AWLWWMap)
     a.mutate(a.state.set("a", "k0", 0, Timestamp(1, 0, "a")))

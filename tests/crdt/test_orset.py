@@ -99,3 +99,19 @@ def test_decoder_rejects_bool_in_element() -> None:
     entries[0][0] = ["a", True]
     with pytest.raises(CodecError):
         ORSet.from_bytes(s.to_bytes()[:2] + msgpack.packb([names, ctx, entries]))
+
+
+@given(orset_universe(), st.data())
+def test_news_is_the_smallest_sufficient_part(u: Universe[ORSet], data: st.DataObject) -> None:
+    pool = [*u.states, *u.deltas, ORSet()]
+    a = data.draw(st.sampled_from(pool))
+    x = data.draw(st.sampled_from(pool))
+    news = a.news(x)
+    if news is None:
+        assert a.leq(x)
+        return
+    assert news.leq(a) and joined(x, news) == joined(x, a)
+    for d in news.context.dots():
+        assert not x.context.contains(d) or (
+            any(d in x.tags(e) for e in x) and not any(d in a.tags(e) for e in a)
+        )
