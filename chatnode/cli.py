@@ -1,0 +1,159 @@
+"""The ``chatnode`` command.
+
+    chatnode run [--config FILE] [--host ADDR] [--port PORT] [--data-dir DIR] ...
+    chatnode healthz [--config FILE] [--host ADDR] [--port PORT] [--timeout S]
+    chatnode config [same flags as run]      print the resolved settings as JSON
+
+Exit status: 0 success, 1 runtime failure (database locked, port taken, node unhealthy),
+2 bad usage or configuration (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+from chatnode.config import SETTINGS, Config, ConfigError, describe, load_config
+from chatnode.errors import ChatnodeError
+from chatnode.node import Node
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"chatnode: error: {message}\n")
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE", default=None, help="TOML file of settings (CHATNODE_CONFIG)"
+    )
+    for s in SETTINGS:
+        kwargs: dict[str, Any] = {
+            "dest": s.name,
+            "metavar": s.metavar,
+            "default": None,
+            "help": f"{s.help} [{s.env}]",
+        }
+        if s.repeat:
+            kwargs["action"] = "append"
+        parser.add_argument(s.flag, **kwargs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="chatnode", description="A high-availability chat server node.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    run = sub.add_parser("run", help="run a node", description="Run a chatnode node.")
+    _add_settings(run)
+    health = sub.add_parser("healthz", help="ask a running node for its health")
+    health.add_argument("--config", metavar="FILE", default=None)
+    health.add_argument("--host", default=None, dest="host", metavar="ADDR")
+    health.add_argument("--port", default=None, dest="port", metavar="PORT")
+    health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    cfg = sub.add_parser("config", help="print the resolved settings as JSON")
+    _add_settings(cfg)
+    return parser
+
+
+def _resolve(args: argparse.Namespace, names: Sequence[str]) -> Config:
+    flags = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return load_config(flags, os.environ, args.config)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run(cfg: Config) -> int:
+    _setup_logging(cfg.log_level)
+
+    def listening(node: Node) -> None:
+        sys.stdout.write(f"chatnode {node.node_id} listening on {node.url}\n")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        node = Node(cfg, on_listening=listening)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop)
+        await node.run()
+
+    try:
+        asyncio.run(main())
+    except (ChatnodeError, OSError, ExceptionGroup) as exc:
+        errors = _leaves(exc)
+        if not all(isinstance(e, ChatnodeError | OSError) for e in errors):
+            raise
+        for e in errors:
+            sys.stderr.write(f"chatnode: error: {e}\n")
+        return 1
+    return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _healthz(args: argparse.Namespace) -> int:
+    cfg = _resolve(args, ["host", "port"])
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{cfg.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            body = resp.read().decode("utf-8", "replace")
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace")
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        sys.stderr.write(f"chatnode: error: {url}: {getattr(exc, 'reason', exc)}\n")
+        return 1
+    sys.stdout.write(body.rstrip() + "\n")
+    return 0 if status == 200 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chatnode`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    names = [s.name for s in SETTINGS]
+    try:
+        if args.command == "run":
+            return _run(_resolve(args, names))
+        if args.command == "config":
+            sys.stdout.write(json.dumps(describe(_resolve(args, names)), indent=2) + "\n")
+            return 0
+        if args.command == "healthz":
+            return _healthz(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"chatnode: error: {exc}\n")
+        return 2
+    parser.print_help(sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Node settings: one frozen value built from flags, environment, a TOML file and defaults.
+
+Precedence, highest first: command-line flag, ``CHATNODE_<NAME>`` environment variable, the
+TOML file given with ``--config`` (or ``CHATNODE_CONFIG``), the default. Every value is
+validated here; a bad one raises :class:`ConfigError` with a one-line message naming where the
+value came from, and the CLI turns it into exit status 2.
+
+The TOML file uses the setting names with underscores at the top level::
+
+    host = "0.0.0.0"
+    port = 8080
+    data_dir = "/var/lib/chatnode"
+    token_ttl = "7d"
+    join = ["10.0.0.2:8080", "10.0.0.3:8080"]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "DEFAULTS",
+    "ENV_PREFIX",
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "load_config",
+    "parse_duration",
+]
+
+ENV_PREFIX: Final = "CHATNODE_"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range (the message is one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of a node. Durations are in milliseconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path("data")
+    max_frame_bytes: int = 64 * 1024
+    rate_limit: float = 20.0  # frames per second per connection
+    rate_burst: int = 40
+    token_ttl_ms: int = 7 * 24 * 3600 * 1000
+    log_level: str = "info"
+    send_queue: int = 1024  # frames queued to one connection before it counts as too slow
+    segment_size: int = 1000  # messages per room-log segment
+    commit_queue: int = 4096  # pending commit batches before writers wait
+    # Cluster settings (read by the membership/replication/forwarding layers).
+    join: tuple[str, ...] = ()
+    cluster_key: str | None = None
+    gossip_port: int | None = None  # None: the same number as ``port``, over UDP
+    replicas: int = 2
+    kafka_brokers: str | None = None
+    kafka_topic: str = "chat.messages"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "db"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+
+DEFAULTS: Final = Config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters: each takes a str (flag, environment) or a TOML value and returns the typed value,
+# raising ValueError with a short reason.
+# ---------------------------------------------------------------------------------------------
+
+_DURATION_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_HOSTNAME_RE: Final = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+
+
+def parse_duration(value: object) -> int:
+    """A duration in milliseconds: a number of seconds, or a number with a unit
+    (``500ms``, ``30s``, ``15m``, ``12h``, ``7d``)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 7d")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("expected a non-negative duration")
+        return round(value * 1000)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as 30s, 15m, 7d")
+    m = _DURATION_RE.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 15m, 7d")
+    number = float(m.group(1))
+    return round(number * _UNIT_MS[m.group(2) or "s"])
+
+
+def _int(lo: int, hi: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected an integer")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 10)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an integer") from None
+        if not isinstance(value, int):
+            raise ValueError("expected an integer")
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is out of range {lo}..{hi}")
+        return value
+
+    return convert
+
+
+def _float(lo: float, hi: float) -> Callable[[object], float]:
+    def convert(value: object) -> float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is out of range {lo:g}..{hi:g}")
+        return float(value)
+
+    return convert
+
+
+def _duration(lo_ms: int, hi_ms: int) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        ms = parse_duration(value)
+        if not lo_ms <= ms <= hi_ms:
+            raise ValueError(f"{ms} ms is out of range {lo_ms}..{hi_ms} ms")
+        return ms
+
+    return convert
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected an IP address or a host name")
+    value = value.strip()
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME_RE.match(value):
+            raise ValueError(f"{value!r} is not an IP address or a host name") from None
+    return value
+
+
+def _path(value: object) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a directory path")
+    return Path(value.strip()).expanduser()
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value.strip().lower()
+
+    return convert
+
+
+def _optional_text(value: object) -> str | None:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    value = value.strip()
+    return value or None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _hostport(item: str) -> str:
+    host, sep, port = item.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{item!r} is not host:port")
+    _host(host.strip("[]"))
+    _int(1, 65535)(port)
+    return item
+
+
+def _seeds(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [s.strip() for s in value.split(",") if s.strip()]
+    elif isinstance(value, list | tuple):
+        items = []
+        for v in value:
+            if not isinstance(v, str):
+                raise ValueError("expected a list of host:port strings")
+            items.extend(s.strip() for s in v.split(",") if s.strip())
+    else:
+        raise ValueError("expected host:port[,host:port...]")
+    return tuple(_hostport(i) for i in items)
+
+
+def _optional_port(value: object) -> int | None:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return _int(1, 65535)(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configurable value: its :class:`Config` attribute, TOML key and flag."""
+
+    name: str  # TOML key; the flag is --name-with-dashes, the env var CHATNODE_NAME
+    attr: str  # Config attribute
+    convert: Callable[[object], Any]
+    help: str
+    metavar: str = "VALUE"
+    repeat: bool = False  # flag may be given several times (values joined with commas)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("host", "host", _host, "address to listen on", "ADDR"),
+    Setting("port", "port", _int(0, 65535), "HTTP/WebSocket port (0: any free port)", "PORT"),
+    Setting("data_dir", "data_dir", _path, "directory of the database, node id and secret", "DIR"),
+    Setting(
+        "max_frame_bytes",
+        "max_frame_bytes",
+        _int(1024, 16 * 1024 * 1024),
+        "largest WebSocket frame accepted; bigger ones close the socket with 1009",
+        "BYTES",
+    ),
+    Setting(
+        "rate_limit",
+        "rate_limit",
+        _float(0.1, 1_000_000),
+        "frames per second allowed per connection (token bucket rate)",
+        "PER_SEC",
+    ),
+    Setting(
+        "rate_burst", "rate_burst", _int(1, 1_000_000), "token bucket burst per connection", "N"
+    ),
+    Setting(
+        "token_ttl",
+        "token_ttl_ms",
+        _duration(1000, 366 * 86_400_000),
+        "lifetime of session tokens, e.g. 3600, 30m, 7d",
+        "DURATION",
+    ),
+    Setting(
+        "log_level", "log_level", _choice(LOG_LEVELS), "debug, info, warning or error", "LEVEL"
+    ),
+    Setting(
+        "send_queue",
+        "send_queue",
+        _int(16, 1_000_000),
+        "frames queued to one client before it is disconnected as too slow (code 4008)",
+        "N",
+    ),
+    Setting(
+        "segment_size",
+        "segment_size",
+        _int(10, 1_000_000),
+        "messages per room-log segment",
+        "N",
+    ),
+    Setting(
+        "commit_queue",
+        "commit_queue",
+        _int(1, 1_000_000),
+        "pending storage commits before writers wait (back-pressure)",
+        "N",
+    ),
+    Setting(
+        "join",
+        "join",
+        _seeds,
+        "seed node host:port to join (repeatable or comma-separated)",
+        "HOST:PORT",
+        repeat=True,
+    ),
+    Setting("cluster_key", "cluster_key", _optional_text, "shared secret of the cluster", "KEY"),
+    Setting(
+        "gossip_port",
+        "gossip_port",
+        _optional_port,
+        "UDP gossip port (default: the same number as --port)",
+        "PORT",
+    ),
+    Setting("replicas", "replicas", _int(1, 16), "copies of each message before its ack", "R"),
+    Setting(
+        "kafka_brokers",
+        "kafka_brokers",
+        _optional_text,
+        "Kafka/Redpanda bootstrap servers (none: no forwarding)",
+        "HOSTS",
+    ),
+    Setting("kafka_topic", "kafka_topic", _text, "topic of the forwarded history", "TOPIC"),
+)
+
+_BY_NAME: Final = {s.name: s for s in SETTINGS}
+_CONFIG_ENV: Final = ENV_PREFIX + "CONFIG"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    return data
+
+
+def load_config(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Config:
+    """Resolve every setting.
+
+    ``flags`` maps setting names (``data_dir``) to the raw values given on the command line;
+    absent names were not given. ``environ`` is the process environment (``CHATNODE_*`` keys
+    are read). ``config_file`` is the ``--config`` path; without it ``CHATNODE_CONFIG`` is used.
+    """
+    flags = dict(flags or {})
+    environ = environ or {}
+    unknown = sorted(set(flags) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}")
+    if config_file is None:
+        env_file = environ.get(_CONFIG_ENV, "").strip()
+        config_file = env_file or None
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        file_values = _read_toml(Path(config_file).expanduser())
+        for key in file_values:
+            if key not in _BY_NAME:
+                raise ConfigError(
+                    f"config file {config_file}: unknown setting {key!r} "
+                    f"(known: {', '.join(sorted(_BY_NAME))})"
+                )
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        raw: object
+        if s.name in flags and flags[s.name] is not None:
+            raw, origin = flags[s.name], s.flag
+        elif s.env in environ:
+            raw, origin = environ[s.env], f"environment variable {s.env}"
+        elif s.name in file_values:
+            raw, origin = file_values[s.name], f"config file {config_file}: {s.name}"
+        else:
+            continue
+        try:
+            values[s.attr] = s.convert(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: {exc}") from None
+    cfg = Config(**values)
+    _check_whole(cfg)
+    return cfg
+
+
+def _check_whole(cfg: Config) -> None:
+    if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
+        raise ConfigError(f"--data-dir {cfg.data_dir}: exists and is not a directory")
+
+
+def describe(cfg: Config) -> dict[str, object]:
+    """The settings as plain values (for logs and ``chatnode config``); the key is hidden."""
+    out: dict[str, object] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "cluster_key" and value is not None:
+            value = "<set>"
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out

@@ -1,0 +1,917 @@
+"""The chat application of one node: accounts, rooms, membership, messages, subscriptions,
+presence, typing, read markers.
+
+State:
+
+- ``meta``, an :class:`~crdt.awlwwmap.AWLWWMap` of everything that is not a message, under
+  string keys (``/`` never occurs in a user or room name)::
+
+      u/<user>           {"pw": scrypt hash, "at": ms}          an account
+      r/<room>           {"title", "vis", "by", "at"}           a room (vis: public|private|dm)
+      m/<room>/<user>    1                                      membership
+      i/<room>/<user>    inviter                                a pending invitation
+      rd/<room>/<user>   cursor                                 read marker
+      t/<token id>       expires ms                             a revoked session token
+
+  Every change is one delta, persisted under a sequence key by the group commit; the map is
+  snapshotted and the deltas dropped every :data:`META_COMPACT_EVERY` deltas.
+- one :class:`~crdt.roomlog.RoomLog` per room, persisted as its updates (and sealed segments,
+  and periodic snapshots), plus the RocksDB history index that pages are read from.
+
+Access rules: a public room can be read (history, subscribe, presence, read markers) by any
+logged-in user and written (send, edit, delete, react, typing) by its members; joining it is
+open. A private room is read and written by its members only, and joined by invitation. A
+direct-message room (``dm:<a>:<b>``) has exactly its two users as members.
+
+Ordering: a message is acknowledged, and delivered to subscribers, only once its commit is on
+disk; the fan-out runs from the commit's completion callback, so a request cancelled while
+waiting (its client went away) still delivers what it wrote. A ``subscribe`` with ``after``
+registers the subscription first, in buffering mode, then reads the catch-up from the history
+index page by page; live events arriving meanwhile wait in a bounded buffer, and a message that
+shows up in both is sent once (from the catch-up). So the client sees no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import msgpack
+
+from chatnode import protocol as p
+from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
+from chatnode.errors import ClientError
+from chatnode.metrics import Metrics
+from chatnode.storage import (
+    NS_META_DELTA,
+    NS_META_SNAPSHOT,
+    NS_ROOM_SNAPSHOT,
+    NS_UPDATE,
+    Batch,
+    RocksSegmentStore,
+    StorageError,
+    Store,
+    history_key,
+    history_prefix,
+    id_key,
+    meta_delta_key,
+    prefix_end,
+    room_snapshot_key,
+    update_key,
+    update_prefix,
+)
+from crdt.awlwwmap import AWLWWMap
+from crdt.clock import HybridClock, Timestamp
+from crdt.errors import CodecError
+from crdt.roomlog import Change, Message, RoomLog
+
+__all__ = ["Outbox", "Service", "Session"]
+
+log = logging.getLogger(__name__)
+
+META_COMPACT_EVERY: Final = 1000
+ROOM_SNAPSHOT_EVERY: Final = 1000
+UNREAD_CAP: Final = 999
+CATCHUP_PAGE: Final = 200
+MAX_INFLIGHT_HASHES: Final = 2
+
+
+class Outbox(Protocol):
+    """Where a session's frames go (a WebSocket connection's bounded send queue)."""
+
+    def push(self, text: str) -> None:
+        """Queue a frame; on overflow the connection is closed as too slow."""
+
+    async def drain(self) -> None:
+        """Wait until the queue is below its low-water mark (or the connection is gone)."""
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def capacity(self) -> int:
+        """The most frames the queue takes."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions and subscriptions
+# ---------------------------------------------------------------------------------------------
+
+
+class _Sub:
+    """One session's subscription to one room. While ``buffer`` is not None the catch-up is
+    running and live events wait in it."""
+
+    __slots__ = ("buffer", "buffered_messages", "limit")
+
+    def __init__(self, limit: int, catching_up: bool) -> None:
+        self.limit = limit
+        self.buffer: list[str | None] | None = [] if catching_up else None
+        self.buffered_messages: dict[str, int] = {}  # cursor -> index in buffer
+
+
+class Session:
+    """An authenticated client connection, as the service sees it."""
+
+    __slots__ = ("expires_ms", "outbox", "subs", "token_id", "user")
+
+    def __init__(self, claims: Claims, outbox: Outbox) -> None:
+        self.user = claims.user
+        self.token_id = claims.token_id
+        self.expires_ms = claims.expires_ms
+        self.outbox = outbox
+        self.subs: dict[str, _Sub] = {}
+
+    def emit(self, room: str, text: str, cursor: str | None = None) -> None:
+        """Deliver an event of ``room`` (``cursor`` set for a new message)."""
+        sub = self.subs.get(room)
+        if sub is None:
+            return
+        if sub.buffer is None:
+            self.outbox.push(text)
+            return
+        if len(sub.buffer) >= sub.limit:
+            # The client cannot keep up even with its own catch-up: treat it as too slow.
+            sub.buffer = None
+            sub.buffered_messages.clear()
+            for _ in range(self.outbox.capacity + 1):
+                self.outbox.push(text)
+            return
+        if cursor is not None:
+            sub.buffered_messages[cursor] = len(sub.buffer)
+        sub.buffer.append(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rooms
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    room: str
+    title: str
+    visibility: str  # public | private | dm
+    creator: str
+    created_ms: int
+
+
+class _RoomState:
+    """The in-memory side of one room: its log, subscribers and presence."""
+
+    __slots__ = ("inflight", "log", "name", "online", "seq", "since_snapshot", "subscribers")
+
+    def __init__(self, name: str, log_: RoomLog, seq: int) -> None:
+        self.name = name
+        self.log = log_
+        self.seq = seq  # next update sequence number
+        self.since_snapshot = 0
+        self.subscribers: set[Session] = set()
+        self.online: dict[str, int] = {}  # user -> subscribed sessions
+        self.inflight: dict[str, asyncio.Event] = {}  # message id -> commit done
+
+
+def _pack_message(m: Message) -> bytes:
+    reactions = [[emoji, list(users)] for emoji, users in m.reactions]
+    packed: bytes = msgpack.packb(
+        [m.id, m.author, "" if m.deleted else m.body, m.ts.wall_ms, m.edited is not None,
+         m.deleted, reactions],
+        use_bin_type=True,
+    )  # fmt: skip
+    return packed
+
+
+def _unpack_message(room: str, cursor: str, value: bytes) -> dict[str, object]:
+    msg_id, author, body, wall_ms, edited, deleted, reactions = msgpack.unpackb(value, raw=False)
+    return {
+        "room": room,
+        "id": msg_id,
+        "author": author,
+        "body": body,
+        "ts": wall_ms,
+        "cursor": cursor,
+        "edited": edited,
+        "deleted": deleted,
+        "reactions": {emoji: users for emoji, users in reactions},
+    }
+
+
+def _room_prefix(key: str, ns: str) -> tuple[str, str] | None:
+    """Split ``ns/<room>/<user>`` into (room, user)."""
+    rest = key[len(ns) + 1 :]
+    room, sep, user = rest.rpartition("/")
+    return (room, user) if sep else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The service
+# ---------------------------------------------------------------------------------------------
+
+
+class Service:
+    """The chat state machine of one node. Create with :meth:`load`."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        store: Store,
+        signer: TokenSigner,
+        metrics: Metrics,
+        token_ttl_ms: int,
+        segment_size: int = 1000,
+        now_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self.node_id = node_id
+        self.store = store
+        self.signer = signer
+        self.metrics = metrics
+        self.token_ttl_ms = token_ttl_ms
+        self.segment_size = segment_size
+        self.now_ms = now_ms
+        self.clock = HybridClock(node_id)
+        self.client_id = secrets.randbelow(2**53 - 1) + 1  # one per incarnation
+        self.segments = RocksSegmentStore(store)
+        self.meta = AWLWWMap()
+        self.meta_seq = 0
+        self.meta_since_snapshot = 0
+        self.rooms: dict[str, _RoomState] = {}
+        self.sessions: set[Session] = set()
+        # Derived indexes of ``meta`` (rebuilt by _index_key).
+        self.room_info: dict[str, RoomInfo] = {}
+        self.members: dict[str, set[str]] = {}
+        self.user_rooms: dict[str, set[str]] = {}
+        self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
+        self._hashing = asyncio.Semaphore(MAX_INFLIGHT_HASHES)
+        self.on_revoke: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ startup
+
+    @classmethod
+    async def load(cls, **kwargs: Any) -> Service:
+        """Rebuild the service from the database."""
+        self = cls(**kwargs)
+        snapshot, deltas, rooms = await self.store.read(_load_everything, self.store)
+        if snapshot is not None:
+            seq, data = msgpack.unpackb(snapshot, raw=False)
+            self.meta = AWLWWMap.from_bytes(data)
+            self.meta_seq = seq
+        for seq, data in deltas:
+            self.meta.join(AWLWWMap.from_bytes(data))
+            self.meta_seq = max(self.meta_seq, seq)
+            self.meta_since_snapshot += 1
+        for key in list(self.meta.keys()):
+            self._index_key(key)
+        for name, (snap, updates, last_cursor) in rooms.items():
+            self._restore_room(name, snap, updates, last_cursor)
+        for name in self.room_info:
+            if name not in self.rooms:
+                self.rooms[name] = _RoomState(name, self._new_log(name), 0)
+        log.info(
+            "loaded %d accounts, %d rooms, %d metadata keys",
+            sum(1 for _ in self.meta.keys_with_prefix("u/")),
+            len(self.room_info),
+            len(self.meta),
+        )
+        return self
+
+    def _new_log(self, room: str) -> RoomLog:
+        return RoomLog(room, self.client_id, segment_size=self.segment_size, store=self.segments)
+
+    def _restore_room(
+        self,
+        name: str,
+        snap: bytes | None,
+        updates: list[tuple[int, bytes]],
+        last_cursor: str | None,
+    ) -> None:
+        seq = 0
+        if snap is not None:
+            seq, data = msgpack.unpackb(snap, raw=False)
+            room_log = RoomLog.restore(data, self.client_id, store=self.segments)
+            seq += 1
+        else:
+            room_log = self._new_log(name)
+        for useq, update in updates:
+            try:
+                room_log.apply(update)
+            except CodecError:
+                log.exception("room %s: skipping undecodable update %d", name, useq)
+            seq = max(seq, useq + 1)
+        state = _RoomState(name, room_log, seq)
+        state.since_snapshot = len(updates)
+        self.rooms[name] = state
+        if last_cursor is not None:
+            ts = Timestamp.decode(last_cursor)
+            self.clock.restore(ts.wall_ms, ts.logical)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _index_key(self, key: str) -> None:
+        """Bring the derived indexes in line with ``meta[key]``."""
+        value = self.meta.get(key)
+        if key.startswith("r/"):
+            room = key[2:]
+            if isinstance(value, dict):
+                self.room_info[room] = RoomInfo(
+                    room,
+                    str(value.get("title", "")),
+                    str(value.get("vis", "private")),
+                    str(value.get("by", "")),
+                    int(value.get("at", 0)),
+                )
+                if room not in self.rooms:
+                    self.rooms[room] = _RoomState(room, self._new_log(room), 0)
+            else:
+                self.room_info.pop(room, None)
+        elif key.startswith("m/"):
+            split = _room_prefix(key, "m")
+            if split is None:
+                return
+            room, user = split
+            if value is not None:
+                self.members.setdefault(room, set()).add(user)
+                self.user_rooms.setdefault(user, set()).add(room)
+            else:
+                self.members.get(room, set()).discard(user)
+                self.user_rooms.get(user, set()).discard(room)
+        elif key.startswith("i/"):
+            split = _room_prefix(key, "i")
+            if split is None:
+                return
+            room, user = split
+            if value is not None:
+                self.invites.setdefault(user, set()).add(room)
+            else:
+                self.invites.get(user, set()).discard(room)
+
+    def _stamp(self) -> Timestamp:
+        return self.clock.now(self.now_ms())
+
+    def _meta_batch(self, changes: Iterable[tuple[str, Any]]) -> Batch:
+        """Apply ``(key, value or None to remove)`` changes to ``meta`` now and return the
+        batch that persists them (one delta)."""
+        delta = AWLWWMap()
+        touched: list[str] = []
+        for key, value in changes:
+            if value is None:
+                if key in self.meta:
+                    delta.join(self.meta.remove(self.node_id, key))
+            else:
+                delta.join(self.meta.set(self.node_id, key, value, self._stamp()))
+            touched.append(key)
+        for key in touched:
+            self._index_key(key)
+        self.meta_seq += 1
+        self.meta_since_snapshot += 1
+        batch = Batch().put(meta_delta_key(self.meta_seq), delta.to_bytes())
+        if self.meta_since_snapshot >= META_COMPACT_EVERY:
+            batch.put(
+                NS_META_SNAPSHOT, msgpack.packb([self.meta_seq, self.meta.to_bytes()])
+            ).delete_range(meta_delta_key(0), meta_delta_key(self.meta_seq + 1))
+            self.meta_since_snapshot = 0
+        return batch
+
+    async def _meta_write(self, *changes: tuple[str, Any]) -> None:
+        await self.store.wait_for_room()
+        batch = self._meta_batch(changes)
+        await self._commit(batch)
+
+    async def _commit(self, batch: Batch, done: Callable[[], None] | None = None) -> None:
+        """Commit durably; ``done`` runs once written even if the caller is cancelled.
+
+        Callers change memory and call this with no await in between (after
+        :meth:`Store.wait_for_room`), so memory never runs ahead of the commit queue."""
+
+        def finished(error: BaseException | None) -> None:
+            if error is None and done is not None:
+                done()
+
+        try:
+            await self.store.commit(batch, finished)
+        except StorageError as exc:
+            log.error("commit failed: %s", exc)
+            raise ClientError("unavailable", "the node cannot store writes right now") from None
+
+    # ------------------------------------------------------------------ accounts (HTTP)
+
+    async def signup(self, creds: p.Credentials) -> tuple[str, int]:
+        if f"u/{creds.user}" in self.meta:
+            raise ClientError("conflict", "that user name is taken")
+        async with self._hashing:
+            pw = await asyncio.to_thread(hash_password, creds.password, secrets.token_bytes(16))
+        if f"u/{creds.user}" in self.meta:
+            raise ClientError("conflict", "that user name is taken")
+        await self._meta_write((f"u/{creds.user}", {"pw": pw, "at": self.now_ms()}))
+        return self._issue(creds.user)
+
+    async def login(self, creds: p.Credentials) -> tuple[str, int]:
+        account = self.meta.get(f"u/{creds.user}")
+        stored = account.get("pw") if isinstance(account, dict) else None
+        async with self._hashing:
+            good = await asyncio.to_thread(
+                verify_password,
+                creds.password,
+                stored if isinstance(stored, str) else UNUSABLE_HASH,
+            )
+        if not good or stored is None:
+            raise ClientError("bad_credentials", "wrong user name or password")
+        return self._issue(creds.user)
+
+    def _issue(self, user: str) -> tuple[str, int]:
+        return self.signer.issue(user, secrets.token_urlsafe(16), self.now_ms(), self.token_ttl_ms)
+
+    def authenticate(self, token: str) -> Claims:
+        """Verify a session token (signature, expiry, revocation, account)."""
+        claims = self.signer.verify(token, self.now_ms())
+        if f"t/{claims.token_id}" in self.meta or f"u/{claims.user}" not in self.meta:
+            raise ClientError("bad_token", "malformed, forged or revoked token")
+        return claims
+
+    async def logout(self, token: str) -> None:
+        claims = self.authenticate(token)
+        await self._meta_write((f"t/{claims.token_id}", claims.expires_ms))
+        if self.on_revoke is not None:
+            self.on_revoke(claims.token_id)
+
+    async def expire_revocations(self) -> int:
+        """Drop revocations of tokens that have expired anyway; returns how many."""
+        now = self.now_ms()
+        stale = [
+            k
+            for k in self.meta.keys_with_prefix("t/")
+            if isinstance(v := self.meta.get(k), int) and v <= now
+        ]
+        if stale:
+            await self._meta_write(*((k, None) for k in stale))
+        return len(stale)
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, claims: Claims, outbox: Outbox) -> Session:
+        session = Session(claims, outbox)
+        self.sessions.add(session)
+        return session
+
+    def close_session(self, session: Session) -> None:
+        for room in list(session.subs):
+            self._unsubscribe(session, room)
+        self.sessions.discard(session)
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, s: Session, req: p.Request) -> dict[str, object] | None:
+        """Run one request; returns the reply (or None if it pushed the reply itself)."""
+        match req:
+            case p.Ping():
+                return p.ok(req.ref)
+            case p.Hello():
+                return p.ok(req.ref, user=s.user, node=self.node_id)
+            case p.RoomsCreate():
+                return await self._rooms_create(s, req)
+            case p.RoomsList():
+                return await self._rooms_list(s, req)
+            case p.RoomsJoin():
+                return await self._rooms_join(s, req)
+            case p.RoomsLeave():
+                return await self._rooms_leave(s, req)
+            case p.RoomsInvite():
+                return await self._rooms_invite(s, req)
+            case p.DmOpen():
+                return await self._dm_open(s, req)
+            case p.Subscribe():
+                await self._subscribe(s, req)
+                return None
+            case p.Unsubscribe():
+                self._unsubscribe(s, req.room)
+                return p.ok(req.ref)
+            case p.Send():
+                return await self._send(s, req)
+            case p.Edit() | p.Delete() | p.React():
+                return await self._change(s, req)
+            case p.History():
+                return await self._history(s, req)
+            case p.Typing():
+                return self._typing(s, req)
+            case p.Read():
+                return await self._read(s, req)
+            case p.Presence():
+                return self._presence(s, req)
+        raise ClientError("unknown_op", "operation not supported", req.ref)
+
+    # ------------------------------------------------------------------ access
+
+    def _info(self, room: str, ref: p.Ref) -> RoomInfo:
+        info = self.room_info.get(room)
+        if info is None:
+            raise ClientError("not_found", f"no room {room}", ref)
+        return info
+
+    def is_member(self, room: str, user: str) -> bool:
+        return user in self.members.get(room, ())
+
+    def _readable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
+        info = self._info(room, ref)
+        if info.visibility != "public" and not self.is_member(room, s.user):
+            raise ClientError("forbidden", f"not a member of {room}", ref)
+        return info
+
+    def _writable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
+        info = self._info(room, ref)
+        if not self.is_member(room, s.user):
+            raise ClientError("forbidden", f"join {room} first", ref)
+        return info
+
+    def room_object(self, info: RoomInfo, user: str, unread: int = 0) -> dict[str, object]:
+        return {
+            "room": info.room,
+            "title": info.title,
+            "visibility": "public" if info.visibility == "public" else "private",
+            "member": self.is_member(info.room, user),
+            "unread": unread,
+        }
+
+    # ------------------------------------------------------------------ rooms
+
+    async def _rooms_create(self, s: Session, req: p.RoomsCreate) -> dict[str, object]:
+        if req.room in self.room_info:
+            raise ClientError("conflict", f"room {req.room} already exists", req.ref)
+        now = self.now_ms()
+        await self._meta_write(
+            (f"r/{req.room}", {"title": req.title, "vis": req.visibility, "by": s.user, "at": now}),
+            (f"m/{req.room}/{s.user}", 1),
+        )
+        return p.ok(req.ref, room=self.room_object(self.room_info[req.room], s.user))
+
+    async def _rooms_list(self, s: Session, req: p.RoomsList) -> dict[str, object]:
+        mine = self.user_rooms.get(s.user, set())
+        invited = self.invites.get(s.user, set())
+        names = sorted(
+            r
+            for r, info in self.room_info.items()
+            if info.visibility == "public" or r in mine or r in invited
+        )
+        markers = {r: self.meta.get(f"rd/{r}/{s.user}") for r in names if r in mine}
+        unread = await self.store.read(_count_unread, self.store, markers, s.user)
+        rooms = []
+        for r in names:
+            obj = self.room_object(self.room_info[r], s.user, unread.get(r, 0))
+            if r in invited and r not in mine:
+                obj["invited"] = True
+            rooms.append(obj)
+        return p.ok(req.ref, rooms=rooms)
+
+    async def _rooms_join(self, s: Session, req: p.RoomsJoin) -> dict[str, object]:
+        info = self._info(req.room, req.ref)
+        if not self.is_member(req.room, s.user):
+            invited = f"i/{req.room}/{s.user}" in self.meta
+            if info.visibility == "dm" or (info.visibility == "private" and not invited):
+                raise ClientError(
+                    "forbidden", f"{req.room} is private: ask for an invitation", req.ref
+                )
+            changes: list[tuple[str, Any]] = [(f"m/{req.room}/{s.user}", 1)]
+            if invited:
+                changes.append((f"i/{req.room}/{s.user}", None))
+            await self._meta_write(*changes)
+        return p.ok(req.ref, room=self.room_object(info, s.user))
+
+    async def _rooms_leave(self, s: Session, req: p.RoomsLeave) -> dict[str, object]:
+        info = self._info(req.room, req.ref)
+        if self.is_member(req.room, s.user):
+            await self._meta_write((f"m/{req.room}/{s.user}", None))
+            if info.visibility != "public":
+                for other in list(self.sessions):
+                    if other.user == s.user and req.room in other.subs:
+                        self._unsubscribe(other, req.room)
+        return p.ok(req.ref)
+
+    async def _rooms_invite(self, s: Session, req: p.RoomsInvite) -> dict[str, object]:
+        info = self._writable(s, req.room, req.ref)
+        if info.visibility == "dm":
+            raise ClientError(
+                "forbidden", "nobody can be invited to a direct conversation", req.ref
+            )
+        if f"u/{req.user}" not in self.meta:
+            raise ClientError("not_found", f"no user {req.user}", req.ref)
+        if not self.is_member(req.room, req.user):
+            await self._meta_write((f"i/{req.room}/{req.user}", s.user))
+        return p.ok(req.ref)
+
+    async def _dm_open(self, s: Session, req: p.DmOpen) -> dict[str, object]:
+        if f"u/{req.user}" not in self.meta:
+            raise ClientError("not_found", f"no user {req.user}", req.ref)
+        room = p.dm_room(s.user, req.user)
+        changes: list[tuple[str, Any]] = []
+        if room not in self.room_info:
+            changes.append((f"r/{room}", {"title": "", "vis": "dm", "by": s.user,
+                                          "at": self.now_ms()}))  # fmt: skip
+        for user in {s.user, req.user}:
+            if not self.is_member(room, user):
+                changes.append((f"m/{room}/{user}", 1))
+        if changes:
+            await self._meta_write(*changes)
+        return p.ok(req.ref, room=self.room_object(self.room_info[room], s.user))
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def _subscribe(self, s: Session, req: p.Subscribe) -> None:
+        self._readable(s, req.room, req.ref)
+        state = self.rooms[req.room]
+        if req.room in s.subs:
+            self._unsubscribe(s, req.room)
+        sub = _Sub(max(64, s.outbox.capacity), catching_up=req.after is not None)
+        s.subs[req.room] = sub
+        state.subscribers.add(s)
+        s.outbox.push(p.encode(p.ok(req.ref)))
+        self._went_online(state, s.user)
+        if req.after is None:
+            return
+        cursor = req.after.encode()
+        page_size = max(1, min(CATCHUP_PAGE, s.outbox.capacity // 2))
+        while True:
+            await s.outbox.drain()
+            if s.subs.get(req.room) is not sub or sub.buffer is None or not s.outbox.alive:
+                return
+            rows, more = await self.store.read(
+                _history_page, self.store, req.room, cursor, None, page_size
+            )
+            if s.subs.get(req.room) is not sub or sub.buffer is None:
+                return
+            for c, value in rows:
+                i = sub.buffered_messages.pop(c, None)
+                if i is not None:
+                    sub.buffer[i] = None
+                s.outbox.push(p.encode({"op": "message", **_unpack_message(req.room, c, value)}))
+                cursor = c
+            self.metrics.deliveries.inc(len(rows))
+            if not more:
+                break
+        buffered = sub.buffer
+        sub.buffer = None
+        sub.buffered_messages.clear()
+        for text in buffered:
+            if text is not None:
+                s.outbox.push(text)
+
+    def _unsubscribe(self, s: Session, room: str) -> None:
+        if s.subs.pop(room, None) is None:
+            return
+        state = self.rooms.get(room)
+        if state is None:
+            return
+        state.subscribers.discard(s)
+        n = state.online.get(s.user, 0) - 1
+        if n > 0:
+            state.online[s.user] = n
+        else:
+            state.online.pop(s.user, None)
+            self._broadcast(state, p.encode(p.presence_event(room, s.user, False)))
+
+    def _went_online(self, state: _RoomState, user: str) -> None:
+        n = state.online.get(user, 0)
+        state.online[user] = n + 1
+        if n == 0:
+            self._broadcast(state, p.encode(p.presence_event(state.name, user, True)))
+
+    def _broadcast(
+        self,
+        state: _RoomState,
+        text: str,
+        cursor: str | None = None,
+        skip_user: str | None = None,
+    ) -> None:
+        for session in list(state.subscribers):
+            if session.user != skip_user:
+                session.emit(state.name, text, cursor)
+
+    # ------------------------------------------------------------------ messages
+
+    def _room_batch(self, state: _RoomState, change: Change, new: bool) -> Batch:
+        m = change.message
+        batch = Batch().put(update_key(state.name, state.seq), change.update)
+        state.seq += 1
+        state.since_snapshot += 1
+        batch.put(history_key(state.name, m.ts.encode()), _pack_message(m))
+        if new:
+            batch.put(id_key(state.name, m.id), msgpack.packb([m.ts.encode(), m.author]))
+        if state.since_snapshot >= ROOM_SNAPSHOT_EVERY:
+            snap = state.log.snapshot()
+            batch.put(
+                room_snapshot_key(state.name), msgpack.packb([state.seq - 1, snap])
+            ).delete_range(update_key(state.name, 0), update_key(state.name, state.seq))
+            state.since_snapshot = 0
+        return batch
+
+    def _ack(self, ref: p.Ref, m: Message) -> dict[str, object]:
+        self.metrics.acks.inc()
+        return p.ok(ref, id=m.id, cursor=m.ts.encode(), ts=m.ts.wall_ms)
+
+    async def _send(self, s: Session, req: p.Send) -> dict[str, object]:
+        self._writable(s, req.room, req.ref)
+        state = self.rooms[req.room]
+        pending = state.inflight.get(req.id)
+        if pending is not None:
+            await pending.wait()
+            if not self.store.healthy:
+                raise ClientError("unavailable", "the node cannot store writes right now", req.ref)
+        await self.store.wait_for_room()
+        pending = state.inflight.get(req.id)
+        if pending is not None:  # the same id was sent again while we waited for room
+            await pending.wait()
+        existing = state.log.get(req.id)
+        if existing is not None:
+            if existing.author != s.user:
+                raise ClientError("conflict", f"message id {req.id} is taken", req.ref)
+            return self._ack(req.ref, existing)
+        change = state.log.append(req.id, s.user, req.body, self._stamp())
+        batch = self._room_batch(state, change, new=True)
+        event = asyncio.Event()
+        state.inflight[req.id] = event
+        text = p.encode(p.message_frame("message", req.room, change.message))
+        cursor = change.message.ts.encode()
+
+        def delivered() -> None:
+            self.metrics.messages.inc()
+            self.metrics.deliveries.inc(len(state.subscribers))
+            self._broadcast(state, text, cursor)
+
+        try:
+            await self._commit(batch, delivered)
+        except ClientError as exc:
+            raise exc.with_ref(req.ref) from None
+        finally:
+            event.set()
+            state.inflight.pop(req.id, None)
+        return self._ack(req.ref, change.message)
+
+    async def _change(self, s: Session, req: p.Edit | p.Delete | p.React) -> dict[str, object]:
+        self._writable(s, req.room, req.ref)
+        await self.store.wait_for_room()
+        state = self.rooms[req.room]
+        m = state.log.get(req.id)
+        if m is None:
+            raise ClientError("not_found", f"no message {req.id}", req.ref)
+        ts = self._stamp()
+        match req:
+            case p.Edit():
+                if m.author != s.user:
+                    raise ClientError("forbidden", "only the author can edit a message", req.ref)
+                if m.deleted:
+                    raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                change = state.log.edit(req.id, req.body, ts)
+            case p.Delete():
+                if m.author != s.user:
+                    raise ClientError("forbidden", "only the author can delete a message", req.ref)
+                if m.deleted:
+                    return p.ok(req.ref)
+                change = state.log.delete(req.id, ts)
+            case p.React():
+                if m.deleted:
+                    raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
+        batch = self._room_batch(state, change, new=False)
+        text = p.encode(p.message_frame("update", req.room, change.message))
+
+        def delivered() -> None:
+            self.metrics.deliveries.inc(len(state.subscribers))
+            self._broadcast(state, text)
+
+        try:
+            await self._commit(batch, delivered)
+        except ClientError as exc:
+            raise exc.with_ref(req.ref) from None
+        return p.ok(req.ref)
+
+    async def _history(self, s: Session, req: p.History) -> dict[str, object]:
+        self._readable(s, req.room, req.ref)
+        after = None if req.after is None else req.after.encode()
+        before = None if req.before is None else req.before.encode()
+        rows, more = await self.store.read(
+            _history_page, self.store, req.room, after, before, req.limit
+        )
+        return p.ok(
+            req.ref,
+            messages=[_unpack_message(req.room, c, v) for c, v in rows],
+            more=more,
+        )
+
+    # ------------------------------------------------------------------ ephemeral
+
+    def _typing(self, s: Session, req: p.Typing) -> dict[str, object]:
+        self._writable(s, req.room, req.ref)
+        state = self.rooms[req.room]
+        self._broadcast(state, p.encode(p.typing_event(req.room, s.user)), skip_user=s.user)
+        return p.ok(req.ref)
+
+    def _presence(self, s: Session, req: p.Presence) -> dict[str, object]:
+        self._readable(s, req.room, req.ref)
+        return p.ok(req.ref, users=sorted(self.rooms[req.room].online))
+
+    async def _read(self, s: Session, req: p.Read) -> dict[str, object]:
+        self._readable(s, req.room, req.ref)
+        key = f"rd/{req.room}/{s.user}"
+        cursor = req.cursor.encode()
+        current = self.meta.get(key)
+        if isinstance(current, str) and current >= cursor:
+            return p.ok(req.ref)
+        await self.store.wait_for_room()
+        current = self.meta.get(key)
+        if isinstance(current, str) and current >= cursor:
+            return p.ok(req.ref)
+        state = self.rooms[req.room]
+        batch = self._meta_batch([(key, cursor)])
+        text = p.encode(p.read_event(req.room, s.user, req.cursor))
+        try:
+            await self._commit(batch, lambda: self._broadcast(state, text))
+        except ClientError as exc:
+            raise exc.with_ref(req.ref) from None
+        return p.ok(req.ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocking reads (run on the store's reader threads)
+# ---------------------------------------------------------------------------------------------
+
+_RoomsLoad = dict[str, tuple[bytes | None, list[tuple[int, bytes]], str | None]]
+
+
+def _load_everything(
+    store: Store,
+) -> tuple[bytes | None, list[tuple[int, bytes]], _RoomsLoad]:
+    snapshot = store.get(NS_META_SNAPSHOT)
+    deltas = [
+        (int.from_bytes(k[1:], "big"), v)
+        for k, v in store.iter_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
+    ]
+    rooms: _RoomsLoad = {}
+    names: set[str] = set()
+    for k, _ in store.iter_range(NS_ROOM_SNAPSHOT, prefix_end(NS_ROOM_SNAPSHOT)):
+        names.add(k[1:].decode("utf-8"))
+    # Room names with updates: hop from room to room with seeks instead of reading every key.
+    key = NS_UPDATE
+    end = prefix_end(NS_UPDATE)
+    while True:
+        found = next(iter(store.iter_range(key, end, limit=1)), None)
+        if found is None:
+            break
+        name = found[0][1:].split(b"\x00", 1)[0].decode("utf-8")
+        names.add(name)
+        key = prefix_end(update_prefix(name))
+    for name in names:
+        snap = store.get(room_snapshot_key(name))
+        prefix = update_prefix(name)
+        updates = [
+            (int.from_bytes(k[len(prefix) :], "big"), v)
+            for k, v in store.iter_range(prefix, prefix_end(prefix))
+        ]
+        last = store.last_key(history_prefix(name))
+        last_cursor = None if last is None else last[len(history_prefix(name)) :].decode("ascii")
+        rooms[name] = (snap, updates, last_cursor)
+    return snapshot, deltas, rooms
+
+
+def _history_page(
+    store: Store, room: str, after: str | None, before: str | None, limit: int
+) -> tuple[list[tuple[str, bytes]], bool]:
+    """Messages strictly after ``after`` (ascending, the first ``limit``), or strictly before
+    ``before`` / the newest ones (the last ``limit``); and whether more lie beyond the page."""
+    prefix = history_prefix(room)
+    end = prefix_end(prefix)
+    n = len(prefix)
+    if after is not None:
+        rows = store.scan(history_key(room, after) + b"\x00", end, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+    else:
+        upper = end if before is None else history_key(room, before)
+        rows = store.scan(prefix, upper, reverse=True, limit=limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        rows.reverse()
+    return [(k[n:].decode("ascii"), v) for k, v in rows], more
+
+
+def _count_unread(store: Store, markers: dict[str, object], user: str) -> dict[str, int]:
+    """Per room: messages after the read marker, not by ``user``, not deleted (capped)."""
+    out: dict[str, int] = {}
+    for room, marker in markers.items():
+        prefix = history_prefix(room)
+        start = prefix if not isinstance(marker, str) else history_key(room, marker) + b"\x00"
+        count = 0
+        for _, value in store.iter_range(start, prefix_end(prefix), limit=UNREAD_CAP * 4):
+            _, author, _, _, _, deleted, _ = msgpack.unpackb(value, raw=False)
+            if author != user and not deleted:
+                count += 1
+                if count >= UNREAD_CAP:
+                    break
+        out[room] = count
+    return out

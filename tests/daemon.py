@@ -1,0 +1,247 @@
+"""Run real chatnode daemons in tests.
+
+    from tests.daemon import Daemon
+
+    with Daemon.start(tmp_path) as node:          # 127.0.0.x, free port, data dir under tmp
+        urllib.request.urlopen(node.url + "healthz")
+        node.kill(); node.restart()                 # SIGKILL, then start on the same data dir
+    # leaving the block stops it: SIGTERM, then SIGKILL after a timeout
+
+Each daemon is ``python -m chatnode run`` in its own process, on its own loopback address
+(127.0.0.2 .. 127.0.0.254) and a port found free there, with ``CHATNODE_*`` variables of the
+test process removed from its environment. Its output goes to ``<data dir>/daemon.log``
+(:meth:`Daemon.log`). Processes are stopped by pid only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+_hosts = itertools.cycle(random.Random(os.getpid()).sample(range(2, 255), 253))
+
+
+def loopback_host() -> str:
+    """A loopback address for the next daemon (each test process walks its own order)."""
+    return f"127.0.0.{next(_hosts)}"
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` right now (it could be taken again before it is used)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+class Daemon:
+    """One chatnode process. Use :meth:`start`; stop it with :meth:`stop` or :meth:`kill`."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        console_script: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host or loopback_host()
+        self.port = port or free_port(self.host)
+        self.args = list(args)
+        self.extra_env = dict(env or {})
+        self.console_script = console_script
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.node_id: str | None = None
+        self._log_fh: Any = None
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}/v1/ws"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "daemon.log"
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise DaemonError("not started")
+        return self.proc.pid
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def start(cls, data_dir: Path, **kwargs: Any) -> Daemon:
+        """Start a daemon and wait for its ``/healthz``."""
+        d = cls(data_dir, **kwargs)
+        d.launch()
+        d.wait_ready()
+        return d
+
+    def command(self) -> list[str]:
+        if self.console_script:
+            exe = Path(sys.executable).with_name("chatnode")
+            head = [str(exe)]
+        else:
+            head = [sys.executable, "-m", "chatnode"]
+        return [
+            *head,
+            "run",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
+
+    def launch(self) -> None:
+        """Start the process without waiting for it to be ready."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise DaemonError("already running")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATNODE_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.extra_env)
+        self._close_log()
+        self._log_fh = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(self.data_dir),
+        )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Poll ``/healthz`` until it answers ``ok``; returns its JSON."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise DaemonError(
+                    f"daemon exited with {self.proc.returncode} before it was ready:\n{self.log()}"
+                )
+            try:
+                health = self.health()
+                if health.get("status") == "ok":
+                    self.node_id = str(health.get("node"))
+                    return health
+                last = health
+            except (OSError, ValueError) as exc:
+                last = exc
+            time.sleep(0.05)
+        raise DaemonError(f"daemon not ready after {timeout}s ({last!r}):\n{self.log()}")
+
+    def health(self, timeout: float = 5.0) -> dict[str, Any]:
+        """``GET /healthz`` (raises OSError if nothing answers)."""
+        try:
+            with urllib.request.urlopen(self.url + "healthz", timeout=timeout) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except urllib.error.HTTPError as exc:
+            body: dict[str, Any] = json.loads(exc.read())
+            return body
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to exit; returns its exit status."""
+        if self.proc is None:
+            raise DaemonError("not started")
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the exit status of a clean
+        stop, or None if it had to be killed (or was not running)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            self._close_log()
+            return self.proc.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        self._close_log()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+        self._close_log()
+
+    def restart(self, timeout: float = START_TIMEOUT) -> Daemon:
+        """Start again on the same address and data dir (after stop or kill)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise DaemonError("still running")
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _close_log(self) -> None:
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def __enter__(self) -> Daemon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
