@@ -832,7 +832,8 @@ class Membership:
         self._set_state(me, MemberState.LEFT, me.incarnation, now, out)
         self._broadcast(msg)
         peers = [
-            n for n in self._nodes.values()
+            n
+            for n in self._nodes.values()
             if n.id != self.id and n.state in (MemberState.ALIVE, MemberState.SUSPECT)
         ]
         self._rng.shuffle(peers)
@@ -970,9 +971,7 @@ class Membership:
                 mult = self._multiplier()
                 window = (self.config.probe_interval - self.config.probe_timeout) * mult
                 probe.end = max(probe.end, now + window)
-                helpers = [
-                    n for n in self._peers((MemberState.ALIVE,)) if n.id != probe.target
-                ]
+                helpers = [n for n in self._peers((MemberState.ALIVE,)) if n.id != probe.target]
                 self._rng.shuffle(helpers)
                 helpers = helpers[: self.config.indirect_checks]
                 probe.expected_nacks = len(helpers) if self.config.lifeguard else 0
@@ -1043,10 +1042,7 @@ class Membership:
             if n.id != self.id
             and (
                 n.state in (MemberState.ALIVE, MemberState.SUSPECT)
-                or (
-                    n.state is MemberState.DEAD
-                    and now - n.since < self.config.gossip_to_dead_time
-                )
+                or (n.state is MemberState.DEAD and now - n.since < self.config.gossip_to_dead_time)
             )
         ]
         self._rng.shuffle(candidates)

@@ -291,9 +291,7 @@ def test_buddy_system_probe_of_a_suspect_carries_the_suspicion() -> None:
     pings: list[SendUDP] = []
     while not pings:
         t += 0.05
-        pings = [
-            s for s in sends(a.tick(t)) if any(isinstance(p, Ping) for p in parts(s.msg))
-        ]
+        pings = [s for s in sends(a.tick(t)) if any(isinstance(p, Ping) for p in parts(s.msg))]
     (ping,) = pings
     assert any(isinstance(p, Suspect) and p.node == "n2" for p in parts(ping.msg))
     outs = b.receive(a.addr, decode_message(encode_message(ping.msg)), t)
