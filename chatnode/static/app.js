@@ -254,6 +254,7 @@ class Room {
     this.loadingOlder = false;
     this.wanted = false; // keep subscribed across reconnects
     this.subscribed = false; // subscribed on the current connection
+    this.subscribing = null; // {conn, done}: a subscription in progress
     this.readSent = null; // newest cursor sent with `read`
     this.typing = new Map(); // user -> time (ms) until which they count as typing
     this.online = new Set();
@@ -601,7 +602,17 @@ async function refreshRooms(conn) {
 // Follows a room on this connection without a gap: the first time, the newest messages are
 // read with `history` and the subscription starts after the newest of them; afterwards it
 // resumes after the last `message` event received (PROTOCOL.md, "Resuming").
-async function subscribeRoom(conn, room) {
+function subscribeRoom(conn, room) {
+  // One subscription attempt per room and connection at a time.
+  if (room.subscribing && room.subscribing.conn === conn) return room.subscribing.done;
+  const done = doSubscribe(conn, room).finally(() => {
+    if (room.subscribing && room.subscribing.done === done) room.subscribing = null;
+  });
+  room.subscribing = { conn, done };
+  return done;
+}
+
+async function doSubscribe(conn, room) {
   room.wanted = true;
   try {
     const stick = isCurrent(room) && isAtBottom();
