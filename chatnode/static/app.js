@@ -243,6 +243,7 @@ class Room {
     this.title = "";
     this.visibility = "public";
     this.member = false;
+    this.invited = false; // a private room the user is invited to and may join
     this.unread = 0;
     this.messages = new Map(); // id -> message (confirmed and local)
     this.order = []; // confirmed message ids, ascending by cursor
@@ -313,6 +314,7 @@ function upsertRoom(obj) {
     if (typeof obj.title === "string") room.title = obj.title;
     if (obj.visibility === "public" || obj.visibility === "private") room.visibility = obj.visibility;
     if (typeof obj.member === "boolean") room.member = obj.member;
+    room.invited = obj.invited === true && !room.member;
     if (typeof obj.unread === "number" && !(room.id === app.current && isSeeingBottom())) {
       room.unread = obj.unread;
     }
@@ -1178,7 +1180,7 @@ function markRead() {
 function renderRoomList() {
   const rooms = [...app.rooms.values()];
   const byName = (a, b) => displayName(a).localeCompare(displayName(b));
-  const channels = rooms.filter((r) => !isDm(r) && (r.member || r.visibility === "public")).sort(
+  const channels = rooms.filter((r) => !isDm(r) && (r.member || r.invited || r.visibility === "public")).sort(
     (a, b) => Number(b.member) - Number(a.member) || byName(a, b),
   );
   const dms = rooms.filter((r) => isDm(r) && r.member).sort(byName);
@@ -1206,7 +1208,7 @@ function roomItem(room) {
       },
       h("span", { class: "room-name", text: displayName(room) }),
       room.visibility === "private" && !isDm(room) ? h("span", { class: "tag", text: "private" }) : null,
-      room.member ? null : h("span", { class: "tag join", text: "join" }),
+      room.member ? null : h("span", { class: "tag join", text: room.invited ? "invited" : "join" }),
       room.unread
         ? h("span", { class: "badge" }, String(room.unread), h("span", { class: "sr-only", text: " unread" }))
         : null,

@@ -184,6 +184,19 @@ async def test_two_people_chat_live(server: ChatServer, new_page: PageFactory) -
     await expect(bob.locator("#room-title")).to_have_text("@alice")
     await wait_for_body(bob, "just between us")
 
+    # A private room: bob sees it only once invited (after a reload, which keeps his session).
+    await create_room(alice, "staff", "Staff only", private=True)
+    await say(alice, "staff meeting at noon")
+    await alice.fill("#invite-user", "bob")
+    await alice.click("#invite-form button[type=submit]")
+    await expect(alice.locator("#banner")).to_contain_text("bob is invited")
+    await bob.reload()
+    await expect(bob.locator("#conn-status")).to_have_attribute("data-state", "connected")
+    staff = bob.locator("#room-list button[data-room=staff]")
+    await expect(staff.locator(".tag.join")).to_have_text("invited")
+    await staff.click()
+    await wait_for_body(bob, "staff meeting at noon")
+
     await alice.locator("#room-list button[data-room=lobby]").click()
     await wait_for_body(alice, "hello bob")
     await alice.screenshot(path=str(SCREENSHOT))
