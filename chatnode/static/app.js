@@ -1282,8 +1282,10 @@ function fillMessage(li, room, msg) {
   li.dataset.id = msg.id;
   li.dataset.state = state;
   li.dataset.author = msg.author;
+  li.tabIndex = 0; // keyboard users focus a message to reach its actions (shown on focus)
 
-  const time = h("time", { datetime: new Date(msg.ts).toISOString(), title: new Date(msg.ts).toLocaleString() }, formatTime(msg.ts));
+  const when = new Date(Number.isFinite(msg.ts) ? msg.ts : Date.now());
+  const time = h("time", { datetime: when.toISOString(), title: when.toLocaleString() }, formatTime(when.getTime()));
   const meta = h(
     "div",
     { class: "meta" },
