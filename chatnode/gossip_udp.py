@@ -54,9 +54,10 @@ Propose = Callable[[Sequence[Addr]], None]
 
 
 class PeerSource(Protocol):
-    """A discovery strategy: proposes gossip addresses, owns its own tasks."""
+    """A discovery strategy: proposes gossip addresses, owns its own tasks. ``local`` is our
+    own advertised gossip address (mDNS announces it)."""
 
-    async def start(self, propose: Propose) -> None: ...
+    async def start(self, propose: Propose, local: Addr) -> None: ...
 
     async def stop(self) -> None: ...
 
@@ -152,7 +153,7 @@ class GossipMembership:
         if self._seeds:
             self.propose(self._seeds)
         for source in self._sources:
-            await source.start(self.propose)
+            await source.start(self.propose, self.address)
             self._started_sources.append(source)
 
     async def stop(self, *, leave: bool = True) -> None:

@@ -1,0 +1,273 @@
+"""Peer discovery: three strategies that only *propose* gossip addresses to membership.
+
+* :class:`StaticSeeds` — ``--join host:port`` (hostnames resolved), proposed at start and
+  again every ``interval`` seconds, so a node that started before its seeds still finds them;
+* :class:`DnsPoller` — the A records of a name (e.g. a Kubernetes headless service) polled
+  every ``interval`` seconds through ``loop.getaddrinfo`` (a thread, never blocking the loop);
+* :class:`MdnsDiscovery` — zeroconf on the given interfaces, IPv4 only: registers
+  ``<node id>._chatnode._tcp.local.`` with the gossip port in SRV and ``id``/``gossip`` in TXT,
+  and browses the same type. The only module importing zeroconf.
+
+Each implements :class:`chatnode.gossip_udp.PeerSource`: ``await start(propose, local)`` and
+``await stop()``; each owns its tasks and cancels them on stop. Membership decides what a
+proposal is worth (it skips itself and addresses of live members, then runs a push-pull).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Sequence
+
+from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from chatnode.gossip_udp import PeerSource, Propose
+from chatnode.membership import Addr
+
+__all__ = [
+    "SERVICE_TYPE",
+    "DnsPoller",
+    "MdnsDiscovery",
+    "Propose",
+    "StaticSeeds",
+    "build_sources",
+    "parse_hostport",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_chatnode._tcp.local."
+
+
+def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` -> (host, port); ``ValueError`` if malformed."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty address")
+    if s.startswith("["):
+        host, sep, rest = s[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address: {text!r}")
+        port_s = rest[1:] if rest else ""
+    elif s.count(":") == 1:
+        host, _, port_s = s.partition(":")
+    else:
+        host, port_s = s, ""
+    if not host:
+        raise ValueError(f"bad address: {text!r}")
+    port = default_port
+    if port_s:
+        if not port_s.isdigit():
+            raise ValueError(f"bad port in {text!r}")
+        port = int(port_s)
+    if not (0 < port < 65536):
+        raise ValueError(f"port out of range in {text!r}")
+    return host, port
+
+
+async def _resolve_v4(host: str, port: int) -> list[Addr]:
+    """IPv4 addresses of ``host`` (a literal passes straight through)."""
+    try:
+        ipaddress.IPv4Address(host)
+        return [(host, port)]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+    return sorted({(str(info[4][0]), port) for info in infos})
+
+
+class _Poller:
+    """Shared loop: call ``_poll`` now and then every ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._propose: Propose | None = None
+        self.counters: dict[str, int] = {}
+
+    async def start(self, propose: Propose, local: Addr) -> None:
+        self._propose = propose
+        self._task = asyncio.create_task(self._run(), name=type(self).__name__)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                addrs = await self._poll()
+            except OSError as exc:  # socket.gaierror included
+                self.counters["errors"] = self.counters.get("errors", 0) + 1
+                log.warning("%s: lookup failed: %s", type(self).__name__, exc)
+            else:
+                self.counters["polls"] = self.counters.get("polls", 0) + 1
+                if addrs and self._propose is not None:
+                    self._propose(addrs)
+            await asyncio.sleep(self.interval)
+
+    async def _poll(self) -> list[Addr]:
+        raise NotImplementedError
+
+
+class StaticSeeds(_Poller):
+    def __init__(self, seeds: Sequence[tuple[str, int]], *, interval: float = 30.0) -> None:
+        super().__init__(interval)
+        self.seeds = list(seeds)
+
+    async def _poll(self) -> list[Addr]:
+        out: list[Addr] = []
+        for host, port in self.seeds:
+            try:
+                out.extend(await _resolve_v4(host, port))
+            except OSError as exc:
+                log.warning("seed %s:%d does not resolve: %s", host, port, exc)
+        return out
+
+
+class DnsPoller(_Poller):
+    """All A records of ``name`` at ``port``, every ``interval`` seconds."""
+
+    def __init__(self, name: str, port: int, *, interval: float = 5.0) -> None:
+        super().__init__(interval)
+        self.name = name
+        self.port = port
+
+    async def _poll(self) -> list[Addr]:
+        return await _resolve_v4(self.name, self.port)
+
+
+class MdnsDiscovery:
+    """Zeroconf registration and browsing of ``_chatnode._tcp.local.``."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        interfaces: Sequence[str] = ("0.0.0.0",),
+        properties: dict[str, str] | None = None,
+        resolve_timeout_ms: int = 3000,
+        max_resolving: int = 16,
+    ) -> None:
+        self.node_id = node_id
+        self.interfaces = list(interfaces)
+        self.properties = dict(properties or {})
+        self._resolve_timeout_ms = resolve_timeout_ms
+        self._max_resolving = max_resolving
+        self._azc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._propose: Propose | None = None
+        self._resolving: set[asyncio.Task[None]] = set()
+        self.instance = f"{node_id}.{SERVICE_TYPE}"
+        self.counters: dict[str, int] = {}
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def start(self, propose: Propose, local: Addr) -> None:
+        self._propose = propose
+        host, port = local
+        if host in ("0.0.0.0", ""):
+            addrs = [a for a in self.interfaces if a != "0.0.0.0"]
+        else:
+            addrs = [host]
+        if self.interfaces == ["0.0.0.0"]:
+            azc = AsyncZeroconf(ip_version=IPVersion.V4Only)  # every IPv4 interface
+        else:
+            azc = AsyncZeroconf(interfaces=list(self.interfaces), ip_version=IPVersion.V4Only)
+        self._azc = azc
+        props = {"id": self.node_id, "gossip": str(port), **self.properties}
+        self._info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            self.instance,
+            addresses=[socket.inet_aton(a) for a in addrs],
+            port=port,
+            properties=props,
+            server=f"{self.node_id}.local.",
+        )
+        await azc.async_register_service(self._info)
+        self._browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        log.info("mDNS: registered %s at %s port %d", self.instance, addrs, port)
+
+    async def stop(self) -> None:
+        for task in list(self._resolving):
+            task.cancel()
+        for task in list(self._resolving):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._browser is not None:
+            await self._browser.async_cancel()
+            self._browser = None
+        if self._azc is not None:
+            if self._info is not None:
+                with contextlib.suppress(Exception):
+                    await self._azc.async_unregister_service(self._info)
+            await self._azc.async_close()
+            self._azc = None
+
+    def _on_change(
+        self,
+        zeroconf: Zeroconf,
+        service_type: str,
+        name: str,
+        state_change: ServiceStateChange,
+    ) -> None:
+        if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            return
+        if name == self.instance or self._azc is None:
+            return
+        if len(self._resolving) >= self._max_resolving:
+            self._count("resolve_skipped")
+            return
+        task = asyncio.create_task(self._resolve(service_type, name), name=f"mdns-{name}")
+        self._resolving.add(task)
+        task.add_done_callback(self._resolving.discard)
+
+    async def _resolve(self, service_type: str, name: str) -> None:
+        azc = self._azc
+        if azc is None:
+            return
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(azc.zeroconf, self._resolve_timeout_ms):
+            self._count("resolve_failed")
+            return
+        if info.port is None:
+            return
+        addrs = [(a, info.port) for a in info.parsed_addresses(IPVersion.V4Only)]
+        self._count("found")
+        log.info("mDNS: found %s at %s", name, addrs)
+        if addrs and self._propose is not None:
+            self._propose(addrs)
+
+
+def build_sources(
+    node_id: str,
+    *,
+    seeds: Sequence[str] = (),
+    default_port: int = 7946,
+    dns_name: str | None = None,
+    dns_interval: float = 5.0,
+    mdns: bool = False,
+    mdns_interfaces: Sequence[str] = ("0.0.0.0",),
+) -> list[PeerSource]:
+    """The peer sources for the CLI flags ``--join``, ``--dns-name`` and ``--mdns``."""
+    sources: list[PeerSource] = []
+    if seeds:
+        sources.append(StaticSeeds([parse_hostport(s, default_port) for s in seeds]))
+    if dns_name:
+        host, port = parse_hostport(dns_name, default_port)
+        sources.append(DnsPoller(host, port, interval=dns_interval))
+    if mdns:
+        sources.append(MdnsDiscovery(node_id, interfaces=mdns_interfaces))
+    return sources
