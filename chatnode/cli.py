@@ -24,7 +24,6 @@ from typing import Any
 
 from chatnode.config import SETTINGS, Config, ConfigError, describe, load_config
 from chatnode.errors import ChatnodeError
-from chatnode.node import Node
 
 __all__ = ["main"]
 
@@ -82,6 +81,8 @@ def _setup_logging(level: str) -> None:
 
 
 def _run(cfg: Config) -> int:
+    from chatnode.node import Node  # noqa: PLC0415  (aiohttp, pycrdt, rocksdict: only to run)
+
     _setup_logging(cfg.log_level)
 
     def listening(node: Node) -> None:

@@ -56,9 +56,10 @@ class Config:
     rate_burst: int = 40
     token_ttl_ms: int = 7 * 24 * 3600 * 1000
     log_level: str = "info"
-    send_queue: int = 1024  # frames queued to one connection before it counts as too slow
+    send_queue: int = 4096  # frames queued to one connection before it counts as too slow
     segment_size: int = 1000  # messages per room-log segment
     commit_queue: int = 4096  # pending commit batches before writers wait
+    snapshot_every: int = 1000  # updates between snapshots of a room log or of the metadata
     # Cluster settings (read by the membership/replication/forwarding layers).
     join: tuple[str, ...] = ()
     cluster_key: str | None = None
@@ -296,6 +297,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "commit_queue",
         _int(1, 1_000_000),
         "pending storage commits before writers wait (back-pressure)",
+        "N",
+    ),
+    Setting(
+        "snapshot_every",
+        "snapshot_every",
+        _int(10, 1_000_000),
+        "updates between snapshots of a room log or of the metadata map",
         "N",
     ),
     Setting(

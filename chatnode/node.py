@@ -158,6 +158,7 @@ class Node:
             metrics=self.metrics,
             token_ttl_ms=cfg.token_ttl_ms,
             segment_size=cfg.segment_size,
+            snapshot_every=cfg.snapshot_every,
         )
         self.webapp = WebApp(cfg, self.service, self.metrics)
         self._runner = web.AppRunner(

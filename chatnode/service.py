@@ -14,7 +14,7 @@ State:
       t/<token id>       expires ms                             a revoked session token
 
   Every change is one delta, persisted under a sequence key by the group commit; the map is
-  snapshotted and the deltas dropped every :data:`META_COMPACT_EVERY` deltas.
+  snapshotted and the deltas dropped every ``snapshot_every`` deltas (the same for room logs).
 - one :class:`~crdt.roomlog.RoomLog` per room, persisted as its updates (and sealed segments,
   and periodic snapshots), plus the RocksDB history index that pages are read from.
 
@@ -74,8 +74,6 @@ __all__ = ["Outbox", "Service", "Session"]
 
 log = logging.getLogger(__name__)
 
-META_COMPACT_EVERY: Final = 1000
-ROOM_SNAPSHOT_EVERY: Final = 1000
 UNREAD_CAP: Final = 999
 CATCHUP_PAGE: Final = 200
 MAX_INFLIGHT_HASHES: Final = 2
@@ -89,6 +87,9 @@ class Outbox(Protocol):
 
     async def drain(self) -> None:
         """Wait until the queue is below its low-water mark (or the connection is gone)."""
+
+    def too_slow(self) -> None:
+        """Give up on this client: it cannot keep up (the connection is closed)."""
 
     @property
     def alive(self) -> bool: ...
@@ -143,8 +144,7 @@ class Session:
             # The client cannot keep up even with its own catch-up: treat it as too slow.
             sub.buffer = None
             sub.buffered_messages.clear()
-            for _ in range(self.outbox.capacity + 1):
-                self.outbox.push(text)
+            self.outbox.too_slow()
             return
         if cursor is not None:
             sub.buffered_messages[cursor] = len(sub.buffer)
@@ -229,6 +229,7 @@ class Service:
         metrics: Metrics,
         token_ttl_ms: int,
         segment_size: int = 1000,
+        snapshot_every: int = 1000,
         now_ms: Callable[[], int] = _now_ms,
     ) -> None:
         self.node_id = node_id
@@ -237,6 +238,7 @@ class Service:
         self.metrics = metrics
         self.token_ttl_ms = token_ttl_ms
         self.segment_size = segment_size
+        self.snapshot_every = snapshot_every
         self.now_ms = now_ms
         self.clock = HybridClock(node_id)
         self.client_id = secrets.randbelow(2**53 - 1) + 1  # one per incarnation
@@ -374,7 +376,7 @@ class Service:
         self.meta_seq += 1
         self.meta_since_snapshot += 1
         batch = Batch().put(meta_delta_key(self.meta_seq), delta.to_bytes())
-        if self.meta_since_snapshot >= META_COMPACT_EVERY:
+        if self.meta_since_snapshot >= self.snapshot_every:
             batch.put(
                 NS_META_SNAPSHOT, msgpack.packb([self.meta_seq, self.meta.to_bytes()])
             ).delete_range(meta_delta_key(0), meta_delta_key(self.meta_seq + 1))
@@ -703,7 +705,7 @@ class Service:
         batch.put(history_key(state.name, m.ts.encode()), _pack_message(m))
         if new:
             batch.put(id_key(state.name, m.id), msgpack.packb([m.ts.encode(), m.author]))
-        if state.since_snapshot >= ROOM_SNAPSHOT_EVERY:
+        if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
             batch.put(
                 room_snapshot_key(state.name), msgpack.packb([state.seq - 1, snap])

@@ -95,7 +95,7 @@ class Connection:
         if not self.alive:
             return
         if len(self._queue) >= self._capacity:
-            self._overflow()
+            self.too_slow()
             return
         self._queue.append(text)
         if len(self._queue) > self.low:
@@ -115,7 +115,10 @@ class Connection:
             self._wake.set()
             self._below_low.set()
 
-    def _overflow(self) -> None:
+    def too_slow(self) -> None:
+        """Drop what is queued and close the connection with 4008."""
+        if not self.alive:
+            return
         self.slow = True
         self._queue.clear()
         self._below_low.set()

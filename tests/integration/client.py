@@ -65,6 +65,16 @@ class WS:
         return client
 
     async def _read(self) -> None:
+        try:
+            await self._read_frames()
+        finally:
+            self.close_code = self.ws.close_code
+            for fut in self.replies.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("connection closed"))
+            self.replies.clear()
+
+    async def _read_frames(self) -> None:
         async for msg in self.ws:
             if msg.type is not aiohttp.WSMsgType.TEXT:
                 break
@@ -77,7 +87,6 @@ class WS:
                     self.unmatched.append(frame)
             else:
                 await self.events.put(frame)
-        self.close_code = self.ws.close_code
 
     async def send_raw(self, data: str | bytes) -> None:
         if isinstance(data, bytes):
@@ -87,6 +96,8 @@ class WS:
 
     async def call(self, op: str, **fields: Any) -> Frame:
         ref = next(self.refs)
+        if self.reader.done():
+            raise ConnectionError("connection closed")
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self.replies[ref] = fut
         await self.ws.send_str(json.dumps({"op": op, "ref": ref, **fields}))
