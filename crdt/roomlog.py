@@ -15,7 +15,7 @@ Design in ``docs/ROOMLOG.md``. In short:
 - A writer appends to the *head* segment, the highest-numbered one it knows, and opens the next
   one when the head holds ``segment_size`` appends. Segments more than one behind the head are
   *sealed*: the doc's full update goes to the :class:`SegmentStore` and the doc is dropped;
-  only a few numbers and a sorted array of 64-bit id hashes stay in memory. A late update for a
+  only a few numbers and ~8 bytes per message in an id index stay in memory. A late update for a
   sealed segment is merged into its blob, which is replaced by the superset.
 - Edits, deletes and reactions always go to the head segment, whatever segment the message is
   in (an overlay keyed by message id), so sealed blobs never receive local writes. The overlay
@@ -67,6 +67,8 @@ _LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are 
 _LRU_SIZE = 4
 _SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
 _MAX_TEXT = 1 << 20
+_MASK48 = (1 << 48) - 1
+_MASK24 = (1 << 24) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,44 +273,55 @@ class _Sealed:
     count: int  # winning appends
     min_key: str
     max_key: str
-    hashes: array[int]  # sorted 64-bit hashes of the message ids (a lookup filter)
     gapped: bool  # the blob holds structs pycrdt could not integrate yet (see diff)
 
 
-class _Bloom:
-    """A Bloom filter over the id hashes of every sealed segment, so that looking an id up
-    costs a few bit tests unless it may be sealed. Doubles (rebuilt) as it fills."""
+class _IdIndex:
+    """Which sealed segments may hold a message id, in ~8 bytes per sealed message.
 
-    __slots__ = ("bits", "capacity", "count", "nbits")
+    A 64-bit hash of the id picks a bucket by its top 16 bits; a bucket is a sorted
+    ``array('Q')`` of entries ``(hash bits 24..47) << 24 | segment``. So 40 bits of the hash
+    identify an id (a false match costs one segment decode, about one lookup in 10**6 for a
+    million-message room) and segment numbers are below 2**24.
+    """
 
-    _K = 7
-    _BITS_PER_ITEM = 10
+    __slots__ = ("buckets",)
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1024, capacity)
-        self.nbits = self.capacity * self._BITS_PER_ITEM
-        self.bits = bytearray((self.nbits + 7) // 8)
-        self.count = 0
+    def __init__(self) -> None:
+        self.buckets: dict[int, array[int]] = {}
 
-    def add_all(self, hashes: array[int]) -> None:
-        bits, m, k = self.bits, self.nbits, self._K
-        for h in hashes:
-            h1 = h & 0xFFFFFFFF
-            h2 = (h >> 32) | 1
-            for i in range(k):
-                p = (h1 + i * h2) % m
-                bits[p >> 3] |= 1 << (p & 7)
-        self.count += len(hashes)
+    def add(self, h: int, segment: int) -> None:
+        bucket = self.buckets.get(h >> 48)
+        if bucket is None:
+            bucket = self.buckets[h >> 48] = array("Q")
+        entry = ((h & _MASK48) >> 24 << 24) | segment
+        i = bisect.bisect_left(bucket, entry)
+        if i == len(bucket) or bucket[i] != entry:
+            bucket.insert(i, entry)
 
-    def __contains__(self, h: int) -> bool:
-        bits, m = self.bits, self.nbits
-        h1 = h & 0xFFFFFFFF
-        h2 = (h >> 32) | 1
-        for i in range(self._K):
-            p = (h1 + i * h2) % m
-            if not bits[p >> 3] & (1 << (p & 7)):
-                return False
-        return True
+    def segments(self, h: int) -> list[int]:
+        bucket = self.buckets.get(h >> 48)
+        if bucket is None:
+            return []
+        key = (h & _MASK48) >> 24
+        out = []
+        i = bisect.bisect_left(bucket, key << 24)
+        while i < len(bucket) and bucket[i] >> 24 == key:
+            out.append(bucket[i] & _MASK24)
+            i += 1
+        return out
+
+    def to_wire(self) -> list[list[Any]]:
+        return [[k, b.tobytes()] for k, b in sorted(self.buckets.items())]
+
+    @classmethod
+    def from_wire(cls, raw: list[list[Any]]) -> _IdIndex:
+        index = cls()
+        for key, data in raw:
+            bucket: array[int] = array("Q")
+            bucket.frombytes(data)
+            index.buckets[int(key)] = bucket
+        return index
 
 
 # --------------------------------------------------------------------------- the log
@@ -337,7 +350,7 @@ class RoomLog:
         self._sealed: dict[int, _Sealed] = {}
         self._overlay: dict[str, _Overlay] = {}
         self._lru: OrderedDict[int, _View] = OrderedDict()
-        self._bloom = _Bloom(0)
+        self._index = _IdIndex()
         self._head = 0
 
     # ------------------------------------------------------------------ local operations
@@ -500,9 +513,10 @@ class RoomLog:
             "head": self._head,
             "live": [[n, s.full_update()] for n, s in sorted(self._live.items())],
             "sealed": [
-                [s.number, s.state, s.count, s.min_key, s.max_key, s.hashes.tobytes(), s.gapped]
+                [s.number, s.state, s.count, s.min_key, s.max_key, s.gapped]
                 for s in sorted(self._sealed.values(), key=lambda s: s.number)
             ],
+            "index": self._index.to_wire(),
             "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
         }
         packed: bytes = msgpack.packb(body, use_bin_type=True)
@@ -520,13 +534,9 @@ class RoomLog:
                 raise CodecError("unknown snapshot version")
             self = cls(body["room"], client_id, segment_size=body["size"], store=store)
             self._head = int(body["head"])
-            for number, state, count, min_key, max_key, hashes, gapped in body["sealed"]:
-                h: array[int] = array("Q")
-                h.frombytes(hashes)
-                self._sealed[number] = _Sealed(
-                    number, state, count, min_key, max_key, h, bool(gapped)
-                )
-            self._rebuild_bloom(0)
+            for number, state, count, min_key, max_key, gapped in body["sealed"]:
+                self._sealed[number] = _Sealed(number, state, count, min_key, max_key, gapped)
+            self._index = _IdIndex.from_wire(body["index"])
             for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
                 ov = self._ov(msg_id)
                 if edit_ts is not None:
@@ -683,34 +693,20 @@ class RoomLog:
         blob = live.full_update()
         self.store.put(self.room, live.number, blob)
         keys = live.view.keys
-        hashes = array("Q", sorted(_id_hash(i) for i in live.view.base))
-        old = self._sealed.get(live.number)
-        self._index(hashes if old is None else array("Q", set(hashes) - set(old.hashes)))
+        for msg_id in live.view.base:
+            self._index.add(_id_hash(msg_id), live.number)
         self._sealed[live.number] = _Sealed(
             number=live.number,
             state=live.doc.get_state(),
             count=len(keys),
             min_key=keys[0] if keys else "",
             max_key=keys[-1] if keys else "",
-            hashes=hashes,
             gapped=bool(live.pending),
         )
         self._lru.pop(live.number, None)
         self._live.pop(live.number, None)
         live.close()
         log.debug("room %s: sealed segment %d (%d messages)", self.room, live.number, len(keys))
-
-    def _index(self, hashes: array[int]) -> None:
-        """Add id hashes to the Bloom filter, rebuilding it bigger when it is full."""
-        if self._bloom.count + len(hashes) > self._bloom.capacity:
-            self._rebuild_bloom(len(hashes))
-        self._bloom.add_all(hashes)
-
-    def _rebuild_bloom(self, extra: int) -> None:
-        total = sum(len(s.hashes) for s in self._sealed.values())
-        self._bloom = _Bloom(4 * (total + extra))
-        for sealed in self._sealed.values():
-            self._bloom.add_all(sealed.hashes)
 
     def _blob(self, number: int) -> bytes:
         blob = self.store.get(self.room, number)
@@ -756,12 +752,9 @@ class RoomLog:
             base = live.view.base.get(msg_id)
             if base is not None and (best is None or base < best):
                 best = base
-        h = _id_hash(msg_id)
-        if self._sealed and h in self._bloom:
-            for number, sealed in self._sealed.items():
-                hashes = sealed.hashes
-                i = bisect.bisect_left(hashes, h)
-                if i < len(hashes) and hashes[i] == h:
+        if self._sealed:
+            for number in self._index.segments(_id_hash(msg_id)):
+                if number in self._sealed:
                     base = self._sealed_view(number).base.get(msg_id)
                     if base is not None and (best is None or base < best):
                         best = base

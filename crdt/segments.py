@@ -16,8 +16,8 @@ from crdt.errors import CodecError
 WIRE_VERSION = 1
 #: Largest envelope we agree to decode (a full diff of a big room is large, but bounded).
 MAX_ENVELOPE_BYTES = 512 * 1024 * 1024
-#: Largest segment number we accept from the wire.
-MAX_SEGMENT = 2**40
+#: Largest segment number (the room log's id index packs it in 24 bits).
+MAX_SEGMENT = 2**24 - 1
 #: The pycrdt/Yjs encoding of an update that carries nothing.
 EMPTY_UPDATE = b"\x00\x00"
 
