@@ -20,22 +20,29 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from chatnode.gossip_udp import PeerSource, Propose
-from chatnode.membership import Addr
+from chatnode.gossip_udp import GossipMembership, PeerSource, Propose
+from chatnode.keyring import Keyring, parse_key, read_key_file
+from chatnode.membership import Addr, Member, MemberEvent, MembershipConfig
 
 __all__ = [
     "SERVICE_TYPE",
+    "ClusterOptions",
     "DnsPoller",
     "MdnsDiscovery",
     "Propose",
     "StaticSeeds",
+    "build_membership",
     "build_sources",
+    "member_json",
     "parse_hostport",
+    "primary_ipv4",
+    "resolve_cluster_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,3 +278,99 @@ def build_sources(
     if mdns:
         sources.append(MdnsDiscovery(node_id, interfaces=mdns_interfaces))
     return sources
+
+
+# -- wiring helpers for node.py / cli.py --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterOptions:
+    """Everything the CLI flags say about clustering (see docs/MEMBERSHIP.md)."""
+
+    keys: tuple[str, ...]  # cluster keys as base64/hex strings; the first one sends
+    gossip_host: str = "0.0.0.0"
+    gossip_port: int = 7946
+    advertise: Addr | None = None  # default: gossip_host, or the primary IPv4 if 0.0.0.0
+    join: tuple[str, ...] = ()  # --join host[:port], repeatable
+    dns_name: str | None = None  # --dns-name name[:port]
+    dns_interval: float = 5.0
+    mdns: bool = False
+    mdns_interfaces: tuple[str, ...] = ()  # default: the advertised address
+    incarnation: int | None = None  # default: wall-clock milliseconds
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ValueError("clustering needs a cluster key")
+        if not (0 <= self.gossip_port < 65536):
+            raise ValueError("gossip port out of range")
+
+
+def resolve_cluster_keys(
+    flag_keys: Sequence[str], env_value: str | None, key_file: str | None
+) -> list[str]:
+    """Keys from ``--cluster-key`` (repeatable), else ``CHATNODE_CLUSTER_KEY`` (comma
+    separated), else ``--cluster-key-file``; each validated. Raises ``ValueError``."""
+    if flag_keys:
+        keys = list(flag_keys)
+    elif env_value:
+        keys = [k for k in (p.strip() for p in env_value.split(",")) if k]
+    elif key_file:
+        keys = read_key_file(key_file)
+    else:
+        return []
+    for k in keys:
+        parse_key(k)
+    return keys
+
+
+def primary_ipv4() -> str:
+    """The address this host would use to reach the outside (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: a UDP connect only picks a route
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def build_membership(
+    node_id: str,
+    opts: ClusterOptions,
+    *,
+    on_event: Callable[[MemberEvent], None] | None = None,
+    config: MembershipConfig | None = None,
+) -> GossipMembership:
+    """A ready :class:`GossipMembership` (not started) with the configured peer sources."""
+    advertise = opts.advertise
+    if advertise is None and opts.gossip_host in ("0.0.0.0", ""):
+        advertise = (primary_ipv4(), opts.gossip_port)
+    adv_host = advertise[0] if advertise else opts.gossip_host
+    sources = build_sources(
+        node_id,
+        seeds=opts.join,
+        default_port=opts.gossip_port or 7946,
+        dns_name=opts.dns_name,
+        dns_interval=opts.dns_interval,
+        mdns=opts.mdns,
+        mdns_interfaces=opts.mdns_interfaces or (adv_host,),
+    )
+    return GossipMembership(
+        node_id,
+        (opts.gossip_host, opts.gossip_port),
+        Keyring.from_strings(opts.keys),
+        advertise=advertise,
+        config=config,
+        incarnation=opts.incarnation,
+        sources=sources,
+        on_event=on_event,
+    )
+
+
+def member_json(m: Member) -> dict[str, object]:
+    """The JSON shape of one member for ``GET /v1/cluster`` and ``chatnode members``."""
+    return {
+        "id": m.id,
+        "address": f"{m.addr[0]}:{m.addr[1]}",
+        "state": m.state.value,
+        "incarnation": m.incarnation,
+    }

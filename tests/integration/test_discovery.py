@@ -7,18 +7,23 @@ import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
 from chatnode.discovery import (
+    ClusterOptions,
     DnsPoller,
     MdnsDiscovery,
     StaticSeeds,
+    build_membership,
     build_sources,
+    member_json,
     parse_hostport,
+    resolve_cluster_keys,
 )
 from chatnode.gossip_udp import GossipMembership
-from chatnode.keyring import Keyring
+from chatnode.keyring import Keyring, generate_key
 from chatnode.membership import Addr, MembershipConfig, MemberState
 
 FAST = MembershipConfig(
@@ -204,3 +209,45 @@ async def test_cluster_forms_over_mdns_without_seeds() -> None:
     finally:
         for n in nodes:
             await n.stop()
+
+
+# -- wiring helpers ----------------------------------------------------------------------------
+
+
+def test_resolve_cluster_keys(tmp_path: Path) -> None:
+    k1, k2 = generate_key(), os.urandom(32).hex()
+    f = tmp_path / "keys"
+    f.write_text(f"{k2}\n")
+    assert resolve_cluster_keys([k1], f"{k2}", str(f)) == [k1]
+    assert resolve_cluster_keys([], f"{k1}, {k2}", str(f)) == [k1, k2]
+    assert resolve_cluster_keys([], None, str(f)) == [k2]
+    assert resolve_cluster_keys([], None, None) == []
+    with pytest.raises(ValueError):
+        resolve_cluster_keys(["not-a-key"], None, None)
+
+
+async def test_build_membership_joins_through_the_join_flag() -> None:
+    key = generate_key()
+    a = build_membership("wire-a", ClusterOptions((key,), "127.0.0.4", 0), config=FAST)
+    await a.start()
+    seed = f"{a.address[0]}:{a.address[1]}"
+    b = build_membership(
+        "wire-b", ClusterOptions((key,), "127.0.0.5", 0, join=(seed,)), config=FAST
+    )
+    await b.start()
+    try:
+        await wait_for(
+            lambda: (
+                [member_json(m)["state"] for m in a.members()] == ["alive", "alive"]
+                and [member_json(m)["state"] for m in b.members()] == ["alive", "alive"]
+            )
+        )
+        assert member_json(b.members()[0]) == {
+            "id": "wire-a",
+            "address": seed,
+            "state": "alive",
+            "incarnation": a.machine.incarnation,
+        }
+    finally:
+        await b.stop()
+        await a.stop()
