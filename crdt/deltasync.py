@@ -165,6 +165,7 @@ class DeltaReplicator(Generic[T]):
 
         Resending is fine (payloads are idempotent): call this on every anti-entropy round.
         """
+        check_replica(peer)
         if peer == self.replica:
             raise ValueError("cannot ship to self")
         a = self._acked.get(peer)
@@ -203,6 +204,7 @@ class DeltaReplicator(Generic[T]):
         Raises :class:`~crdt.errors.CodecError` (and nothing else) on a bad payload, leaving
         the replicator unchanged.
         """
+        check_replica(peer)
         if peer == self.replica:
             raise ValueError("payload from self")
         kind = peek_kind(payload)

@@ -228,7 +228,7 @@ def structurally_mutated(draw: st.DrawFn) -> bytes:
 
 
 @given(structurally_mutated())
-@settings(max_examples=150)
+@settings(max_examples=max(150, settings().max_examples))
 def test_structurally_mutated_payloads(data: bytes) -> None:
     only_codec_errors(data)
 

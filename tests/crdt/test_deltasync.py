@@ -213,7 +213,8 @@ class LineReplication(ReplicationMachine):
     links = [("a", "b"), ("b", "a"), ("b", "c"), ("c", "b")]
 
 
-_settings = settings(max_examples=150, stateful_step_count=50)
+# runs are cheap: at least 150 under the "ci" profile, more under "thorough"
+_settings = settings(max_examples=max(150, settings().max_examples), stateful_step_count=50)
 TestAWLWWMapReplication = ReplicationMachine.TestCase
 TestAWLWWMapReplication.settings = _settings
 TestORSetReplication = ORSetReplication.TestCase
