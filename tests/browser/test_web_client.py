@@ -7,12 +7,13 @@ reconnect test stops and restarts it on the same port and data directory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import aiohttp
 import pytest
-from playwright.async_api import BrowserContext, Page, expect
+from playwright.async_api import BrowserContext, Page, WebSocketRoute, expect
 
 from tests.browser.conftest import (
     CHROMIUM,
@@ -303,3 +304,64 @@ async def test_reconnect_resumes_exactly_once(
             await wait_for_body(page, "after the restart")
             shown = await bodies(page)
             assert len(shown) == len(set(shown)) == 10
+
+
+async def test_unacknowledged_send_is_resent_with_its_id(
+    server: ChatServer, new_page: PageFactory
+) -> None:
+    """The link breaks after the page sent a message but before the server got it: the
+    message stays pending, and after reconnecting the page sends it again with the same id;
+    it is stored and shown once."""
+    base = server.url
+    page = await new_page()
+    routes: list[WebSocketRoute] = []
+    delivered: list[str] = []  # ids of the send frames that reached the server
+    lost: list[str] = []  # ids of the send frames that did not
+    losing = False
+    link_broke = asyncio.Event()
+
+    def route(ws: WebSocketRoute) -> None:
+        to_server = ws.connect_to_server()
+        routes.append(ws)
+
+        def from_page(message: str | bytes) -> None:
+            nonlocal losing
+            frame = json.loads(message)
+            if frame.get("op") == "send":
+                if losing:
+                    losing = False
+                    lost.append(frame["id"])
+                    link_broke.set()
+                    return
+                delivered.append(frame["id"])
+            to_server.send(message)
+
+        ws.on_message(from_page)
+
+    await page.route_web_socket(base.replace("http://", "ws://") + "/v1/ws", route)
+    await sign_up(page, base, "hank")
+    await create_room(page, "resend")
+    await say(page, "first")
+
+    losing = True
+    await page.fill("#composer-input", "lost in transit")
+    await page.press("#composer-input", "Enter")
+    await asyncio.wait_for(link_broke.wait(), timeout=20)
+    pending = page.locator("#message-list li.msg", has_text="lost in transit")
+    await expect(pending).to_have_attribute("data-state", "pending")
+    await routes[-1].close(code=4000)  # the page's socket drops
+
+    await expect(pending).to_have_attribute("data-state", "confirmed", timeout=30_000)
+    assert len(routes) >= 2  # it reconnected
+    assert len(lost) == 1
+    assert delivered.count(lost[0]) == 1  # sent again, with the same id
+    assert await pending.get_attribute("data-id") == lost[0]
+    assert (await bodies(page)).count("lost in transit") == 1
+
+    async with aiohttp.ClientSession() as http:
+        token = await account(http, base, "ivy")
+        async with WsClient.connect(http, base, token) as ivy:
+            reply = await ivy.request("history", room="resend")
+            assert [(m["id"], m["body"]) for m in reply["messages"]][1:] == [
+                (lost[0], "lost in transit")
+            ]
