@@ -397,6 +397,7 @@ def _consumer(brokers: str) -> Any:
         "enable.auto.commit": False,
         "enable.partition.eof": True,
         "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 50,
         "logger": _rdlog,
     })
 
@@ -412,7 +413,7 @@ def _read_partitions(
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"reading {topic}: partitions {sorted(open_parts)} not at end")
-        for m in c.consume(1000, min(left, 0.5)):
+        for m in c.consume(1000, min(left, 0.05)):  # returns at 1000 or the timeout
             err = m.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -197,6 +197,7 @@ class Forwarding:
         self._seen_epoch: dict[str, int] = {}
         self._next_gen = 1
         self.outstanding = 0  # records handed to the producer and not yet reported, any gen
+        self._reserved: dict[tuple[str, int], int] = {}  # reads in progress -> their limit
         self.counters: dict[str, int] = {
             "produced": 0, "delivered": 0, "failed": 0, "rewinds": 0, "fenced": 0,
             "saves": 0, "out_of_order": 0, "stale_reports": 0,
@@ -261,7 +262,7 @@ class Forwarding:
     def next_reads(self, now: float) -> list[ReadRequest]:
         """Reads to issue now; each room has at most one read in progress."""
         out: list[ReadRequest] = []
-        budget = self.max_in_flight - self.outstanding
+        budget = self.max_in_flight - self.outstanding - sum(self._reserved.values())
         for r in self._rooms.values():
             if budget <= 0:
                 break
@@ -274,12 +275,14 @@ class Forwarding:
                 continue
             r.dirty = False
             r.reading = r.gen
+            self._reserved[(r.room, r.gen)] = limit
             budget -= limit
             out.append(ReadRequest(r.room, r.epoch, r.gen, r.sent, limit))
         return out
 
     def on_read(self, req: ReadRequest, messages: Sequence[MessageLike]) -> list[Record]:
         """The node answered ``req``; returns the records to produce, in order."""
+        self._reserved.pop((req.room, req.gen), None)
         r = self._rooms.get(req.room)
         if r is None or r.reading != req.gen:
             return []
@@ -302,6 +305,7 @@ class Forwarding:
         return out
 
     def on_read_failed(self, req: ReadRequest, now: float) -> None:
+        self._reserved.pop((req.room, req.gen), None)
         r = self._rooms.get(req.room)
         if r is None or r.reading != req.gen:
             return
@@ -428,6 +432,7 @@ class Forwarding:
         out["rooms"] = sum(1 for r in self._rooms.values() if r.phase is Phase.ACTIVE)
         out["draining"] = sum(1 for r in self._rooms.values() if r.phase is Phase.DRAINING)
         out["outstanding"] = self.outstanding
+        out["reserved"] = sum(self._reserved.values())
         out["backlog_rooms"] = sum(1 for r in self._rooms.values() if r.dirty)
         return out
 
