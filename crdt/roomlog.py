@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
+import re
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ _LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are 
 _LRU_SIZE = 4
 _SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
 _MAX_TEXT = 1 << 20
+_CURSOR_RE = re.compile(r"^[0-9a-f]{18}[A-Za-z0-9_.:-]{1,64}$")
 _MASK48 = (1 << 48) - 1
 _MASK24 = (1 << 24) - 1
 
@@ -113,13 +115,9 @@ def _is_text(value: object) -> bool:
 
 
 def _valid_ts(value: object) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        Timestamp.decode(value)
-    except CodecError:
-        return False
-    return True
+    """Whether ``value`` is a ``Timestamp.encode()`` string (what ``Timestamp.decode``
+    accepts: fixed-width hex fields cannot overflow its ranges)."""
+    return isinstance(value, str) and _CURSOR_RE.match(value) is not None
 
 
 def _id_hash(msg_id: str) -> int:
@@ -256,6 +254,18 @@ class _Live:
         for sub in self.subs:
             sub.drop()
         self.subs = ()
+
+    def apply(self, payload: bytes) -> bytes:
+        """Apply a remote update in one transaction (observers fill the sink); returns the
+        doc's state vector afterwards."""
+        txn = self.raw_doc.create_transaction()
+        try:
+            self.raw_doc.apply_update(txn, payload)
+            txn.commit()
+            state: bytes = self.raw_doc.get_state(txn)
+        finally:
+            txn.drop()
+        return state
 
     def full_update(self) -> bytes:
         update = self.doc.get_update()
@@ -608,13 +618,13 @@ class RoomLog:
                 return
             live = self._open(number)
         try:
-            live.doc.apply_update(payload)
+            state = live.apply(payload)
         except Exception as exc:
             live.sink.inbox.clear()
             raise CodecError(f"bad pycrdt update: {exc}") from None
         self._integrate(live.sink.inbox, live.view, changed)
         live.sink.inbox.clear()
-        _track_pending(live, payload)
+        _track_pending(live, payload, state)
         if number > self._head:
             self._head = number
             self._seal_old()
@@ -676,10 +686,10 @@ class RoomLog:
             live.pending = _leftover(blob, live.doc)
             live.view = self._decode_view(live.arr)
         live.sink.local = False
-        live.doc.apply_update(payload)
+        state = live.apply(payload)
         self._integrate(live.sink.inbox, live.view, changed)
         live.sink.inbox.clear()
-        _track_pending(live, payload)
+        _track_pending(live, payload, state)
         self._seal(live)
 
     # ------------------------------------------------------------------ internals: sealing
@@ -847,10 +857,10 @@ def _leftover(update: bytes, doc: pycrdt.Doc[Any]) -> list[bytes]:
     return [] if rest == EMPTY_UPDATE else [rest]
 
 
-def _track_pending(live: _Live, payload: bytes) -> None:
+def _track_pending(live: _Live, payload: bytes, state: bytes) -> None:
     """Keep the parts of received updates that pycrdt could not integrate yet (missing
-    dependencies), so that sealing, snapshots and diffs never drop them."""
-    state = live.doc.get_state()
+    dependencies), so that sealing, snapshots and diffs never drop them. ``state`` is the
+    doc's state vector after applying ``payload``."""
     still: list[bytes] = []
     for upd in [*live.pending, payload]:
         rest = pycrdt.get_update(upd, state)
