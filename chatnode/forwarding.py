@@ -442,7 +442,7 @@ class Forwarding:
 
 def encode_record(
     rec: Record, home: str
-) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+) -> tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]:
     """``(key, value, headers)`` of a record: key = room id, value = JSON of the message."""
     m = rec.message
     value = {
@@ -458,7 +458,7 @@ def encode_record(
         "deleted": m.deleted,
         "reactions": [[emoji, list(users)] for emoji, users in m.reactions],
     }
-    headers = [
+    headers: list[tuple[str, str | bytes | None]] = [
         (HEADER_ID, m.id.encode()),
         (HEADER_CURSOR, m.ts.encode().encode()),
         (HEADER_EPOCH, str(rec.epoch).encode()),
@@ -478,7 +478,7 @@ def _str(d: dict[str, object], k: str) -> str:
 
 def decode_record(
     key: bytes | None, value: bytes | None,
-    headers: Iterable[tuple[str, bytes | None]] | None = None,
+    headers: Iterable[tuple[str, str | bytes | None]] | None = None,
 ) -> ForwardedMessage:
     """Inverse of :func:`encode_record`; raises :class:`RecordError` on anything else."""
     if value is None or key is None:
