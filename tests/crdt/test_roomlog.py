@@ -489,3 +489,24 @@ def test_state_vector_codec_roundtrip(sv: dict[int, int]) -> None:
     # the encoding is the one pycrdt reads
     doc: pycrdt.Doc[Any] = pycrdt.Doc()
     doc.get_update(enc)
+
+
+def test_get_and_apply_results_across_many_sealed_segments() -> None:
+    a = RoomLog(ROOM, 1, segment_size=2)
+    ids = [f"id-{i}" for i in range(101)]
+    for i, msg_id in enumerate(ids):
+        a.append(msg_id, "al", str(i), ts(i))
+    assert len(a.sealed_segments()) >= 48
+    for i, msg_id in enumerate(ids):
+        got = a.get(msg_id)
+        assert got is not None and got.body == str(i)
+    assert a.get("id-101") is None and a.get("") is None
+    # a full diff into an empty replica reports every message, in order, once
+    b = RoomLog(ROOM, 2, segment_size=2)
+    changed = b.apply(a.diff(b.state_vector()))
+    assert [m.id for m in changed] == ids
+    assert everything(b) == everything(a)
+    # an edit of the oldest message lands in the head and reaches b
+    ch = a.edit("id-0", "edited", ts(1000))
+    assert decode_envelope(ch.update)[0][0] == a.head
+    assert [(m.id, m.body) for m in b.apply(ch.update)] == [("id-0", "edited")]
