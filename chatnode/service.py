@@ -383,10 +383,23 @@ class Service:
             self.meta_since_snapshot = 0
         return batch
 
-    async def _meta_write(self, *changes: tuple[str, Any]) -> None:
-        await self.store.wait_for_room()
+    async def _meta_write(
+        self, *changes: tuple[str, Any], check: Callable[[], None] | None = None
+    ) -> None:
+        """Persist metadata changes. ``check`` runs right before memory changes, with no await
+        in between, so a precondition it verifies still holds when the change is made."""
+        await self._wait_for_room()
+        if check is not None:
+            check()
         batch = self._meta_batch(changes)
         await self._commit(batch)
+
+    async def _wait_for_room(self) -> None:
+        try:
+            await self.store.wait_for_room()
+        except StorageError as exc:
+            log.debug("refusing a write: %s", exc)
+            raise ClientError("unavailable", "the node cannot store writes right now") from None
 
     async def _commit(self, batch: Batch, done: Callable[[], None] | None = None) -> None:
         """Commit durably; ``done`` runs once written even if the caller is cancelled.
@@ -407,13 +420,14 @@ class Service:
     # ------------------------------------------------------------------ accounts (HTTP)
 
     async def signup(self, creds: p.Credentials) -> tuple[str, int]:
-        if f"u/{creds.user}" in self.meta:
-            raise ClientError("conflict", "that user name is taken")
+        def free() -> None:
+            if f"u/{creds.user}" in self.meta:
+                raise ClientError("conflict", "that user name is taken")
+
+        free()
         async with self._hashing:
             pw = await asyncio.to_thread(hash_password, creds.password, secrets.token_bytes(16))
-        if f"u/{creds.user}" in self.meta:
-            raise ClientError("conflict", "that user name is taken")
-        await self._meta_write((f"u/{creds.user}", {"pw": pw, "at": self.now_ms()}))
+        await self._meta_write((f"u/{creds.user}", {"pw": pw, "at": self.now_ms()}), check=free)
         return self._issue(creds.user)
 
     async def login(self, creds: p.Credentials) -> tuple[str, int]:
@@ -545,13 +559,13 @@ class Service:
     # ------------------------------------------------------------------ rooms
 
     async def _rooms_create(self, s: Session, req: p.RoomsCreate) -> dict[str, object]:
-        if req.room in self.room_info:
-            raise ClientError("conflict", f"room {req.room} already exists", req.ref)
-        now = self.now_ms()
-        await self._meta_write(
-            (f"r/{req.room}", {"title": req.title, "vis": req.visibility, "by": s.user, "at": now}),
-            (f"m/{req.room}/{s.user}", 1),
-        )
+        def free() -> None:
+            if req.room in self.room_info:
+                raise ClientError("conflict", f"room {req.room} already exists", req.ref)
+
+        free()
+        info = {"title": req.title, "vis": req.visibility, "by": s.user, "at": self.now_ms()}
+        await self._meta_write((f"r/{req.room}", info), (f"m/{req.room}/{s.user}", 1), check=free)
         return p.ok(req.ref, room=self.room_object(self.room_info[req.room], s.user))
 
     async def _rooms_list(self, s: Session, req: p.RoomsList) -> dict[str, object]:
@@ -725,7 +739,7 @@ class Service:
             await pending.wait()
             if not self.store.healthy:
                 raise ClientError("unavailable", "the node cannot store writes right now", req.ref)
-        await self.store.wait_for_room()
+        await self._wait_for_room()
         pending = state.inflight.get(req.id)
         if pending is not None:  # the same id was sent again while we waited for room
             await pending.wait()
@@ -757,7 +771,7 @@ class Service:
 
     async def _change(self, s: Session, req: p.Edit | p.Delete | p.React) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
-        await self.store.wait_for_room()
+        await self._wait_for_room()
         state = self.rooms[req.room]
         m = state.log.get(req.id)
         if m is None:
@@ -825,7 +839,7 @@ class Service:
         current = self.meta.get(key)
         if isinstance(current, str) and current >= cursor:
             return p.ok(req.ref)
-        await self.store.wait_for_room()
+        await self._wait_for_room()
         current = self.meta.get(key)
         if isinstance(current, str) and current >= cursor:
             return p.ok(req.ref)
