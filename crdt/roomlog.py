@@ -616,6 +616,7 @@ class RoomLog:
             if number < self._head - _LIVE_BEHIND_HEAD:
                 self._apply_sealed(number, payload, changed)
                 return
+            _check_update(payload)  # do not open a segment for junk
             live = self._open(number)
         try:
             state = live.apply(payload)

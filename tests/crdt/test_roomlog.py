@@ -510,3 +510,12 @@ def test_get_and_apply_results_across_many_sealed_segments() -> None:
     ch = a.edit("id-0", "edited", ts(1000))
     assert decode_envelope(ch.update)[0][0] == a.head
     assert [(m.id, m.body) for m in b.apply(ch.update)] == [("id-0", "edited")]
+
+
+def test_junk_for_a_new_segment_opens_nothing() -> None:
+    a = RoomLog(ROOM, 1)
+    a.append("m", "al", "x", ts(1))
+    sv = a.state_vector()
+    with pytest.raises(CodecError):
+        a.apply(msgpack.packb([1, [[7, b"\x01\x02junk"]]]))
+    assert a.state_vector() == sv and a.head == 0
