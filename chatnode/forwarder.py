@@ -63,6 +63,18 @@ DEFAULT_TOPIC = "chat.messages"
 _POLL_S = 0.1
 _TOPIC_TIMEOUT_S = 3.0
 
+# Errors after which the idempotent producer's session (producer id, epoch, sequence numbers)
+# is unusable: retrying with it fails forever (Tansu answers PRODUCER_FENCED after librdkafka
+# bumps the epoch following a timeout), so the producer is replaced.
+_SESSION_ERRORS = frozenset({
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError._FATAL,
+})
+
 # (producer incarnation, room, generation, timestamp) carried by each delivery callback
 _Token = tuple[int, str, int, Timestamp]
 
@@ -229,7 +241,7 @@ class Forwarder:
 
     def _on_error(self, err: KafkaError) -> None:  # producer thread
         self._errors += 1
-        if err.fatal():
+        if err.fatal() or err.code() in _SESSION_ERRORS:
             self._fatal = True
             _rdlog.error("fatal producer error: %s", err)
         else:
@@ -238,7 +250,7 @@ class Forwarder:
     def _on_delivery(self, token: _Token, err: KafkaError | None, _msg: object) -> None:
         # runs in whichever pool thread polls or flushes; deque appends are atomic
         self._reports.append((token, err))
-        if err is not None and err.fatal():
+        if err is not None and (err.fatal() or err.code() in _SESSION_ERRORS):
             self._fatal = True
 
     def _produce_batch(self, records: Sequence[Record], incarnation: int) -> None:  # in pool
@@ -284,10 +296,12 @@ class Forwarder:
             self._drain_reports()
             if self._fatal and not self._closing:
                 async with self._producer_lock:
-                    log.error("replacing the producer after a fatal error")
+                    log.error("replacing the producer: its idempotent session failed")
+                    old = self._producer
                     self._reports.clear()
                     self._state.reset_all(self._clock())
                     await self._new_producer()
+                    await loop.run_in_executor(self._pool, _discard, old)
                 self._wake_pump.set()
 
     async def _ensure_topic(self) -> None:
@@ -359,6 +373,12 @@ class Forwarder:
                     log.warning("room %s has an epoch newer than %d: stopped", s.room, s.epoch)
             if failed:
                 await asyncio.sleep(0.5)
+
+
+def _discard(producer: Any) -> None:
+    """Drop what a replaced producer still holds (its reports are ignored: old incarnation)."""
+    producer.purge()
+    producer.flush(0)
 
 
 # marks records the producer refused to queue (queue full, producer failed)

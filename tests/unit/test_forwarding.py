@@ -188,7 +188,7 @@ class ForwardingMachine(RuleBasedStateMachine):
         for s in self.fw.pending_saves():
             assert s.epoch >= self.told[s.room], "a fenced epoch saved"
             prev = self.last_saved.get((s.room, s.epoch))
-            assert prev is None or s.frontier > prev, "saved frontier moved backwards"
+            assert prev is None or s.frontier >= prev, "saved frontier moved backwards"
             self.last_saved[(s.room, s.epoch)] = s.frontier
             self.saves.append(s)
 
@@ -201,9 +201,9 @@ class ForwardingMachine(RuleBasedStateMachine):
             return
         reg_epoch, reg_front = self.registry[s.room]
         if s.epoch < reg_epoch:
-            self.fw.on_saved(s, False)
-            self.told[s.room] = max(self.told[s.room], reg_epoch)
-            assert not self.fw.is_active(s.room) or self.fw.rooms()[s.room][0] >= reg_epoch
+            self.fw.on_saved(s, False)  # the forwarder now knows of an epoch > s.epoch
+            self.told[s.room] = max(self.told[s.room], s.epoch + 1)
+            assert not self.fw.is_active(s.room) or self.fw.rooms()[s.room][0] > s.epoch
             return
         assert s.epoch == reg_epoch
         assert reg_front is None or s.frontier >= reg_front, "registry frontier moved back"
@@ -280,7 +280,7 @@ class ForwardingMachine(RuleBasedStateMachine):
         for _ in range(10_000):
             self.now += 10
             self.issue_reads()
-            progressed = bool(self.reads)
+            progressed = bool(self.reads or self.queue)
             self.pump()
             while self.queue:
                 rec = self.queue.pop(0)
@@ -290,6 +290,7 @@ class ForwardingMachine(RuleBasedStateMachine):
                 self.fw.on_save_failed(s)
             self.saves = []
             self.start_saves()
+            progressed = progressed or bool(self.saves)
             while self.saves:
                 s = self.saves.pop(0)
                 assert s.epoch == self.registry[s.room][0]
