@@ -3,6 +3,8 @@
     chatnode run [--config FILE] [--host ADDR] [--port PORT] [--data-dir DIR] ...
     chatnode healthz [--config FILE] [--host ADDR] [--port PORT] [--timeout S]
     chatnode config [same flags as run]      print the resolved settings as JSON
+    chatnode keygen                          print a new random cluster key
+    chatnode members [--url URL]             print the cluster members a node knows, as a table
 
 Exit status: 0 success, 1 runtime failure (database locked, port taken, node unhealthy),
 2 bad usage or configuration (one line on stderr).
@@ -48,6 +50,10 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         }
         if s.repeat:
             kwargs["action"] = "append"
+        if s.switch:
+            del kwargs["metavar"]
+            kwargs["action"] = "store_const"
+            kwargs["const"] = "true"
         parser.add_argument(s.flag, **kwargs)
 
 
@@ -63,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     cfg = sub.add_parser("config", help="print the resolved settings as JSON")
     _add_settings(cfg)
+    sub.add_parser(
+        "keygen",
+        help="print a new random cluster key",
+        description="Print a new random cluster key (base64 of 32 bytes) for --cluster-key.",
+    )
+    members = sub.add_parser(
+        "members",
+        help="print the cluster members a running node knows",
+        description="Ask a running node (GET /v1/cluster) which members it knows.",
+    )
+    members.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
+    )
+    members.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    members.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
 
 
@@ -136,6 +157,49 @@ def _healthz(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def _keygen() -> int:
+    from chatnode.keyring import generate_key  # noqa: PLC0415  (cryptography: only here)
+
+    sys.stdout.write(generate_key() + "\n")
+    return 0
+
+
+def format_members(view: dict[str, Any]) -> str:
+    """The ``GET /v1/cluster`` answer as a text table, this node marked with ``*``."""
+    me = view.get("self")
+    rows = [("", "ID", "ADDRESS", "STATE", "INCARNATION")]
+    members = view.get("members")
+    for m in members if isinstance(members, list) else []:
+        if isinstance(m, dict):
+            mark = "*" if m.get("id") == me else ""
+            rows.append(
+                (mark, str(m.get("id")), str(m.get("address")), str(m.get("state")),
+                 str(m.get("incarnation")))
+            )  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    head = f"node {me}" + (" (standalone: no cluster key)" if view.get("standalone") else "")
+    return "\n".join([head, *lines]) + "\n"
+
+
+def _members(args: argparse.Namespace) -> int:
+    url = str(args.url).rstrip("/") + "/v1/cluster"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            view = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        sys.stderr.write(f"chatnode: error: {url}: {getattr(exc, 'reason', exc)}\n")
+        return 1
+    if not isinstance(view, dict):
+        sys.stderr.write(f"chatnode: error: {url}: unexpected answer\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(view, indent=2) + "\n")
+    else:
+        sys.stdout.write(format_members(view))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chatnode`` console script; returns the exit status."""
     parser = _parser()
@@ -149,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "healthz":
             return _healthz(args)
+        if args.command == "keygen":
+            return _keygen()
+        if args.command == "members":
+            return _members(args)
     except ConfigError as exc:
         sys.stderr.write(f"chatnode: error: {exc}\n")
         return 2

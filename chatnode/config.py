@@ -12,16 +12,20 @@ The TOML file uses the setting names with underscores at the top level::
     data_dir = "/var/lib/chatnode"
     token_ttl = "7d"
     join = ["10.0.0.2:8080", "10.0.0.3:8080"]
+    cluster_key_file = "/etc/chatnode/cluster.key"
+    mdns = true
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -62,11 +66,27 @@ class Config:
     snapshot_every: int = 1000  # updates between snapshots of a room log or of the metadata
     # Cluster settings (read by the membership/replication/forwarding layers).
     join: tuple[str, ...] = ()
-    cluster_key: str | None = None
+    cluster_keys: tuple[str, ...] = ()  # the first one seals, every one opens
+    cluster_key_file: Path | None = None  # read into cluster_keys when none is given
     gossip_port: int | None = None  # None: the same number as ``port``, over UDP
+    advertise: str | None = None  # host[:port] other members use; default: host
+    mdns: bool = False
+    mdns_interface: str | None = None  # default: the advertised address
+    dns_name: str | None = None  # name[:port] whose A records are polled
+    dns_interval_ms: int = 5000
     replicas: int = 2
     kafka_brokers: str | None = None
     kafka_topic: str = "chat.messages"
+
+    @property
+    def cluster_key(self) -> str | None:
+        """The key that seals (the first one), or None for a standalone node."""
+        return self.cluster_keys[0] if self.cluster_keys else None
+
+    @property
+    def gossip_port_number(self) -> int:
+        """The gossip port: ``gossip_port`` or, by default, the same number as ``port``."""
+        return self.gossip_port if self.gossip_port is not None else self.port
 
     @property
     def db_path(self) -> Path:
@@ -221,6 +241,78 @@ def _seeds(value: object) -> tuple[str, ...]:
     return tuple(_hostport(i) for i in items)
 
 
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+    raise ValueError("expected true or false")
+
+
+def _keys(value: object) -> tuple[str, ...]:
+    """Cluster keys: a string (commas separate several) or a list; each is 64 hex digits or
+    base64 of 32 bytes (``chatnode keygen``)."""
+    if isinstance(value, str):
+        items = [s.strip() for s in value.split(",") if s.strip()]
+    elif isinstance(value, list | tuple):
+        items = []
+        for v in value:
+            if not isinstance(v, str):
+                raise ValueError("expected a list of keys")
+            items.extend(s.strip() for s in v.split(",") if s.strip())
+    else:
+        raise ValueError("expected a key or a comma-separated list of keys")
+    for item in items:
+        if not _is_key(item):
+            raise ValueError(
+                "a cluster key is 64 hex digits or base64 of 32 bytes (chatnode keygen)"
+            )
+    return tuple(items)
+
+
+def _is_key(text: str) -> bool:
+    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return True
+    padded = text + "=" * (-len(text) % 4)
+    for altchars in (b"+/", b"-_"):
+        try:
+            if len(base64.b64decode(padded, altchars=altchars, validate=True)) == 32:
+                return True
+        except (binascii.Error, ValueError):
+            continue
+    return False
+
+
+def _optional_path(value: object) -> Path | None:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return _path(value)
+
+
+def _optional_host(value: object) -> str | None:
+    if isinstance(value, str) and not value.strip():
+        return None
+    return _host(value)
+
+
+def _optional_hostport(value: object) -> str | None:
+    """``host`` or ``host:port`` (the port defaults elsewhere)."""
+    if not isinstance(value, str):
+        raise ValueError("expected host or host:port")
+    value = value.strip()
+    if not value:
+        return None
+    if value.count(":") == 1:
+        _hostport(value)
+    else:
+        _host(value.strip("[]"))
+    return value
+
+
 def _optional_port(value: object) -> int | None:
     if isinstance(value, str) and not value.strip():
         return None
@@ -237,6 +329,7 @@ class Setting:
     help: str
     metavar: str = "VALUE"
     repeat: bool = False  # flag may be given several times (values joined with commas)
+    switch: bool = False  # the flag takes no value and means true
 
     @property
     def flag(self) -> str:
@@ -314,13 +407,64 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "HOST:PORT",
         repeat=True,
     ),
-    Setting("cluster_key", "cluster_key", _optional_text, "shared secret of the cluster", "KEY"),
+    Setting(
+        "cluster_key",
+        "cluster_keys",
+        _keys,
+        "cluster key (chatnode keygen); several for rotation, the first seals; "
+        "none: the node runs standalone",
+        "KEY",
+        repeat=True,
+    ),
+    Setting(
+        "cluster_key_file",
+        "cluster_key_file",
+        _optional_path,
+        "file of cluster keys, one a line, the first seals (used when no --cluster-key)",
+        "FILE",
+    ),
     Setting(
         "gossip_port",
         "gossip_port",
         _optional_port,
         "UDP gossip port (default: the same number as --port)",
         "PORT",
+    ),
+    Setting(
+        "advertise",
+        "advertise",
+        _optional_hostport,
+        "host[:port] other members reach this node's gossip at (default: --host)",
+        "HOST[:PORT]",
+    ),
+    Setting(
+        "mdns",
+        "mdns",
+        _bool,
+        "find peers with mDNS (_chatnode._tcp.local.) and advertise this node",
+        "BOOL",
+        switch=True,
+    ),
+    Setting(
+        "mdns_interface",
+        "mdns_interface",
+        _optional_host,
+        "IPv4 address of the interface mDNS uses (default: the advertised address)",
+        "ADDR",
+    ),
+    Setting(
+        "dns_name",
+        "dns_name",
+        _optional_hostport,
+        "DNS name whose A records are peers, polled (e.g. a headless service), name[:port]",
+        "NAME[:PORT]",
+    ),
+    Setting(
+        "dns_interval",
+        "dns_interval_ms",
+        _duration(100, 3_600_000),
+        "how often --dns-name is resolved",
+        "DURATION",
     ),
     Setting("replicas", "replicas", _int(1, 16), "copies of each message before its ack", "R"),
     Setting(
@@ -393,14 +537,27 @@ def load_config(
             values[s.attr] = s.convert(raw)
         except ValueError as exc:
             raise ConfigError(f"{origin}: {exc}") from None
-    cfg = Config(**values)
-    _check_whole(cfg)
-    return cfg
+    return _check_whole(Config(**values))
 
 
-def _check_whole(cfg: Config) -> None:
+def _check_whole(cfg: Config) -> Config:
     if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
         raise ConfigError(f"--data-dir {cfg.data_dir}: exists and is not a directory")
+    if not cfg.cluster_keys and cfg.cluster_key_file is not None:
+        path = cfg.cluster_key_file
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--cluster-key-file {path}: {exc.strerror or exc}") from None
+        lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        try:
+            keys = _keys([line for line in lines if line])
+        except ValueError as exc:
+            raise ConfigError(f"--cluster-key-file {path}: {exc}") from None
+        if not keys:
+            raise ConfigError(f"--cluster-key-file {path}: no key in the file")
+        cfg = replace(cfg, cluster_keys=keys)
+    return cfg
 
 
 def describe(cfg: Config) -> dict[str, object]:
@@ -408,8 +565,8 @@ def describe(cfg: Config) -> dict[str, object]:
     out: dict[str, object] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name == "cluster_key" and value is not None:
-            value = "<set>"
+        if f.name == "cluster_keys":
+            value = f"<{len(value)} set>" if value else None
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
