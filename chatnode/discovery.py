@@ -31,6 +31,7 @@ from chatnode.keyring import Keyring, parse_key, read_key_file
 from chatnode.membership import Addr, Member, MemberEvent, MembershipConfig
 
 __all__ = [
+    "DEFAULT_PORT",
     "SERVICE_TYPE",
     "ClusterOptions",
     "DnsPoller",
@@ -48,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_chatnode._tcp.local."
+DEFAULT_PORT = 8080  # gossip uses the HTTP port's number, so one host:port names a node
 
 
 def parse_hostport(text: str, default_port: int) -> tuple[str, int]:
@@ -262,7 +264,7 @@ def build_sources(
     node_id: str,
     *,
     seeds: Sequence[str] = (),
-    default_port: int = 7946,
+    default_port: int = DEFAULT_PORT,
     dns_name: str | None = None,
     dns_interval: float = 5.0,
     mdns: bool = False,
@@ -289,7 +291,7 @@ class ClusterOptions:
 
     keys: tuple[str, ...]  # cluster keys as base64/hex strings; the first one sends
     gossip_host: str = "0.0.0.0"
-    gossip_port: int = 7946
+    gossip_port: int = DEFAULT_PORT  # node.py passes the HTTP port's number by default
     advertise: Addr | None = None  # default: gossip_host, or the primary IPv4 if 0.0.0.0
     join: tuple[str, ...] = ()  # --join host[:port], repeatable
     dns_name: str | None = None  # --dns-name name[:port]
@@ -348,7 +350,7 @@ def build_membership(
     sources = build_sources(
         node_id,
         seeds=opts.join,
-        default_port=opts.gossip_port or 7946,
+        default_port=opts.gossip_port or DEFAULT_PORT,
         dns_name=opts.dns_name,
         dns_interval=opts.dns_interval,
         mdns=opts.mdns,

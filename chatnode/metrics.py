@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Protocol
 
-__all__ = ["Counter", "Gauge", "Histogram", "LabeledCounter", "Metrics"]
+__all__ = ["Counter", "Gauge", "Histogram", "LabeledCounter", "LabeledReading", "Metrics"]
 
 LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -90,6 +90,36 @@ class Gauge:
         yield f"{self.name} {_num(self.read())}"
 
 
+class LabeledReading:
+    """Labeled values read when rendered (counters or gauges kept by another component)."""
+
+    __slots__ = ("help", "kind", "label", "name", "read")
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        label: str,
+        read: Callable[[], Mapping[str, float]],
+        *,
+        kind: str = "gauge",
+    ) -> None:
+        if kind not in ("gauge", "counter"):
+            raise ValueError("kind is gauge or counter")
+        self.name = name
+        self.help = help
+        self.label = label
+        self.read = read
+        self.kind = kind
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        values = self.read()
+        for key in sorted(values):
+            yield f'{self.name}{{{self.label}="{_label(key)}"}} {_num(values[key])}'
+
+
 class Histogram:
     __slots__ = ("bounds", "count", "counts", "help", "name", "sum")
 
@@ -147,10 +177,22 @@ class Metrics:
         self.write_batches = Histogram(
             "chatnode_db_write_batch_commits", "commits joined in one group write", SIZE_BUCKETS
         )
-        self.gauges: list[Gauge] = []
+        self.gauges: list[Gauge | LabeledReading] = []
 
     def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
         self.gauges.append(Gauge(name, help, read))
+
+    def labeled(
+        self,
+        name: str,
+        help: str,
+        label: str,
+        read: Callable[[], Mapping[str, float]],
+        *,
+        kind: str = "gauge",
+    ) -> None:
+        """Register labeled values read at render time (``kind`` gauge or counter)."""
+        self.gauges.append(LabeledReading(name, help, label, read, kind=kind))
 
     def render(self) -> str:
         lines: list[str] = []
