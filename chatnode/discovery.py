@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from chatnode.gossip_udp import GossipMembership, PeerSource, Propose
+from chatnode.gossip_udp import GossipMembership, PeerSource, Propose, PushPullClient
 from chatnode.keyring import Keyring, parse_key, read_key_file
 from chatnode.membership import Addr, Member, MemberEvent, MembershipConfig
 
@@ -341,8 +341,12 @@ def build_membership(
     *,
     on_event: Callable[[MemberEvent], None] | None = None,
     config: MembershipConfig | None = None,
+    push_pull_client: PushPullClient | None = None,
 ) -> GossipMembership:
-    """A ready :class:`GossipMembership` (not started) with the configured peer sources."""
+    """A ready :class:`GossipMembership` (not started) with the configured peer sources.
+    With ``push_pull_client`` the caller carries push-pull exchanges (and answers incoming
+    ones through :meth:`GossipMembership.answer_push_pull`); otherwise the adapter listens
+    on TCP itself."""
     advertise = opts.advertise
     if advertise is None and opts.gossip_host in ("0.0.0.0", ""):
         advertise = (primary_ipv4(), opts.gossip_port)
@@ -365,6 +369,8 @@ def build_membership(
         incarnation=opts.incarnation,
         sources=sources,
         on_event=on_event,
+        push_pull_client=push_pull_client,
+        serve_push_pull=push_pull_client is None,
     )
 
 

@@ -5,7 +5,11 @@
   (kind "datagram") and is at most :data:`MAX_DATAGRAM` (1,400) bytes sealed: the state
   machine is given the budget that remains after the seal overhead.
 * Push-pull (full state, every 30 s and on join) goes over TCP on the same port number: one
-  connection per exchange, one length-prefixed sealed frame (kind "stream") each way.
+  connection per exchange, one length-prefixed sealed frame (kind "stream") each way. A host
+  that already serves that TCP port (the node's HTTP server, when gossip shares its port
+  number) carries the exchange itself instead: it passes ``push_pull_client`` (sends one
+  sealed frame, returns the sealed answer) and ``serve_push_pull=False``, and hands incoming
+  frames to :meth:`GossipMembership.answer_push_pull`.
 * A ticker task, owned by this object, calls ``tick`` whenever the machine has something due
   (at least every 50 ms); push-pull exchanges and TCP handlers are tasks owned here too and
   are cancelled and awaited on :meth:`GossipMembership.stop`.
@@ -22,7 +26,7 @@ import logging
 import random
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
 from chatnode.keyring import KIND_DATAGRAM, KIND_STREAM, AuthError, Keyring
@@ -41,16 +45,32 @@ from chatnode.membership import (
     encode_message,
 )
 
-__all__ = ["MAX_DATAGRAM", "GossipMembership", "PeerSource", "Propose"]
+__all__ = [
+    "MAX_DATAGRAM",
+    "MAX_FRAME",
+    "GossipMembership",
+    "PeerSource",
+    "Propose",
+    "PushPullBusy",
+    "PushPullClient",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 1400
-_MAX_FRAME = 8 * 1024 * 1024
+MAX_FRAME = 8 * 1024 * 1024
+_MAX_FRAME = MAX_FRAME
 _TICK_CAP = 0.05
 _LEN = struct.Struct(">I")
 
 Propose = Callable[[Sequence[Addr]], None]
+# Sends one sealed push-pull frame to a member's gossip address, returns its sealed answer;
+# raises OSError (or TimeoutError) when the exchange fails.
+PushPullClient = Callable[[Addr, bytes], Awaitable[bytes]]
+
+
+class PushPullBusy(Exception):
+    """Too many push-pull exchanges are being answered at once, or the node is closing."""
 
 
 class PeerSource(Protocol):
@@ -100,6 +120,8 @@ class GossipMembership:
         push_pull_timeout: float = 5.0,
         max_push_pulls: int = 8,
         leave_grace: float = 0.5,
+        push_pull_client: PushPullClient | None = None,
+        serve_push_pull: bool = True,
     ) -> None:
         self.node_id = node_id
         self._bind = bind
@@ -118,6 +140,9 @@ class GossipMembership:
         self._push_pull_timeout = push_pull_timeout
         self._max_push_pulls = max_push_pulls
         self._leave_grace = leave_grace
+        self._push_pull_client = push_pull_client
+        self._serve_push_pull = serve_push_pull
+        self._answering = 0
         self._machine: Membership | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
@@ -137,11 +162,12 @@ class GossipMembership:
         )
         self._transport = transport
         host, port = transport.get_extra_info("sockname")[:2]
-        try:
-            self._server = await asyncio.start_server(self._serve_push_pull, host, port)
-        except OSError:
-            transport.close()
-            raise
+        if self._serve_push_pull:
+            try:
+                self._server = await asyncio.start_server(self._serve_push_pull_tcp, host, port)
+            except OSError:
+                transport.close()
+                raise
         self.bound = (str(host), int(port))
         addr = self._advertise or self.bound
         inc = self._incarnation if self._incarnation is not None else int(time.time() * 1000)
@@ -331,19 +357,52 @@ class GossipMembership:
         (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
         if size > _MAX_FRAME:
             raise CodecError("push-pull frame too large")
-        opened = self.keyring.open(KIND_STREAM, await reader.readexactly(size), time.time())
+        return self._open_frame(await reader.readexactly(size))
+
+    def _open_frame(self, sealed: bytes) -> PushPull:
+        opened = self.keyring.open(KIND_STREAM, sealed, time.time())
         msg = decode_message(opened.payload, max_size=_MAX_FRAME)
         if not isinstance(msg, PushPull):
             raise CodecError("expected a push-pull frame")
         return msg
 
+    async def answer_push_pull(self, sealed: bytes) -> bytes:
+        """Answer one incoming push-pull frame (for a host that carries the exchange):
+        merge it, return our own table sealed. Raises :class:`AuthError` or
+        :class:`CodecError` for a bad frame, :class:`PushPullBusy` when overloaded."""
+        if self._closing or self._machine is None or self._answering >= self._max_push_pulls * 4:
+            self._count("push_pull_refused")
+            raise PushPullBusy("push-pull refused")
+        self._answering += 1
+        try:
+            try:
+                if len(sealed) > _MAX_FRAME:
+                    raise CodecError("push-pull frame too large")
+                msg = self._open_frame(sealed)
+            except (AuthError, CodecError):
+                self._count("push_pull_in_failed")
+                raise
+            m = self.machine
+            reply, outs = m.handle_push_pull(msg, asyncio.get_running_loop().time())
+            self._handle(outs)
+            self._count("push_pull_in")
+            return self.keyring.seal(KIND_STREAM, self.node_id, encode_message(reply), time.time())
+        finally:
+            self._answering -= 1
+
     async def _exchange(self, req: PushPullRequest) -> None:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self._push_pull_timeout):
-                reader, writer = await asyncio.open_connection(req.addr[0], req.addr[1])
-                await self._write_frame(writer, req.msg)
-                reply = await self._read_frame(reader)
+                if self._push_pull_client is not None:
+                    sealed = self.keyring.seal(
+                        KIND_STREAM, self.node_id, encode_message(req.msg), time.time()
+                    )
+                    reply = self._open_frame(await self._push_pull_client(req.addr, sealed))
+                else:
+                    reader, writer = await asyncio.open_connection(req.addr[0], req.addr[1])
+                    await self._write_frame(writer, req.msg)
+                    reply = await self._read_frame(reader)
             self._count("push_pull_out")
             m = self.machine
             self._handle(m.merge_remote_state(reply, asyncio.get_running_loop().time()))
@@ -356,7 +415,7 @@ class GossipMembership:
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
 
-    async def _serve_push_pull(
+    async def _serve_push_pull_tcp(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()

@@ -7,6 +7,15 @@ answer new work with ``unavailable``, let in-flight requests finish, close every
 1001, cancel and await the background tasks, write the queued commits and close the database.
 SIGKILL at any point loses no acknowledged write: every acknowledgement follows a synced
 commit, and RocksDB replays its write-ahead log on the next open.
+
+Cluster membership (``docs/MEMBERSHIP.md``): with a cluster key the node starts a
+:class:`~chatnode.gossip_udp.GossipMembership` once its HTTP port is bound: gossip over UDP on
+the same port number (unless ``--gossip-port`` says otherwise), push-pull as a sealed
+``POST /v1/gossip/push-pull`` to the gossip port number (this HTTP server, or a second
+listener of it when the gossip port differs), peers proposed by ``--join``, ``--dns-name``
+and ``--mdns``. Without a key it runs standalone and says so. Other layers follow membership
+through :meth:`Node.on_member_event` and :meth:`Node.members`. On shutdown the node leaves
+the cluster gracefully after it has stopped serving clients.
 """
 
 from __future__ import annotations
@@ -17,32 +26,48 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import aiohttp
 from aiohttp import web
 
 from chatnode.auth import TokenSigner
 from chatnode.config import Config
+from chatnode.discovery import ClusterOptions, build_membership, member_json, parse_hostport
 from chatnode.errors import ServerError
+from chatnode.gossip_udp import MAX_FRAME, GossipMembership, PushPullBusy
+from chatnode.keyring import AuthError, parse_key
+from chatnode.membership import Addr, CodecError, Member, MemberEvent, MemberState
 from chatnode.metrics import Metrics
 from chatnode.service import Service
 from chatnode.storage import Store, WriteStats
 from chatnode.web import WebApp
 
-__all__ = ["IDENTITY_FILE", "Identity", "IdentityError", "Node", "load_identity"]
+__all__ = [
+    "IDENTITY_FILE",
+    "Identity",
+    "IdentityError",
+    "MemberListener",
+    "Node",
+    "load_identity",
+]
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE: Final = "node.json"
 MAINTENANCE_INTERVAL: Final = 60.0
 DRAIN_TIMEOUT: Final = 10.0
+
+MemberListener = Callable[[MemberEvent], None]
 
 
 class IdentityError(ServerError):
@@ -97,13 +122,14 @@ def load_identity(data_dir: Path) -> Identity:
 
 
 def token_keys(cfg: Config, ident: Identity) -> list[bytes]:
-    """The session-token keys: derived from the cluster key when there is one (so every node
-    of the cluster verifies every token), else this node's own secret."""
-    if cfg.cluster_key:
-        derived = hmac.new(
-            cfg.cluster_key.encode("utf-8"), b"chatnode session tokens v1", hashlib.sha256
-        ).digest()
-        return [derived]
+    """The session-token keys: derived from the cluster keys when there are some (so every
+    node of the cluster verifies every token; the first key's derivation signs, as the first
+    cluster key seals), else this node's own secret."""
+    if cfg.cluster_keys:
+        return [
+            hmac.new(parse_key(k), b"chatnode session tokens v1", hashlib.sha256).digest()
+            for k in cfg.cluster_keys
+        ]
     return [ident.token_key]
 
 
@@ -122,6 +148,10 @@ class Node:
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
         self.url = cfg.url
+        self.gossip: GossipMembership | None = None  # None: standalone (or not started)
+        self._gossip_http: aiohttp.ClientSession | None = None
+        self._gossip_site: web.TCPSite | None = None
+        self._member_listeners: list[MemberListener] = []
 
     @property
     def node_id(self) -> str:
@@ -130,6 +160,213 @@ class Node:
     def stop(self) -> None:
         """Ask :meth:`run` to shut down (safe from signal handlers)."""
         self._stop.set()
+
+    # -- membership ---------------------------------------------------------------------------
+
+    @property
+    def standalone(self) -> bool:
+        """True when the node runs without a cluster key (no gossip at all)."""
+        return not self.cfg.cluster_keys
+
+    def on_member_event(self, listener: MemberListener) -> Callable[[], None]:
+        """Call ``listener`` (on the event loop, synchronously; it must not block) for every
+        membership change from now on; returns a function that unsubscribes it. A listener
+        that raises is logged and kept."""
+        self._member_listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._member_listeners.remove(listener)
+
+        return unsubscribe
+
+    def members(self) -> list[Member]:
+        """Every member this node knows (itself included), sorted by id; only itself when
+        standalone."""
+        if self.gossip is not None:
+            return self.gossip.members()
+        addr = (self.cfg.host, self.cfg.gossip_port_number)
+        return [Member(self.node_id, addr, MemberState.ALIVE, 0, 0.0)]
+
+    def cluster_view(self) -> dict[str, object]:
+        """The body of ``GET /v1/cluster``."""
+        return {
+            "self": self.node_id,
+            "standalone": self.standalone,
+            "members": [member_json(m) for m in self.members()],
+        }
+
+    def _dispatch_member_event(self, ev: MemberEvent) -> None:
+        for listener in list(self._member_listeners):
+            try:
+                listener(ev)
+            except Exception:
+                log.exception("membership listener %r failed", listener)
+
+    async def _start_membership(self) -> None:
+        cfg = self.cfg
+        sources = [
+            flag
+            for flag, given in (
+                ("--join", bool(cfg.join)),
+                ("--mdns", cfg.mdns),
+                ("--dns-name", bool(cfg.dns_name)),
+            )
+            if given
+        ]
+        if not cfg.cluster_keys:
+            log.warning(
+                "no cluster key (--cluster-key, CHATNODE_CLUSTER_KEY or --cluster-key-file): "
+                "running STANDALONE, not part of any cluster%s",
+                f"; ignoring {', '.join(sources)}" if sources else "",
+            )
+            return
+        port = cfg.gossip_port_number
+        advertise: Addr | None = None
+        if cfg.advertise:
+            host, adv_port = parse_hostport(cfg.advertise, port)
+            advertise = (await _ipv4(host), adv_port)
+        opts = ClusterOptions(
+            keys=cfg.cluster_keys,
+            gossip_host=cfg.host,
+            gossip_port=port,
+            advertise=advertise,
+            join=cfg.join,
+            dns_name=cfg.dns_name,
+            dns_interval=cfg.dns_interval_ms / 1000,
+            mdns=cfg.mdns,
+            mdns_interfaces=(cfg.mdns_interface,) if cfg.mdns_interface else (),
+        )
+        if port != cfg.port and self._runner is not None:
+            # push-pull is HTTP on the gossip port number: listen there too
+            self._gossip_site = web.TCPSite(self._runner, cfg.host, port, reuse_address=True)
+            await self._gossip_site.start()
+        self._gossip_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
+            connector=aiohttp.TCPConnector(limit=16, force_close=True),
+        )
+        gossip = build_membership(
+            self.node_id,
+            opts,
+            on_event=self._dispatch_member_event,
+            push_pull_client=self._push_pull_out,
+        )
+        await gossip.start()
+        self.gossip = gossip
+        if self.webapp is not None:
+            self.webapp.push_pull = self._push_pull_in
+        self._register_gossip_metrics(gossip)
+        log.info(
+            "node %s in cluster mode: gossip on %s:%d (advertised %s:%d), peers from %s",
+            self.node_id,
+            gossip.bound[0],
+            gossip.bound[1],
+            gossip.address[0],
+            gossip.address[1],
+            ", ".join(sources) or "nothing yet (others must join this node)",
+        )
+
+    def _register_gossip_metrics(self, gossip: GossipMembership) -> None:
+        def datagrams() -> dict[str, float]:
+            c = gossip.counters
+            return {"in": float(c.get("udp_in", 0)), "out": float(c.get("udp_out", 0))}
+
+        def drops() -> dict[str, float]:
+            out = {"auth_" + reason: float(n) for reason, n in gossip.keyring.stats.dropped.items()}
+            for key, n in gossip.counters.items():
+                if key.startswith("udp_dropped_") and key != "udp_dropped_auth":
+                    out[key.removeprefix("udp_dropped_")] = float(n)
+            return out
+
+        def push_pulls() -> dict[str, float]:
+            c = gossip.counters
+            return {
+                k.removeprefix("push_pull_"): float(c.get(k, 0))
+                for k in ("push_pull_out", "push_pull_in", "push_pull_failed",
+                          "push_pull_in_failed", "push_pull_skipped", "push_pull_refused")
+            }  # fmt: skip
+
+        def by_state() -> dict[str, float]:
+            counts = {s.value: 0.0 for s in MemberState}
+            for m in gossip.members():
+                counts[m.state.value] += 1
+            return counts
+
+        self.metrics.labeled(
+            "chatnode_gossip_datagrams_total", "gossip UDP datagrams", "direction", datagrams,
+            kind="counter",
+        )  # fmt: skip
+        self.metrics.labeled(
+            "chatnode_gossip_dropped_total",
+            "gossip datagrams and frames dropped, by reason (auth_*: failed authentication)",
+            "reason",
+            drops,
+            kind="counter",
+        )
+        self.metrics.labeled(
+            "chatnode_gossip_push_pulls_total",
+            "full-state exchanges over TCP, by outcome (out/in: done as initiator/listener)",
+            "result",
+            push_pulls,
+            kind="counter",
+        )
+        self.metrics.labeled(
+            "chatnode_cluster_members", "members known, by state (this node included)", "state",
+            by_state,
+        )  # fmt: skip
+        self.metrics.gauge(
+            "chatnode_gossip_local_health",
+            "Lifeguard local health score (0 healthy)",
+            lambda: float(gossip.machine.awareness),
+        )
+
+    async def _push_pull_out(self, addr: Addr, sealed: bytes) -> bytes:
+        """Carry one push-pull exchange to ``addr`` (its gossip address) over HTTP."""
+        session = self._gossip_http
+        if session is None:
+            raise OSError("membership is stopping")
+        url = f"http://{addr[0]}:{addr[1]}/v1/gossip/push-pull"
+        headers = {"Content-Type": "application/octet-stream"}
+        try:
+            async with session.post(url, data=sealed, headers=headers) as resp:
+                if resp.status != 200:
+                    raise OSError(f"{url}: HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > MAX_FRAME:
+                    raise OSError(f"{url}: answer too large")
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    total += len(chunk)
+                    if total > MAX_FRAME:
+                        raise OSError(f"{url}: answer too large")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except aiohttp.ClientError as exc:
+            raise OSError(f"{url}: {exc}") from exc
+
+    async def _push_pull_in(self, sealed: bytes) -> bytes | None:
+        gossip = self.gossip
+        if gossip is None:
+            return None
+        try:
+            return await gossip.answer_push_pull(sealed)
+        except (AuthError, CodecError, PushPullBusy) as exc:
+            log.debug("push-pull frame rejected: %r", exc)
+            return None
+
+    async def _stop_membership(self, *, leave: bool) -> None:
+        gossip, self.gossip = self.gossip, None
+        if self.webapp is not None:
+            self.webapp.push_pull = None
+        if gossip is not None:
+            await gossip.stop(leave=leave)
+        site, self._gossip_site = self._gossip_site, None
+        if site is not None and self._runner is not None:
+            with contextlib.suppress(RuntimeError):  # already stopped with the runner
+                await site.stop()
+        session, self._gossip_http = self._gossip_http, None
+        if session is not None:
+            await session.close()
 
     async def run(self) -> None:
         """Start, serve until :meth:`stop`, then shut down cleanly."""
@@ -140,6 +377,7 @@ class Node:
                 await self._stop.wait()
                 log.info("shutting down")
                 await self._stop_serving()
+                await self._stop_membership(leave=True)
                 maintenance.cancel()
         finally:
             await self._close()
@@ -175,6 +413,8 @@ class Node:
         self.cfg = dataclasses.replace(cfg, port=port)
         self.url = self.cfg.url
         log.info("node %s listening on %s (data in %s)", self.node_id, self.url, cfg.data_dir)
+        self.webapp.cluster_view = self.cluster_view
+        await self._start_membership()
         if self.on_listening is not None:
             self.on_listening(self)
 
@@ -205,6 +445,7 @@ class Node:
             self._runner = None
 
     async def _close(self) -> None:
+        await self._stop_membership(leave=False)
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()
@@ -213,3 +454,15 @@ class Node:
             await self.store.close()
             self.store = None
         log.info("stopped")
+
+
+async def _ipv4(host: str) -> str:
+    """``host`` as an IPv4 address (resolved without blocking the loop)."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, family=socket.AF_INET)
+    if not infos:
+        raise OSError(f"--advertise {host}: no IPv4 address")
+    return str(infos[0][4][0])

@@ -1,8 +1,9 @@
 """The HTTP and WebSocket face of a node (aiohttp).
 
 Endpoints (``docs/PROTOCOL.md``): ``POST /v1/accounts``, ``POST /v1/sessions``,
-``DELETE /v1/sessions``, ``GET /v1/ws``, ``GET /healthz``, ``GET /metrics``, and the web
-client's files from ``chatnode/static/`` at ``/``.
+``DELETE /v1/sessions``, ``GET /v1/ws``, ``GET /healthz``, ``GET /metrics``, the operator's
+``GET /v1/cluster`` and the members' sealed ``POST /v1/gossip/push-pull``
+(``docs/MEMBERSHIP.md``), and the web client's files from ``chatnode/static/`` at ``/``.
 
 Each WebSocket connection has a bounded send queue drained by one writer task that the
 connection's handler owns and awaits. A client whose queue overflows (it reads slower than
@@ -24,7 +25,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -46,6 +47,7 @@ CLOSE_TOO_SLOW: Final = 4008
 CLOSE_LOGGED_OUT: Final = 1008
 CLOSE_TIMEOUT: Final = 5.0
 MAX_HTTP_BODY: Final = 4096
+MAX_PUSH_PULL_BODY: Final = 8 * 1024 * 1024
 STATIC_DIR: Final = Path(__file__).parent / "static"
 _STATIC_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _SECURITY_HEADERS: Final = {
@@ -199,6 +201,15 @@ class WebApp:
         self.started = time.monotonic()
         self.auth_ip = KeyedLimiter[str](rate=5.0, burst=30.0, max_keys=50_000)
         self.auth_user = KeyedLimiter[str](rate=0.5, burst=10.0, max_keys=50_000)
+        # The body of GET /v1/cluster; the node replaces it with its membership view.
+        self.cluster_view: Callable[[], Mapping[str, object]] = lambda: {
+            "self": service.node_id,
+            "standalone": True,
+            "members": [],
+        }
+        # Answers one sealed push-pull frame of a cluster member (None: rejected); set by the
+        # node when it runs membership. The frames are authenticated by the cluster key.
+        self.push_pull: Callable[[bytes], Awaitable[bytes | None]] | None = None
         service.on_revoke = self._revoked
         metrics.gauge("chatnode_connections", "open WebSocket connections",
                       lambda: float(len(self.connections)))  # fmt: skip
@@ -211,6 +222,8 @@ class WebApp:
         app.router.add_delete("/v1/sessions", self._wrap("sessions", self._logout))
         app.router.add_get("/v1/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/v1/cluster", self._cluster)
+        app.router.add_post("/v1/gossip/push-pull", self._push_pull)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
         app.router.add_get("/{name}", self._static)
@@ -290,6 +303,32 @@ class WebApp:
             "storage": "ok" if storage_ok else "failed",
         }
         return _json(body, 200 if status == "ok" else 503)
+
+    async def _cluster(self, request: web.Request) -> web.StreamResponse:
+        """Who this node is and every member it knows (answered while draining too)."""
+        self.metrics.http.inc("cluster")
+        return web.Response(
+            text=json.dumps(self.cluster_view()),
+            content_type="application/json",
+            headers=_SECURITY_HEADERS,
+        )
+
+    async def _push_pull(self, request: web.Request) -> web.StreamResponse:
+        """One full-state exchange with another member: sealed frame in, sealed frame out."""
+        handler = self.push_pull
+        if handler is None:
+            raise web.HTTPNotFound(text="not a cluster member")
+        size = request.content_length
+        if size is None or size > MAX_PUSH_PULL_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_PUSH_PULL_BODY, actual_size=size or 0)
+        try:
+            body = await request.content.readexactly(size)
+        except asyncio.IncompleteReadError:
+            raise web.HTTPBadRequest(text="truncated frame") from None
+        answer = await handler(body)
+        if answer is None:
+            raise web.HTTPForbidden(text="rejected")
+        return web.Response(body=answer, content_type="application/octet-stream")
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(
