@@ -41,11 +41,12 @@ import aiohttp
 from aiohttp import web
 
 from chatnode.auth import TokenSigner
+from chatnode.cluster import Cluster
 from chatnode.config import Config
 from chatnode.discovery import ClusterOptions, build_membership, member_json, parse_hostport
 from chatnode.errors import ServerError
 from chatnode.gossip_udp import MAX_FRAME, GossipMembership, PushPullBusy
-from chatnode.keyring import AuthError, parse_key
+from chatnode.keyring import AuthError, Keyring, parse_key
 from chatnode.membership import Addr, CodecError, Member, MemberEvent, MemberState
 from chatnode.metrics import Metrics
 from chatnode.service import Service
@@ -144,6 +145,7 @@ class Node:
         self.store: Store | None = None
         self.service: Service | None = None
         self.webapp: WebApp | None = None
+        self.cluster: Cluster | None = None  # replication and registry (docs/REPLICATION.md)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
@@ -399,8 +401,12 @@ class Node:
             snapshot_every=cfg.snapshot_every,
         )
         self.webapp = WebApp(cfg, self.service, self.metrics)
+        keyring = Keyring.from_strings(cfg.cluster_keys) if cfg.cluster_keys else None
+        self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas)
+        app = self.webapp.make_app()
+        self.cluster.add_routes(app)
         self._runner = web.AppRunner(
-            self.webapp.make_app(), handle_signals=False, access_log=None, shutdown_timeout=2.0
+            app, handle_signals=False, access_log=None, shutdown_timeout=2.0
         )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
@@ -415,6 +421,8 @@ class Node:
         log.info("node %s listening on %s (data in %s)", self.node_id, self.url, cfg.data_dir)
         self.webapp.cluster_view = self.cluster_view
         await self._start_membership()
+        self.on_member_event(self.cluster.on_member_event)
+        self.cluster.start()
         if self.on_listening is not None:
             self.on_listening(self)
 
@@ -440,12 +448,16 @@ class Node:
             self._site = None
         if self.webapp is not None:
             await self.webapp.drain(DRAIN_TIMEOUT)
+        if self.cluster is not None:
+            await self.cluster.handover()  # while the peer links are still up
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
     async def _close(self) -> None:
         await self._stop_membership(leave=False)
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()

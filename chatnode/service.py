@@ -37,7 +37,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -67,10 +67,11 @@ from chatnode.storage import (
 )
 from crdt.awlwwmap import AWLWWMap
 from crdt.clock import HybridClock, Timestamp
+from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
 from crdt.roomlog import Change, Message, RoomLog
 
-__all__ = ["Outbox", "Service", "Session"]
+__all__ = ["Outbox", "Replicator", "Service", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,23 @@ class Outbox(Protocol):
     @property
     def capacity(self) -> int:
         """The most frames the queue takes."""
+
+
+class Replicator(Protocol):
+    """The cluster side of writes (``chatnode.cluster``); absent on a standalone node."""
+
+    ack_timeout: float
+
+    def push(self, room: str, update: bytes, ids: Sequence[str]) -> asyncio.Future[None]:
+        """Ship a committed local room update to the peers; the future completes once
+        ``min(R, alive)`` nodes (this one included) hold it durably."""
+
+    def ensure(self, room: str) -> asyncio.Future[None]:
+        """Complete once ``min(R, alive)`` nodes hold everything this node has of ``room``
+        (a sync barrier, for a resent message this node already holds)."""
+
+    def meta_changed(self) -> None:
+        """The metadata map changed (locally or from a peer)."""
 
 
 def _now_ms() -> int:
@@ -255,6 +273,8 @@ class Service:
         self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
         self._hashing = asyncio.Semaphore(MAX_INFLIGHT_HASHES)
         self.on_revoke: Callable[[str], None] | None = None
+        self.replicator: Replicator | None = None
+        self.meta_rep = DeltaReplicator(node_id, AWLWWMap, state=self.meta, seq=0)
 
     # ------------------------------------------------------------------ startup
 
@@ -278,6 +298,7 @@ class Service:
         for name in self.room_info:
             if name not in self.rooms:
                 self.rooms[name] = _RoomState(name, self._new_log(name), 0)
+        self.meta_rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.meta, seq=self.meta_seq)
         log.info(
             "loaded %d accounts, %d rooms, %d metadata keys",
             sum(1 for _ in self.meta.keys_with_prefix("u/")),
@@ -373,9 +394,20 @@ class Service:
             touched.append(key)
         for key in touched:
             self._index_key(key)
-        self.meta_seq += 1
+        self.meta_rep.mutate(delta)
+        if self.replicator is not None:
+            self.replicator.meta_changed()
+        return self._meta_persist(delta)
+
+    def _meta_persist(self, delta: AWLWWMap) -> Batch:
+        """The batch persisting ``delta`` under the replicator's sequence number (the state
+        and the sequence number are then durable together, as Algorithm 2 requires)."""
+        batch = Batch()
+        if self.meta_rep.seq == self.meta_seq:
+            return batch  # an empty delta: nothing changed
+        self.meta_seq = self.meta_rep.seq
         self.meta_since_snapshot += 1
-        batch = Batch().put(meta_delta_key(self.meta_seq), delta.to_bytes())
+        batch.put(meta_delta_key(self.meta_seq), delta.to_bytes())
         if self.meta_since_snapshot >= self.snapshot_every:
             batch.put(
                 NS_META_SNAPSHOT, msgpack.packb([self.meta_seq, self.meta.to_bytes()])
@@ -416,6 +448,126 @@ class Service:
         except StorageError as exc:
             log.error("commit failed: %s", exc)
             raise ClientError("unavailable", "the node cannot store writes right now") from None
+
+    # ------------------------------------------------------------------ replication
+
+    async def receive_meta(self, peer: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """A metadata payload from ``peer`` (Algorithm 2): join its news, persist them, and
+        return what to send back (the ack) once durable. ``CodecError`` on a bad payload."""
+        await self._wait_for_room()
+        before = set(self.meta.keys())
+        out = self.meta_rep.receive(peer, payload)
+        news = self.meta_rep.last_applied
+        if news is None:
+            return out
+        after = set(self.meta.keys())
+        for key in before.symmetric_difference(after) | set(news.keys()):
+            self._index_key(key)
+        if self.replicator is not None:
+            self.replicator.meta_changed()
+        await self._commit(self._meta_persist(news))
+        return out
+
+    def room_names(self) -> list[str]:
+        return sorted(self.rooms)
+
+    async def write_meta(self, *changes: tuple[str, Any]) -> None:
+        """Persist metadata changes made by the cluster layer (registry claims)."""
+        await self._meta_write(*changes)
+
+    def room_state_vector(self, room: str) -> bytes:
+        """The room's state vector (an empty room is created if we do not know it)."""
+        return self._room_state(room).log.state_vector()
+
+    def room_diff(self, room: str, state_vector: bytes) -> bytes | None:
+        """What a peer with ``state_vector`` lacks of ``room`` (``CodecError`` if the vector
+        is malformed; None if we do not know the room)."""
+        state = self.rooms.get(room)
+        return None if state is None else state.log.diff(state_vector)
+
+    def _room_state(self, room: str) -> _RoomState:
+        state = self.rooms.get(room)
+        if state is None:
+            state = self.rooms[room] = _RoomState(room, self._new_log(room), 0)
+        return state
+
+    def apply_remote(
+        self,
+        room: str,
+        update: bytes,
+        ids: Sequence[str],
+        durable: Callable[[BaseException | None], None],
+    ) -> None:
+        """Integrate a room-log update from a peer through the same path as local writes:
+        the log in memory now, the update and the history/id index in one queued commit;
+        once written, subscribers get the changed messages and ``durable`` is called.
+
+        ``ids`` are the ids the sender says this update appends: a changed message among them
+        is pushed to subscribers as a ``message`` event, others as ``update`` events (a diff
+        from anti-entropy carries no hint: a changed message without edits, tombstone or
+        reactions is then taken as new). Call after ``await store.wait_for_room()``; raises
+        ``CodecError`` (nothing applied) on a malformed update, ``StorageError`` when the
+        store refuses writes."""
+        if not self.store.healthy:
+            raise StorageError("storage failed or shutting down")
+        state = self._room_state(room)
+        changed = state.log.apply(update)
+        if not changed:
+            # nothing new here, but the ack must still mean "durable": a barrier commit
+            self.store.submit(Batch(), durable)
+            return
+        hinted = set(ids)
+        batch = Batch().put(update_key(room, state.seq), update)
+        state.seq += 1
+        state.since_snapshot += 1
+        frames: list[tuple[str, str | None]] = []
+        for m in changed:
+            cursor = m.ts.encode()
+            batch.put(history_key(room, cursor), _pack_message(m))
+            batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
+            new = m.id in hinted or (
+                not hinted and m.edited is None and not m.deleted and not m.reactions
+            )
+            kind = "message" if new else "update"
+            frames.append((p.encode(p.message_frame(kind, room, m)), cursor if new else None))
+            self._observe(m.ts)
+        if state.since_snapshot >= self.snapshot_every:
+            snap = state.log.snapshot()
+            batch.put(room_snapshot_key(room), msgpack.packb([state.seq - 1, snap])).delete_range(
+                update_key(room, 0), update_key(room, state.seq)
+            )
+            state.since_snapshot = 0
+
+        def written(error: BaseException | None) -> None:
+            if error is None:
+                self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
+                for text, cursor in frames:
+                    self._broadcast(state, text, cursor)
+            durable(error)
+
+        self.store.submit(batch, written)
+
+    def _observe(self, ts: Timestamp) -> None:
+        try:
+            self.clock.observe(ts, self.now_ms())
+        except ValueError:
+            log.warning("ignoring the clock of a stamp too far ahead: %s", ts.encode())
+
+    async def _replicated(self, futures: list[asyncio.Future[None]], ref: p.Ref) -> None:
+        """Wait until the writes behind ``futures`` are durable on enough nodes."""
+        rep = self.replicator
+        if rep is None or not futures:
+            return
+        try:
+            async with asyncio.timeout(rep.ack_timeout):
+                for fut in futures:
+                    await asyncio.shield(fut)
+        except TimeoutError:
+            raise ClientError(
+                "unavailable",
+                "stored on this node but not yet on enough replicas; resend with the same id",
+                ref,
+            ) from None
 
     # ------------------------------------------------------------------ accounts (HTTP)
 
@@ -747,6 +899,8 @@ class Service:
         if existing is not None:
             if existing.author != s.user:
                 raise ClientError("conflict", f"message id {req.id} is taken", req.ref)
+            if self.replicator is not None:
+                await self._replicated([self.replicator.ensure(req.room)], req.ref)
             return self._ack(req.ref, existing)
         change = state.log.append(req.id, s.user, req.body, self._stamp())
         batch = self._room_batch(state, change, new=True)
@@ -754,14 +908,18 @@ class Service:
         state.inflight[req.id] = event
         text = p.encode(p.message_frame("message", req.room, change.message))
         cursor = change.message.ts.encode()
+        replicas: list[asyncio.Future[None]] = []
 
         def delivered() -> None:
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
             self._broadcast(state, text, cursor)
+            if self.replicator is not None:
+                replicas.append(self.replicator.push(req.room, change.update, (req.id,)))
 
         try:
             await self._commit(batch, delivered)
+            await self._replicated(replicas, req.ref)
         except ClientError as exc:
             raise exc.with_ref(req.ref) from None
         finally:
@@ -796,13 +954,17 @@ class Service:
                 change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
         batch = self._room_batch(state, change, new=False)
         text = p.encode(p.message_frame("update", req.room, change.message))
+        replicas: list[asyncio.Future[None]] = []
 
         def delivered() -> None:
             self.metrics.deliveries.inc(len(state.subscribers))
             self._broadcast(state, text)
+            if self.replicator is not None:
+                replicas.append(self.replicator.push(req.room, change.update, ()))
 
         try:
             await self._commit(batch, delivered)
+            await self._replicated(replicas, req.ref)
         except ClientError as exc:
             raise exc.with_ref(req.ref) from None
         return p.ok(req.ref)

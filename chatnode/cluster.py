@@ -1,0 +1,375 @@
+"""The cluster runtime of a node: replication of room logs and metadata over the peer
+channels, durable-ack quorums, anti-entropy, and the room registry with handover.
+
+It owns the :class:`~chatnode.peers.PeerHub` and three background tasks (metadata shipping,
+anti-entropy, registry), which :meth:`Cluster.stop` cancels and awaits. Decisions come from
+the pure modules :mod:`chatnode.replication` and :mod:`chatnode.registry`; this module moves
+bytes and waits. See ``docs/REPLICATION.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from aiohttp import web
+
+from chatnode import registry as reg
+from chatnode.errors import ClientError
+from chatnode.keyring import Keyring
+from chatnode.membership import Member, MemberEvent, MemberState
+from chatnode.peers import PEER_PATH, PeerHub
+from chatnode.replication import (
+    NO_TOKEN,
+    Ack,
+    AckTracker,
+    AntiEntropySchedule,
+    Digests,
+    MetaPayload,
+    PeerMsg,
+    StateVector,
+    SvRequest,
+    Update,
+    digest,
+    required_acks,
+)
+from chatnode.service import Service
+from chatnode.storage import Batch, StorageError
+from crdt.errors import CodecError
+from crdt.segments import encode_envelope
+
+__all__ = ["Cluster"]
+
+log = logging.getLogger(__name__)
+
+ANTI_ENTROPY_INTERVAL: Final = 1.0
+META_INTERVAL: Final = 1.0
+REGISTRY_INTERVAL: Final = 1.0
+SETTLE: Final = 2.0
+HANDOVER_TIMEOUT: Final = 3.0
+_EMPTY_DIFF: Final = encode_envelope([])
+
+Members = Callable[[], list[Member]]
+
+
+class Cluster:
+    """Replication and registry for one node (``keyring`` None: standalone, no peers)."""
+
+    def __init__(
+        self,
+        service: Service,
+        members: Members,
+        keyring: Keyring | None,
+        *,
+        replicas: int = 2,
+        ack_timeout: float = 10.0,
+    ) -> None:
+        self.service = service
+        self.node_id = service.node_id
+        self._members = members
+        self.replicas = replicas
+        self.ack_timeout = ack_timeout
+        self.hub: PeerHub | None = None
+        if keyring is not None:
+            self.hub = PeerHub(self.node_id, keyring, self._on_message, self._on_link)
+        self._tracker = AckTracker()
+        self._waits: dict[int, tuple[asyncio.Future[None], float]] = {}
+        self._schedule = AntiEntropySchedule(ANTI_ENTROPY_INTERVAL)
+        self._meta_wake = asyncio.Event()
+        self._registry_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.monotonic()
+        self._homes: set[str] = set()  # rooms this node acts as home of
+        self._leaving = False  # handed over: claim nothing any more
+        self.counters: dict[str, int] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/registry", self._registry_http)
+        if self.hub is not None:
+            app.router.add_get(PEER_PATH, self.hub.handle)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        if self.hub is not None:
+            self.service.replicator = self
+            self._tasks.append(asyncio.create_task(self._meta_loop(), name="meta-ship"))
+            self._tasks.append(asyncio.create_task(self._anti_entropy_loop(), name="anti-entropy"))
+            self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry"))
+            self.on_member_event(None)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self.hub is not None:
+            await self.hub.stop()
+        for fut, _ in self._waits.values():
+            if not fut.done():
+                fut.cancel()
+        self._waits.clear()
+        self.service.replicator = None
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def alive_peers(self) -> list[Member]:
+        return [m for m in self._members() if m.id != self.node_id and m.state is MemberState.ALIVE]
+
+    def on_member_event(self, ev: MemberEvent | None) -> None:
+        """Membership changed: dial the members, re-check waiting writes, re-place rooms."""
+        if self.hub is None:
+            return
+        targets = {
+            m.id: f"http://{m.addr[0]}:{m.addr[1]}"
+            for m in self._members()
+            if m.id != self.node_id and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+        }
+        self.hub.set_targets(targets)
+        self._check_waits()
+        self._registry_wake.set()
+
+    def _on_link(self, peer: str, up: bool) -> None:
+        if up:
+            self._schedule.connected(peer, time.monotonic())
+            self._meta_wake.set()
+        else:
+            self._schedule.disconnected(peer)
+
+    # -- Replicator (called by the service) ---------------------------------------------------
+
+    def _required(self) -> int:
+        return required_acks(self.replicas, 1 + len(self.alive_peers()))
+
+    def _wait(self) -> tuple[int, asyncio.Future[None]]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        token = self._tracker.open()
+        self._waits[token] = (fut, time.monotonic())
+        return token, fut
+
+    def push(self, room: str, update: bytes, ids: Sequence[str]) -> asyncio.Future[None]:
+        token, fut = self._wait()
+        msg = Update(room, update, token, tuple(ids))
+        assert self.hub is not None
+        for peer in self.hub.connected():
+            self.hub.send(peer, msg)
+        self._check_waits()
+        return fut
+
+    def ensure(self, room: str) -> asyncio.Future[None]:
+        token, fut = self._wait()
+        assert self.hub is not None
+        for peer in self.hub.connected():
+            self.hub.send(peer, SvRequest(room, token))
+        self._check_waits()
+        return fut
+
+    def meta_changed(self) -> None:
+        self._meta_wake.set()
+        self._registry_wake.set()
+
+    def _check_waits(self) -> None:
+        if not self._waits:
+            return
+        for token in self._tracker.done(self._required()):
+            entry = self._waits.pop(token, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(None)
+
+    def _expire_waits(self, now: float) -> None:
+        horizon = now - 2 * self.ack_timeout
+        for token, (fut, started) in list(self._waits.items()):
+            if started < horizon or fut.cancelled():
+                del self._waits[token]
+                self._tracker.drop(token)
+                if not fut.done():
+                    fut.cancel()
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    async def _on_message(self, peer: str, msg: PeerMsg) -> None:
+        assert self.hub is not None
+        hub = self.hub
+        try:
+            match msg:
+                case Update():
+                    await self.service.store.wait_for_room()
+
+                    def durable(error: BaseException | None, token: int = msg.token) -> None:
+                        if error is None and token != NO_TOKEN:
+                            hub.send(peer, Ack(token))
+
+                    self.service.apply_remote(msg.room, msg.update, msg.ids, durable)
+                case Ack():
+                    self._tracker.ack(msg.token, peer)
+                    self._check_waits()
+                case MetaPayload():
+                    for to, payload in await self.service.receive_meta(peer, msg.payload):
+                        hub.send(to, MetaPayload(payload))
+                case Digests():
+                    for room, d in msg.rooms:
+                        sv = self.service.room_state_vector(room)
+                        if digest(sv) != d:
+                            hub.send(peer, StateVector(room, sv))
+                case StateVector():
+                    diff = self.service.room_diff(msg.room, msg.sv)
+                    if diff is None:
+                        diff = _EMPTY_DIFF
+                    if msg.token != NO_TOKEN or diff != _EMPTY_DIFF:
+                        hub.send(peer, Update(msg.room, diff, msg.token))
+                case SvRequest():
+                    sv = self.service.room_state_vector(msg.room)
+                    hub.send(peer, StateVector(msg.room, sv, msg.token))
+        except CodecError as exc:
+            log.warning("malformed payload from peer %s: %s", peer, exc)
+        except StorageError as exc:
+            log.debug("cannot store what peer %s sent: %s", peer, exc)
+        except ClientError as exc:  # the service refusing a write (storage unavailable)
+            log.debug("cannot store what peer %s sent: %s", peer, exc)
+
+    # -- background loops ---------------------------------------------------------------------
+
+    async def _meta_loop(self) -> None:
+        assert self.hub is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(META_INTERVAL):
+                    await self._meta_wake.wait()
+            self._meta_wake.clear()
+            try:
+                await self.service.store.commit(Batch())  # what was mutated so far is on disk
+            except StorageError:
+                continue
+            rep = self.service.meta_rep
+            peers = self.hub.connected()
+            for peer in peers:
+                payload = rep.ship(peer)
+                if payload is not None:
+                    self.hub.send(peer, MetaPayload(payload))
+            rep.gc(peers)
+
+    async def _anti_entropy_loop(self) -> None:
+        assert self.hub is not None
+        while True:
+            now = time.monotonic()
+            due = self._schedule.due(now)
+            if due:
+                rooms = tuple(
+                    (room, digest(self.service.room_state_vector(room)))
+                    for room in self.service.room_names()
+                )
+                for peer in due:
+                    self.hub.send(peer, Digests(rooms))
+            self._expire_waits(now)
+            nxt = self._schedule.next_time()
+            delay = ANTI_ENTROPY_INTERVAL if nxt is None else max(0.05, nxt - now)
+            await asyncio.sleep(min(delay, ANTI_ENTROPY_INTERVAL))
+
+    def _alive_ids(self) -> set[str]:
+        return {self.node_id, *(m.id for m in self.alive_peers())}
+
+    def homes(self) -> dict[str, reg.Home | None]:
+        meta = self.service.meta
+        return {
+            room: reg.parse_home(meta.get(reg.home_key(room))) for room in self.service.room_info
+        }
+
+    async def _registry_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REGISTRY_INTERVAL):
+                    await self._registry_wake.wait()
+            self._registry_wake.clear()
+            try:
+                await self._registry_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("registry round failed")
+
+    async def _registry_round(self) -> None:
+        homes = self.homes()
+        self._note_homes(homes)
+        if self._leaving:
+            return
+        if time.monotonic() - self._started < SETTLE:
+            self._registry_wake.set()
+            await asyncio.sleep(0.2)
+            return
+        todo = reg.claims(self.node_id, homes, homes, self._alive_ids())
+        if not todo:
+            return
+        await self.service.write_meta(*((reg.home_key(c.room), c.home.to_value()) for c in todo))
+        for c in todo:
+            log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
+            self.counters["claims"] = self.counters.get("claims", 0) + 1
+        self._note_homes(self.homes())
+
+    def _note_homes(self, homes: dict[str, reg.Home | None]) -> None:
+        mine = {room for room, h in homes.items() if h is not None and h.node == self.node_id}
+        for room in sorted(self._homes - mine):
+            h = homes.get(room)
+            if h is not None:
+                log.info("no longer home of room %s: %s holds epoch %d", room, h.node, h.epoch)
+        self._homes = mine
+
+    def is_home(self, room: str) -> bool:
+        return room in self._homes
+
+    async def handover(self) -> None:
+        """Before a graceful exit: give this node's rooms to the members placement picks
+        without it, and wait (bounded) until the connected peers acked the metadata."""
+        if self.hub is None:
+            return
+        self._leaving = True
+        homes = self.homes()
+        alive = self._alive_ids()
+        todo = reg.handover(self.node_id, homes, homes, alive)
+        if todo:
+            try:
+                await self.service.write_meta(
+                    *((reg.home_key(c.room), c.home.to_value()) for c in todo)
+                )
+            except Exception as exc:
+                log.warning("handover not written: %s", exc)
+                return
+            log.info("handed over %d rooms", len(todo))
+        rep = self.service.meta_rep
+        deadline = time.monotonic() + HANDOVER_TIMEOUT
+        while time.monotonic() < deadline:
+            peers = [p for p in self.hub.connected() if p in alive]
+            pending = [p for p in peers if (rep.acked(p) or 0) < rep.seq]
+            if not pending:
+                break
+            self._meta_wake.set()
+            await asyncio.sleep(0.05)
+        for peer in self.hub.connected():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.hub.drain(peer)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def registry_view(self) -> dict[str, object]:
+        rooms = []
+        for room, h in sorted(self.homes().items()):
+            rooms.append(
+                {"room": room, "home": h.node if h else None, "epoch": h.epoch if h else 0}
+            )
+        return {
+            "self": self.node_id,
+            "standalone": self.hub is None,
+            "replicas": self.replicas,
+            "peers": [] if self.hub is None else self.hub.connected(),
+            "rooms": rooms,
+        }
+
+    async def _registry_http(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.registry_view())

@@ -1,0 +1,147 @@
+"""The room registry: which node is the *home* of each room, under which epoch (pure logic).
+
+The registry lives in the replicated metadata map (``crdt.awlwwmap.AWLWWMap``, shipped with
+Algorithm 2) under ``h/<room>`` -> ``{"node": <node id>, "epoch": <int>}``. This module only
+decides; the node writes what it decides.
+
+Rules (``docs/REPLICATION.md``):
+
+* **Placement** is rendezvous (highest random weight) hashing over the alive members: the
+  home a room *should* have is the member with the highest ``weight(room, member)``. A member
+  joining or leaving moves only the rooms it wins or held.
+* **Claim**: the member that should be home of a room, and is not recorded as its home,
+  claims it by writing itself with ``epoch + 1``. Only the would-be home ever writes, so in a
+  connected cluster there is one writer per room.
+* **Handover** (graceful shutdown): the leaving home writes, for each of its rooms, the
+  member that should be home once it is gone, with ``epoch + 1``.
+* **Stale home**: a node acts as home of a room only while the registry names it. After a
+  partition both sides may have claimed; the map keeps one value per key (last writer wins
+  by hybrid-logical-clock stamp), every node reads the same winner, and if the winner is not
+  the member placement prefers, that member claims again with a higher epoch. So the
+  registry converges on one home per room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "PREFIX",
+    "Claim",
+    "Home",
+    "claims",
+    "handover",
+    "home_key",
+    "parse_home",
+    "place",
+    "weight",
+]
+
+PREFIX: Final = "h/"
+
+
+def home_key(room: str) -> str:
+    return PREFIX + room
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """A room's recorded home node and the epoch of that assignment."""
+
+    node: str
+    epoch: int
+
+    def __post_init__(self) -> None:
+        if not self.node:
+            raise ValueError("a home needs a node id")
+        if self.epoch < 1:
+            raise ValueError("epochs start at 1")
+
+    def to_value(self) -> dict[str, object]:
+        return {"node": self.node, "epoch": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Write ``home`` for ``room`` (the epoch is already bumped)."""
+
+    room: str
+    home: Home
+
+
+def parse_home(value: object) -> Home | None:
+    """A registry value back as a :class:`Home` (None if absent or malformed)."""
+    if not isinstance(value, dict):
+        return None
+    node = value.get("node")
+    epoch = value.get("epoch")
+    if not isinstance(node, str) or not node or isinstance(epoch, bool):
+        return None
+    if not isinstance(epoch, int) or epoch < 1:
+        return None
+    return Home(node, epoch)
+
+
+def weight(room: str, node: str) -> int:
+    """The rendezvous weight of ``node`` for ``room`` (64 bits of BLAKE2b)."""
+    digest = hashlib.blake2b(
+        room.encode("utf-8") + b"\x00" + node.encode("utf-8"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big")
+
+
+def place(room: str, members: Iterable[str]) -> str | None:
+    """The member that should be home of ``room`` (None when there is none)."""
+    best: tuple[int, str] | None = None
+    for node in members:
+        cand = (weight(room, node), node)
+        if best is None or cand > best:
+            best = cand
+    return None if best is None else best[1]
+
+
+def claims(
+    me: str,
+    rooms: Iterable[str],
+    homes: Mapping[str, Home | None],
+    alive: Iterable[str],
+) -> list[Claim]:
+    """The rooms ``me`` must claim now: those placement gives to ``me`` (over ``alive``, which
+    should include ``me``) whose recorded home is someone else or nobody."""
+    members = set(alive)
+    members.add(me)
+    out: list[Claim] = []
+    for room in rooms:
+        if place(room, members) != me:
+            continue
+        cur = homes.get(room)
+        if cur is not None and cur.node == me:
+            continue
+        out.append(Claim(room, Home(me, (cur.epoch if cur else 0) + 1)))
+    return out
+
+
+def handover(
+    me: str,
+    rooms: Iterable[str],
+    homes: Mapping[str, Home | None],
+    alive: Iterable[str],
+) -> list[Claim]:
+    """Before ``me`` leaves: each room recorded at ``me`` goes to the member placement picks
+    among the others (``alive`` minus ``me``), with the epoch bumped. Empty when no one is
+    left to take them."""
+    others = set(alive) - {me}
+    if not others:
+        return []
+    out: list[Claim] = []
+    for room in rooms:
+        cur = homes.get(room)
+        if cur is None or cur.node != me:
+            continue
+        target = place(room, others)
+        if target is not None:
+            out.append(Claim(room, Home(target, cur.epoch + 1)))
+    return out
