@@ -30,7 +30,7 @@ from tests.cluster.procs import (
     stop_all,
     wait_until,
 )
-from tests.daemon import REPO, Daemon, loopback_host
+from tests.daemon import REPO, Daemon, free_port, loopback_host
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -231,5 +231,42 @@ def test_three_nodes_form_one_cluster_over_mdns(tmp_path: Path) -> None:
         for d in nodes:
             assert "--join" not in " ".join(d.command())
             assert "mDNS: registered" in d.log()
+    finally:
+        stop_all(nodes)
+
+
+def test_two_nodes_with_their_own_gossip_port(tmp_path: Path) -> None:
+    """--gossip-port other than --port: gossip and push-pull go to that port number (the
+    node serves push-pull there as well), and members are named by it."""
+    key = keygen()
+    hosts = [loopback_host(), loopback_host()]
+    gossip = [free_port(h) for h in hosts]
+    nodes = [
+        Daemon(
+            tmp_path / f"g{i}",
+            host=h,
+            args=[
+                "--cluster-key",
+                key,
+                "--gossip-port",
+                str(gossip[i]),
+                "--join",
+                f"{hosts[0]}:{gossip[0]}",
+            ],
+        )
+        for i, h in enumerate(hosts)
+    ]
+    try:
+        for d in nodes:
+            d.launch()
+        for d in nodes:
+            d.wait_ready()
+        wait_until(lambda: all_alive(nodes), CONVERGE, "both nodes alive in both views")
+        view = cluster_view(nodes[1])
+        assert view is not None
+        assert {m["address"] for m in view["members"]} == {
+            f"{h}:{g}" for h, g in zip(hosts, gossip, strict=True)
+        }
+        assert all(d.port not in gossip for d in nodes)
     finally:
         stop_all(nodes)
