@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Single-node benchmark: chatnode against a raw aiohttp WebSocket broadcast server.
 
-    .venv/bin/python scripts/bench_node.py            # the full run (about 3 minutes)
+    .venv/bin/python scripts/bench_node.py            # the full run (about 2 minutes)
     .venv/bin/python scripts/bench_node.py --quick    # smaller sizes, about 1 minute
 
 Starts, on loopback, a real ``chatnode run`` process (temporary data directory, so RocksDB
