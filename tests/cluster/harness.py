@@ -125,15 +125,15 @@ class Harness:
 # -- clients ----------------------------------------------------------------------------------
 
 
-async def _retry(fn: Any, timeout: float = 60.0) -> Any:
+async def _retry(fn: Any, deadline_s: float = 60.0) -> Any:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + deadline_s
     while True:
         try:
             return await fn()
         except (AssertionError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             if loop.time() > deadline:
-                raise AssertionError(f"gave up after {timeout}s: {exc!r}") from exc
+                raise AssertionError(f"gave up after {deadline_s}s: {exc!r}") from exc
             await asyncio.sleep(0.2)
 
 
@@ -232,20 +232,21 @@ class Writer:
 
 async def full_history(http: aiohttp.ClientSession, node: Daemon, user: str, room: str
                        ) -> list[dict[str, Any]]:  # fmt: skip
-    """Every message of ``room`` on ``node``, in cursor order."""
+    """Every message of ``room`` on ``node``, in cursor order (paged backwards from the
+    newest, as ``history`` without a cursor returns the latest page)."""
     ws = await session(http, node, user, room)
     try:
-        out: list[dict[str, Any]] = []
-        after: str | None = None
+        pages: list[list[dict[str, Any]]] = []
+        before: str | None = None
         while True:
             fields: dict[str, Any] = {"room": room, "limit": 200}
-            if after is not None:
-                fields["after"] = after
+            if before is not None:
+                fields["before"] = before
             r = await ws.ok("history", **fields)
-            out.extend(r["messages"])
+            pages.append(r["messages"])
             if not r["messages"] or not r["more"]:
-                return out
-            after = r["messages"][-1]["cursor"]
+                return [m for page in reversed(pages) for m in page]
+            before = r["messages"][0]["cursor"]
     finally:
         await ws.close()
 
@@ -259,8 +260,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.divergent and not any(self.lost.values()) and not any(
-            self.duplicated.values()
+        return (
+            not self.divergent and not any(self.lost.values()) and not any(self.duplicated.values())
         )
 
 
@@ -284,11 +285,11 @@ async def check(
 
 async def converged(
     http: aiohttp.ClientSession, h: Harness, user: str, room: str, acked: set[str],
-    timeout: float = 60.0, nodes: Sequence[int] | None = None,
+    deadline_s: float = 60.0, nodes: Sequence[int] | None = None,
 ) -> Report:  # fmt: skip
     """Poll :func:`check` until the report is clean (or the deadline passes: last report)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + deadline_s
     while True:
         report = await check(http, h, user, room, acked, nodes)
         if report.ok or loop.time() > deadline:
