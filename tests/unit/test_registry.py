@@ -1,0 +1,85 @@
+"""Rendezvous placement, claims and handover (pure)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatnode import registry as reg
+
+nodes = st.lists(st.from_regex(r"n[0-9a-f]{4}", fullmatch=True), min_size=1, max_size=6,
+                 unique=True)  # fmt: skip
+rooms = st.lists(st.from_regex(r"[a-z]{1,8}", fullmatch=True), min_size=1, max_size=20,
+                 unique=True)  # fmt: skip
+
+
+@given(nodes, rooms)
+def test_place_is_a_member_and_order_free(members: list[str], names: list[str]) -> None:
+    for room in names:
+        home = reg.place(room, members)
+        assert home in members
+        assert reg.place(room, list(reversed(members))) == home
+
+
+@given(nodes, rooms, st.data())
+def test_only_rooms_of_a_removed_member_move(
+    members: list[str], names: list[str], data: st.DataObject
+) -> None:
+    gone = data.draw(st.sampled_from(members))
+    rest = [m for m in members if m != gone]
+    for room in names:
+        before = reg.place(room, members)
+        after = reg.place(room, rest)
+        if before != gone:
+            assert after == before
+
+
+@given(nodes, rooms, st.data())
+@settings(max_examples=40)
+def test_split_brain_claims_converge_to_one_home(
+    members: list[str], names: list[str], data: st.DataObject
+) -> None:
+    """Each side of a split claims over its own members; whichever write wins per room (the
+    map keeps one), one more claim round over everyone leaves exactly one home, the placed one,
+    with an epoch above every earlier one."""
+    split = data.draw(st.integers(0, len(members)))
+    sides = [members[:split], members[split:]]
+    homes: dict[str, reg.Home | None] = {r: None for r in names}
+    written: dict[str, list[reg.Home]] = {r: [] for r in names}
+    for side in sides:
+        for me in side:
+            for c in reg.claims(me, names, homes, side):
+                written[c.room].append(c.home)
+    for r in names:
+        if written[r]:
+            homes[r] = data.draw(st.sampled_from(written[r]))  # the LWW winner
+    for _ in range(2):
+        for me in members:
+            for c in reg.claims(me, names, homes, members):
+                assert c.home.epoch > (homes[c.room].epoch if homes[c.room] else 0)  # type: ignore[union-attr]
+                homes[c.room] = c.home
+    for r in names:
+        h = homes[r]
+        assert h is not None and h.node == reg.place(r, members)
+        assert all(me == h.node or not reg.claims(me, [r], homes, members) for me in members)
+
+
+@given(nodes, rooms)
+def test_handover_gives_every_room_away(members: list[str], names: list[str]) -> None:
+    me = members[0]
+    homes: dict[str, reg.Home | None] = {r: reg.Home(me, 3) for r in names}
+    out = reg.handover(me, names, homes, members)
+    if len(members) == 1:
+        assert out == []
+        return
+    assert {c.room for c in out} == set(names)
+    for c in out:
+        assert c.home.node != me and c.home.epoch == 4
+        assert c.home.node == reg.place(c.room, members[1:])
+
+
+def test_parse_home_rejects_garbage() -> None:
+    assert reg.parse_home({"node": "n1", "epoch": 2}) == reg.Home("n1", 2)
+    for bad in (None, 3, {"node": "", "epoch": 1}, {"node": "n", "epoch": 0},
+                {"node": "n", "epoch": True}, {"node": 1, "epoch": 1}):  # fmt: skip
+        assert reg.parse_home(bad) is None
