@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     members.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     members.add_argument("--json", action="store_true", help="print the raw JSON")
+    rooms = sub.add_parser(
+        "rooms",
+        help="print the room registry of a running node (home and epoch of each room)",
+        description="Ask a running node (GET /v1/registry) which node is home of each room.",
+    )
+    rooms.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
+    )
+    rooms.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    rooms.add_argument("--json", action="store_true", help="print the raw JSON")
     return parser
 
 
@@ -200,6 +210,28 @@ def _members(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rooms(args: argparse.Namespace) -> int:
+    url = str(args.url).rstrip("/") + "/v1/registry"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            view = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        sys.stderr.write(f"chatnode: error: {url}: {getattr(exc, 'reason', exc)}\n")
+        return 1
+    if not isinstance(view, dict) or not isinstance(view.get("rooms"), list):
+        sys.stderr.write(f"chatnode: error: {url}: unexpected answer\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps(view, indent=2) + "\n")
+        return 0
+    lines = [f"{'ROOM':<32} {'HOME':<16} EPOCH"]
+    for r in view["rooms"]:
+        if isinstance(r, dict):
+            lines.append(f"{r.get('room')!s:<32} {r.get('home') or '-'!s:<16} {r.get('epoch')}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chatnode`` console script; returns the exit status."""
     parser = _parser()
@@ -217,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keygen()
         if args.command == "members":
             return _members(args)
+        if args.command == "rooms":
+            return _rooms(args)
     except ConfigError as exc:
         sys.stderr.write(f"chatnode: error: {exc}\n")
         return 2
