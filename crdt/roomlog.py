@@ -63,7 +63,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _OPS = "ops"
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2  # 1: the id index was in the snapshot; 2: one index blob per segment
+#: Store key of sealed segment ``n``'s id-index blob is ``_INDEX_KEY_BASE + n`` (segment
+#: numbers stay below 2**24, so the two key ranges never meet).
+_INDEX_KEY_BASE = 1 << 32
 _LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are sealed
 _LRU_SIZE = 4
 _SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
@@ -321,8 +324,32 @@ class _IdIndex:
             i += 1
         return out
 
-    def to_wire(self) -> list[list[Any]]:
-        return [[k, b.tobytes()] for k, b in sorted(self.buckets.items())]
+    def entries_of(self, segment: int) -> list[int]:
+        """Stand-in hashes of the entries for ``segment`` (``add`` of each gives back the same
+        entry); a full scan, used only to upgrade a version-1 snapshot."""
+        out = []
+        for key, bucket in self.buckets.items():
+            for entry in bucket:
+                if entry & _MASK24 == segment:
+                    out.append(key << 48 | (entry >> 24 << 24))
+        return out
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, array[int]]]) -> _IdIndex:
+        """An index of ``(segment, hashes)`` pairs, built in one pass (restore)."""
+        lists: dict[int, list[int]] = {}
+        for segment, hashes in segments:
+            for h in hashes:
+                entry = ((h & _MASK48) >> 24 << 24) | segment
+                bucket = lists.get(h >> 48)
+                if bucket is None:
+                    lists[h >> 48] = [entry]
+                else:
+                    bucket.append(entry)
+        index = cls()
+        for key, entries in lists.items():
+            index.buckets[key] = array("Q", sorted(set(entries)))
+        return index
 
     @classmethod
     def from_wire(cls, raw: list[list[Any]]) -> _IdIndex:
@@ -513,9 +540,11 @@ class RoomLog:
     # ------------------------------------------------------------------ persistence
 
     def snapshot(self) -> bytes:
-        """Everything needed to :meth:`restore` this log, except the sealed blobs, which are
-        in the store. Replaying updates received or produced after the snapshot is safe
-        (apply is idempotent)."""
+        """Everything needed to :meth:`restore` this log except what sealing already put in
+        the store (each sealed segment's blob and its id-index blob). Its size is that of the
+        live segments, plus ~100 bytes per sealed segment and the overlay: it does not grow
+        with the number of sealed messages. Replaying updates received or produced after the
+        snapshot is safe (apply is idempotent)."""
         body = {
             "v": _SNAPSHOT_VERSION,
             "room": self.room,
@@ -526,7 +555,6 @@ class RoomLog:
                 [s.number, s.state, s.count, s.min_key, s.max_key, s.gapped]
                 for s in sorted(self._sealed.values(), key=lambda s: s.number)
             ],
-            "index": self._index.to_wire(),
             "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
         }
         packed: bytes = msgpack.packb(body, use_bin_type=True)
@@ -537,16 +565,26 @@ class RoomLog:
         cls, snapshot: bytes, client_id: int, *, store: SegmentStore | None = None
     ) -> RoomLog:
         """Rebuild a log from :meth:`snapshot` and the store holding its sealed blobs. Pass a
-        fresh ``client_id`` (one per writer incarnation). ``CodecError`` on bad bytes."""
+        fresh ``client_id`` (one per writer incarnation). ``CodecError`` on bad bytes.
+
+        Reads one id-index blob per sealed segment from the store (a version-1 snapshot
+        carries the index itself; its per-segment blobs are written here, once)."""
         try:
             body = msgpack.unpackb(snapshot, raw=False, strict_map_key=True)
-            if not isinstance(body, dict) or body.get("v") != _SNAPSHOT_VERSION:
+            version = body.get("v") if isinstance(body, dict) else None
+            if version not in (1, _SNAPSHOT_VERSION):
                 raise CodecError("unknown snapshot version")
             self = cls(body["room"], client_id, segment_size=body["size"], store=store)
             self._head = int(body["head"])
             for number, state, count, min_key, max_key, gapped in body["sealed"]:
                 self._sealed[number] = _Sealed(number, state, count, min_key, max_key, gapped)
-            self._index = _IdIndex.from_wire(body["index"])
+            if version == 1:
+                self._index = _IdIndex.from_wire(body["index"])
+                for number in self._sealed:
+                    hashes = array("Q", self._index.entries_of(number))
+                    self.store.put(self.room, _INDEX_KEY_BASE + number, hashes.tobytes())
+            else:
+                self._index = _IdIndex.build([(n, self._index_hashes(n)) for n in self._sealed])
             for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
                 ov = self._ov(msg_id)
                 if edit_ts is not None:
@@ -704,8 +742,12 @@ class RoomLog:
         blob = live.full_update()
         self.store.put(self.room, live.number, blob)
         keys = live.view.keys
-        for msg_id in live.view.base:
-            self._index.add(_id_hash(msg_id), live.number)
+        hashes = array("Q", [_id_hash(msg_id) for msg_id in live.view.base])
+        for h in hashes:
+            self._index.add(h, live.number)
+        # Written once here (again only if a late update grows the segment), so snapshots
+        # need not carry the index of sealed messages.
+        self.store.put(self.room, _INDEX_KEY_BASE + live.number, hashes.tobytes())
         self._sealed[live.number] = _Sealed(
             number=live.number,
             state=live.doc.get_state(),
@@ -718,6 +760,19 @@ class RoomLog:
         self._live.pop(live.number, None)
         live.close()
         log.debug("room %s: sealed segment %d (%d messages)", self.room, live.number, len(keys))
+
+    def _index_hashes(self, number: int) -> array[int]:
+        """The id hashes of sealed segment ``number``, from its index blob; rebuilt from the
+        segment (and written back) if the store lacks it."""
+        hashes: array[int] = array("Q")
+        raw = self.store.get(self.room, _INDEX_KEY_BASE + number)
+        if raw is not None and len(raw) % hashes.itemsize == 0:
+            hashes.frombytes(raw)
+            return hashes
+        log.warning("room %s: rebuilding the id index of segment %d", self.room, number)
+        hashes.extend(_id_hash(msg_id) for msg_id in self._sealed_view(number).base)
+        self.store.put(self.room, _INDEX_KEY_BASE + number, hashes.tobytes())
+        return hashes
 
     def _blob(self, number: int) -> bytes:
         blob = self.store.get(self.room, number)

@@ -84,7 +84,8 @@ def test_sealing_moves_segments_to_store_and_keeps_everything() -> None:
     for i in range(20):
         a.append(f"m{i:02d}", "al", f"b{i}", clock.now(1000 + i))
     assert a.sealed_segments() == list(range(a.head - 1))
-    assert len(store) == len(a.sealed_segments()) > 0
+    # one blob and one id-index blob per sealed segment
+    assert len(store) == 2 * len(a.sealed_segments()) > 0
     assert [m.id for m in everything(a)] == [f"m{i:02d}" for i in range(20)]
     # edits of sealed messages go to the head as an overlay; blobs stay as they were
     before = {n: store.get(ROOM, n) for n in a.sealed_segments()}
@@ -99,6 +100,80 @@ def test_sealing_moves_segments_to_store_and_keeps_everything() -> None:
     restored = RoomLog.restore(a.snapshot(), 3, store=store)
     assert everything(restored) == everything(a)
     assert restored.get("m02") == a.get("m02")
+
+
+def _sealed_write(n: int, segment_size: int = 10) -> tuple[RoomLog, MemorySegmentStore]:
+    store = MemorySegmentStore()
+    a = RoomLog(ROOM, 1, segment_size=segment_size, store=store)
+    clock = HybridClock("a")
+    for i in range(n):
+        a.append(f"m{i:05d}", "al", f"body {i}", clock.now(1000 + i))
+    return a, store
+
+
+def test_snapshot_size_does_not_grow_with_sealed_messages() -> None:
+    """Sealed segments' blobs and id indexes go to the store once, when sealed; a snapshot
+    only adds ~100 bytes per sealed segment."""
+    small, _ = _sealed_write(200)
+    big, _ = _sealed_write(2000)
+    assert len(big.sealed_segments()) - len(small.sealed_segments()) == 180
+    assert len(big.snapshot()) - len(small.snapshot()) < 180 * 150
+
+
+def test_snapshot_does_not_write_to_the_store() -> None:
+    a, store = _sealed_write(95)
+    before = dict(store._blobs)
+    a.snapshot()
+    a.append("x", "al", "y", ts(10**6))
+    a.snapshot()
+    assert store._blobs == before
+
+
+def test_restore_rebuilds_the_id_index_from_the_store() -> None:
+    a, store = _sealed_write(95)
+    assert a.sealed_segments() == list(range(8))
+    b = RoomLog.restore(a.snapshot(), 2, store=store)
+    assert b._index.buckets == a._index.buckets
+    for i in (0, 9, 10, 45, 79, 80, 94):
+        assert b.get(f"m{i:05d}") == a.get(f"m{i:05d}")
+    # an edit of a sealed message works on the restored replica
+    b.edit("m00003", "changed", ts(10**6, 0, "b"))
+    got = b.get("m00003")
+    assert got is not None and got.body == "changed"
+
+
+def test_restore_without_an_index_blob_rebuilds_it_from_the_segment() -> None:
+    """A store that lost (or never got) a segment's index blob: restore decodes the segment,
+    rebuilds its entries and writes the blob back."""
+    a, store = _sealed_write(95)
+    index_key = (ROOM, (1 << 32) + 3)
+    lost = store._blobs.pop(index_key)
+    store._blobs[(ROOM, (1 << 32) + 5)] = b"\x01\x02\x03"  # not a whole number of hashes
+    b = RoomLog.restore(a.snapshot(), 2, store=store)
+    assert b._index.buckets == a._index.buckets
+    assert store._blobs[index_key] == lost
+    assert b.get("m00035") == a.get("m00035")
+    assert b.get("m00055") == a.get("m00055")
+
+
+def test_version_1_snapshot_is_restored_and_upgraded() -> None:
+    """A snapshot written before the index moved to the store (it carried the index)."""
+    a, store = _sealed_write(95)
+    a.react("m00001", "bob", "+1", True, ts(10**6))
+    body = msgpack.unpackb(a.snapshot(), raw=False)
+    body["v"] = 1
+    body["index"] = [[k, b.tobytes()] for k, b in sorted(a._index.buckets.items())]
+    for n in a.sealed_segments():
+        del store._blobs[(ROOM, (1 << 32) + n)]
+    old = msgpack.packb(body, use_bin_type=True)
+    b = RoomLog.restore(old, 2, store=store)
+    assert everything(b) == everything(a)
+    assert b._index.buckets == a._index.buckets
+    # the index blobs were written, so the next (version 2) snapshot restores alone
+    assert all((ROOM, (1 << 32) + n) in store._blobs for n in a.sealed_segments())
+    c = RoomLog.restore(b.snapshot(), 3, store=store)
+    assert c._index.buckets == a._index.buckets
+    assert everything(c) == everything(a)
 
 
 def test_late_append_to_sealed_segment_is_merged() -> None:
@@ -116,6 +191,9 @@ def test_late_append_to_sealed_segment_is_merged() -> None:
     assert a.apply(late.update) == []  # duplicate
     sync(a, b)
     assert everything(a) == everything(b)
+    # the segment's id-index blob was rewritten with the late id: a restore finds it
+    restored = RoomLog.restore(a.snapshot(), 3, store=a.store)
+    assert restored.get("late") == a.get("late") is not None
 
 
 def test_pending_update_survives_sealing_and_snapshot() -> None:
