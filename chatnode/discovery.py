@@ -130,7 +130,14 @@ class _Poller:
 
 
 class StaticSeeds(_Poller):
-    def __init__(self, seeds: Sequence[tuple[str, int]], *, interval: float = 30.0) -> None:
+    """The ``--join`` seeds, proposed every ``interval`` seconds.
+
+    Proposing is cheap once joined (membership skips addresses it already knows alive), and a
+    short interval lets nodes started in any order, or a seed that was down, find each other
+    within seconds instead of waiting for the next push-pull round.
+    """
+
+    def __init__(self, seeds: Sequence[tuple[str, int]], *, interval: float = 2.0) -> None:
         super().__init__(interval)
         self.seeds = list(seeds)
 
