@@ -20,6 +20,8 @@ from aiohttp import web
 
 from chatnode import registry as reg
 from chatnode.errors import ClientError
+from chatnode.forwarder import Forwarder
+from chatnode.forwarding import MessageLike
 from chatnode.keyring import Keyring
 from chatnode.membership import Member, MemberEvent, MemberState
 from chatnode.peers import PEER_PATH, PeerHub
@@ -29,8 +31,12 @@ from chatnode.replication import (
     AckTracker,
     AntiEntropySchedule,
     Digests,
+    Frontier,
+    FrontierTracker,
     MetaPayload,
     PeerMsg,
+    Ping,
+    Pong,
     StateVector,
     SvRequest,
     Update,
@@ -39,6 +45,7 @@ from chatnode.replication import (
 )
 from chatnode.service import Service
 from chatnode.storage import Batch, StorageError
+from crdt.clock import Timestamp
 from crdt.errors import CodecError
 from crdt.segments import encode_envelope
 
@@ -51,6 +58,11 @@ META_INTERVAL: Final = 1.0
 REGISTRY_INTERVAL: Final = 1.0
 SETTLE: Final = 2.0
 HANDOVER_TIMEOUT: Final = 3.0
+HEARTBEAT_INTERVAL: Final = 0.05  # frontier heartbeats on idle links
+DRAIN_TIMEOUT: Final = 3.0  # how long a dead peer's last messages are looked for
+_BLOCKING: Final = (MemberState.ALIVE, MemberState.SUSPECT)
+FORWARD_INTERVAL: Final = 0.5  # how often ownership of forwarded rooms is re-checked
+FRONTIER_PREFIX: Final = "f/"  # f/<room> -> {"epoch", "ts"}: the Kafka forwarding frontier
 _EMPTY_DIFF: Final = encode_envelope([])
 
 Members = Callable[[], list[Member]]
@@ -75,7 +87,9 @@ class Cluster:
         self.ack_timeout = ack_timeout
         self.hub: PeerHub | None = None
         if keyring is not None:
-            self.hub = PeerHub(self.node_id, keyring, self._on_message, self._on_link)
+            self.hub = PeerHub(
+                self.node_id, keyring, self._on_message, self._on_link, trailer=self._trailer
+            )
         self._tracker = AckTracker()
         self._waits: dict[int, tuple[asyncio.Future[None], float]] = {}
         self._schedule = AntiEntropySchedule(ANTI_ENTROPY_INTERVAL)
@@ -85,6 +99,14 @@ class Cluster:
         self._started = time.monotonic()
         self._homes: set[str] = set()  # rooms this node acts as home of
         self._leaving = False  # handed over: claim nothing any more
+        self._frontier = FrontierTracker()
+        self._blocking: set[str] = set()  # peers that are members: they hold delivery back
+        self._draining: set[str] = set()  # dead peers whose last messages are looked for
+        self._drains: set[asyncio.Task[None]] = set()
+        self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
+        self._nonce = 0
+        self.forwarder: Forwarder | None = None
+        self._forwarded: dict[str, int] = {}  # rooms the forwarder owns -> epoch
         self.counters: dict[str, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -101,15 +123,23 @@ class Cluster:
             self._tasks.append(asyncio.create_task(self._meta_loop(), name="meta-ship"))
             self._tasks.append(asyncio.create_task(self._anti_entropy_loop(), name="anti-entropy"))
             self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry"))
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
             self.on_member_event(None)
 
     async def stop(self) -> None:
+        await self.stop_forwarding()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        for t in list(self._drains):
+            t.cancel()
+        for t in list(self._drains):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._drains.clear()
         if self.hub is not None:
             await self.hub.stop()
         for fut, _ in self._waits.values():
@@ -133,6 +163,15 @@ class Cluster:
             if m.id != self.node_id and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
         }
         self.hub.set_targets(targets)
+        blocking = {m.id for m in self._members() if m.id != self.node_id and m.state in _BLOCKING}
+        for peer in sorted(self._blocking - blocking):
+            if peer not in self._draining:
+                self._draining.add(peer)
+                task = asyncio.create_task(self._drain(peer), name=f"drain-{peer}")
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+        self._blocking = blocking
+        self._refresh()
         self._check_waits()
         self._registry_wake.set()
 
@@ -140,8 +179,64 @@ class Cluster:
         if up:
             self._schedule.connected(peer, time.monotonic())
             self._meta_wake.set()
+            self._frontier.link_up(peer)
+            self._sync_link(peer)  # pushes missed while the link was down come back first
         else:
             self._schedule.disconnected(peer)
+            self._frontier.link_down(peer)
+            for nonce, (p, fut) in list(self._pongs.items()):
+                if p == peer:
+                    del self._pongs[nonce]
+                    fut.cancel()
+
+    # -- stable frontier ----------------------------------------------------------------------
+
+    def _trailer(self) -> PeerMsg:
+        return Frontier(self.service.advertise())
+
+    def _refresh(self) -> None:
+        self.service.set_peer_frontier(self._frontier.value(self._blocking | self._draining))
+
+    def _sync_link(self, peer: str) -> asyncio.Future[None]:
+        """Ask ``peer`` for what it has of every room that we lack, then ping: the future
+        completes when its answers are committed here."""
+        assert self.hub is not None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._nonce += 1
+        nonce = self._nonce
+        self._pongs[nonce] = (peer, fut)
+        for room in self.service.room_names():
+            self.hub.send(peer, StateVector(room, self.service.room_state_vector(room)))
+        if not self.hub.send(peer, Ping(nonce)):
+            self._pongs.pop(nonce, None)
+            fut.cancel()
+        return fut
+
+    async def _drain(self, dead: str) -> None:
+        """``dead`` left the members: before it stops holding delivery back, collect from
+        the other peers whatever it pushed to them but not to us (bounded wait)."""
+        assert self.hub is not None
+        futs = [self._sync_link(q) for q in self.hub.connected() if q in self._blocking]
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                for fut in futs:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fut
+        except TimeoutError:
+            log.warning("peers did not answer the sync after %s left; releasing anyway", dead)
+        finally:
+            for fut in futs:
+                fut.cancel()
+            self._draining.discard(dead)
+            if dead not in self._blocking:
+                self._frontier.forget(dead)
+            self._refresh()
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.hub is not None
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            self.hub.poke()
 
     # -- Replicator (called by the service) ---------------------------------------------------
 
@@ -159,7 +254,8 @@ class Cluster:
         msg = Update(room, update, token, tuple(ids))
         assert self.hub is not None
         for peer in self.hub.connected():
-            self.hub.send(peer, msg)
+            if not self.hub.send(peer, msg):
+                self.hub.reset(peer)  # a hole in the link: the peer re-syncs on reconnect
         self._check_waits()
         return fut
 
@@ -205,8 +301,23 @@ class Cluster:
                     def durable(error: BaseException | None, token: int = msg.token) -> None:
                         if error is None and token != NO_TOKEN:
                             hub.send(peer, Ack(token))
+                        self._pong(self._frontier.applied(peer))
 
-                    self.service.apply_remote(msg.room, msg.update, msg.ids, durable)
+                    self._frontier.applying(peer)
+                    try:
+                        self.service.apply_remote(msg.room, msg.update, msg.ids, durable)
+                    except BaseException:
+                        self._pong(self._frontier.applied(peer))
+                        raise
+                    if msg.ids:
+                        hub.poke()  # our clock passed its stamp: tell the others soon
+                case Frontier():
+                    if self._frontier.heard(peer, msg.cursor):
+                        self._refresh()
+                case Ping():
+                    hub.send(peer, Pong(msg.nonce))
+                case Pong():
+                    self._pong(self._frontier.pong(peer, msg.nonce))
                 case Ack():
                     self._tracker.ack(msg.token, peer)
                     self._check_waits()
@@ -233,6 +344,13 @@ class Cluster:
             log.debug("cannot store what peer %s sent: %s", peer, exc)
         except ClientError as exc:  # the service refusing a write (storage unavailable)
             log.debug("cannot store what peer %s sent: %s", peer, exc)
+
+    def _pong(self, nonces: list[int]) -> None:
+        for nonce in nonces:
+            entry = self._pongs.pop(nonce, None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(None)
+        self._refresh()
 
     # -- background loops ---------------------------------------------------------------------
 
@@ -319,6 +437,7 @@ class Cluster:
             if h is not None:
                 log.info("no longer home of room %s: %s holds epoch %d", room, h.node, h.epoch)
         self._homes = mine
+        self._sync_forwarder()
 
     def is_home(self, room: str) -> bool:
         return room in self._homes
@@ -354,6 +473,81 @@ class Cluster:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await self.hub.drain(peer)
+
+    # -- Kafka forwarding (docs/KAFKA.md) -----------------------------------------------------
+
+    async def start_forwarding(self, brokers: str, topic: str) -> None:
+        """Forward the rooms this node is home of (every room when standalone) to Kafka."""
+        fwd = Forwarder(brokers, topic, read_after=self.read_after,
+                        save_frontier=self.save_frontier, home=self.node_id)  # fmt: skip
+        await fwd.start()
+        self.forwarder = fwd
+        self.service.on_release = self._released
+        self._sync_forwarder()
+        self._tasks.append(asyncio.create_task(self._forward_loop(), name="forward-owner"))
+
+    async def stop_forwarding(self) -> None:
+        """Flush and stop the forwarder (before a handover, so the next home resumes after
+        what this one delivered)."""
+        fwd, self.forwarder = self.forwarder, None
+        if fwd is None:
+            return
+        self.service.on_release = None
+        self._forwarded.clear()
+        await fwd.stop()  # flushes and saves every room's frontier
+
+    async def read_after(self, room: str, after: Timestamp | None, limit: int) -> list[MessageLike]:
+        msgs = await self.service.stable_after(room, None if after is None else after.encode(),
+                                               limit)  # fmt: skip
+        return list(msgs)
+
+    async def save_frontier(self, room: str, epoch: int, ts: Timestamp) -> bool:
+        h = reg.parse_home(self.service.meta.get(reg.home_key(room)))
+        if h is not None and h.epoch > epoch:
+            return False
+        await self.service.write_meta((FRONTIER_PREFIX + room, {"epoch": epoch, "ts": ts.encode()}))
+        return True
+
+    def _saved_frontier(self, room: str) -> Timestamp | None:
+        v = self.service.meta.get(FRONTIER_PREFIX + room)
+        if not isinstance(v, dict) or not isinstance(v.get("ts"), str):
+            return None
+        try:
+            return Timestamp.decode(v["ts"])
+        except CodecError:
+            return None
+
+    def _released(self, room: str) -> None:
+        if self.forwarder is not None and room in self._forwarded:
+            self.forwarder.notify(room)
+
+    def _sync_forwarder(self) -> None:
+        """Own the rooms this node is home of with their epochs, disown the others, and
+        fence every room at its recorded epoch."""
+        fwd = self.forwarder
+        if fwd is None:
+            return
+        homes = self.homes()
+        if self.hub is None:  # standalone: home of everything
+            owned = {room: (h.epoch if h else 1) for room, h in homes.items()}
+        else:
+            owned = {room: h.epoch for room, h in homes.items() if room in self._homes and h}
+        for room, h in homes.items():
+            if h is not None:
+                fwd.fence(room, h.epoch)
+        for room in list(self._forwarded):
+            if owned.get(room) != self._forwarded[room]:
+                fwd.disown(room)
+                del self._forwarded[room]
+        for room, epoch in owned.items():
+            if room not in self._forwarded and fwd.own(room, epoch, self._saved_frontier(room)):
+                self._forwarded[room] = epoch
+                fwd.notify(room)
+
+    async def _forward_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FORWARD_INTERVAL)
+            self._sync_forwarder()
 
     # -- HTTP ---------------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@
   is down or full (the message is dropped; anti-entropy repairs the room, a waiting write
   times out), so a slow peer never grows memory. :meth:`PeerHub.drain` waits for a link's
   queue to fall below its low-water mark.
+* **Trailer**: if given, ``trailer()`` is called as each frame is built and its message is
+  appended last (the node's stable frontier); :meth:`PeerHub.poke` makes every link send a
+  frame even with nothing queued.
 * Received messages are handed to ``on_message`` in order, one at a time per link (it may
   await, which back-pressures that peer's reads).
 """
@@ -62,6 +65,7 @@ class _Link:
         self.below_low = asyncio.Event()
         self.below_low.set()
         self.closed = False
+        self.want = False  # send a frame even if nothing is queued (a frontier heartbeat)
 
     def push(self, msg: PeerMsg) -> bool:
         if self.closed or len(self.queue) >= self.max_queue:
@@ -85,6 +89,7 @@ class PeerHub:
         *,
         max_queue: int = 20_000,
         max_frame: int = 64 * 1024 * 1024,
+        trailer: Callable[[], PeerMsg] | None = None,
     ) -> None:
         self.node_id = node_id
         self.keyring = keyring
@@ -92,6 +97,7 @@ class PeerHub:
         self.on_link = on_link
         self.max_queue = max_queue
         self.max_frame = max_frame
+        self.trailer = trailer
         self.links: dict[str, _Link] = {}
         self._targets: dict[str, str] = {}  # peer id -> base URL, for peers we dial
         self._dialers: dict[str, asyncio.Task[None]] = {}
@@ -116,6 +122,22 @@ class PeerHub:
             self._count("dropped_full")
             return False
         return True
+
+    def poke(self) -> None:
+        """Make every link send a frame soon, even an otherwise empty one (it then carries
+        just the trailer)."""
+        for link in self.links.values():
+            link.want = True
+            link.wake.set()
+
+    def reset(self, peer: str) -> None:
+        """Close the link to ``peer`` (it is redialed); used when a message for it had to be
+        dropped, so the peer re-syncs instead of trusting a link with a hole in it."""
+        link = self.links.get(peer)
+        if link is not None and not link.closed:
+            self._count("links_reset")
+            link.closed = True
+            link.wake.set()
 
     async def drain(self, peer: str) -> None:
         link = self.links.get(peer)
@@ -275,13 +297,16 @@ class PeerHub:
     async def _writer(self, link: _Link) -> None:
         try:
             while not link.closed:
-                if not link.queue:
+                if not link.queue and not link.want:
                     link.wake.clear()
                     await link.wake.wait()
                     continue
+                link.want = False
                 batch = list(link.queue)
                 link.queue.clear()
                 link.below_low.set()
+                if self.trailer is not None:
+                    batch.append(self.trailer())
                 await link.ws.send_bytes(self._seal(batch))
                 self._count("frames_out")
                 self._count("messages_out", len(batch))

@@ -17,6 +17,10 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
                                                 carrying ``token``)
 ``["q", room, token]``                          send me your state vector (``s`` with
                                                 ``token``): the start of a sync barrier
+``["f", cursor]``                               my frontier: every message I push to you from
+                                                now on has a cursor at or above ``cursor``
+``["p", nonce]``                                ping: answer ``o`` after everything before it
+``["o", nonce]``                                pong
 ==============================================  ==============================================
 """
 
@@ -36,8 +40,12 @@ __all__ = [
     "AntiEntropySchedule",
     "Digests",
     "FrameError",
+    "Frontier",
+    "FrontierTracker",
     "MetaPayload",
     "PeerMsg",
+    "Ping",
+    "Pong",
     "StateVector",
     "SvRequest",
     "Update",
@@ -93,7 +101,22 @@ class SvRequest:
     token: int
 
 
-PeerMsg = Update | Ack | MetaPayload | Digests | StateVector | SvRequest
+@dataclass(frozen=True, slots=True)
+class Frontier:
+    cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    nonce: int
+
+
+PeerMsg = Update | Ack | MetaPayload | Digests | StateVector | SvRequest | Frontier | Ping | Pong
 
 
 def _wire(m: PeerMsg) -> list[object]:
@@ -110,6 +133,12 @@ def _wire(m: PeerMsg) -> list[object]:
             return ["s", m.room, m.sv, m.token]
         case SvRequest():
             return ["q", m.room, m.token]
+        case Frontier():
+            return ["f", m.cursor]
+        case Ping():
+            return ["p", m.nonce]
+        case Pong():
+            return ["o", m.nonce]
 
 
 def encode_frame(msgs: Iterable[PeerMsg]) -> bytes:
@@ -158,6 +187,12 @@ def _one(raw: object) -> PeerMsg:
         return StateVector(_str(args[0]), _bytes(args[1]), _token(args[2]))
     if tag == "q" and len(args) == 2:
         return SvRequest(_str(args[0]), _token(args[1]))
+    if tag == "f" and len(args) == 1:
+        return Frontier(_str(args[0]))
+    if tag == "p" and len(args) == 1:
+        return Ping(_token(args[0]))
+    if tag == "o" and len(args) == 1:
+        return Pong(_token(args[0]))
     raise FrameError(f"unknown peer message {tag!r} with {len(args)} fields")
 
 
@@ -256,3 +291,92 @@ class AntiEntropySchedule:
 
     def next_time(self) -> float | None:
         return min(self._next.values(), default=None)
+
+
+@dataclass(slots=True)
+class _PeerFrontier:
+    value: str | None = None  # the highest frontier taken into account
+    valid: bool = False  # synced on the current link: its frontiers may be trusted
+    applying: int = 0  # updates from the peer applied in memory, not yet committed here
+    stash: str | None = None  # a frontier heard while ``applying`` > 0
+    pongs: list[int] = field(default_factory=list)  # pongs heard while ``applying`` > 0
+
+
+class FrontierTracker:
+    """The stable frontier of the peers, as one node sees it (see ``docs/REPLICATION.md``).
+
+    A peer's frontier ``f`` says: every message it pushes to us from now on has a cursor at or
+    above ``f``. It counts only once everything the peer sent before it is committed here
+    (``applying`` back to zero), and only on a link that was synced since it came up (a
+    ``pong`` after our state-vector requests: pushes dropped while the link was down came
+    back in the diffs before it). ``value(peers)`` is the lowest frontier of ``peers``: every
+    message with a lower cursor that those peers will ever send us is already committed
+    here. A peer never heard from gives ``""``, which holds everything back."""
+
+    def __init__(self) -> None:
+        self._peers: dict[str, _PeerFrontier] = {}
+
+    def _get(self, peer: str) -> _PeerFrontier:
+        p = self._peers.get(peer)
+        if p is None:
+            p = self._peers[peer] = _PeerFrontier()
+        return p
+
+    def link_up(self, peer: str) -> None:
+        p = self._get(peer)
+        p.valid = False
+        p.stash = None
+        p.pongs.clear()
+
+    def link_down(self, peer: str) -> None:
+        self.link_up(peer)
+
+    def applying(self, peer: str) -> None:
+        self._get(peer).applying += 1
+
+    def applied(self, peer: str) -> list[int]:
+        """An update from ``peer`` is committed; returns the pongs that now take effect."""
+        p = self._get(peer)
+        p.applying = max(0, p.applying - 1)
+        return self._flush(p) if p.applying == 0 else []
+
+    def heard(self, peer: str, frontier: str) -> bool:
+        """A frontier arrived; True when the peer's value moved."""
+        p = self._get(peer)
+        if p.applying:
+            p.stash = frontier if p.stash is None else max(p.stash, frontier)
+            return False
+        return self._take(p, frontier)
+
+    def pong(self, peer: str, nonce: int) -> list[int]:
+        p = self._get(peer)
+        p.pongs.append(nonce)
+        return self._flush(p) if p.applying == 0 else []
+
+    def _take(self, p: _PeerFrontier, frontier: str) -> bool:
+        if not p.valid or (p.value is not None and frontier <= p.value):
+            return False
+        p.value = frontier
+        return True
+
+    def _flush(self, p: _PeerFrontier) -> list[int]:
+        pongs = list(p.pongs)
+        p.pongs.clear()
+        if pongs:
+            p.valid = True
+        if p.stash is not None:
+            stash, p.stash = p.stash, None
+            self._take(p, stash)
+        return pongs
+
+    def forget(self, peer: str) -> None:
+        self._peers.pop(peer, None)
+
+    def value(self, peers: Iterable[str]) -> str | None:
+        """The lowest frontier of ``peers`` (None when there are none)."""
+        out: str | None = None
+        for peer in peers:
+            p = self._peers.get(peer)
+            v = "" if p is None or p.value is None else p.value
+            out = v if out is None else min(out, v)
+        return out

@@ -34,6 +34,7 @@ shows up in both is sent once (from the catch-up). So the client sees no gap and
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import secrets
 import time
@@ -275,6 +276,16 @@ class Service:
         self.on_revoke: Callable[[str], None] | None = None
         self.replicator: Replicator | None = None
         self.meta_rep = DeltaReplicator(node_id, AWLWWMap, state=self.meta, seq=0)
+        # Stable frontier (docs/REPLICATION.md): with a replicator, committed events wait in
+        # ``_held`` until their message's cursor is below ``_limit``, the lowest of the peers'
+        # frontiers and of this node's own stamped-but-uncommitted messages (``_inflight``,
+        # ascending since stamps are issued in order).
+        self._held: list[tuple[str, int, _RoomState, str, bool]] = []
+        self._held_seq = 0
+        self._inflight: dict[str, None] = {}
+        self._peer_frontier: str | None = None
+        self._limit: str | None = None
+        self.on_release: Callable[[str], None] | None = None  # a message event went out
 
     # ------------------------------------------------------------------ startup
 
@@ -520,7 +531,7 @@ class Service:
         batch = Batch().put(update_key(room, state.seq), update)
         state.seq += 1
         state.since_snapshot += 1
-        frames: list[tuple[str, str | None]] = []
+        frames: list[tuple[str, str, bool]] = []
         for m in changed:
             cursor = m.ts.encode()
             batch.put(history_key(room, cursor), _pack_message(m))
@@ -529,7 +540,7 @@ class Service:
                 not hinted and m.edited is None and not m.deleted and not m.reactions
             )
             kind = "message" if new else "update"
-            frames.append((p.encode(p.message_frame(kind, room, m)), cursor if new else None))
+            frames.append((p.encode(p.message_frame(kind, room, m)), cursor, new))
             self._observe(m.ts)
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
@@ -541,11 +552,75 @@ class Service:
         def written(error: BaseException | None) -> None:
             if error is None:
                 self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
-                for text, cursor in frames:
-                    self._broadcast(state, text, cursor)
+                for text, cursor, new in frames:
+                    self._deliver(state, text, cursor, new)
             durable(error)
 
         self.store.submit(batch, written)
+
+    # ------------------------------------------------------------------ stable frontier
+
+    def advertise(self) -> str:
+        """This node's frontier for its peers: every message it pushes from now on has a
+        cursor at or above it (its oldest uncommitted message, else a fresh clock stamp)."""
+        if self._inflight:
+            return next(iter(self._inflight))
+        return self._stamp().encode()
+
+    def set_peer_frontier(self, frontier: str | None) -> None:
+        """The lowest frontier of the peers that can still send us messages (None: none)."""
+        self._peer_frontier = frontier
+        self._release()
+
+    @property
+    def release_limit(self) -> str | None:
+        """Cursors below this have been released to subscribers (None: no bound)."""
+        return self._limit
+
+    def held_count(self) -> int:
+        return len(self._held)
+
+    async def stable_after(self, room: str, after: str | None, limit: int) -> list[Message]:
+        """Up to ``limit`` committed messages of ``room`` after cursor ``after``, ascending,
+        stopping at the stable frontier: no message below the last one returned can still
+        appear here (the Kafka forwarder's ``read_after``). Without peers everything
+        committed is stable: commits are queued in stamp order."""
+        state = self.rooms.get(room)
+        if state is None:
+            return []
+        rows, _ = await self.store.read(
+            _history_page, self.store, room, after or "", None, max(1, limit)
+        )
+        cap = None if self.replicator is None else self._limit
+        out: list[Message] = []
+        for cursor, value in rows:
+            if cap is not None and cursor >= cap:
+                break
+            m = state.log.get(msgpack.unpackb(value, raw=False)[0])
+            if m is not None and m.ts.encode() == cursor:
+                out.append(m)
+        return out
+
+    def _release(self) -> None:
+        limit = self._peer_frontier
+        if self._inflight:
+            own = next(iter(self._inflight))
+            limit = own if limit is None else min(limit, own)
+        self._limit = limit
+        held = self._held
+        while held and (limit is None or held[0][0] < limit):
+            cursor, _, state, text, is_message = heapq.heappop(held)
+            self._broadcast(state, text, cursor if is_message else None)
+
+    def _deliver(self, state: _RoomState, text: str, cursor: str, is_message: bool) -> None:
+        """Push a committed event of the message at ``cursor`` to subscribers, in cursor
+        order behind the stable frontier when the node has peers."""
+        if self.replicator is None or self._limit is None or cursor < self._limit:
+            self._broadcast(state, text, cursor if is_message else None)
+            return
+        self._held_seq += 1
+        heapq.heappush(self._held, (cursor, self._held_seq, state, text, is_message))
+        self._release()
 
     def _observe(self, ts: Timestamp) -> None:
         try:
@@ -814,6 +889,11 @@ class Service:
             )
             if s.subs.get(req.room) is not sub or sub.buffer is None:
                 return
+            limit = None if self.replicator is None else self._limit
+            if limit is not None and rows and rows[-1][0] >= limit:
+                # stop at the stable frontier: what is above it comes live, in order
+                rows = [(c, v) for c, v in rows if c < limit]
+                more = False
             for c, value in rows:
                 i = sub.buffered_messages.pop(c, None)
                 if i is not None:
@@ -860,6 +940,8 @@ class Service:
         for session in list(state.subscribers):
             if session.user != skip_user:
                 session.emit(state.name, text, cursor)
+        if cursor is not None and self.on_release is not None:
+            self.on_release(state.name)
 
     # ------------------------------------------------------------------ messages
 
@@ -909,13 +991,20 @@ class Service:
         text = p.encode(p.message_frame("message", req.room, change.message))
         cursor = change.message.ts.encode()
         replicas: list[asyncio.Future[None]] = []
+        ordered = self.replicator is not None
+        if ordered:
+            self._inflight[cursor] = None
 
         def delivered() -> None:
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
-            self._broadcast(state, text, cursor)
-            if self.replicator is not None:
-                replicas.append(self.replicator.push(req.room, change.update, (req.id,)))
+            if self.replicator is None:
+                self._broadcast(state, text, cursor)
+                return
+            # pushed before it leaves _inflight: a frontier sent after this covers it
+            replicas.append(self.replicator.push(req.room, change.update, (req.id,)))
+            self._inflight.pop(cursor, None)
+            self._deliver(state, text, cursor, True)
 
         try:
             await self._commit(batch, delivered)
@@ -925,6 +1014,8 @@ class Service:
         finally:
             event.set()
             state.inflight.pop(req.id, None)
+            if ordered and self._inflight.pop(cursor, 0) is None:
+                self._release()
         return self._ack(req.ref, change.message)
 
     async def _change(self, s: Session, req: p.Edit | p.Delete | p.React) -> dict[str, object]:
@@ -958,7 +1049,7 @@ class Service:
 
         def delivered() -> None:
             self.metrics.deliveries.inc(len(state.subscribers))
-            self._broadcast(state, text)
+            self._deliver(state, text, change.message.ts.encode(), False)
             if self.replicator is not None:
                 replicas.append(self.replicator.push(req.room, change.update, ()))
 
