@@ -423,6 +423,8 @@ class Node:
         await self._start_membership()
         self.on_member_event(self.cluster.on_member_event)
         self.cluster.start()
+        if cfg.kafka_brokers:  # the home of each room forwards it (docs/KAFKA.md)
+            await self.cluster.start_forwarding(cfg.kafka_brokers, cfg.kafka_topic)
         if self.on_listening is not None:
             self.on_listening(self)
 
@@ -449,6 +451,7 @@ class Node:
         if self.webapp is not None:
             await self.webapp.drain(DRAIN_TIMEOUT)
         if self.cluster is not None:
+            await self.cluster.stop_forwarding()  # flushed: the next home resumes after it
             await self.cluster.handover()  # while the peer links are still up
         if self._runner is not None:
             await self._runner.cleanup()
