@@ -60,7 +60,6 @@ SETTLE: Final = 2.0
 HANDOVER_TIMEOUT: Final = 3.0
 HEARTBEAT_INTERVAL: Final = 0.05  # frontier heartbeats on idle links
 DRAIN_TIMEOUT: Final = 3.0  # how long a dead peer's last messages are looked for
-_BLOCKING: Final = (MemberState.ALIVE, MemberState.SUSPECT)
 FORWARD_INTERVAL: Final = 0.5  # how often ownership of forwarded rooms is re-checked
 FRONTIER_PREFIX: Final = "f/"  # f/<room> -> {"epoch", "ts"}: the Kafka forwarding frontier
 _EMPTY_DIFF: Final = encode_envelope([])
@@ -105,6 +104,7 @@ class Cluster:
         self._drains: set[asyncio.Task[None]] = set()
         self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._nonce = 0
+        self._stopping = False
         self.forwarder: Forwarder | None = None
         self._forwarded: dict[str, int] = {}  # rooms the forwarder owns -> epoch
         self.counters: dict[str, int] = {}
@@ -127,6 +127,7 @@ class Cluster:
             self.on_member_event(None)
 
     async def stop(self) -> None:
+        self._stopping = True  # no new drains from links going down
         await self.stop_forwarding()
         for t in self._tasks:
             t.cancel()
@@ -157,13 +158,34 @@ class Cluster:
         """Membership changed: dial the members, re-check waiting writes, re-place rooms."""
         if self.hub is None:
             return
+        if self.hub.local_host is None:
+            me = [m for m in self._members() if m.id == self.node_id]
+            if me:
+                self.hub.local_host = me[0].addr[0]
         targets = {
             m.id: f"http://{m.addr[0]}:{m.addr[1]}"
             for m in self._members()
             if m.id != self.node_id and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
         }
         self.hub.set_targets(targets)
-        blocking = {m.id for m in self._members() if m.id != self.node_id and m.state in _BLOCKING}
+        self._recompute_blocking()
+        self._check_waits()
+        self._registry_wake.set()
+
+    def _recompute_blocking(self) -> None:
+        """The peers that hold live delivery back: ALIVE members, and SUSPECT members whose
+        link is still up (a suspect with no link, e.g. a killed process, is drained at once
+        rather than after its dead declaration). Peers that stop blocking are drained."""
+        assert self.hub is not None
+        if self._stopping:
+            return
+        links = set(self.hub.connected())
+        blocking = {
+            m.id
+            for m in self._members()
+            if m.id != self.node_id
+            and (m.state is MemberState.ALIVE or (m.state is MemberState.SUSPECT and m.id in links))
+        }
         for peer in sorted(self._blocking - blocking):
             if peer not in self._draining:
                 self._draining.add(peer)
@@ -172,8 +194,6 @@ class Cluster:
                 task.add_done_callback(self._drains.discard)
         self._blocking = blocking
         self._refresh()
-        self._check_waits()
-        self._registry_wake.set()
 
     def _on_link(self, peer: str, up: bool) -> None:
         if up:
@@ -184,6 +204,7 @@ class Cluster:
         else:
             self._schedule.disconnected(peer)
             self._frontier.link_down(peer)
+            self._recompute_blocking()
             for nonce, (p, fut) in list(self._pongs.items()):
                 if p == peer:
                     del self._pongs[nonce]

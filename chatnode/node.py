@@ -245,7 +245,12 @@ class Node:
             await self._gossip_site.start()
         self._gossip_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
-            connector=aiohttp.TCPConnector(limit=16, force_close=True),
+            connector=aiohttp.TCPConnector(
+                limit=16,
+                force_close=True,
+                # from our own address, so per-address firewall rules (partitions) apply
+                local_addr=None if cfg.host in ("0.0.0.0", "::", "") else (cfg.host, 0),
+            ),
         )
         gossip = build_membership(
             self.node_id,

@@ -98,6 +98,9 @@ class PeerHub:
         self.max_queue = max_queue
         self.max_frame = max_frame
         self.trailer = trailer
+        # source address of the links we dial (this node's own address, so that per-address
+        # firewall rules apply to them); None: the kernel picks
+        self.local_host: str | None = None
         self.links: dict[str, _Link] = {}
         self._targets: dict[str, str] = {}  # peer id -> base URL, for peers we dial
         self._dialers: dict[str, asyncio.Task[None]] = {}
@@ -191,7 +194,11 @@ class PeerHub:
 
     async def _dial_once(self, peer: str, url: str) -> None:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            host = self.local_host
+            connector = None
+            if host and host not in ("0.0.0.0", "::"):
+                connector = aiohttp.TCPConnector(local_addr=(host, 0))
+            self._session = aiohttp.ClientSession(connector=connector)
         async with self._session.ws_connect(
             url.rstrip("/") + PEER_PATH, heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
             timeout=aiohttp.ClientWSTimeout(ws_close=2.0), compress=0,
