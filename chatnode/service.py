@@ -514,20 +514,26 @@ class Service:
         once written, subscribers get the changed messages and ``durable`` is called.
 
         ``ids`` are the ids the sender says this update appends: a changed message among them
-        is pushed to subscribers as a ``message`` event, others as ``update`` events (a diff
-        from anti-entropy carries no hint: a changed message without edits, tombstone or
-        reactions is then taken as new). Call after ``await store.wait_for_room()``; raises
+        is pushed to subscribers as a ``message`` event, others as ``update`` events; when the
+        log grew by as many messages as changed, all are new (updates waiting for a missing
+        dependency are integrated together with it, under its hint); a diff from
+        anti-entropy carries no hint: a changed message without edits, tombstone or
+        reactions is then taken as new. Call after ``await store.wait_for_room()``; raises
         ``CodecError`` (nothing applied) on a malformed update, ``StorageError`` when the
         store refuses writes."""
         if not self.store.healthy:
             raise StorageError("storage failed or shutting down")
         state = self._room_state(room)
+        before = len(state.log)
         changed = state.log.apply(update)
         if not changed:
             # nothing new here, but the ack must still mean "durable": a barrier commit
             self.store.submit(Batch(), durable)
             return
         hinted = set(ids)
+        # Every changed message is new when the log grew by as many (an update held back for
+        # a missing dependency is integrated with the one that brings it, under its hint).
+        all_new = len(state.log) - before == len(changed)
         batch = Batch().put(update_key(room, state.seq), update)
         state.seq += 1
         state.since_snapshot += 1
@@ -536,8 +542,10 @@ class Service:
             cursor = m.ts.encode()
             batch.put(history_key(room, cursor), _pack_message(m))
             batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
-            new = m.id in hinted or (
-                not hinted and m.edited is None and not m.deleted and not m.reactions
+            new = (
+                all_new
+                or m.id in hinted
+                or (not hinted and m.edited is None and not m.deleted and not m.reactions)
             )
             kind = "message" if new else "update"
             frames.append((p.encode(p.message_frame(kind, room, m)), cursor, new))
