@@ -58,7 +58,9 @@ async def run(args: argparse.Namespace) -> int:
     print(f"seed {args.seed}", flush=True)
     can_split = can_partition() is None
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
-        h = Harness.start(Path(tmp), args.nodes)
+        # the checker pages through whole histories: lift the per-connection rate limit
+        h = Harness.start(Path(tmp), args.nodes,
+                          extra_args=["--rate-limit", "1000", "--rate-burst", "1000"])  # fmt: skip
         try:
             async with aiohttp.ClientSession() as http:
                 users = [new_user("c") for _ in h.nodes]
