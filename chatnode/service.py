@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 UNREAD_CAP: Final = 999
 CATCHUP_PAGE: Final = 200
 MAX_INFLIGHT_HASHES: Final = 2
+MAX_HELD_EVENTS: Final = 50_000  # live events waiting for the stable frontier, all rooms
 
 
 class Outbox(Protocol):
@@ -282,6 +283,7 @@ class Service:
         # ascending since stamps are issued in order).
         self._held: list[tuple[str, int, _RoomState, str, bool]] = []
         self._held_seq = 0
+        self.held_overflow = 0  # events released past the frontier because the heap was full
         self._inflight: dict[str, None] = {}
         self._peer_frontier: str | None = None
         self._limit: str | None = None
@@ -629,6 +631,18 @@ class Service:
         self._held_seq += 1
         heapq.heappush(self._held, (cursor, self._held_seq, state, text, is_message))
         self._release()
+        # Bounded: a peer that stays alive in gossip but whose link never delivers a frontier
+        # must not grow this heap without limit. Past the bound the lowest events go out
+        # anyway (the weaker ordering of a partition heal; docs/REPLICATION.md).
+        while len(self._held) > MAX_HELD_EVENTS:
+            cursor, _, state, text, is_message = heapq.heappop(self._held)
+            if self.held_overflow % 10_000 == 0:
+                log.warning(
+                    "stable frontier stuck at %s: %d events held; releasing out of order",
+                    self._limit, len(self._held),
+                )
+            self.held_overflow += 1
+            self._broadcast(state, text, cursor if is_message else None)
 
     def _observe(self, ts: Timestamp) -> None:
         try:
