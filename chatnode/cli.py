@@ -103,21 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         help="print the cluster members a running node knows",
         description="Ask a running node (GET /v1/cluster) which members it knows.",
     )
-    members.add_argument(
-        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
-    )
-    members.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
-    members.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_query_args(members)
     rooms = sub.add_parser(
         "rooms",
         help="print the room registry of a running node (home and epoch of each room)",
         description="Ask a running node (GET /v1/registry) which node is home of each room.",
     )
-    rooms.add_argument(
-        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
-    )
-    rooms.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
-    rooms.add_argument("--json", action="store_true", help="print the raw JSON")
+    _add_query_args(rooms)
     return parser
 
 
@@ -286,3 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _add_query_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the subcommands that query a running node's HTTP API."""
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -21,10 +21,10 @@ from aiohttp import web
 from chatnode import registry as reg
 from chatnode.errors import ClientError
 from chatnode.forwarder import Forwarder
-from chatnode.forwarding import MessageLike
 from chatnode.keyring import Keyring
 from chatnode.membership import Member, MemberEvent, MemberState
 from chatnode.peers import PEER_PATH, PeerHub
+from chatnode.protocol import MessageLike
 from chatnode.replication import (
     NO_TOKEN,
     Ack,

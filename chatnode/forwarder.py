@@ -44,13 +44,13 @@ from chatnode.forwarding import (
     DeliveryReport,
     ForwardedMessage,
     Forwarding,
-    MessageLike,
     Record,
     RecordError,
     decode_record,
     encode_record,
     partition_for,
 )
+from chatnode.protocol import MessageLike
 from crdt.clock import Timestamp
 
 log = logging.getLogger(__name__)

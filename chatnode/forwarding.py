@@ -33,8 +33,8 @@ import json
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from chatnode.protocol import MessageLike
 from crdt.clock import Timestamp
 from crdt.errors import CodecError
 
@@ -50,23 +50,6 @@ BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 5.0
 
 
-class MessageLike(Protocol):
-    """The fields of ``crdt.roomlog.Message`` the forwarder reads."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def author(self) -> str: ...
-    @property
-    def body(self) -> str: ...
-    @property
-    def ts(self) -> Timestamp: ...
-    @property
-    def edited(self) -> Timestamp | None: ...
-    @property
-    def deleted(self) -> bool: ...
-    @property
-    def reactions(self) -> tuple[tuple[str, tuple[str, ...]], ...]: ...
 
 
 class RecordError(ValueError):
