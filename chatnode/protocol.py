@@ -100,6 +100,7 @@ MAX_PASSWORD: Final = 256
 _USER_RE: Final = re.compile(r"[a-z0-9_][a-z0-9_.-]{1,31}")
 _ROOM_RE: Final = re.compile(r"[a-z0-9_][a-z0-9_-]{0,63}")
 _MSG_ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_RESUME_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}:[0-9]{1,15}")
 _DM_PREFIX: Final = "dm:"
 _VISIBILITIES: Final = frozenset({"public", "private"})
 
@@ -215,6 +216,7 @@ class Subscribe:
     ref: Ref
     room: str
     after: Timestamp | None
+    resume: str | None = None  # a resume token from an earlier event of this room
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +475,12 @@ class _Fields:
             raise self.fail("invalid", f"field {name!r} is not a cursor")
         return ts
 
+    def resume_token(self) -> str | None:
+        value = self.text("resume", required=False)
+        if value is not None and _RESUME_RE.fullmatch(value) is None:
+            raise self.fail("invalid", "field 'resume' is not a resume token")
+        return value
+
     def boolean(self, name: str) -> bool:
         value = self._get(name, True)
         if not isinstance(value, bool):
@@ -550,8 +558,10 @@ _OPS: Final[dict[str, tuple[frozenset[str], _Parser]]] = {
     ),
     "dm.open": (frozenset({"user"}), lambda f: DmOpen(f.ref, f.user())),
     "subscribe": (
-        frozenset({"room", "after"}),
-        lambda f: Subscribe(f.ref, f.room(), f.cursor("after", required=False)),
+        frozenset({"room", "after", "resume"}),
+        lambda f: Subscribe(
+            f.ref, f.room(), f.cursor("after", required=False), f.resume_token()
+        ),
     ),
     "unsubscribe": (frozenset({"room"}), lambda f: Unsubscribe(f.ref, f.room())),
     "send": (

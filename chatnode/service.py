@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import secrets
 import time
@@ -62,7 +63,11 @@ from chatnode.storage import (
     id_key,
     meta_delta_key,
     prefix_end,
+    release_key,
+    release_prefix,
     room_snapshot_key,
+    unreleased_key,
+    unreleased_prefix,
     update_key,
     update_prefix,
 )
@@ -70,7 +75,7 @@ from crdt.awlwwmap import AWLWWMap
 from crdt.clock import HybridClock, Timestamp
 from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
-from crdt.roomlog import Change, Message, RoomLog
+from crdt.roomlog import Applied, Change, Message, RoomLog
 
 __all__ = ["Outbox", "Replicator", "Service", "Session"]
 
@@ -188,7 +193,19 @@ class RoomInfo:
 class _RoomState:
     """The in-memory side of one room: its log, subscribers and presence."""
 
-    __slots__ = ("inflight", "log", "name", "online", "seq", "since_snapshot", "subscribers")
+    __slots__ = (
+        "inflight",
+        "log",
+        "max_released",
+        "name",
+        "online",
+        "pushed_seq",
+        "pushing",
+        "release_seq",
+        "seq",
+        "since_snapshot",
+        "subscribers",
+    )
 
     def __init__(self, name: str, log_: RoomLog, seq: int) -> None:
         self.name = name
@@ -198,6 +215,13 @@ class _RoomState:
         self.subscribers: set[Session] = set()
         self.online: dict[str, int] = {}  # user -> subscribed sessions
         self.inflight: dict[str, asyncio.Event] = {}  # message id -> commit done
+        # The release log (resume tokens): the last number given to a released message,
+        # the last one whose row is durable and whose event went out, the highest cursor
+        # released (an event below it is "late"), and the cursors released but not yet out.
+        self.release_seq = 0
+        self.pushed_seq = 0
+        self.max_released = ""
+        self.pushing: set[str] = set()
 
 
 def _pack_message(m: Message) -> bytes:
@@ -281,13 +305,18 @@ class Service:
         # ``_held`` until their message's cursor is below ``_limit``, the lowest of the peers'
         # frontiers and of this node's own stamped-but-uncommitted messages (``_inflight``,
         # ascending since stamps are issued in order).
-        self._held: list[tuple[str, int, _RoomState, str, bool]] = []
+        self._held: list[tuple[str, int, _RoomState, str, str | None]] = []
         self._held_seq = 0
         self.held_overflow = 0  # events released past the frontier because the heap was full
         self._inflight: dict[str, None] = {}
         self._peer_frontier: str | None = None
         self._limit: str | None = None
         self.on_release: Callable[[str], None] | None = None  # a message event went out
+        # Released events wait here for their release-log rows to be durable, then go out
+        # in release order (one batch per loop iteration).
+        self._release_batch = Batch()
+        self._release_frames: list[tuple[_RoomState, str, str, int]] = []
+        self._flush_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------------ startup
 
@@ -311,6 +340,15 @@ class Service:
         for name in self.room_info:
             if name not in self.rooms:
                 self.rooms[name] = _RoomState(name, self._new_log(name), 0)
+        releases = await self.store.read(_load_releases, self.store, sorted(self.rooms))
+        for name, (last_seq, last_cursor, unreleased) in releases.items():
+            state = self.rooms[name]
+            state.release_seq = state.pushed_seq = last_seq
+            state.max_released = last_cursor
+            # committed before the last stop but never released: release them now, in order
+            for cursor, msg_id, value in unreleased:
+                frame = {"op": "message", **_unpack_message(name, cursor, value)}
+                self._release_event(state, p.encode(frame), cursor, msg_id)
         self.meta_rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.meta, seq=self.meta_seq)
         log.info(
             "loaded %d accounts, %d rooms, %d metadata keys",
@@ -515,43 +553,26 @@ class Service:
         the log in memory now, the update and the history/id index in one queued commit;
         once written, subscribers get the changed messages and ``durable`` is called.
 
-        ``ids`` are the ids the sender says this update appends: a changed message among them
-        is pushed to subscribers as a ``message`` event, others as ``update`` events; when the
-        log grew by as many messages as changed, all are new (updates waiting for a missing
-        dependency are integrated together with it, under its hint); a diff from
-        anti-entropy carries no hint: a changed message without edits, tombstone or
-        reactions is then taken as new. Call after ``await store.wait_for_room()``; raises
-        ``CodecError`` (nothing applied) on a malformed update, ``StorageError`` when the
-        store refuses writes."""
+        The log tells new messages (``message`` events), changed ones (``update`` events) and
+        moved ones apart: a second copy of a known id that wins (a client resent it through
+        another node before the first copy arrived) replaces the history row of the losing
+        copy, and subscribers get an ``update`` with ``replaces`` = the losing cursor.
+        ``ids`` (what the sender says it appends) is not needed for that and is ignored.
+        Call after ``await store.wait_for_room()``; raises ``CodecError`` (nothing applied)
+        on a malformed update, ``StorageError`` when the store refuses writes."""
+        del ids
         if not self.store.healthy:
             raise StorageError("storage failed or shutting down")
         state = self._room_state(room)
-        before = len(state.log)
-        changed = state.log.apply(update)
-        if not changed:
+        applied = state.log.apply_update(update)
+        if not applied:
             # nothing new here, but the ack must still mean "durable": a barrier commit
             self.store.submit(Batch(), durable)
             return
-        hinted = set(ids)
-        # Every changed message is new when the log grew by as many (an update held back for
-        # a missing dependency is integrated with the one that brings it, under its hint).
-        all_new = len(state.log) - before == len(changed)
         batch = Batch().put(update_key(room, state.seq), update)
         state.seq += 1
         state.since_snapshot += 1
-        frames: list[tuple[str, str, bool]] = []
-        for m in changed:
-            cursor = m.ts.encode()
-            batch.put(history_key(room, cursor), _pack_message(m))
-            batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
-            new = (
-                all_new
-                or m.id in hinted
-                or (not hinted and m.edited is None and not m.deleted and not m.reactions)
-            )
-            kind = "message" if new else "update"
-            frames.append((p.encode(p.message_frame(kind, room, m)), cursor, new))
-            self._observe(m.ts)
+        frames = self._remote_rows(room, applied, batch)
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
             batch.put(room_snapshot_key(room), msgpack.packb([state.seq - 1, snap])).delete_range(
@@ -562,11 +583,40 @@ class Service:
         def written(error: BaseException | None) -> None:
             if error is None:
                 self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
-                for text, cursor, new in frames:
-                    self._deliver(state, text, cursor, new)
+                for text, cursor, msg_id in frames:
+                    self._deliver(state, text, cursor, msg_id)
             durable(error)
 
         self.store.submit(batch, written)
+
+    def _remote_rows(
+        self, room: str, applied: Applied, batch: Batch
+    ) -> list[tuple[str, str, str | None]]:
+        """Index rows of what a remote update changed, into ``batch``; returns the events
+        to deliver once written: ``(text, cursor, message id for a new message else None)``."""
+        out: list[tuple[str, str, str | None]] = []
+        for m in applied.new:
+            cursor = m.ts.encode()
+            batch.put(history_key(room, cursor), _pack_message(m))
+            batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
+            batch.put(unreleased_key(room, cursor), m.id.encode())
+            out.append((p.encode(p.message_frame("message", room, m)), cursor, m.id))
+            self._observe(m.ts)
+        for m in applied.updated:
+            cursor = m.ts.encode()
+            batch.put(history_key(room, cursor), _pack_message(m))
+            out.append((p.encode(p.message_frame("update", room, m)), cursor, None))
+        for m, replaced in applied.moved:
+            cursor = m.ts.encode()
+            batch.delete(history_key(room, replaced))
+            batch.put(history_key(room, cursor), _pack_message(m))
+            batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
+            frame = p.message_frame("update", room, m)
+            frame["replaces"] = replaced
+            out.append((p.encode(frame), cursor, None))
+            self._observe(m.ts)
+        out.sort(key=lambda row: row[1])
+        return out
 
     # ------------------------------------------------------------------ stable frontier
 
@@ -619,30 +669,78 @@ class Service:
         self._limit = limit
         held = self._held
         while held and (limit is None or held[0][0] < limit):
-            cursor, _, state, text, is_message = heapq.heappop(held)
-            self._broadcast(state, text, cursor if is_message else None)
+            cursor, _, state, text, msg_id = heapq.heappop(held)
+            self._release_event(state, text, cursor, msg_id)
 
-    def _deliver(self, state: _RoomState, text: str, cursor: str, is_message: bool) -> None:
-        """Push a committed event of the message at ``cursor`` to subscribers, in cursor
-        order behind the stable frontier when the node has peers."""
+    def _deliver(self, state: _RoomState, text: str, cursor: str, msg_id: str | None) -> None:
+        """Release a committed event of the message at ``cursor`` (``msg_id`` set when it is
+        a new message) to subscribers, in cursor order behind the stable frontier when the
+        node has peers."""
         if self.replicator is None or self._limit is None or cursor < self._limit:
-            self._broadcast(state, text, cursor if is_message else None)
+            self._release_event(state, text, cursor, msg_id)
             return
         self._held_seq += 1
-        heapq.heappush(self._held, (cursor, self._held_seq, state, text, is_message))
+        heapq.heappush(self._held, (cursor, self._held_seq, state, text, msg_id))
         self._release()
         # Bounded: a peer that stays alive in gossip but whose link never delivers a frontier
         # must not grow this heap without limit. Past the bound the lowest events go out
         # anyway (the weaker ordering of a partition heal; docs/REPLICATION.md).
         while len(self._held) > MAX_HELD_EVENTS:
-            cursor, _, state, text, is_message = heapq.heappop(self._held)
+            cursor, _, state, text, msg_id = heapq.heappop(self._held)
             if self.held_overflow % 10_000 == 0:
                 log.warning(
                     "stable frontier stuck at %s: %d events held; releasing out of order",
                     self._limit, len(self._held),
                 )
             self.held_overflow += 1
-            self._broadcast(state, text, cursor if is_message else None)
+            self._release_event(state, text, cursor, msg_id)
+
+    def _release_event(
+        self, state: _RoomState, text: str, cursor: str, msg_id: str | None
+    ) -> None:
+        """Put an event in the room's release order. A new message gets the next number of
+        the room's release log (its resume token, and ``late`` if a higher cursor went out
+        before it); the event goes out once that row is durable, so a token a client holds
+        always names a durable position. Updates keep their place in the same order."""
+        seq = 0
+        if msg_id is not None:
+            state.release_seq += 1
+            seq = state.release_seq
+            late = cursor < state.max_released
+            if not late:
+                state.max_released = cursor
+            token = json.dumps(f"{self.node_id}:{seq}")
+            late_field = ',"late":true' if late else ""
+            text = f'{text[:-1]},"resume":{token}{late_field}}}'
+            self._release_batch.put(
+                release_key(state.name, seq), msgpack.packb([cursor, msg_id, late])
+            ).delete(unreleased_key(state.name, cursor))
+            state.pushing.add(cursor)
+        self._release_frames.append((state, text, cursor, seq))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_releases)
+
+    def _flush_releases(self) -> None:
+        self._flush_handle = None
+        frames, batch = self._release_frames, self._release_batch
+        self._release_frames, self._release_batch = [], Batch()
+        if not frames:
+            return
+
+        def written(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("release log write failed; %d events not sent", len(frames))
+                return
+            for state, text, cursor, seq in frames:
+                if seq:
+                    state.pushed_seq = seq
+                    state.pushing.discard(cursor)
+                self._broadcast(state, text, cursor if seq else None)
+
+        try:
+            self.store.submit(batch, written)
+        except StorageError as exc:
+            log.error("release log write refused (%s); %d events not sent", exc, len(frames))
 
     def _observe(self, ts: Timestamp) -> None:
         try:
@@ -888,49 +986,124 @@ class Service:
 
     # ------------------------------------------------------------------ subscriptions
 
+    def _token(self, seq: int) -> str:
+        return f"{self.node_id}:{seq}"
+
+    def _own_seq(self, token: str | None, state: _RoomState) -> int | None:
+        """The release number a resume token names, if it is this node's and valid."""
+        if token is None:
+            return None
+        node, _, seq = token.rpartition(":")
+        if node != self.node_id or not seq.isdigit() or int(seq) > state.pushed_seq:
+            return None
+        return int(seq)
+
     async def _subscribe(self, s: Session, req: p.Subscribe) -> None:
+        """Subscribe, with a catch-up when the client resumes.
+
+        - ``resume`` naming this node: every message released here after that position, in
+          release order (exact: late merges included, nothing twice);
+        - else ``after``: the committed messages after that cursor (a token of another node
+          cannot be mapped here; late merges below the cursor are not in it);
+        - neither: no catch-up; the reply's ``resume`` marks the position from now on.
+        The subscription is registered (buffering live events) before the catch-up is read;
+        a ``caught_up`` event with the token to resume from ends every catch-up."""
         self._readable(s, req.room, req.ref)
         state = self.rooms[req.room]
         if req.room in s.subs:
             self._unsubscribe(s, req.room)
-        sub = _Sub(max(64, s.outbox.capacity), catching_up=req.after is not None)
+        since = self._own_seq(req.resume, state)
+        catch_up = since is not None or req.after is not None
+        sub = _Sub(max(64, s.outbox.capacity), catching_up=catch_up)
         s.subs[req.room] = sub
         state.subscribers.add(s)
+        upto = state.pushed_seq  # events numbered above this reach the buffer live
+        if not catch_up:
+            s.outbox.push(p.encode(p.ok(req.ref, resume=self._token(upto))))
+            self._went_online(state, s.user)
+            return
         s.outbox.push(p.encode(p.ok(req.ref)))
         self._went_online(state, s.user)
-        if req.after is None:
+        if since is not None:
+            done = await self._catch_up_released(s, sub, state, since, upto)
+        else:
+            assert req.after is not None
+            done = await self._catch_up_after(s, sub, state, req.after.encode())
+        if not done:
             return
-        cursor = req.after.encode()
-        page_size = max(1, min(CATCHUP_PAGE, s.outbox.capacity // 2))
-        while True:
-            await s.outbox.drain()
-            if s.subs.get(req.room) is not sub or sub.buffer is None or not s.outbox.alive:
-                return
-            rows, more = await self.store.read(
-                _history_page, self.store, req.room, cursor, None, page_size
-            )
-            if s.subs.get(req.room) is not sub or sub.buffer is None:
-                return
-            limit = None if self.replicator is None else self._limit
-            if limit is not None and rows and rows[-1][0] >= limit:
-                # stop at the stable frontier: what is above it comes live, in order
-                rows = [(c, v) for c, v in rows if c < limit]
-                more = False
-            for c, value in rows:
-                i = sub.buffered_messages.pop(c, None)
-                if i is not None:
-                    sub.buffer[i] = None
-                s.outbox.push(p.encode({"op": "message", **_unpack_message(req.room, c, value)}))
-                cursor = c
-            self.metrics.deliveries.inc(len(rows))
-            if not more:
-                break
-        buffered = sub.buffer
+        s.outbox.push(
+            p.encode({"op": "caught_up", "room": req.room, "resume": self._token(upto)})
+        )
+        buffered = sub.buffer or []
         sub.buffer = None
         sub.buffered_messages.clear()
         for text in buffered:
             if text is not None:
                 s.outbox.push(text)
+
+    def _still(self, s: Session, room: str, sub: _Sub) -> bool:
+        return s.subs.get(room) is sub and sub.buffer is not None and s.outbox.alive
+
+    async def _catch_up_released(
+        self, s: Session, sub: _Sub, state: _RoomState, since: int, upto: int
+    ) -> bool:
+        """Send the messages of release numbers ``since+1 .. upto`` (all durable and already
+        sent live before the subscription) with their tokens. False if the session left."""
+        room = state.name
+        page_size = max(1, min(CATCHUP_PAGE, s.outbox.capacity // 2))
+        while since < upto:
+            await s.outbox.drain()
+            if not self._still(s, room, sub):
+                return False
+            rows = await self.store.read(
+                _released_page, self.store, room, since, min(upto, since + page_size)
+            )
+            if not self._still(s, room, sub):
+                return False
+            for seq, cursor, late, value in rows:
+                frame: dict[str, object] = {
+                    "op": "message",
+                    **_unpack_message(room, cursor, value),
+                    "resume": self._token(seq),
+                }
+                if late:
+                    frame["late"] = True
+                s.outbox.push(p.encode(frame))
+            self.metrics.deliveries.inc(len(rows))
+            since = min(upto, since + page_size)
+        return True
+
+    async def _catch_up_after(
+        self, s: Session, sub: _Sub, state: _RoomState, cursor: str
+    ) -> bool:
+        """Send the committed messages after ``cursor`` up to the stable frontier, skipping
+        those not yet sent live (they reach the subscription's buffer). False if the session
+        left."""
+        room = state.name
+        page_size = max(1, min(CATCHUP_PAGE, s.outbox.capacity // 2))
+        while True:
+            await s.outbox.drain()
+            if not self._still(s, room, sub):
+                return False
+            rows, more = await self.store.read(_after_page, self.store, room, cursor, page_size)
+            if not self._still(s, room, sub) or sub.buffer is None:
+                return False
+            limit = None if self.replicator is None else self._limit
+            if limit is not None and rows and rows[-1][0] >= limit:
+                # stop at the stable frontier: what is above it comes live, in order
+                rows = [row for row in rows if row[0] < limit]
+                more = False
+            for c, value, released in rows:
+                cursor = c
+                if not released or c in state.pushing:
+                    continue  # its event is still to come, into the buffer
+                i = sub.buffered_messages.pop(c, None)
+                if i is not None:
+                    sub.buffer[i] = None
+                s.outbox.push(p.encode({"op": "message", **_unpack_message(room, c, value)}))
+            self.metrics.deliveries.inc(len(rows))
+            if not more:
+                return True
 
     def _unsubscribe(self, s: Session, room: str) -> None:
         if s.subs.pop(room, None) is None:
@@ -975,6 +1148,7 @@ class Service:
         batch.put(history_key(state.name, m.ts.encode()), _pack_message(m))
         if new:
             batch.put(id_key(state.name, m.id), msgpack.packb([m.ts.encode(), m.author]))
+            batch.put(unreleased_key(state.name, m.ts.encode()), m.id.encode())
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
             batch.put(
@@ -1021,12 +1195,12 @@ class Service:
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
             if self.replicator is None:
-                self._broadcast(state, text, cursor)
+                self._release_event(state, text, cursor, req.id)
                 return
             # pushed before it leaves _inflight: a frontier sent after this covers it
             replicas.append(self.replicator.push(req.room, change.update, (req.id,)))
             self._inflight.pop(cursor, None)
-            self._deliver(state, text, cursor, True)
+            self._deliver(state, text, cursor, req.id)
 
         try:
             await self._commit(batch, delivered)
@@ -1071,7 +1245,7 @@ class Service:
 
         def delivered() -> None:
             self.metrics.deliveries.inc(len(state.subscribers))
-            self._deliver(state, text, change.message.ts.encode(), False)
+            self._deliver(state, text, change.message.ts.encode(), None)
             if self.replicator is not None:
                 replicas.append(self.replicator.push(req.room, change.update, ()))
 
@@ -1170,6 +1344,15 @@ def _load_everything(
     return snapshot, deltas, rooms
 
 
+def _after_page(
+    store: Store, room: str, after: str, limit: int
+) -> tuple[list[tuple[str, bytes, bool]], bool]:
+    """:func:`_history_page` after a cursor, each row flagged whether it is released yet
+    (a message committed but not released reaches subscriptions live, later)."""
+    rows, more = _history_page(store, room, after, None, limit)
+    return [(c, v, store.get(unreleased_key(room, c)) is None) for c, v in rows], more
+
+
 def _history_page(
     store: Store, room: str, after: str | None, before: str | None, limit: int
 ) -> tuple[list[tuple[str, bytes]], bool]:
@@ -1189,6 +1372,60 @@ def _history_page(
         rows = rows[:limit]
         rows.reverse()
     return [(k[n:].decode("ascii"), v) for k, v in rows], more
+
+
+def _load_releases(
+    store: Store, rooms: list[str]
+) -> dict[str, tuple[int, str, list[tuple[str, str, bytes]]]]:
+    """Per room: the last release number and its cursor, and the committed messages never
+    released (``q`` rows) with their current history row, in cursor order."""
+    out: dict[str, tuple[int, str, list[tuple[str, str, bytes]]]] = {}
+    for room in rooms:
+        prefix = release_prefix(room)
+        last = store.last_key(prefix)
+        seq, cursor = 0, ""
+        if last is not None:
+            seq = int.from_bytes(last[len(prefix) :], "big")
+            value = store.get(last)
+            if value is not None:
+                cursor = str(msgpack.unpackb(value, raw=False)[0])
+        pending: list[tuple[str, str, bytes]] = []
+        qprefix = unreleased_prefix(room)
+        for key, raw_id in store.iter_range(qprefix, prefix_end(qprefix)):
+            found = _current_row(store, room, key[len(qprefix) :].decode("ascii"), raw_id.decode())
+            if found is not None:
+                pending.append((found[0], raw_id.decode(), found[1]))
+        if seq or pending:
+            out[room] = (seq, cursor, pending)
+    return out
+
+
+def _current_row(store: Store, room: str, cursor: str, msg_id: str) -> tuple[str, bytes] | None:
+    """The history row of message ``msg_id`` once at ``cursor``: there, or where its id
+    index says it moved (a duplicate copy was resolved)."""
+    value = store.get(history_key(room, cursor))
+    if value is not None:
+        return cursor, value
+    idx = store.get(id_key(room, msg_id))
+    if idx is None:
+        return None
+    now = str(msgpack.unpackb(idx, raw=False)[0])
+    value = store.get(history_key(room, now))
+    return None if value is None else (now, value)
+
+
+def _released_page(
+    store: Store, room: str, since: int, upto: int
+) -> list[tuple[int, str, bool, bytes]]:
+    """Release numbers ``since+1 .. upto`` of ``room``: ``(seq, cursor now, late, row)``."""
+    out: list[tuple[int, str, bool, bytes]] = []
+    for key, value in store.iter_range(release_key(room, since + 1), release_key(room, upto + 1)):
+        seq = int.from_bytes(key[-8:], "big")
+        cursor, msg_id, late = msgpack.unpackb(value, raw=False)
+        found = _current_row(store, room, cursor, msg_id)
+        if found is not None:
+            out.append((seq, found[0], bool(late), found[1]))
+    return out
 
 
 def _count_unread(store: Store, markers: dict[str, object], user: str) -> dict[str, int]:

@@ -13,7 +13,14 @@ key                                          value
 ``g`` + room + NUL + segment (8 bytes, BE)   a sealed room-log segment blob
 ``h`` + room + NUL + cursor                  history index: msgpack of the message as it stands
 ``k`` + room + NUL + message id              id index: msgpack ``[cursor, author]``
+``n`` + room + NUL + seq (8 bytes, BE)       release log: msgpack ``[cursor, message id, late]``
+``q`` + room + NUL + cursor                  a committed message not yet released (empty)
 ==========================================  ================================================
+
+The release log numbers the ``message`` events of a room in the order this node sent them to
+subscribers (its resume tokens, docs/PROTOCOL.md); a ``q`` row is written with the message and
+removed in the batch that appends it to the release log, so a message committed before a crash
+and never released is released at the next start.
 
 Room ids and cursors never contain NUL, and cursors sort like the messages, so a page of
 history is one iterator range read over ``h`` + room + NUL, with no document decoded.
@@ -54,8 +61,12 @@ __all__ = [
     "id_key",
     "meta_delta_key",
     "prefix_end",
+    "release_key",
+    "release_prefix",
     "room_snapshot_key",
     "segment_key",
+    "unreleased_key",
+    "unreleased_prefix",
     "update_key",
     "update_prefix",
 ]
@@ -72,6 +83,8 @@ NS_UPDATE: Final = b"u"
 NS_SEGMENT: Final = b"g"
 NS_HISTORY: Final = b"h"
 NS_ID: Final = b"k"
+NS_RELEASE: Final = b"n"
+NS_UNRELEASED: Final = b"q"
 _SEP: Final = b"\x00"
 MAX_BATCHES_PER_WRITE: Final = 1024
 
@@ -118,6 +131,22 @@ def history_key(room: str, cursor: str) -> bytes:
 
 def id_key(room: str, msg_id: str) -> bytes:
     return NS_ID + _room(room) + _SEP + msg_id.encode("utf-8")
+
+
+def release_prefix(room: str) -> bytes:
+    return NS_RELEASE + _room(room) + _SEP
+
+
+def release_key(room: str, seq: int) -> bytes:
+    return release_prefix(room) + _u64(seq)
+
+
+def unreleased_prefix(room: str) -> bytes:
+    return NS_UNRELEASED + _room(room) + _SEP
+
+
+def unreleased_key(room: str, cursor: str) -> bytes:
+    return unreleased_prefix(room) + cursor.encode("ascii")
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -448,16 +477,23 @@ class RocksSegmentStore:
         return self._store.get(segment_key(room, segment))
 
     def put(self, room: str, segment: int, blob: bytes) -> None:
-        blob = bytes(blob)
-        key = (room, segment)
+        self.put_many(room, [(segment, blob)])
+
+    def put_many(self, room: str, items: list[tuple[int, bytes]]) -> None:
+        """Queue every ``(segment, blob)`` of ``room`` as one batch (atomic on disk)."""
+        owned = [((room, segment), bytes(blob)) for segment, blob in items]
+        batch = Batch()
         with self._lock:
-            self._unwritten[key] = blob
+            for key, blob in owned:
+                self._unwritten[key] = blob
+                batch.put(segment_key(*key), blob)
 
         def written(error: BaseException | None) -> None:
             if error is not None:
-                return  # keep serving it from memory; the store is now failed anyway
+                return  # keep serving them from memory; the store is now failed anyway
             with self._lock:
-                if self._unwritten.get(key) is blob:
-                    del self._unwritten[key]
+                for key, blob in owned:
+                    if self._unwritten.get(key) is blob:
+                        del self._unwritten[key]
 
-        self._store.submit(Batch().put(segment_key(room, segment), blob), written)
+        self._store.submit(batch, written)

@@ -53,6 +53,7 @@ from crdt.segments import (
 )
 
 __all__ = [
+    "Applied",
     "Change",
     "MemorySegmentStore",
     "Message",
@@ -67,6 +68,10 @@ _SNAPSHOT_VERSION = 2  # 1: the id index was in the snapshot; 2: one index blob 
 #: Store key of sealed segment ``n``'s id-index blob is ``_INDEX_KEY_BASE + n`` (segment
 #: numbers stay below 2**24, so the two key ranges never meet).
 _INDEX_KEY_BASE = 1 << 32
+#: Store key of sealed segment ``n``'s seal record (msgpack ``[state vector, count, min_key,
+#: max_key, gapped]``) is ``_SEAL_KEY_BASE + n``. Blob, id index and seal record are written
+#: in one atomic ``put_many``, so a restore can tell a blob that grew after the snapshot.
+_SEAL_KEY_BASE = 2 << 32
 _LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are sealed
 _LRU_SIZE = 4
 _SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
@@ -100,6 +105,46 @@ class Change:
 
     update: bytes
     message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a remote update changed, each list in log order.
+
+    - ``new``: messages this replica did not have before (first copy of their id);
+    - ``updated``: known messages whose edit, tombstone or reactions changed;
+    - ``moved``: a second copy of a known id arrived and won (the smallest
+      ``(ts, author, body)`` stands on every replica): ``(message now, replaced cursor)``.
+      A copy that loses changes nothing visible and is not reported.
+    """
+
+    new: list[Message]
+    updated: list[Message]
+    moved: list[tuple[Message, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.updated or self.moved)
+
+    def messages(self) -> list[Message]:
+        """Every changed message, in log order."""
+        out = [*self.new, *self.updated, *(m for m, _ in self.moved)]
+        out.sort(key=lambda m: (m.ts, m.id))
+        return out
+
+
+def _order(m: Message) -> tuple[Timestamp, str]:
+    return (m.ts, m.id)
+
+
+class _Delta:
+    """What one :meth:`RoomLog.apply` call changed, by message id."""
+
+    __slots__ = ("moved", "new", "touched")
+
+    def __init__(self) -> None:
+        self.new: dict[str, None] = {}
+        self.moved: dict[str, str] = {}  # id -> the cursor it had before this call
+        self.touched: dict[str, None] = {}
 
 
 # --------------------------------------------------------------------------- ops
@@ -388,6 +433,7 @@ class RoomLog:
         self._overlay: dict[str, _Overlay] = {}
         self._lru: OrderedDict[int, _View] = OrderedDict()
         self._index = _IdIndex()
+        self._losers: set[str] = set()  # order keys of copies that lost to another segment's
         self._head = 0
 
     # ------------------------------------------------------------------ local operations
@@ -398,10 +444,9 @@ class RoomLog:
         _check_text("msg_id", msg_id)
         _check_text("author", author)
         _check_text("body", body)
+        if self._find(msg_id) is not None:
+            raise ValueError(f"message id already used: {msg_id!r}")
         seg = self._writable()
-        for live in self._live.values():
-            if msg_id in live.view.base:
-                raise ValueError(f"message id already used: {msg_id!r}")
         ts_enc = ts.encode()
         update = self._write(seg, ["a", msg_id, author, body, ts_enc])
         seg.view.add(msg_id, ts_enc, author, body)
@@ -481,20 +526,34 @@ class RoomLog:
         """Integrate an envelope from :meth:`Change.update` or :meth:`diff` (any order,
         duplicates welcome). Returns the messages whose state changed, in log order.
         ``CodecError`` if the bytes are not a well-formed envelope of pycrdt updates."""
+        return self.apply_update(update).messages()
+
+    def apply_update(self, update: bytes) -> Applied:
+        """:meth:`apply`, telling new messages, changed ones and moved ones apart."""
         parts = decode_envelope(update)
         if len(parts) > 1:
             for _, payload in parts:
                 _check_update(payload)
-        changed: dict[str, None] = {}
+        delta = _Delta()
         for number, payload in parts:
-            self._apply_part(number, payload, changed)
-        out: list[Message] = []
-        for msg_id in changed:
+            self._apply_part(number, payload, delta)
+        new: list[Message] = []
+        updated: list[Message] = []
+        moved: list[tuple[Message, str]] = []
+        for msg_id in {**delta.new, **delta.moved, **delta.touched}:
             msg = self.get(msg_id)
-            if msg is not None:
-                out.append(msg)
-        out.sort(key=lambda m: (m.ts, m.id))
-        return out
+            if msg is None:
+                continue  # an edit, delete or reaction of a message not here yet
+            if msg_id in delta.new:
+                new.append(msg)
+            elif msg_id in delta.moved:
+                moved.append((msg, delta.moved[msg_id]))
+            else:
+                updated.append(msg)
+        new.sort(key=_order)
+        updated.sort(key=_order)
+        moved.sort(key=lambda mc: _order(mc[0]))
+        return Applied(new, updated, moved)
 
     # ------------------------------------------------------------------ anti-entropy
 
@@ -556,6 +615,7 @@ class RoomLog:
                 for s in sorted(self._sealed.values(), key=lambda s: s.number)
             ],
             "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
+            "losers": sorted(self._losers),
         }
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
@@ -585,6 +645,7 @@ class RoomLog:
                     self.store.put(self.room, _INDEX_KEY_BASE + number, hashes.tobytes())
             else:
                 self._index = _IdIndex.build([(n, self._index_hashes(n)) for n in self._sealed])
+            self._losers = {str(k) for k in body.get("losers", ())}
             for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
                 ov = self._ov(msg_id)
                 if edit_ts is not None:
@@ -593,8 +654,19 @@ class RoomLog:
                     ov.delete()
                 for emoji, user, ts, on in reactions:
                     ov.react(emoji, user, ts, on)
-            sink: dict[str, None] = {}
+            sink = _Delta()
+            # A sealed segment whose blob grew after the snapshot (a late update merged in
+            # and written before the snapshot was replaced): take its ops and numbers from
+            # the store, or the overlay would lack them for good (the state vector says the
+            # update is here, so neither the journal nor anti-entropy would bring it again).
+            for number in sorted(self._sealed):
+                if self._stored_state(number) not in (None, self._sealed[number].state):
+                    self._seal(self._load_stored(number, sink))
             for number, update in body["live"]:
+                if self._stored_state(number) is not None:
+                    # sealed after the snapshot: start from the stored superset
+                    live = self._load_stored(number, sink)
+                    self._live[number] = live
                 self._apply_part(number, update, sink)
         except CodecError:
             raise
@@ -645,7 +717,7 @@ class RoomLog:
 
     # ------------------------------------------------------------------ internals: applying
 
-    def _apply_part(self, number: int, payload: bytes, changed: dict[str, None]) -> None:
+    def _apply_part(self, number: int, payload: bytes, changed: _Delta) -> None:
         if number in self._sealed:
             self._apply_sealed(number, payload, changed)
             return
@@ -661,30 +733,26 @@ class RoomLog:
         except Exception as exc:
             live.sink.inbox.clear()
             raise CodecError(f"bad pycrdt update: {exc}") from None
-        self._integrate(live.sink.inbox, live.view, changed)
+        self._integrate(live.sink.inbox, number, live.view, changed)
         live.sink.inbox.clear()
         _track_pending(live, payload, state)
         if number > self._head:
             self._head = number
             self._seal_old()
 
-    def _integrate(self, ops: list[Any], view: _View | None, changed: dict[str, None]) -> None:
-        """Fold ops into a segment view and the overlay. Malformed ops (only a broken or
-        hostile peer writes them) are skipped the same way on every replica."""
+    def _integrate(
+        self, ops: list[Any], number: int, view: _View, changed: _Delta
+    ) -> None:
+        """Fold ops of segment ``number`` into its view and the overlay. Malformed ops (only
+        a broken or hostile peer writes them) are skipped the same way on every replica."""
         for op in ops:
             if not isinstance(op, list) or not op:
                 continue
             kind = op[0]
             if kind == "a" and len(op) == 5:
                 _, msg_id, author, body, ts = op
-                if (
-                    _is_text(msg_id)
-                    and _is_text(author)
-                    and _is_text(body)
-                    and _valid_ts(ts)
-                    and (view is None or view.add(msg_id, ts, author, body))
-                ):
-                    changed[msg_id] = None
+                if _is_text(msg_id) and _is_text(author) and _is_text(body) and _valid_ts(ts):
+                    self._integrate_append(number, view, msg_id, (ts, author, body), changed)
             elif kind == "e" and len(op) == 4:
                 _, msg_id, body, ts = op
                 if (
@@ -693,11 +761,11 @@ class RoomLog:
                     and _valid_ts(ts)
                     and self._ov(msg_id).edit(ts, body)
                 ):
-                    changed[msg_id] = None
+                    changed.touched[msg_id] = None
             elif kind == "d" and len(op) == 3:
                 _, msg_id, ts = op
                 if _is_text(msg_id) and _valid_ts(ts) and self._ov(msg_id).delete():
-                    changed[msg_id] = None
+                    changed.touched[msg_id] = None
             elif kind == "r" and len(op) == 6:
                 _, msg_id, user, emoji, on, ts = op
                 if (
@@ -708,28 +776,70 @@ class RoomLog:
                     and _valid_ts(ts)
                     and self._ov(msg_id).react(emoji, user, ts, on)
                 ):
-                    changed[msg_id] = None
+                    changed.touched[msg_id] = None
 
-    def _apply_sealed(self, number: int, payload: bytes, changed: dict[str, None]) -> None:
+    def _integrate_append(
+        self,
+        number: int,
+        view: _View,
+        msg_id: str,
+        base: tuple[str, str, str],
+        changed: _Delta,
+    ) -> None:
+        """One append. Two appends of one id (a client resent it through another replica
+        before the first copy reached it) resolve the same way everywhere: the smallest
+        ``(ts, author, body)`` stands; the other's order key goes to ``_losers`` and pages
+        skip it (within one segment the view keeps only the smallest anyway)."""
+        prev = self._find_where(msg_id)
+        if not view.add(msg_id, *base):
+            return  # this segment already holds this copy or a smaller one
+        if prev is None:
+            changed.new[msg_id] = None
+            return
+        prev_base, prev_number = prev
+        if base == prev_base:
+            return  # the same copy again (a sealed segment being reloaded)
+        if base < prev_base:
+            if prev_number != number:
+                self._losers.add(prev_base[0] + _SEP + msg_id)
+            if msg_id not in changed.new:
+                changed.moved.setdefault(msg_id, prev_base[0])
+        else:
+            self._losers.add(base[0] + _SEP + msg_id)
+
+    def _apply_sealed(self, number: int, payload: bytes, changed: _Delta) -> None:
         """A (late) update for a sealed segment: merge it into the blob, which is replaced
         by the superset. Local writes never go here."""
         _check_update(payload)
         sealed = self._sealed.get(number)
         if sealed is not None and _covered(payload, sealed):
             return
-        live = _Live(number, self.client_id)
-        live.sink.local = True  # loading the old blob is not news
-        if sealed is not None:
-            blob = self._blob(number)
-            live.doc.apply_update(blob)
-            live.pending = _leftover(blob, live.doc)
-            live.view = self._decode_view(live.arr)
-        live.sink.local = False
+        live = self._load_stored(number, changed)
         state = live.apply(payload)
-        self._integrate(live.sink.inbox, live.view, changed)
+        self._integrate(live.sink.inbox, number, live.view, changed)
         live.sink.inbox.clear()
         _track_pending(live, payload, state)
         self._seal(live)
+
+    def _load_stored(self, number: int, changed: _Delta) -> _Live:
+        """A live doc of segment ``number`` holding the blob the store has for it (if any),
+        its every op folded into the view and the overlay.
+
+        Folding the edits, deletes and reactions of the stored blob (not only its appends)
+        keeps the invariant that the overlay covers every sealed op, also when the blob grew
+        after the snapshot this log was restored from: the overlay is a join, so ops already
+        in it change nothing, and any that were missing are reported in ``changed``."""
+        live = _Live(number, self.client_id)
+        blob = self.store.get(self.room, number)
+        if blob is not None:
+            live.sink.local = True  # the observers would only see what we fold below
+            try:
+                live.doc.apply_update(blob)
+            finally:
+                live.sink.local = False
+            live.pending = _leftover(blob, live.doc)
+            self._integrate(live.arr.to_py() or [], number, live.view, changed)
+        return live
 
     # ------------------------------------------------------------------ internals: sealing
 
@@ -740,15 +850,11 @@ class RoomLog:
 
     def _seal(self, live: _Live) -> None:
         blob = live.full_update()
-        self.store.put(self.room, live.number, blob)
         keys = live.view.keys
         hashes = array("Q", [_id_hash(msg_id) for msg_id in live.view.base])
         for h in hashes:
             self._index.add(h, live.number)
-        # Written once here (again only if a late update grows the segment), so snapshots
-        # need not carry the index of sealed messages.
-        self.store.put(self.room, _INDEX_KEY_BASE + live.number, hashes.tobytes())
-        self._sealed[live.number] = _Sealed(
+        sealed = _Sealed(
             number=live.number,
             state=live.doc.get_state(),
             count=len(keys),
@@ -756,10 +862,37 @@ class RoomLog:
             max_key=keys[-1] if keys else "",
             gapped=bool(live.pending),
         )
+        # The id index and the seal record are written here (again only if a late update
+        # grows the segment), so snapshots need not carry the index of sealed messages; all
+        # three keys in one atomic write, so they never disagree after a crash.
+        record: bytes = msgpack.packb(
+            [sealed.state, sealed.count, sealed.min_key, sealed.max_key, sealed.gapped],
+            use_bin_type=True,
+        )
+        self.store.put_many(
+            self.room,
+            [
+                (live.number, blob),
+                (_INDEX_KEY_BASE + live.number, hashes.tobytes()),
+                (_SEAL_KEY_BASE + live.number, record),
+            ],
+        )
+        self._sealed[live.number] = sealed
         self._lru.pop(live.number, None)
         self._live.pop(live.number, None)
         live.close()
         log.debug("room %s: sealed segment %d (%d messages)", self.room, live.number, len(keys))
+
+    def _stored_state(self, number: int) -> bytes | None:
+        """The state vector in the seal record of segment ``number``, if the store has one."""
+        raw = self.store.get(self.room, _SEAL_KEY_BASE + number)
+        if raw is None:
+            return None
+        record = msgpack.unpackb(raw, raw=False)
+        state = record[0]
+        if not isinstance(state, bytes):
+            raise CodecError("bad seal record")
+        return state
 
     def _index_hashes(self, number: int) -> array[int]:
         """The id hashes of sealed segment ``number``, from its index blob; rebuilt from the
@@ -813,17 +946,22 @@ class RoomLog:
 
     def _find(self, msg_id: str) -> tuple[str, str, str] | None:
         """The base of a message: the smallest (ts, author, body) over every segment."""
-        best: tuple[str, str, str] | None = None
-        for live in self._live.values():
+        found = self._find_where(msg_id)
+        return None if found is None else found[0]
+
+    def _find_where(self, msg_id: str) -> tuple[tuple[str, str, str], int] | None:
+        """:meth:`_find` and the number of the segment holding that base."""
+        best: tuple[tuple[str, str, str], int] | None = None
+        for number, live in self._live.items():
             base = live.view.base.get(msg_id)
-            if base is not None and (best is None or base < best):
-                best = base
+            if base is not None and (best is None or base < best[0]):
+                best = (base, number)
         if self._sealed:
             for number in self._index.segments(_id_hash(msg_id)):
                 if number in self._sealed:
                     base = self._sealed_view(number).base.get(msg_id)
-                    if base is not None and (best is None or base < best):
-                        best = base
+                    if base is not None and (best is None or base < best[0]):
+                        best = (base, number)
         return best
 
     def _require(self, msg_id: str) -> tuple[str, str, str]:
@@ -888,14 +1026,30 @@ class RoomLog:
             seg = self._live.get(number)
             view = seg.view if seg is not None else self._sealed_view(number)
             i, j = view.range(lo, hi)
-            keys = (
-                view.keys[max(i, j - limit) : j] if backwards else view.keys[i : min(j, i + limit)]
-            )
-            for key in keys:
+            for key in self._visible(view.keys, i, j, limit, backwards):
                 picked.append((key, view.base[key.split(_SEP, 1)[1]]))
             picked.sort(key=lambda kb: kb[0])
             picked = picked[-limit:] if backwards else picked[:limit]
         return picked
+
+
+    def _visible(
+        self, keys: list[str], i: int, j: int, limit: int, backwards: bool
+    ) -> list[str]:
+        """Up to ``limit`` keys of ``keys[i:j]`` from the low (or high) end, skipping copies
+        that lost to another segment's copy of the same id."""
+        if not self._losers:
+            return keys[max(i, j - limit) : j] if backwards else keys[i : min(j, i + limit)]
+        out: list[str] = []
+        step = -1 if backwards else 1
+        k = j - 1 if backwards else i
+        while i <= k < j and len(out) < limit:
+            if keys[k] not in self._losers:
+                out.append(keys[k])
+            k += step
+        if backwards:
+            out.reverse()
+        return out
 
 
 # --------------------------------------------------------------------------- helpers

@@ -29,12 +29,16 @@ class SegmentStore(Protocol):
     """Where sealed segments live: one blob (a full pycrdt update) per (room, segment).
 
     ``put`` may replace a blob, but only ever by a superset of it (a late update merged in).
+    ``put_many`` writes several keys of one room atomically: after a crash either all of them
+    or none are there (a sealed segment's blob, its id index and its seal record go together).
     The node backs this with RocksDB; :class:`MemorySegmentStore` is the in-memory default.
     """
 
     def get(self, room: str, segment: int) -> bytes | None: ...
 
     def put(self, room: str, segment: int, blob: bytes) -> None: ...
+
+    def put_many(self, room: str, items: list[tuple[int, bytes]]) -> None: ...
 
 
 class MemorySegmentStore:
@@ -50,6 +54,10 @@ class MemorySegmentStore:
 
     def put(self, room: str, segment: int, blob: bytes) -> None:
         self._blobs[(room, segment)] = bytes(blob)
+
+    def put_many(self, room: str, items: list[tuple[int, bytes]]) -> None:
+        for segment, blob in items:
+            self._blobs[(room, segment)] = bytes(blob)
 
     def total_bytes(self) -> int:
         """Sum of the stored blob sizes."""

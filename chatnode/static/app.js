@@ -249,6 +249,7 @@ class Room {
     this.order = []; // confirmed message ids, ascending by cursor
     this.pendingIds = []; // own messages not acknowledged yet, in the order they were written
     this.lastCursor = null; // cursor of the newest `message` event received (the resume point)
+    this.resume = null; // the last `resume` token received for this room (PROTOCOL.md, "Resuming")
     this.historyCursor = null; // newest cursor seen in a `history` reply
     this.more = true; // older history may exist
     this.primed = false; // the newest page (or message) was fetched once
@@ -625,8 +626,12 @@ async function doSubscribe(conn, room) {
       room.primed = true;
     }
     const after = room.lastCursor || room.historyCursor;
-    await conn.request("subscribe", after ? { room: room.id, after } : { room: room.id });
-    if (!after) {
+    const req = { room: room.id };
+    if (after) req.after = after;
+    if (room.resume) req.resume = room.resume;
+    const res = await conn.request("subscribe", req);
+    if (res && typeof res.resume === "string") room.resume = res.resume;
+    if (!after && !room.resume) {
       // Nothing to resume from (an empty room): without `after` there is no catch-up, so
       // read again what may have arrived before the subscription took effect.
       await loadLatest(conn, room, HISTORY_PAGE);
@@ -672,6 +677,11 @@ function onEvent(frame) {
     case "update":
       onMessage(frame, true);
       break;
+    case "caught_up": {
+      const room = app.rooms.get(frame.room);
+      if (room && typeof frame.resume === "string") room.resume = frame.resume;
+      break;
+    }
     case "presence":
       onPresence(frame);
       break;
@@ -715,6 +725,7 @@ function onMessage(frame, isUpdate) {
 // when it is a message we had never seen (deduplication is by message id).
 function ingest(room, m, source) {
   if (!m || typeof m.id !== "string") return false;
+  if (source === "live" && typeof m.resume === "string") room.resume = m.resume;
   if (typeof m.cursor === "string") {
     if (source === "live" && (!room.lastCursor || m.cursor > room.lastCursor)) room.lastCursor = m.cursor;
     if (source === "history" && (!room.historyCursor || m.cursor > room.historyCursor)) room.historyCursor = m.cursor;
@@ -722,7 +733,15 @@ function ingest(room, m, source) {
   const known = room.messages.get(m.id);
   if (known) {
     const wasLocal = Boolean(known.local);
+    const moved = !wasLocal && typeof m.cursor === "string" && known.cursor && m.cursor !== known.cursor;
     Object.assign(known, pickMessage(m));
+    if (moved) {
+      // a duplicate copy of this id was resolved (`replaces`): the message now stands here
+      const at = room.order.indexOf(known.id);
+      if (at >= 0) room.order.splice(at, 1);
+      insertSorted(room, known);
+      return false;
+    }
     if (wasLocal && known.cursor) settle(room, known);
     else if (isCurrent(room)) renderMessage(known);
     return false;

@@ -150,6 +150,24 @@ class RoomLogMachine(RuleBasedStateMachine):
         self._emit(0, first.update)
         self._emit(1, second.update)
 
+    @rule(i=st.integers(0, REPLICAS - 1), pick=st.integers(0, 1000), advance=st.integers(0, 3))
+    def resend_elsewhere(self, i: int, pick: int, advance: int) -> None:
+        """A client resends an acknowledged message through replica ``i``, which has not
+        received it yet: ``i`` appends a second copy of the same id (what a node does when
+        its id index does not know the id). Every replica must end with one copy."""
+        missing = sorted(m for m in self.acked if self.logs[i].get(m) is None)
+        if not missing:
+            return
+        msg_id = missing[pick % len(missing)]
+        origin = self.logs[self.acked[msg_id]].get(msg_id)
+        assert origin is not None
+        self.wall += advance
+        change = self.logs[i].append(
+            msg_id, origin.author, "resent", self.clocks[i].now(self.wall)
+        )
+        assert change.message.id == msg_id
+        self._emit(i, change.update)
+
     @rule(
         i=st.integers(0, REPLICAS - 1),
         pick=st.integers(0, 1000),
@@ -234,10 +252,15 @@ class RoomLogMachine(RuleBasedStateMachine):
         for log in self.logs:
             for msg_id in self.acked:
                 assert log.get(msg_id) == self.logs[0].get(msg_id)
+        for m in pages[0]:
+            got = self.logs[0].get(m.id)
+            assert got is not None and got.cursor == m.cursor
         # the order is the timestamp order
         assert [m.ts for m in pages[0]] == sorted(m.ts for m in pages[0])
         super().teardown()
 
 
-RoomLogMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=80, deadline=None)
+RoomLogMachine.TestCase.settings = settings(
+    max_examples=settings().max_examples, stateful_step_count=80, deadline=None
+)
 TestRoomLogStateful = RoomLogMachine.TestCase
