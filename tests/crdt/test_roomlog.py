@@ -602,31 +602,6 @@ def test_junk_for_a_new_segment_opens_nothing() -> None:
 # --------------------------------------------------------------------------- regressions
 
 
-def test_regression_delete_merged_into_sealed_blob_after_snapshot_survives_restore() -> None:
-    """Issue 8, first sequence found by the state machine: a delete from another replica
-    lands in a segment this replica has sealed, after its last snapshot. The blob in the
-    store then holds the delete; restoring from the snapshot and replaying the journal must
-    still show the message deleted (the replay found the update covered by the blob and
-    skipped it, so the overlay lacked the tombstone for good and replicas diverged)."""
-    from tests.crdt.test_roomlog_stateful import RoomLogMachine
-
-    state = RoomLogMachine()
-    state.shared_history(n=2)
-    state.own_acks_are_local()
-    state.delete(i=1, pick=0)
-    state.own_acks_are_local()
-    state.append(advance=0, burst=4, i=0, text="")
-    state.own_acks_are_local()
-    state.concurrent_edit_and_delete(body="p", deleter=False, pick=0)
-    state.own_acks_are_local()
-    state.persist_snapshot(i=0)
-    state.own_acks_are_local()
-    state.deliver(k=0)
-    state.own_acks_are_local()
-    state.restart(i=0)
-    state.teardown()
-
-
 def test_regression_restore_takes_ops_of_a_blob_that_grew_without_a_journal_entry() -> None:
     """The crash window behind the same bug: the grown sealed blob (and its seal record) is
     on disk but the journal entry of the update is not. Restore alone must bring the
