@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 
 from tests.daemon import Daemon
-from tests.integration.client import WS, new_user, signup
+from tests.integration.client import WS, login, new_user, signup
 
 
 async def _pair(http: aiohttp.ClientSession, node: Daemon) -> tuple[str, WS, str, WS]:
@@ -123,6 +123,53 @@ async def test_subscribe_after_resumes_without_gap_or_duplicate(
     await wa.ok("send", room=room, id="final", body="live")
     frame = await wb.event(lambda f: f["op"] == "message")
     assert frame["id"] == "final" and frame["author"] == a
+
+
+async def test_resume_token_catches_up_exactly_what_was_released_since(
+    http: aiohttp.ClientSession, node: Daemon
+) -> None:
+    """A subscriber keeps the `resume` token of the last event; after a reconnect the
+    catch-up is exactly the messages released since, each with its token, then
+    `caught_up`, then live events; a foreign or unknown token falls back to `after`."""
+    _, wa, b, wb = await _pair(http, node)
+    room = await _room(wa)
+    await wb.ok("rooms.join", room=room)
+    first = await wb.ok("subscribe", room=room)
+    token = first["resume"]
+    assert isinstance(token, str) and ":" in token
+    for i in range(5):
+        await wa.ok("send", room=room, id=f"r{i}", body="live")
+    seen = [await wb.event(lambda f: f["op"] == "message") for _ in range(5)]
+    assert [f["id"] for f in seen] == [f"r{i}" for i in range(5)]
+    tokens = [f["resume"] for f in seen]
+    assert len(set(tokens)) == 5 and all(t.split(":")[0] == token.split(":")[0] for t in tokens)
+    await wb.close()
+    for i in range(5, 12):  # while b is away
+        await wa.ok("send", room=room, id=f"r{i}", body="away")
+    wb = await WS.connect(http, node, await login(http, node, b))
+    reply = await wb.ok("subscribe", room=room, resume=tokens[2], after=seen[2]["cursor"])
+    assert "resume" not in reply
+    got = []
+    while True:
+        frame = await wb.event(lambda f: f["op"] in ("message", "caught_up"))
+        if frame["op"] == "caught_up":
+            break
+        got.append(frame)
+    assert [f["id"] for f in got] == [f"r{i}" for i in range(3, 12)]
+    assert frame["resume"] == got[-1]["resume"]
+    await wa.ok("send", room=room, id="r12", body="live again")
+    live = await wb.event(lambda f: f["op"] == "message")
+    assert live["id"] == "r12"
+    # a token of another node: the cursor decides
+    other = await WS.connect(http, node, await login(http, node, b))
+    await other.ok("subscribe", room=room, resume="nsomewhere:5", after=got[-2]["cursor"])
+    frame = await other.event(lambda f: f["op"] == "message")
+    assert frame["id"] == "r11" and "resume" not in frame
+    done = await other.event(lambda f: f["op"] == "caught_up")
+    assert done["resume"].split(":")[0] == token.split(":")[0]
+    await other.fails("invalid", "subscribe", room=room, resume="not a token")
+    await other.close()
+    await wb.close()
 
 
 async def test_private_room_access(http: aiohttp.ClientSession, node: Daemon) -> None:
