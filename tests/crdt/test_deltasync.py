@@ -213,16 +213,22 @@ class LineReplication(ReplicationMachine):
     links = [("a", "b"), ("b", "a"), ("b", "c"), ("c", "b")]
 
 
-# runs are cheap: at least 150 under the "ci" profile, more under "thorough"
-_settings = settings(max_examples=max(150, settings().max_examples), stateful_step_count=50)
+# runs are cheap: at least 150 under the "ci" profile, the profile's count above that
+_settings = settings(
+    max_examples=max(150, settings().max_examples), stateful_step_count=50, deadline=None
+)
 TestAWLWWMapReplication = ReplicationMachine.TestCase
 TestAWLWWMapReplication.settings = _settings
 TestORSetReplication = ORSetReplication.TestCase
 TestORSetReplication.settings = _settings
 TestNonTransitiveReplication = NonTransitiveReplication.TestCase
-TestNonTransitiveReplication.settings = settings(max_examples=40, stateful_step_count=50)
+TestNonTransitiveReplication.settings = settings(
+    max_examples=settings().max_examples, stateful_step_count=50, deadline=None
+)
 TestLineReplication = LineReplication.TestCase
-TestLineReplication.settings = settings(max_examples=60, stateful_step_count=50)
+TestLineReplication.settings = settings(
+    max_examples=settings().max_examples, stateful_step_count=50, deadline=None
+)
 
 
 # -- focused cases -------------------------------------------------------------------------
