@@ -704,6 +704,12 @@ class Service:
         always names a durable position. Updates keep their place in the same order."""
         seq = 0
         if msg_id is not None:
+            unreleased = unreleased_key(state.name, cursor)
+            now = state.log.get(msg_id)
+            if now is not None and now.cursor != cursor:
+                # a copy with a lower cursor won while this event was held: send that one
+                cursor = now.cursor
+                text = p.encode(p.message_frame("message", state.name, now))
             state.release_seq += 1
             seq = state.release_seq
             late = cursor < state.max_released
@@ -714,7 +720,7 @@ class Service:
             text = f'{text[:-1]},"resume":{token}{late_field}}}'
             self._release_batch.put(
                 release_key(state.name, seq), msgpack.packb([cursor, msg_id, late])
-            ).delete(unreleased_key(state.name, cursor))
+            ).delete(unreleased)
             state.pushing.add(cursor)
         self._release_frames.append((state, text, cursor, seq))
         if self._flush_handle is None:
