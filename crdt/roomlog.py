@@ -790,22 +790,19 @@ class RoomLog:
         before the first copy reached it) resolve the same way everywhere: the smallest
         ``(ts, author, body)`` stands; the other's order key goes to ``_losers`` and pages
         skip it (within one segment the view keeps only the smallest anyway)."""
-        prev = self._find_where(msg_id)
+        prev = self._find_where(msg_id)  # what was visible before (for the report)
         if not view.add(msg_id, *base):
             return  # this segment already holds this copy or a smaller one
+        # Losers are decided against the copies in *other* segments only: the one being
+        # integrated may be a reload of a stored blob that already holds this very op.
+        other = self._find_where(msg_id, exclude=number)
+        if other is not None and other[0] != base:
+            loser = other[0] if base < other[0] else base
+            self._losers.add(loser[0] + _SEP + msg_id)
         if prev is None:
             changed.new[msg_id] = None
-            return
-        prev_base, prev_number = prev
-        if base == prev_base:
-            return  # the same copy again (a sealed segment being reloaded)
-        if base < prev_base:
-            if prev_number != number:
-                self._losers.add(prev_base[0] + _SEP + msg_id)
-            if msg_id not in changed.new:
-                changed.moved.setdefault(msg_id, prev_base[0])
-        else:
-            self._losers.add(base[0] + _SEP + msg_id)
+        elif base < prev[0] and msg_id not in changed.new:
+            changed.moved.setdefault(msg_id, prev[0][0])
 
     def _apply_sealed(self, number: int, payload: bytes, changed: _Delta) -> None:
         """A (late) update for a sealed segment: merge it into the blob, which is replaced
@@ -949,16 +946,21 @@ class RoomLog:
         found = self._find_where(msg_id)
         return None if found is None else found[0]
 
-    def _find_where(self, msg_id: str) -> tuple[tuple[str, str, str], int] | None:
-        """:meth:`_find` and the number of the segment holding that base."""
+    def _find_where(
+        self, msg_id: str, exclude: int | None = None
+    ) -> tuple[tuple[str, str, str], int] | None:
+        """:meth:`_find` and the number of the segment holding that base (not looking in
+        segment ``exclude``)."""
         best: tuple[tuple[str, str, str], int] | None = None
         for number, live in self._live.items():
+            if number == exclude:
+                continue
             base = live.view.base.get(msg_id)
             if base is not None and (best is None or base < best[0]):
                 best = (base, number)
         if self._sealed:
             for number in self._index.segments(_id_hash(msg_id)):
-                if number in self._sealed:
+                if number in self._sealed and number != exclude:
                     base = self._sealed_view(number).base.get(msg_id)
                     if base is not None and (best is None or base < best[0]):
                         best = (base, number)

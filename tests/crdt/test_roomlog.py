@@ -652,3 +652,30 @@ def test_two_copies_of_one_id_resolve_to_the_smallest_on_every_replica() -> None
     # the loser stays hidden across a snapshot and restore
     restored = RoomLog.restore(b.snapshot(), 9, store=b.store)
     assert restored.page(limit=100) == b.page(limit=100)
+
+
+def test_regression_second_copy_in_a_blob_that_grew_after_the_snapshot_stays_hidden() -> None:
+    """Found by the soak (seed 4039649711): the first copy of a resent id reaches a segment
+    this replica had sealed, after its snapshot; the replica's own copy is in another sealed
+    segment. Restoring reloads the grown blob; the copy in it must still be compared with the
+    other segments (not with the stored blob that already holds it), or both copies show."""
+    store = MemorySegmentStore()
+    a = RoomLog(ROOM, 1, segment_size=2, store=store)
+    b = RoomLog(ROOM, 2, segment_size=2)
+    clock_a, clock_b = HybridClock("a"), HybridClock("b")
+    b.append("x0", "bo", "hi", clock_b.now(1000))
+    first = b.append("m1", "al", "hello", clock_b.now(1000))
+    a.append("a0", "al", "one", clock_a.now(1001))
+    a.append("a1", "al", "two", clock_a.now(1002))
+    a.append("m1", "al", "hello", clock_a.now(1004))  # the resend, segment 1
+    for i in range(3, 7):
+        a.append(f"a{i}", "al", "more", clock_a.now(1004 + i))
+    assert {0, 1} <= set(a.sealed_segments())
+    snapshot = a.snapshot()
+    a.apply(b.diff(RoomLog(ROOM, 3).state_vector()))  # b's segment 0 grows a's sealed one
+    page = a.page(limit=100)
+    assert [m.id for m in page].count("m1") == 1
+    m1 = a.get("m1")
+    assert m1 is not None and m1.cursor == first.message.cursor
+    restored = RoomLog.restore(snapshot, 4, store=store)
+    assert restored.page(limit=100) == page
