@@ -81,6 +81,15 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(s.flag, **kwargs)
 
 
+def _add_query_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the subcommands that query a running node's HTTP API."""
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="chatnode", description="A high-availability chat server node.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -278,12 +287,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _add_query_args(parser: argparse.ArgumentParser) -> None:
-    """The options of the subcommands that query a running node's HTTP API."""
-    parser.add_argument(
-        "--url", default="http://127.0.0.1:8080", help="base URL of the node (default: %(default)s)"
-    )
-    parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON")

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
@@ -49,7 +50,7 @@ from crdt.clock import Timestamp
 from crdt.errors import CodecError
 from crdt.segments import encode_envelope
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "ReplicationStats"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,23 @@ FRONTIER_PREFIX: Final = "f/"  # f/<room> -> {"epoch", "ts"}: the Kafka forwardi
 _EMPTY_DIFF: Final = encode_envelope([])
 
 Members = Callable[[], list[Member]]
+
+
+@dataclass(slots=True)
+class ReplicationStats:
+    """What replication, anti-entropy and the registry did since the node started (exported
+    on ``/metrics``)."""
+
+    pushes: int = 0  # local writes pushed to the connected peers
+    push_drops: int = 0  # a push that did not fit a peer's send queue (that link is reset)
+    updates_received: int = 0  # room updates from peers (pushes and anti-entropy diffs)
+    acks_received: int = 0
+    waits_expired: int = 0  # durable-ack waits given up (after twice the ack timeout)
+    anti_entropy_rounds: int = 0  # room digests sent to one peer
+    anti_entropy_mismatches: int = 0  # rooms whose digest differed from a peer's
+    anti_entropy_diffs: int = 0  # non-empty diffs sent in answer to a peer's state vector
+    meta_shipped: int = 0  # metadata deltas shipped to one peer
+    claims: int = 0  # rooms this node became home of
 
 
 class Cluster:
@@ -107,7 +125,7 @@ class Cluster:
         self._stopping = False
         self.forwarder: Forwarder | None = None
         self._forwarded: dict[str, int] = {}  # rooms the forwarder owns -> epoch
-        self.counters: dict[str, int] = {}
+        self.stats = ReplicationStats()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -274,8 +292,10 @@ class Cluster:
         token, fut = self._wait()
         msg = Update(room, update, token, tuple(ids))
         assert self.hub is not None
+        self.stats.pushes += 1
         for peer in self.hub.connected():
             if not self.hub.send(peer, msg):
+                self.stats.push_drops += 1
                 self.hub.reset(peer)  # a hole in the link: the peer re-syncs on reconnect
         self._check_waits()
         return fut
@@ -304,6 +324,8 @@ class Cluster:
         horizon = now - 2 * self.ack_timeout
         for token, (fut, started) in list(self._waits.items()):
             if started < horizon or fut.cancelled():
+                if not fut.done():
+                    self.stats.waits_expired += 1
                 del self._waits[token]
                 self._tracker.drop(token)
                 if not fut.done():
@@ -317,6 +339,7 @@ class Cluster:
         try:
             match msg:
                 case Update():
+                    self.stats.updates_received += 1
                     await self.service.store.wait_for_room()
 
                     def durable(error: BaseException | None, token: int = msg.token) -> None:
@@ -340,6 +363,7 @@ class Cluster:
                 case Pong():
                     self._pong(self._frontier.pong(peer, msg.nonce))
                 case Ack():
+                    self.stats.acks_received += 1
                     self._tracker.ack(msg.token, peer)
                     self._check_waits()
                 case MetaPayload():
@@ -349,11 +373,14 @@ class Cluster:
                     for room, d in msg.rooms:
                         sv = self.service.room_state_vector(room)
                         if digest(sv) != d:
+                            self.stats.anti_entropy_mismatches += 1
                             hub.send(peer, StateVector(room, sv))
                 case StateVector():
                     diff = self.service.room_diff(msg.room, msg.sv)
                     if diff is None:
                         diff = _EMPTY_DIFF
+                    if diff != _EMPTY_DIFF:
+                        self.stats.anti_entropy_diffs += 1
                     if msg.token != NO_TOKEN or diff != _EMPTY_DIFF:
                         hub.send(peer, Update(msg.room, diff, msg.token))
                 case SvRequest():
@@ -391,6 +418,7 @@ class Cluster:
             for peer in peers:
                 payload = rep.ship(peer)
                 if payload is not None:
+                    self.stats.meta_shipped += 1
                     self.hub.send(peer, MetaPayload(payload))
             rep.gc(peers)
 
@@ -405,6 +433,7 @@ class Cluster:
                     for room in self.service.room_names()
                 )
                 for peer in due:
+                    self.stats.anti_entropy_rounds += 1
                     self.hub.send(peer, Digests(rooms))
             self._expire_waits(now)
             nxt = self._schedule.next_time()
@@ -448,7 +477,7 @@ class Cluster:
         await self.service.write_meta(*((reg.home_key(c.room), c.home.to_value()) for c in todo))
         for c in todo:
             log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
-            self.counters["claims"] = self.counters.get("claims", 0) + 1
+            self.stats.claims += 1
         self._note_homes(self.homes())
 
     def _note_homes(self, homes: dict[str, reg.Home | None]) -> None:
@@ -460,8 +489,13 @@ class Cluster:
         self._homes = mine
         self._sync_forwarder()
 
-    def is_home(self, room: str) -> bool:
-        return room in self._homes
+    def waiting(self) -> int:
+        """Writes waiting for their durable acknowledgements."""
+        return len(self._waits)
+
+    def home_count(self) -> int:
+        """Rooms this node acts as home of."""
+        return len(self._homes)
 
     async def handover(self) -> None:
         """Before a graceful exit: give this node's rooms to the members placement picks

@@ -9,7 +9,8 @@
   and browses the same type. The only module importing zeroconf.
 
 Each implements :class:`chatnode.gossip_udp.PeerSource`: ``await start(propose, local)`` and
-``await stop()``; each owns its tasks and cancels them on stop. Membership decides what a
+``await stop()``, a ``name`` and its :class:`~chatnode.gossip_udp.SourceStats`; each owns its
+tasks and cancels them on stop. Membership decides what a
 proposal is worth (it skips itself and addresses of live members, then runs a push-pull).
 """
 
@@ -26,7 +27,13 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from chatnode.gossip_udp import GossipMembership, PeerSource, Propose, PushPullClient
+from chatnode.gossip_udp import (
+    GossipMembership,
+    PeerSource,
+    Propose,
+    PushPullClient,
+    SourceStats,
+)
 from chatnode.keyring import Keyring, parse_key, read_key_file
 from chatnode.membership import Addr, Member, MemberEvent, MembershipConfig
 
@@ -93,13 +100,15 @@ async def _resolve_v4(host: str, port: int) -> list[Addr]:
 class _Poller:
     """Shared loop: call ``_poll`` now and then every ``interval`` seconds."""
 
+    name = "poller"
+
     def __init__(self, interval: float) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._propose: Propose | None = None
-        self.counters: dict[str, int] = {}
+        self.stats = SourceStats()
 
     async def start(self, propose: Propose, local: Addr) -> None:
         self._propose = propose
@@ -117,11 +126,12 @@ class _Poller:
             try:
                 addrs = await self._poll()
             except OSError as exc:  # socket.gaierror included
-                self.counters["errors"] = self.counters.get("errors", 0) + 1
+                self.stats.failures += 1
                 log.warning("%s: lookup failed: %s", type(self).__name__, exc)
             else:
-                self.counters["polls"] = self.counters.get("polls", 0) + 1
+                self.stats.lookups += 1
                 if addrs and self._propose is not None:
+                    self.stats.proposed += len(addrs)
                     self._propose(addrs)
             await asyncio.sleep(self.interval)
 
@@ -136,6 +146,8 @@ class StaticSeeds(_Poller):
     short interval lets nodes started in any order, or a seed that was down, find each other
     within seconds instead of waiting for the next push-pull round.
     """
+
+    name = "join"
 
     def __init__(self, seeds: Sequence[tuple[str, int]], *, interval: float = 2.0) -> None:
         super().__init__(interval)
@@ -152,19 +164,23 @@ class StaticSeeds(_Poller):
 
 
 class DnsPoller(_Poller):
-    """All A records of ``name`` at ``port``, every ``interval`` seconds."""
+    """All A records of ``host`` at ``port``, every ``interval`` seconds."""
 
-    def __init__(self, name: str, port: int, *, interval: float = 5.0) -> None:
+    name = "dns"
+
+    def __init__(self, host: str, port: int, *, interval: float = 5.0) -> None:
         super().__init__(interval)
-        self.name = name
+        self.host = host
         self.port = port
 
     async def _poll(self) -> list[Addr]:
-        return await _resolve_v4(self.name, self.port)
+        return await _resolve_v4(self.host, self.port)
 
 
 class MdnsDiscovery:
     """Zeroconf registration and browsing of ``_chatnode._tcp.local.``."""
+
+    name = "mdns"
 
     def __init__(
         self,
@@ -186,10 +202,7 @@ class MdnsDiscovery:
         self._propose: Propose | None = None
         self._resolving: set[asyncio.Task[None]] = set()
         self.instance = f"{node_id}.{SERVICE_TYPE}"
-        self.counters: dict[str, int] = {}
-
-    def _count(self, key: str) -> None:
-        self.counters[key] = self.counters.get(key, 0) + 1
+        self.stats = SourceStats()
 
     async def start(self, propose: Propose, local: Addr) -> None:
         self._propose = propose
@@ -244,7 +257,7 @@ class MdnsDiscovery:
         if name == self.instance or self._azc is None:
             return
         if len(self._resolving) >= self._max_resolving:
-            self._count("resolve_skipped")
+            self.stats.skipped += 1
             return
         task = asyncio.create_task(self._resolve(service_type, name), name=f"mdns-{name}")
         self._resolving.add(task)
@@ -256,14 +269,15 @@ class MdnsDiscovery:
             return
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(azc.zeroconf, self._resolve_timeout_ms):
-            self._count("resolve_failed")
+            self.stats.failures += 1
             return
         if info.port is None:
             return
         addrs = [(a, info.port) for a in info.parsed_addresses(IPVersion.V4Only)]
-        self._count("found")
+        self.stats.lookups += 1
         log.info("mDNS: found %s at %s", name, addrs)
         if addrs and self._propose is not None:
+            self.stats.proposed += len(addrs)
             self._propose(addrs)
 
 
@@ -348,12 +362,12 @@ def build_membership(
     *,
     on_event: Callable[[MemberEvent], None] | None = None,
     config: MembershipConfig | None = None,
-    push_pull_client: PushPullClient | None = None,
+    push_pull_client: PushPullClient,
 ) -> GossipMembership:
     """A ready :class:`GossipMembership` (not started) with the configured peer sources.
-    With ``push_pull_client`` the caller carries push-pull exchanges (and answers incoming
-    ones through :meth:`GossipMembership.answer_push_pull`); otherwise the adapter listens
-    on TCP itself."""
+    ``push_pull_client`` carries its push-pull exchanges (an
+    :class:`~chatnode.gossip_udp.HttpPushPullClient`); the caller serves incoming ones at
+    the gossip address with :func:`~chatnode.gossip_udp.serve_push_pull`."""
     advertise = opts.advertise
     if advertise is None and opts.gossip_host in ("0.0.0.0", ""):
         advertise = (primary_ipv4(), opts.gossip_port)
@@ -377,7 +391,6 @@ def build_membership(
         sources=sources,
         on_event=on_event,
         push_pull_client=push_pull_client,
-        serve_push_pull=push_pull_client is None,
     )
 
 

@@ -44,6 +44,8 @@ from chatnode.forwarding import (
     DeliveryReport,
     ForwardedMessage,
     Forwarding,
+    ForwardingCounts,
+    ForwardingLoad,
     Record,
     RecordError,
     decode_record,
@@ -147,7 +149,7 @@ class Forwarder:
         self._closing = False
         self._final_saves = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._errors = 0
+        self.errors = 0  # producer errors reported by librdkafka
 
     # ------------------------------------------------------------------- lifecycle
 
@@ -224,10 +226,22 @@ class Forwarder:
     def frontier(self, room: str) -> Timestamp | None:
         return self._state.frontier(room)
 
+    @property
+    def counts(self) -> ForwardingCounts:
+        return self._state.counts
+
+    def load(self) -> ForwardingLoad:
+        return self._state.load()
+
+    @property
+    def producer_restarts(self) -> int:
+        """Producers replaced after a fatal error."""
+        return max(0, self._incarnation - 1)
+
     def stats(self) -> dict[str, int]:
         out = self._state.stats()
-        out["errors"] = self._errors
-        out["producer_restarts"] = max(0, self._incarnation - 1)
+        out["errors"] = self.errors
+        out["producer_restarts"] = self.producer_restarts
         return out
 
     # ------------------------------------------------------------------- producer
@@ -240,7 +254,7 @@ class Forwarder:
         self._producer = await loop.run_in_executor(self._pool, Producer, dict(self._conf))
 
     def _on_error(self, err: KafkaError) -> None:  # producer thread
-        self._errors += 1
+        self.errors += 1
         if err.fatal() or err.code() in _SESSION_ERRORS:
             self._fatal = True
             _rdlog.error("fatal producer error: %s", err)

@@ -28,6 +28,7 @@ Rules, per room:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from collections import deque
@@ -62,6 +63,31 @@ class Phase(enum.Enum):
 
 
 # ----------------------------------------------------------------------------------- values
+
+
+@dataclass(slots=True)
+class ForwardingCounts:
+    """What the state machine did since it was made (exported on ``/metrics``)."""
+
+    produced: int = 0  # records handed to the producer
+    delivered: int = 0  # records the broker acknowledged (current generation)
+    failed: int = 0  # records reported failed (current generation)
+    rewinds: int = 0  # rooms rewound to their frontier (a failure, a lost producer)
+    fenced: int = 0  # rooms stopped because a newer epoch of theirs was seen
+    saves: int = 0  # frontier saves the node accepted
+    out_of_order: int = 0  # messages read at or below the last one sent (skipped)
+    stale_reports: int = 0  # reports of another generation, or of a forgotten room
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardingLoad:
+    """What the state machine holds now."""
+
+    rooms: int  # rooms forwarded (active)
+    draining: int  # rooms disowned whose records in flight are still reported
+    outstanding: int  # records handed to the producer and not yet reported
+    reserved: int  # records that reads in progress may still return
+    backlog_rooms: int  # rooms with messages not yet read
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,10 +207,7 @@ class Forwarding:
         self._next_gen = 1
         self.outstanding = 0  # records handed to the producer and not yet reported, any gen
         self._reserved: dict[tuple[str, int], int] = {}  # reads in progress -> their limit
-        self.counters: dict[str, int] = {
-            "produced": 0, "delivered": 0, "failed": 0, "rewinds": 0, "fenced": 0,
-            "saves": 0, "out_of_order": 0, "stale_reports": 0,
-        }
+        self.counts = ForwardingCounts()
 
     # --------------------------------------------------------------------- ownership
 
@@ -231,7 +254,7 @@ class Forwarding:
         if r is None or epoch <= r.epoch:
             return False
         del self._rooms[room]
-        self.counters["fenced"] += 1
+        self.counts.fenced += 1
         return True
 
     def notify(self, room: str) -> None:
@@ -278,13 +301,13 @@ class Forwarding:
         out: list[Record] = []
         for m in messages:
             if r.sent is not None and m.ts <= r.sent:
-                self.counters["out_of_order"] += 1
+                self.counts.out_of_order += 1
                 continue
             r.sent = m.ts
             r.in_flight.append(m.ts)
             out.append(Record(r.room, r.epoch, r.gen, m))
         self.outstanding += len(out)
-        self.counters["produced"] += len(out)
+        self.counts.produced += len(out)
         return out
 
     def on_read_failed(self, req: ReadRequest, now: float) -> None:
@@ -304,10 +327,10 @@ class Forwarding:
         self.outstanding = max(0, self.outstanding - 1)
         r = self._rooms.get(rep.room)
         if r is None or r.gen != rep.gen:
-            self.counters["stale_reports"] += 1
+            self.counts.stale_reports += 1
             return
         if rep.ok:
-            self.counters["delivered"] += 1
+            self.counts.delivered += 1
             r.failures = 0
             r.done.add(rep.ts)
             while r.in_flight and r.in_flight[0] in r.done:
@@ -316,14 +339,14 @@ class Forwarding:
                 r.frontier = _later(r.frontier, ts)
             self._maybe_forget(r)
             return
-        self.counters["failed"] += 1
+        self.counts.failed += 1
         if r.phase is Phase.DRAINING:
             # The new home resumes from the saved frontier; nothing more for us to do.
             r.in_flight.clear()
             r.done.clear()
             self._maybe_forget(r)
             return
-        self.counters["rewinds"] += 1
+        self.counts.rewinds += 1
         r.rewind(self._gen())
         self._backoff(r, now)
 
@@ -336,7 +359,7 @@ class Forwarding:
                 r.done.clear()
                 self._maybe_forget(r)
             else:
-                self.counters["rewinds"] += 1
+                self.counts.rewinds += 1
                 r.rewind(self._gen())
                 self._backoff(r, now)
 
@@ -360,7 +383,7 @@ class Forwarding:
         if not accepted:
             self.fence(save.room, save.epoch + 1)
             return
-        self.counters["saves"] += 1
+        self.counts.saves += 1
         r.saved = _later(r.saved, save.frontier)
         self._maybe_forget(r)
 
@@ -410,14 +433,19 @@ class Forwarding:
             for r in self._rooms.values()
         )
 
+    def load(self) -> ForwardingLoad:
+        rooms = self._rooms.values()
+        return ForwardingLoad(
+            rooms=sum(1 for r in rooms if r.phase is Phase.ACTIVE),
+            draining=sum(1 for r in rooms if r.phase is Phase.DRAINING),
+            outstanding=self.outstanding,
+            reserved=sum(self._reserved.values()),
+            backlog_rooms=sum(1 for r in rooms if r.dirty),
+        )
+
     def stats(self) -> dict[str, int]:
-        out = dict(self.counters)
-        out["rooms"] = sum(1 for r in self._rooms.values() if r.phase is Phase.ACTIVE)
-        out["draining"] = sum(1 for r in self._rooms.values() if r.phase is Phase.DRAINING)
-        out["outstanding"] = self.outstanding
-        out["reserved"] = sum(self._reserved.values())
-        out["backlog_rooms"] = sum(1 for r in self._rooms.values() if r.dirty)
-        return out
+        """Counts and load in one dict (logs, tests, tools)."""
+        return {**dataclasses.asdict(self.counts), **dataclasses.asdict(self.load())}
 
 
 # -------------------------------------------------------------------------------- codec

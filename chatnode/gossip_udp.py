@@ -1,19 +1,20 @@
-"""The gossip adapter: runs :class:`chatnode.membership.Membership` over encrypted UDP.
+"""The gossip adapter: runs :class:`chatnode.membership.Membership` over encrypted UDP, and
+carries its push-pull exchanges over HTTP.
 
 * One UDP socket (``asyncio.DatagramProtocol``) carries pings, acks, ping-reqs, nacks and the
   piggybacked gossip. Every datagram is sealed by the :class:`~chatnode.keyring.Keyring`
   (kind "datagram") and is at most :data:`MAX_DATAGRAM` (1,400) bytes sealed: the state
   machine is given the budget that remains after the seal overhead.
-* Push-pull (full state, every 30 s and on join) goes over TCP on the same port number: one
-  connection per exchange, one length-prefixed sealed frame (kind "stream") each way. A host
-  that already serves that TCP port (the node's HTTP server, when gossip shares its port
-  number) carries the exchange itself instead: it passes ``push_pull_client`` (sends one
-  sealed frame, returns the sealed answer) and ``serve_push_pull=False``, and hands incoming
-  frames to :meth:`GossipMembership.answer_push_pull`.
+* Push-pull (full state, every 30 s and on join) is one HTTP exchange with the member's gossip
+  address: ``POST`` :data:`PUSH_PULL_PATH` to the same port number over TCP, one sealed frame
+  (kind "stream") each way. Both halves live here: :class:`HttpPushPullClient` sends (it is
+  the ``push_pull_client`` of :class:`GossipMembership`), :func:`serve_push_pull` answers
+  through :meth:`GossipMembership.answer_push_pull` (the node routes the path to it).
 * A ticker task, owned by this object, calls ``tick`` whenever the machine has something due
-  (at least every 50 ms); push-pull exchanges and TCP handlers are tasks owned here too and
-  are cancelled and awaited on :meth:`GossipMembership.stop`.
-* Every drop is counted (bad seal, bad msgpack, oversized, failed exchange), never raised.
+  (at least every 50 ms); push-pull exchanges are tasks owned here too and are cancelled and
+  awaited on :meth:`GossipMembership.stop`.
+* Every drop is counted in :class:`GossipStats` (bad seal, bad msgpack, oversized, failed
+  exchange), never raised.
 * Peer sources (:mod:`chatnode.discovery`) only *propose* addresses; membership decides.
 """
 
@@ -24,10 +25,13 @@ import contextlib
 import dataclasses
 import logging
 import random
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import aiohttp
+from aiohttp import web
 
 from chatnode.keyring import KIND_DATAGRAM, KIND_STREAM, AuthError, Keyring
 from chatnode.membership import (
@@ -48,20 +52,24 @@ from chatnode.membership import (
 __all__ = [
     "MAX_DATAGRAM",
     "MAX_FRAME",
+    "PUSH_PULL_PATH",
     "GossipMembership",
+    "GossipStats",
+    "HttpPushPullClient",
     "PeerSource",
     "Propose",
     "PushPullBusy",
     "PushPullClient",
+    "SourceStats",
+    "serve_push_pull",
 ]
 
 log = logging.getLogger(__name__)
 
-MAX_DATAGRAM = 1400
-MAX_FRAME = 8 * 1024 * 1024
-_MAX_FRAME = MAX_FRAME
-_TICK_CAP = 0.05
-_LEN = struct.Struct(">I")
+MAX_DATAGRAM: Final = 1400
+MAX_FRAME: Final = 8 * 1024 * 1024  # one sealed push-pull frame, either way
+PUSH_PULL_PATH: Final = "/v1/gossip/push-pull"
+_TICK_CAP: Final = 0.05
 
 Propose = Callable[[Sequence[Addr]], None]
 # Sends one sealed push-pull frame to a member's gossip address, returns its sealed answer;
@@ -73,9 +81,40 @@ class PushPullBusy(Exception):
     """Too many push-pull exchanges are being answered at once, or the node is closing."""
 
 
+@dataclass(slots=True)
+class GossipStats:
+    """What the gossip adapter did since it started (exported on ``/metrics``)."""
+
+    udp_in: int = 0
+    udp_out: int = 0
+    udp_errors: int = 0  # errors reported by the socket
+    dropped_auth: int = 0  # datagrams that failed authentication (the keyring says why)
+    dropped_codec: int = 0  # datagrams that did not decode
+    dropped_oversize: int = 0  # datagrams not sent: over MAX_DATAGRAM sealed
+    push_pull_out: int = 0  # exchanges done as initiator
+    push_pull_in: int = 0  # exchanges answered
+    push_pull_failed: int = 0  # exchanges started here that failed
+    push_pull_in_failed: int = 0  # incoming frames that did not open or decode
+    push_pull_skipped: int = 0  # exchanges not started: too many in progress
+    push_pull_refused: int = 0  # incoming exchanges refused: too many, or closing
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """What one peer source did (exported on ``/metrics`` by source name)."""
+
+    lookups: int = 0  # lookups that answered (polls, mDNS resolutions)
+    failures: int = 0  # lookups that failed
+    skipped: int = 0  # lookups not started: too many in progress
+    proposed: int = 0  # addresses proposed to membership
+
+
 class PeerSource(Protocol):
     """A discovery strategy: proposes gossip addresses, owns its own tasks. ``local`` is our
-    own advertised gossip address (mDNS announces it)."""
+    own advertised gossip address (mDNS announces it). ``name`` labels its ``stats``."""
+
+    name: str
+    stats: SourceStats
 
     async def start(self, propose: Propose, local: Addr) -> None: ...
 
@@ -90,17 +129,20 @@ class _UDP(asyncio.DatagramProtocol):
         self._owner._on_datagram(data, (str(addr[0]), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
-        self._owner._count("udp_error")
+        self._owner.stats.udp_errors += 1
         log.debug("gossip socket error: %s", exc)
 
 
 class GossipMembership:
-    """Cluster membership of one node: SWIM/Lifeguard over encrypted UDP, push-pull over TCP.
+    """Cluster membership of one node: SWIM/Lifeguard over encrypted UDP, push-pull through
+    ``push_pull_client`` (:class:`HttpPushPullClient`).
 
-    ``bind`` is the (host, port) to listen on; port 0 picks a free one (the same number is
-    then used for TCP). ``advertise`` is the address other members should use (default: the
-    bound one). ``incarnation`` defaults to wall-clock milliseconds, which is above anything
-    the same node id used in a previous run.
+    ``bind`` is the (host, port) to listen on for UDP; port 0 picks a free one. Other members
+    send push-pulls to the same port number over HTTP: the host must serve
+    :data:`PUSH_PULL_PATH` there with :func:`serve_push_pull`. ``advertise`` is the address
+    other members should use (default: the bound one). ``incarnation`` defaults to wall-clock
+    milliseconds, which is above anything the same node id used in a previous run.
+    ``on_event`` is called (synchronously, on the loop) for every membership change.
     """
 
     def __init__(
@@ -109,6 +151,7 @@ class GossipMembership:
         bind: Addr,
         keyring: Keyring,
         *,
+        push_pull_client: PushPullClient,
         advertise: Addr | None = None,
         config: MembershipConfig | None = None,
         incarnation: int | None = None,
@@ -116,12 +159,9 @@ class GossipMembership:
         sources: Sequence[PeerSource] = (),
         on_event: Callable[[MemberEvent], None] | None = None,
         rng: random.Random | None = None,
-        event_queue_size: int = 1024,
         push_pull_timeout: float = 5.0,
         max_push_pulls: int = 8,
         leave_grace: float = 0.5,
-        push_pull_client: PushPullClient | None = None,
-        serve_push_pull: bool = True,
     ) -> None:
         self.node_id = node_id
         self._bind = bind
@@ -136,22 +176,18 @@ class GossipMembership:
         self._sources = list(sources)
         self._on_event = on_event
         self._rng = rng or random.Random()
-        self._events: asyncio.Queue[MemberEvent] = asyncio.Queue(maxsize=event_queue_size)
         self._push_pull_timeout = push_pull_timeout
         self._max_push_pulls = max_push_pulls
         self._leave_grace = leave_grace
         self._push_pull_client = push_pull_client
-        self._serve_push_pull = serve_push_pull
         self._answering = 0
         self._machine: Membership | None = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._exchanges: set[asyncio.Task[None]] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
         self._started_sources: list[PeerSource] = []
         self._closing = False
-        self.counters: dict[str, int] = {}
+        self.stats = GossipStats()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -162,12 +198,6 @@ class GossipMembership:
         )
         self._transport = transport
         host, port = transport.get_extra_info("sockname")[:2]
-        if self._serve_push_pull:
-            try:
-                self._server = await asyncio.start_server(self._serve_push_pull_tcp, host, port)
-            except OSError:
-                transport.close()
-                raise
         self.bound = (str(host), int(port))
         addr = self._advertise or self.bound
         inc = self._incarnation if self._incarnation is not None else int(time.time() * 1000)
@@ -196,16 +226,13 @@ class GossipMembership:
             self._handle(self._machine.leave(asyncio.get_running_loop().time()))
             await asyncio.sleep(self._leave_grace)  # the ticker keeps gossiping the leave
         self._closing = True
-        tasks = [t for t in (self._ticker, *self._exchanges, *self._handlers) if t is not None]
+        tasks = [t for t in (self._ticker, *self._exchanges) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._ticker = None
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
         if self._transport is not None:
             self._transport.close()
         log.info("gossip %s stopped", self.node_id)
@@ -225,25 +252,10 @@ class GossipMembership:
     def members(self) -> list[Member]:
         return self.machine.members() if self._machine else []
 
-    def stats(self) -> dict[str, object]:
-        m = self._machine
-        return {
-            "counters": dict(self.counters),
-            "keyring": {
-                "sealed": self.keyring.stats.sealed,
-                "opened": self.keyring.stats.opened,
-                "dropped": dict(self.keyring.stats.dropped),
-            },
-            "membership": dataclasses.asdict(m.stats) if m else {},
-            "awareness": m.awareness if m else 0,
-            "incarnation": m.incarnation if m else 0,
-        }
-
-    async def events(self) -> AsyncIterator[MemberEvent]:
-        """Membership events, in order. One consumer; when it lags more than the queue
-        size, the oldest events are dropped (counted as ``events_dropped``)."""
-        while True:
-            yield await self._events.get()
+    @property
+    def sources(self) -> tuple[PeerSource, ...]:
+        """The peer sources this membership was given."""
+        return tuple(self._sources)
 
     # -- proposals from discovery -----------------------------------------------------------
 
@@ -257,9 +269,6 @@ class GossipMembership:
             self._handle(m.join(fresh))
 
     # -- internals --------------------------------------------------------------------------
-
-    def _count(self, key: str) -> None:
-        self.counters[key] = self.counters.get(key, 0) + 1
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -277,19 +286,19 @@ class GossipMembership:
         m = self._machine
         if m is None or self._closing:
             return
-        self._count("udp_in")
+        self.stats.udp_in += 1
         try:
             opened = self.keyring.open(KIND_DATAGRAM, data, time.time())
         except AuthError:
-            self._count("udp_dropped_auth")
+            self.stats.dropped_auth += 1
             return
         try:
             msg = decode_message(opened.payload, max_size=MAX_DATAGRAM)
         except CodecError:
-            self._count("udp_dropped_codec")
+            self.stats.dropped_codec += 1
             return
         if isinstance(msg, PushPull):
-            self._count("udp_dropped_codec")
+            self.stats.dropped_codec += 1
             return
         self._handle(m.receive(addr, msg, asyncio.get_running_loop().time()))
 
@@ -309,10 +318,10 @@ class GossipMembership:
             KIND_DATAGRAM, self.node_id, encode_message(out.msg), time.time()
         )
         if len(sealed) > MAX_DATAGRAM:
-            self._count("udp_dropped_oversize")
+            self.stats.dropped_oversize += 1
             log.warning("dropping a %d-byte datagram to %s", len(sealed), out.addr)
             return
-        self._count("udp_out")
+        self.stats.udp_out += 1
         self._transport.sendto(sealed, out.addr)
 
     def _emit(self, ev: MemberEvent) -> None:
@@ -326,42 +335,27 @@ class GossipMembership:
             ev.new_state.value,
             ev.member.incarnation,
         )
-        if self._events.full():
-            self._events.get_nowait()
-            self._count("events_dropped")
-        self._events.put_nowait(ev)
         if self._on_event is not None:
             try:
                 self._on_event(ev)
             except Exception:
                 log.exception("membership event callback failed")
 
-    # -- push-pull over TCP -----------------------------------------------------------------
+    # -- push-pull --------------------------------------------------------------------------
 
     def _start_exchange(self, req: PushPullRequest) -> None:
         if self._closing:
             return
         if len(self._exchanges) >= self._max_push_pulls:
-            self._count("push_pull_skipped")
+            self.stats.push_pull_skipped += 1
             return
         task = asyncio.create_task(self._exchange(req), name=f"push-pull-{req.addr}")
         self._exchanges.add(task)
         task.add_done_callback(self._exchanges.discard)
 
-    async def _write_frame(self, writer: asyncio.StreamWriter, msg: PushPull) -> None:
-        sealed = self.keyring.seal(KIND_STREAM, self.node_id, encode_message(msg), time.time())
-        writer.write(_LEN.pack(len(sealed)) + sealed)
-        await writer.drain()
-
-    async def _read_frame(self, reader: asyncio.StreamReader) -> PushPull:
-        (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-        if size > _MAX_FRAME:
-            raise CodecError("push-pull frame too large")
-        return self._open_frame(await reader.readexactly(size))
-
     def _open_frame(self, sealed: bytes) -> PushPull:
         opened = self.keyring.open(KIND_STREAM, sealed, time.time())
-        msg = decode_message(opened.payload, max_size=_MAX_FRAME)
+        msg = decode_message(opened.payload, max_size=MAX_FRAME)
         if not isinstance(msg, PushPull):
             raise CodecError("expected a push-pull frame")
         return msg
@@ -371,72 +365,113 @@ class GossipMembership:
         merge it, return our own table sealed. Raises :class:`AuthError` or
         :class:`CodecError` for a bad frame, :class:`PushPullBusy` when overloaded."""
         if self._closing or self._machine is None or self._answering >= self._max_push_pulls * 4:
-            self._count("push_pull_refused")
+            self.stats.push_pull_refused += 1
             raise PushPullBusy("push-pull refused")
         self._answering += 1
         try:
             try:
-                if len(sealed) > _MAX_FRAME:
+                if len(sealed) > MAX_FRAME:
                     raise CodecError("push-pull frame too large")
                 msg = self._open_frame(sealed)
             except (AuthError, CodecError):
-                self._count("push_pull_in_failed")
+                self.stats.push_pull_in_failed += 1
                 raise
             m = self.machine
             reply, outs = m.handle_push_pull(msg, asyncio.get_running_loop().time())
             self._handle(outs)
-            self._count("push_pull_in")
+            self.stats.push_pull_in += 1
             return self.keyring.seal(KIND_STREAM, self.node_id, encode_message(reply), time.time())
         finally:
             self._answering -= 1
 
     async def _exchange(self, req: PushPullRequest) -> None:
-        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self._push_pull_timeout):
-                if self._push_pull_client is not None:
-                    sealed = self.keyring.seal(
-                        KIND_STREAM, self.node_id, encode_message(req.msg), time.time()
-                    )
-                    reply = self._open_frame(await self._push_pull_client(req.addr, sealed))
-                else:
-                    reader, writer = await asyncio.open_connection(req.addr[0], req.addr[1])
-                    await self._write_frame(writer, req.msg)
-                    reply = await self._read_frame(reader)
-            self._count("push_pull_out")
+                sealed = self.keyring.seal(
+                    KIND_STREAM, self.node_id, encode_message(req.msg), time.time()
+                )
+                reply = self._open_frame(await self._push_pull_client(req.addr, sealed))
+            self.stats.push_pull_out += 1
             m = self.machine
             self._handle(m.merge_remote_state(reply, asyncio.get_running_loop().time()))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, AuthError, CodecError) as exc:
-            self._count("push_pull_failed")
+        except (OSError, TimeoutError, AuthError, CodecError) as exc:
+            self.stats.push_pull_failed += 1
             log.debug("push-pull with %s:%d failed: %r", req.addr[0], req.addr[1], exc)
-        finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
 
-    async def _serve_push_pull_tcp(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if self._closing or task is None or len(self._handlers) >= self._max_push_pulls * 4:
-            self._count("push_pull_refused")
-            writer.close()
-            return
-        self._handlers.add(task)
+
+class HttpPushPullClient:
+    """The sending half of push-pull over HTTP: ``await client(addr, sealed)`` POSTs one
+    sealed frame to :data:`PUSH_PULL_PATH` at ``addr`` (a member's gossip address) and
+    returns the sealed answer (at most :data:`MAX_FRAME` bytes); raises ``OSError`` when the
+    exchange fails. ``local_host`` is the address to send from (so that per-address firewall
+    rules, e.g. test partitions, apply); None or a wildcard: the kernel picks. Owns one
+    aiohttp session, opened on first use and closed by :meth:`close`."""
+
+    def __init__(self, *, local_host: str | None = None, connect_timeout: float = 5.0) -> None:
+        self._local_host = None if local_host in (None, "", "0.0.0.0", "::") else local_host
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            local = None if self._local_host is None else (self._local_host, 0)
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+                connector=aiohttp.TCPConnector(limit=16, force_close=True, local_addr=local),
+            )
+        return self._session
+
+    async def __call__(self, addr: Addr, sealed: bytes) -> bytes:
+        if self._closed:
+            raise OSError("push-pull client closed")
+        session = self._open_session()
+        url = f"http://{addr[0]}:{addr[1]}{PUSH_PULL_PATH}"
+        headers = {"Content-Type": "application/octet-stream"}
         try:
-            async with asyncio.timeout(self._push_pull_timeout):
-                msg = await self._read_frame(reader)
-                m = self.machine
-                reply, outs = m.handle_push_pull(msg, asyncio.get_running_loop().time())
-                self._handle(outs)
-                await self._write_frame(writer, reply)
-            self._count("push_pull_in")
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, AuthError, CodecError) as exc:
-            self._count("push_pull_in_failed")
-            log.debug("incoming push-pull failed: %r", exc)
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            async with session.post(url, data=sealed, headers=headers) as resp:
+                if resp.status != 200:
+                    raise OSError(f"{url}: HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > MAX_FRAME:
+                    raise OSError(f"{url}: answer too large")
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in resp.content.iter_chunked(64 * 1024):
+                    total += len(chunk)
+                    if total > MAX_FRAME:
+                        raise OSError(f"{url}: answer too large")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except aiohttp.ClientError as exc:
+            raise OSError(f"{url}: {exc}") from exc
+
+    async def close(self) -> None:
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+async def serve_push_pull(
+    request: web.Request, gossip: GossipMembership | None
+) -> web.StreamResponse:
+    """The answering half of push-pull over HTTP: the handler of ``POST``
+    :data:`PUSH_PULL_PATH`. Reads one sealed frame (at most :data:`MAX_FRAME` bytes, with a
+    Content-Length), answers it through ``gossip`` (None: this host is no member, 404) and
+    returns the sealed answer; a frame that does not open or decode, or a busy membership,
+    gets 403."""
+    if gossip is None:
+        raise web.HTTPNotFound(text="not a cluster member")
+    size = request.content_length
+    if size is None or size > MAX_FRAME:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FRAME, actual_size=size or 0)
+    try:
+        body = await request.content.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise web.HTTPBadRequest(text="truncated frame") from None
+    try:
+        answer = await gossip.answer_push_pull(body)
+    except (AuthError, CodecError, PushPullBusy) as exc:
+        log.debug("push-pull frame from %s rejected: %r", request.remote, exc)
+        raise web.HTTPForbidden(text="rejected") from None
+    return web.Response(body=answer, content_type="application/octet-stream")

@@ -35,7 +35,7 @@ import base64
 import binascii
 import hashlib
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -121,10 +121,7 @@ class Opened:
 class KeyringStats:
     sealed: int = 0
     opened: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+    dropped: Counter[str] = field(default_factory=Counter)  # by AuthError reason
 
 
 class Keyring:
@@ -176,7 +173,7 @@ class Keyring:
         try:
             opened = self._open(kind, data, now_wall)
         except AuthError as exc:
-            self.stats.drop(exc.reason)
+            self.stats.dropped[exc.reason] += 1
             raise
         self.stats.opened += 1
         return opened

@@ -45,7 +45,7 @@ import math
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -527,7 +527,8 @@ class MembershipStats:
     declared_dead: int = 0
     udp_sent: int = 0
     ignored: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+    ping_wrong_target: int = 0  # pings meant for another member at our address
+    ack_unexpected: int = 0  # acks of no probe in progress
 
 
 class Membership:
@@ -647,9 +648,6 @@ class Membership:
     def _next_seq(self) -> int:
         self._seq = self._seq + 1 if self._seq < _MAX_SEQ else 1
         return self._seq
-
-    def _count(self, key: str) -> None:
-        self.stats.counters[key] = self.stats.counters.get(key, 0) + 1
 
     # -- broadcast queue ------------------------------------------------------------------
 
@@ -881,7 +879,7 @@ class Membership:
     def _receive_one(self, from_addr: Addr, msg: Simple, now: float, out: list[Output]) -> None:
         if isinstance(msg, Ping):
             if msg.target != self.id:
-                self._count("ping_wrong_target")
+                self.stats.ping_wrong_target += 1
                 return
             out.append(self._packet(from_addr, Ack(msg.seq, self.id)))
         elif isinstance(msg, PingReq):
@@ -906,7 +904,7 @@ class Membership:
             if relay is not None:
                 out.append(self._packet(relay.requester, Ack(relay.requester_seq, msg.source)))
                 return
-            self._count("ack_unexpected")
+            self.stats.ack_unexpected += 1
         elif isinstance(msg, Nack):
             probe = self._probe
             if probe is not None and msg.seq == probe.seq:

@@ -1,216 +1,224 @@
-"""Process metrics in the Prometheus text exposition format (version 0.0.4).
+"""Process metrics on ``prometheus_client``, one :class:`~prometheus_client.CollectorRegistry`
+per node (never the process-global default one: tests run several nodes in one process).
 
-A handful of counters, gauges and histograms owned by the node; the event loop updates them
-(single-threaded, no locks) and ``GET /metrics`` renders them.
+Two kinds of metric live here:
+
+* **Owned** counters and histograms that the event loop updates directly
+  (``metrics.acks.inc()``, ``metrics.errors.inc("not_found")``,
+  ``metrics.commit_seconds.observe(s)``);
+* **Readings**: values another component keeps (its typed stats, a queue length), read when
+  ``GET /metrics`` is scraped through :meth:`Metrics.gauge`, :meth:`Metrics.value` and
+  :meth:`Metrics.labeled`. A reading that returns None is absent (its component is not
+  running: standalone, no Kafka); one that raises is logged and left out of that scrape.
+
+``GET /metrics`` serves :meth:`Metrics.render` as :data:`CONTENT_TYPE` (text format 0.0.4).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import Final, Protocol
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Final, Literal
 
-__all__ = ["Counter", "Gauge", "Histogram", "LabeledCounter", "LabeledReading", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+__all__ = ["CONTENT_TYPE", "Kind", "LabeledCounter", "Metrics", "Reading"]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"  # what render() writes
 LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )  # fmt: skip
 SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# Gauges named like the family of an owned counter (``chatnode_connections`` open now, next
+# to ``chatnode_connections_total`` accepted): the text format tells them apart, but the
+# registry, which checks names the OpenMetrics way, would refuse them. Kept for the
+# dashboards that read them; registered without the duplicate check.
+_SHADOWED: Final = frozenset({"chatnode_connections"})
 
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    if float(v).is_integer() and abs(v) < 2**53:
-        return str(int(v))
-    return repr(float(v))
-
-
-def _label(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-class _Metric(Protocol):
-    def render(self) -> Iterable[str]: ...
-
-
-class Counter:
-    __slots__ = ("help", "name", "value")
-
-    def __init__(self, name: str, help: str) -> None:
-        self.name = name
-        self.help = help
-        self.value = 0.0
-
-    def inc(self, n: float = 1.0) -> None:
-        self.value += n
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        yield f"{self.name} {_num(self.value)}"
+Kind = Literal["counter", "gauge"]
+Labels = tuple[str, ...]
 
 
 class LabeledCounter:
-    __slots__ = ("help", "label", "name", "values")
+    """A counter with one label, incremented by label value: ``errors.inc("not_found")``."""
 
-    def __init__(self, name: str, help: str, label: str) -> None:
-        self.name = name
-        self.help = help
-        self.label = label
-        self.values: dict[str, float] = {}
+    __slots__ = ("_children", "_counter")
+
+    def __init__(self, name: str, help: str, label: str, registry: CollectorRegistry) -> None:
+        self._counter = Counter(name, help, (label,), registry=registry)
+        self._children: dict[str, Counter] = {}  # labels() costs more than the inc itself
 
     def inc(self, key: str, n: float = 1.0) -> None:
-        self.values[key] = self.values.get(key, 0.0) + n
-
-    def get(self, key: str) -> float:
-        return self.values.get(key, 0.0)
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for key in sorted(self.values):
-            yield f'{self.name}{{{self.label}="{_label(key)}"}} {_num(self.values[key])}'
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._counter.labels(key)
+        child.inc(n)
 
 
-class Gauge:
-    """A value read when rendered."""
+class Reading:
+    """One metric family whose values are read at scrape time (a custom collector).
 
-    __slots__ = ("help", "name", "read")
+    ``read`` returns the value (no labels), or a mapping from label values (a tuple, one per
+    name in ``labels``) to values; None when there is nothing to expose right now.
+    """
 
-    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.name = name
-        self.help = help
-        self.read = read
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        yield f"{self.name} {_num(self.read())}"
-
-
-class LabeledReading:
-    """Labeled values read when rendered (counters or gauges kept by another component)."""
-
-    __slots__ = ("help", "kind", "label", "name", "read")
+    __slots__ = ("help", "kind", "labels", "name", "read")
 
     def __init__(
         self,
         name: str,
         help: str,
-        label: str,
-        read: Callable[[], Mapping[str, float]],
+        read: Callable[[], float | Mapping[Labels, float] | None],
         *,
-        kind: str = "gauge",
+        kind: Kind = "gauge",
+        labels: Sequence[str] = (),
     ) -> None:
-        if kind not in ("gauge", "counter"):
-            raise ValueError("kind is gauge or counter")
+        if kind == "counter" and not name.endswith("_total"):
+            raise ValueError(f"counter {name} must end in _total")
         self.name = name
         self.help = help
-        self.label = label
         self.read = read
         self.kind = kind
+        self.labels = tuple(labels)
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
-        values = self.read()
-        for key in sorted(values):
-            yield f'{self.name}{{{self.label}="{_label(key)}"}} {_num(values[key])}'
+    def _family(self) -> CounterMetricFamily | GaugeMetricFamily:
+        if self.kind == "counter":
+            return CounterMetricFamily(self.name, self.help, labels=self.labels)
+        return GaugeMetricFamily(self.name, self.help, labels=self.labels)
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self.read()
+        except Exception:
+            log.exception("reading metric %s failed", self.name)
+            return
+        if values is None:
+            return
+        family = self._family()
+        if isinstance(values, Mapping):
+            for key in sorted(values):
+                if len(key) != len(self.labels):
+                    raise ValueError(f"{self.name}: labels {key!r} do not match {self.labels}")
+                family.add_metric(list(key), values[key])
+        elif self.labels:
+            raise ValueError(f"{self.name}: a labeled reading must return a mapping")
+        else:
+            family.add_metric([], values)
+        yield family
 
 
-class Histogram:
-    __slots__ = ("bounds", "count", "counts", "help", "name", "sum")
+class _Unchecked:
+    """A reading registered without names, so the registry does not check them."""
 
-    def __init__(self, name: str, help: str, bounds: Iterable[float]) -> None:
-        self.name = name
-        self.help = help
-        self.bounds = tuple(sorted(bounds))
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
+    __slots__ = ("reading",)
 
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, v)] += 1
-        self.sum += v
-        self.count += 1
+    def __init__(self, reading: Reading) -> None:
+        self.reading = reading
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        acc = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            acc += n
-            yield f'{self.name}_bucket{{le="{_num(bound)}"}} {acc}'
-        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
-        yield f"{self.name}_sum {_num(self.sum)}"
-        yield f"{self.name}_count {self.count}"
+    def collect(self) -> Iterator[Metric]:
+        return self.reading.collect()
 
 
 class Metrics:
-    """Every metric of a node."""
+    """Every metric of a node, in its own registry."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
         self.connections_total = Counter(
-            "chatnode_connections_total", "WebSocket connections accepted"
+            "chatnode_connections_total", "WebSocket connections accepted", registry=reg
         )
-        self.frames_in = Counter("chatnode_frames_in_total", "WebSocket frames received")
-        self.frames_out = Counter("chatnode_frames_out_total", "WebSocket frames sent")
-        self.messages = Counter("chatnode_messages_total", "new messages stored")
-        self.acks = Counter("chatnode_acks_total", "send acknowledgements (including resends)")
+        self.frames_in = Counter(
+            "chatnode_frames_in_total", "WebSocket frames received", registry=reg
+        )
+        self.frames_out = Counter(
+            "chatnode_frames_out_total", "WebSocket frames sent", registry=reg
+        )
+        self.messages = Counter("chatnode_messages_total", "new messages stored", registry=reg)
+        self.acks = Counter(
+            "chatnode_acks_total", "send acknowledgements (including resends)", registry=reg
+        )
         self.deliveries = Counter(
-            "chatnode_deliveries_total", "message and update events queued to subscribers"
+            "chatnode_deliveries_total",
+            "message and update events queued to subscribers",
+            registry=reg,
         )
-        self.errors = LabeledCounter("chatnode_errors_total", "error replies by code", "code")
-        self.http = LabeledCounter("chatnode_http_requests_total", "HTTP API requests", "path")
+        self.errors = LabeledCounter("chatnode_errors_total", "error replies by code", "code", reg)
+        self.http = LabeledCounter("chatnode_http_requests_total", "HTTP API requests", "path", reg)
         self.slow_disconnects = Counter(
             "chatnode_slow_consumer_disconnects_total",
             "connections closed because their send queue overflowed",
+            registry=reg,
         )
         self.commit_seconds = Histogram(
-            "chatnode_commit_seconds", "latency of durable commits (queue + fsync)", LATENCY_BUCKETS
+            "chatnode_commit_seconds",
+            "latency of durable commits (queue + fsync)",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
         self.write_seconds = Histogram(
-            "chatnode_db_write_seconds", "duration of one synced group write", LATENCY_BUCKETS
+            "chatnode_db_write_seconds",
+            "duration of one synced group write",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
         )
         self.write_batches = Histogram(
-            "chatnode_db_write_batch_commits", "commits joined in one group write", SIZE_BUCKETS
+            "chatnode_db_write_batch_commits",
+            "commits joined in one group write",
+            buckets=SIZE_BUCKETS,
+            registry=reg,
         )
-        self.gauges: list[Gauge | LabeledReading] = []
 
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges.append(Gauge(name, help, read))
+    def add(self, reading: Reading) -> None:
+        """Register a reading (raises ``ValueError`` if its name is taken)."""
+        self.registry.register(_Unchecked(reading) if reading.name in _SHADOWED else reading)
+
+    def gauge(self, name: str, help: str, read: Callable[[], float | None]) -> None:
+        """A gauge read at scrape time."""
+        self.add(Reading(name, help, read))
+
+    def value(
+        self, name: str, help: str, read: Callable[[], float | None], *, kind: Kind = "gauge"
+    ) -> None:
+        """One unlabeled value read at scrape time (``kind`` gauge or counter)."""
+        self.add(Reading(name, help, read, kind=kind))
 
     def labeled(
         self,
         name: str,
         help: str,
         label: str,
-        read: Callable[[], Mapping[str, float]],
+        read: Callable[[], Mapping[str, float] | None],
         *,
-        kind: str = "gauge",
+        kind: Kind = "gauge",
     ) -> None:
-        """Register labeled values read at render time (``kind`` gauge or counter)."""
-        self.gauges.append(LabeledReading(name, help, label, read, kind=kind))
+        """Values by one label, read at scrape time (``kind`` gauge or counter)."""
 
-    def render(self) -> str:
-        lines: list[str] = []
-        metrics: tuple[_Metric, ...] = (
-            self.connections_total,
-            self.frames_in,
-            self.frames_out,
-            self.messages,
-            self.acks,
-            self.deliveries,
-            self.errors,
-            self.http,
-            self.slow_disconnects,
-            self.commit_seconds,
-            self.write_seconds,
-            self.write_batches,
-            *self.gauges,
-        )
-        for metric in metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        def by_tuple() -> dict[Labels, float] | None:
+            values = read()
+            return None if values is None else {(k,): v for k, v in values.items()}
+
+        self.add(Reading(name, help, by_tuple, kind=kind, labels=(label,)))
+
+    def collect(self) -> Iterator[Metric]:
+        """Every metric family, without the ``*_created`` series of owned counters and
+        histograms (process start times that the 0.0.4 text format would expose as extra
+        gauges)."""
+        for metric in self.registry.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        return generate_latest(self)
+
+    def sample(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """The current value of one sample (None if absent); for tests and tools."""
+        return self.registry.get_sample_value(name, dict(labels or {}))

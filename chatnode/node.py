@@ -12,10 +12,16 @@ Cluster membership (``docs/MEMBERSHIP.md``): with a cluster key the node starts 
 :class:`~chatnode.gossip_udp.GossipMembership` once its HTTP port is bound: gossip over UDP on
 the same port number (unless ``--gossip-port`` says otherwise), push-pull as a sealed
 ``POST /v1/gossip/push-pull`` to the gossip port number (this HTTP server, or a second
-listener of it when the gossip port differs), peers proposed by ``--join``, ``--dns-name``
-and ``--mdns``. Without a key it runs standalone and says so. Other layers follow membership
-through :meth:`Node.on_member_event` and :meth:`Node.members`. On shutdown the node leaves
-the cluster gracefully after it has stopped serving clients.
+listener of it when the gossip port differs; both halves in :mod:`chatnode.gossip_udp`),
+peers proposed by ``--join``, ``--dns-name`` and ``--mdns``. Without a key it runs
+standalone and says so. Other layers follow membership through :meth:`Node.on_member_event`
+and :meth:`Node.members`. On shutdown the node leaves the cluster gracefully after it has
+stopped serving clients.
+
+Metrics: besides what the web layer and the service count themselves, the node registers
+readings of every component's typed stats (peer links, replication, the stable frontier,
+gossip, discovery, the Kafka forwarder) on its :class:`~chatnode.metrics.Metrics`, read when
+``/metrics`` is scraped; a component that is not running (standalone, no Kafka) shows none.
 """
 
 from __future__ import annotations
@@ -35,20 +41,26 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
-import aiohttp
 from aiohttp import web
 
 from chatnode.auth import TokenSigner
-from chatnode.cluster import Cluster
+from chatnode.cluster import Cluster, ReplicationStats
 from chatnode.config import Config
 from chatnode.discovery import ClusterOptions, build_membership, member_json, parse_hostport
 from chatnode.errors import ServerError
-from chatnode.gossip_udp import MAX_FRAME, GossipMembership, PushPullBusy
-from chatnode.keyring import AuthError, Keyring, parse_key
-from chatnode.membership import Addr, CodecError, Member, MemberEvent, MemberState
-from chatnode.metrics import Metrics
+from chatnode.forwarder import Forwarder
+from chatnode.gossip_udp import (
+    PUSH_PULL_PATH,
+    GossipMembership,
+    HttpPushPullClient,
+    serve_push_pull,
+)
+from chatnode.keyring import Keyring, parse_key
+from chatnode.membership import Addr, Member, MemberEvent, MemberState
+from chatnode.metrics import Metrics, Reading
+from chatnode.peers import PeerHub
 from chatnode.service import Service
 from chatnode.storage import Store, WriteStats
 from chatnode.web import WebApp
@@ -69,6 +81,8 @@ MAINTENANCE_INTERVAL: Final = 60.0
 DRAIN_TIMEOUT: Final = 10.0
 
 MemberListener = Callable[[MemberEvent], None]
+_C = TypeVar("_C")
+_V = TypeVar("_V")
 
 
 class IdentityError(ServerError):
@@ -151,7 +165,7 @@ class Node:
         self._stop = asyncio.Event()
         self.url = cfg.url
         self.gossip: GossipMembership | None = None  # None: standalone (or not started)
-        self._gossip_http: aiohttp.ClientSession | None = None
+        self._push_pull_client: HttpPushPullClient | None = None
         self._gossip_site: web.TCPSite | None = None
         self._member_listeners: list[MemberListener] = []
 
@@ -243,26 +257,16 @@ class Node:
             # push-pull is HTTP on the gossip port number: listen there too
             self._gossip_site = web.TCPSite(self._runner, cfg.host, port, reuse_address=True)
             await self._gossip_site.start()
-        self._gossip_http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, connect=5.0),
-            connector=aiohttp.TCPConnector(
-                limit=16,
-                force_close=True,
-                # from our own address, so per-address firewall rules (partitions) apply
-                local_addr=None if cfg.host in ("0.0.0.0", "::", "") else (cfg.host, 0),
-            ),
-        )
+        # from our own address, so per-address firewall rules (partitions) apply
+        self._push_pull_client = HttpPushPullClient(local_host=cfg.host)
         gossip = build_membership(
             self.node_id,
             opts,
             on_event=self._dispatch_member_event,
-            push_pull_client=self._push_pull_out,
+            push_pull_client=self._push_pull_client,
         )
         await gossip.start()
         self.gossip = gossip
-        if self.webapp is not None:
-            self.webapp.push_pull = self._push_pull_in
-        self._register_gossip_metrics(gossip)
         log.info(
             "node %s in cluster mode: gossip on %s:%d (advertised %s:%d), peers from %s",
             self.node_id,
@@ -273,107 +277,20 @@ class Node:
             ", ".join(sources) or "nothing yet (others must join this node)",
         )
 
-    def _register_gossip_metrics(self, gossip: GossipMembership) -> None:
-        def datagrams() -> dict[str, float]:
-            c = gossip.counters
-            return {"in": float(c.get("udp_in", 0)), "out": float(c.get("udp_out", 0))}
-
-        def drops() -> dict[str, float]:
-            out = {"auth_" + reason: float(n) for reason, n in gossip.keyring.stats.dropped.items()}
-            for key, n in gossip.counters.items():
-                if key.startswith("udp_dropped_") and key != "udp_dropped_auth":
-                    out[key.removeprefix("udp_dropped_")] = float(n)
-            return out
-
-        def push_pulls() -> dict[str, float]:
-            c = gossip.counters
-            return {
-                k.removeprefix("push_pull_"): float(c.get(k, 0))
-                for k in ("push_pull_out", "push_pull_in", "push_pull_failed",
-                          "push_pull_in_failed", "push_pull_skipped", "push_pull_refused")
-            }  # fmt: skip
-
-        def by_state() -> dict[str, float]:
-            counts = {s.value: 0.0 for s in MemberState}
-            for m in gossip.members():
-                counts[m.state.value] += 1
-            return counts
-
-        self.metrics.labeled(
-            "chatnode_gossip_datagrams_total", "gossip UDP datagrams", "direction", datagrams,
-            kind="counter",
-        )  # fmt: skip
-        self.metrics.labeled(
-            "chatnode_gossip_dropped_total",
-            "gossip datagrams and frames dropped, by reason (auth_*: failed authentication)",
-            "reason",
-            drops,
-            kind="counter",
-        )
-        self.metrics.labeled(
-            "chatnode_gossip_push_pulls_total",
-            "full-state exchanges over TCP, by outcome (out/in: done as initiator/listener)",
-            "result",
-            push_pulls,
-            kind="counter",
-        )
-        self.metrics.labeled(
-            "chatnode_cluster_members", "members known, by state (this node included)", "state",
-            by_state,
-        )  # fmt: skip
-        self.metrics.gauge(
-            "chatnode_gossip_local_health",
-            "Lifeguard local health score (0 healthy)",
-            lambda: float(gossip.machine.awareness),
-        )
-
-    async def _push_pull_out(self, addr: Addr, sealed: bytes) -> bytes:
-        """Carry one push-pull exchange to ``addr`` (its gossip address) over HTTP."""
-        session = self._gossip_http
-        if session is None:
-            raise OSError("membership is stopping")
-        url = f"http://{addr[0]}:{addr[1]}/v1/gossip/push-pull"
-        headers = {"Content-Type": "application/octet-stream"}
-        try:
-            async with session.post(url, data=sealed, headers=headers) as resp:
-                if resp.status != 200:
-                    raise OSError(f"{url}: HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length > MAX_FRAME:
-                    raise OSError(f"{url}: answer too large")
-                chunks: list[bytes] = []
-                total = 0
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    total += len(chunk)
-                    if total > MAX_FRAME:
-                        raise OSError(f"{url}: answer too large")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except aiohttp.ClientError as exc:
-            raise OSError(f"{url}: {exc}") from exc
-
-    async def _push_pull_in(self, sealed: bytes) -> bytes | None:
-        gossip = self.gossip
-        if gossip is None:
-            return None
-        try:
-            return await gossip.answer_push_pull(sealed)
-        except (AuthError, CodecError, PushPullBusy) as exc:
-            log.debug("push-pull frame rejected: %r", exc)
-            return None
+    async def _push_pull_in(self, request: web.Request) -> web.StreamResponse:
+        return await serve_push_pull(request, self.gossip)
 
     async def _stop_membership(self, *, leave: bool) -> None:
         gossip, self.gossip = self.gossip, None
-        if self.webapp is not None:
-            self.webapp.push_pull = None
         if gossip is not None:
             await gossip.stop(leave=leave)
         site, self._gossip_site = self._gossip_site, None
         if site is not None and self._runner is not None:
             with contextlib.suppress(RuntimeError):  # already stopped with the runner
                 await site.stop()
-        session, self._gossip_http = self._gossip_http, None
-        if session is not None:
-            await session.close()
+        client, self._push_pull_client = self._push_pull_client, None
+        if client is not None:
+            await client.close()
 
     async def run(self) -> None:
         """Start, serve until :meth:`stop`, then shut down cleanly."""
@@ -410,6 +327,8 @@ class Node:
         self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas)
         app = self.webapp.make_app()
         self.cluster.add_routes(app)
+        app.router.add_post(PUSH_PULL_PATH, self._push_pull_in)
+        self._register_metrics()
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=2.0
         )
@@ -432,6 +351,222 @@ class Node:
             await self.cluster.start_forwarding(cfg.kafka_brokers, cfg.kafka_topic)
         if self.on_listening is not None:
             self.on_listening(self)
+
+    # -- metrics ------------------------------------------------------------------------------
+
+    def _register_metrics(self) -> None:
+        """Readings of every component's stats, taken when ``/metrics`` is scraped. The
+        components are looked up then: those not running expose nothing."""
+        m = self.metrics
+
+        def service() -> Service | None:
+            return self.service
+
+        def cluster() -> Cluster | None:
+            return self.cluster
+
+        def hub() -> PeerHub | None:
+            return self.cluster.hub if self.cluster is not None else None
+
+        def gossip() -> GossipMembership | None:
+            return self.gossip
+
+        def forwarder() -> Forwarder | None:
+            return self.cluster.forwarder if self.cluster is not None else None
+
+        # the stable frontier (docs/REPLICATION.md)
+        m.value("chatnode_frontier_held_events",
+                "message events held back until the stable frontier passes them",
+                _of(service, lambda s: s.held_count()))  # fmt: skip
+        m.value("chatnode_frontier_held_overflow_total",
+                "events released out of order because the held heap was full",
+                _of(service, lambda s: s.held_overflow), kind="counter")  # fmt: skip
+
+        # peer links
+        m.value("chatnode_peer_links", "open peer links", _of(hub, lambda h: len(h.links)))
+        m.labeled("chatnode_peer_frames_total", "peer link frames", "direction",
+                  _of(hub, lambda h: {"in": h.stats.frames_in, "out": h.stats.frames_out}),
+                  kind="counter")  # fmt: skip
+        m.labeled("chatnode_peer_messages_total", "replication messages over peer links",
+                  "direction",
+                  _of(hub, lambda h: {"in": h.stats.messages_in, "out": h.stats.messages_out}),
+                  kind="counter")  # fmt: skip
+        m.labeled(
+            "chatnode_peer_link_events_total",
+            "peer link events: up, reset (after a dropped message), dial_failed, "
+            "accept_refused, bad_frame (the link is closed)",
+            "event",
+            _of(hub, lambda h: {
+                "up": h.stats.links_up,
+                "reset": h.stats.links_reset,
+                "dial_failed": h.stats.dial_failed,
+                "accept_refused": h.stats.accept_refused,
+                "bad_frame": h.stats.bad_frames,
+            }),
+            kind="counter",
+        )  # fmt: skip
+        m.labeled("chatnode_peer_dropped_total",
+                  "messages for a peer dropped, by reason (queue_full: its send queue was full)",
+                  "reason", _of(hub, lambda h: {"queue_full": h.stats.dropped_full}),
+                  kind="counter")  # fmt: skip
+        m.labeled("chatnode_peer_send_queue", "messages queued on each open peer link", "peer",
+                  _of(hub, lambda h: h.queued()))  # fmt: skip
+
+        # replication, anti-entropy and the registry (docs/REPLICATION.md)
+        def rep(read: Callable[[ReplicationStats], int]) -> Callable[[], int | None]:
+            return _of(cluster, lambda c: read(c.stats))
+
+        replication: list[tuple[str, str, Callable[[ReplicationStats], int]]] = [
+            ("replication_pushes", "local writes pushed to the connected peers",
+             lambda st: st.pushes),
+            ("replication_push_drops",
+             "pushes that did not fit a peer's send queue (that link is reset)",
+             lambda st: st.push_drops),
+            ("replication_updates_received",
+             "room updates received from peers (pushes and anti-entropy diffs)",
+             lambda st: st.updates_received),
+            ("replication_acks_received", "durable acknowledgements received",
+             lambda st: st.acks_received),
+            ("replication_waits_expired",
+             "durable-ack waits given up (after twice the ack timeout)",
+             lambda st: st.waits_expired),
+            ("replication_meta_shipped", "metadata deltas shipped to a peer",
+             lambda st: st.meta_shipped),
+            ("replication_anti_entropy_rounds",
+             "anti-entropy rounds (room digests sent to one peer)",
+             lambda st: st.anti_entropy_rounds),
+            ("replication_anti_entropy_mismatches",
+             "rooms whose digest differed from a peer's (a state vector was sent)",
+             lambda st: st.anti_entropy_mismatches),
+            ("replication_anti_entropy_diffs",
+             "non-empty diffs sent in answer to a peer's state vector",
+             lambda st: st.anti_entropy_diffs),
+            ("registry_claims", "rooms this node became home of", lambda st: st.claims),
+        ]  # fmt: skip
+        for name, help, read in replication:
+            m.value(f"chatnode_{name}_total", help, rep(read), kind="counter")
+        m.value("chatnode_replication_waiting_writes", "writes waiting for durable acks",
+                _of(cluster, lambda c: c.waiting()))  # fmt: skip
+        m.value("chatnode_registry_homes", "rooms this node is home of",
+                _of(cluster, lambda c: c.home_count()))  # fmt: skip
+
+        # gossip membership (docs/MEMBERSHIP.md)
+        def drops(g: GossipMembership) -> dict[str, float]:
+            out = {"auth_" + reason: float(n) for reason, n in g.keyring.stats.dropped.items()}
+            out["codec"] = g.stats.dropped_codec
+            out["oversize"] = g.stats.dropped_oversize
+            return out
+
+        def push_pulls(g: GossipMembership) -> dict[str, float]:
+            st = g.stats
+            return {"out": st.push_pull_out, "in": st.push_pull_in,
+                    "failed": st.push_pull_failed, "in_failed": st.push_pull_in_failed,
+                    "skipped": st.push_pull_skipped, "refused": st.push_pull_refused}  # fmt: skip
+
+        def by_state(g: GossipMembership) -> dict[str, float]:
+            counts = {s.value: 0.0 for s in MemberState}
+            for member in g.members():
+                counts[member.state.value] += 1
+            return counts
+
+        m.labeled("chatnode_gossip_datagrams_total", "gossip UDP datagrams", "direction",
+                  _of(gossip, lambda g: {"in": g.stats.udp_in, "out": g.stats.udp_out}),
+                  kind="counter")  # fmt: skip
+        m.labeled(
+            "chatnode_gossip_dropped_total",
+            "gossip datagrams and frames dropped, by reason (auth_*: failed authentication)",
+            "reason",
+            _of(gossip, drops),
+            kind="counter",
+        )
+        m.labeled(
+            "chatnode_gossip_push_pulls_total",
+            "full-state exchanges over HTTP, by outcome (out/in: done as initiator/listener)",
+            "result",
+            _of(gossip, push_pulls),
+            kind="counter",
+        )
+        m.value("chatnode_gossip_udp_errors_total", "errors reported by the gossip socket",
+                _of(gossip, lambda g: g.stats.udp_errors), kind="counter")  # fmt: skip
+        m.labeled(
+            "chatnode_gossip_probes_total",
+            "failure-detector probes, by outcome (sent; failed: no ack in time)",
+            "result",
+            _of(gossip, lambda g: {"sent": g.machine.stats.probes,
+                                   "failed": g.machine.stats.probe_failures}),
+            kind="counter",
+        )  # fmt: skip
+        m.labeled(
+            "chatnode_gossip_suspicions_total",
+            "suspicions, by outcome (started by this node, refuted about itself, declared dead)",
+            "event",
+            _of(gossip, lambda g: {"started": g.machine.stats.suspicions_started,
+                                   "refuted": g.machine.stats.refutations,
+                                   "declared_dead": g.machine.stats.declared_dead}),
+            kind="counter",
+        )  # fmt: skip
+        m.labeled("chatnode_cluster_members", "members known, by state (this node included)",
+                  "state", _of(gossip, by_state))  # fmt: skip
+        m.value("chatnode_gossip_local_health", "Lifeguard local health score (0 healthy)",
+                _of(gossip, lambda g: g.machine.awareness))  # fmt: skip
+
+        # discovery (--join, --dns-name, --mdns)
+        def lookups(g: GossipMembership) -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {}
+            for src in g.sources:
+                for result, n in (("ok", src.stats.lookups), ("failed", src.stats.failures),
+                                  ("skipped", src.stats.skipped)):  # fmt: skip
+                    out[(src.name, result)] = out.get((src.name, result), 0.0) + n
+            return out
+
+        def proposed(g: GossipMembership) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for src in g.sources:
+                out[src.name] = out.get(src.name, 0.0) + src.stats.proposed
+            return out
+
+        m.add(Reading("chatnode_discovery_lookups_total",
+                      "peer discovery lookups, by source and result", _of(gossip, lookups),
+                      kind="counter", labels=("source", "result")))  # fmt: skip
+        m.labeled("chatnode_discovery_proposed_total",
+                  "addresses proposed to membership, by source", "source",
+                  _of(gossip, proposed), kind="counter")  # fmt: skip
+
+        # the Kafka forwarder (docs/KAFKA.md)
+        m.labeled(
+            "chatnode_forwarder_records_total",
+            "records handed to the producer (produced) and reported by it (delivered, failed)",
+            "result",
+            _of(forwarder, lambda f: {"produced": f.counts.produced,
+                                      "delivered": f.counts.delivered,
+                                      "failed": f.counts.failed}),
+            kind="counter",
+        )  # fmt: skip
+        forwarding: list[tuple[str, str, Callable[[Forwarder], int]]] = [
+            ("rewinds", "rooms rewound to their frontier (a failed delivery, a lost producer)",
+             lambda f: f.counts.rewinds),
+            ("fenced", "rooms stopped because a newer epoch of theirs was seen",
+             lambda f: f.counts.fenced),
+            ("frontier_saves", "forwarding frontiers saved", lambda f: f.counts.saves),
+            ("out_of_order", "messages read at or below the last one sent (skipped)",
+             lambda f: f.counts.out_of_order),
+            ("stale_reports", "delivery reports of another generation or a forgotten room",
+             lambda f: f.counts.stale_reports),
+            ("errors", "producer errors reported by librdkafka", lambda f: f.errors),
+            ("producer_restarts", "producers replaced after a fatal error",
+             lambda f: f.producer_restarts),
+        ]  # fmt: skip
+        for name, help, count in forwarding:
+            m.value(f"chatnode_forwarder_{name}_total", help, _of(forwarder, count),
+                    kind="counter")  # fmt: skip
+        m.labeled("chatnode_forwarder_rooms", "rooms forwarded by this node, by phase", "phase",
+                  _of(forwarder, lambda f: {"active": f.load().rooms,
+                                            "draining": f.load().draining}))  # fmt: skip
+        m.value("chatnode_forwarder_outstanding_records",
+                "records handed to the producer and not yet reported",
+                _of(forwarder, lambda f: f.load().outstanding))  # fmt: skip
+        m.value("chatnode_forwarder_backlog_rooms", "rooms with messages not yet read",
+                _of(forwarder, lambda f: f.load().backlog_rooms))  # fmt: skip
 
     def _observe_write(self, stats: WriteStats) -> None:
         self.metrics.write_seconds.observe(stats.write_seconds)
@@ -474,6 +609,16 @@ class Node:
             await self.store.close()
             self.store = None
         log.info("stopped")
+
+
+def _of(get: Callable[[], _C | None], read: Callable[[_C], _V]) -> Callable[[], _V | None]:
+    """``read(component)`` of the component ``get()`` returns now, None while there is none."""
+
+    def reading() -> _V | None:
+        component = get()
+        return None if component is None else read(component)
+
+    return reading
 
 
 async def _ipv4(host: str) -> str:

@@ -29,6 +29,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -37,7 +38,7 @@ from aiohttp import WSMsgType, web
 from chatnode.keyring import KIND_STREAM, AuthError, Keyring
 from chatnode.replication import FrameError, PeerMsg, decode_frame, encode_frame
 
-__all__ = ["PEER_PATH", "PeerHub"]
+__all__ = ["PEER_PATH", "PeerHub", "PeerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,22 @@ HEARTBEAT: Final = 5.0
 
 OnMessage = Callable[[str, PeerMsg], Awaitable[None]]
 OnLink = Callable[[str, bool], None]
+
+
+@dataclass(slots=True)
+class PeerStats:
+    """What the peer links of a node did since it started (exported on ``/metrics``)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    links_up: int = 0
+    links_reset: int = 0  # closed by us after a message for the peer had to be dropped
+    dial_failed: int = 0
+    accept_refused: int = 0
+    bad_frames: int = 0  # frames that did not open or decode (the link is closed)
+    dropped_full: int = 0  # messages not queued: the link's send queue was full
 
 
 class _Link:
@@ -107,22 +124,23 @@ class PeerHub:
         self._accepted: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
-        self.counters: dict[str, int] = {}
-
-    def _count(self, key: str, n: int = 1) -> None:
-        self.counters[key] = self.counters.get(key, 0) + n
+        self.stats = PeerStats()
 
     # -- sending ------------------------------------------------------------------------------
 
     def connected(self) -> list[str]:
         return sorted(self.links)
 
+    def queued(self) -> dict[str, int]:
+        """Messages waiting in each open link's send queue."""
+        return {peer: len(link.queue) for peer, link in self.links.items()}
+
     def send(self, peer: str, msg: PeerMsg) -> bool:
         link = self.links.get(peer)
         if link is None:
             return False
         if not link.push(msg):
-            self._count("dropped_full")
+            self.stats.dropped_full += 1
             return False
         return True
 
@@ -138,7 +156,7 @@ class PeerHub:
         dropped, so the peer re-syncs instead of trusting a link with a hole in it."""
         link = self.links.get(peer)
         if link is not None and not link.closed:
-            self._count("links_reset")
+            self.stats.links_reset += 1
             link.closed = True
             link.wake.set()
 
@@ -184,7 +202,7 @@ class PeerHub:
                 raise
             except (aiohttp.ClientError, OSError, TimeoutError, AuthError, FrameError) as exc:
                 log.debug("link to %s (%s): %s", peer, url, exc)
-                self._count("dial_failed")
+                self.stats.dial_failed += 1
             except Exception:
                 log.exception("link to %s failed", peer)
             if time.monotonic() - started > 5.0:
@@ -232,7 +250,7 @@ class PeerHub:
                 raise FrameError("a link to ourselves")
             await ws.send_bytes(self._seal([]))
         except (AuthError, FrameError, TimeoutError, ConnectionError) as exc:
-            self._count("accept_refused")
+            self.stats.accept_refused += 1
             log.info("refused a peer link from %s: %s", request.remote, exc)
             await ws.close(code=1008)
             return ws
@@ -260,7 +278,7 @@ class PeerHub:
         link = _Link(peer, ws, self.max_queue)
         self.links[peer] = link
         log.info("peer link to %s up", peer)
-        self._count("links_up")
+        self.stats.links_up += 1
         self.on_link(peer, True)
         writer = asyncio.create_task(self._writer(link), name=f"peer-write-{peer}")
         try:
@@ -292,12 +310,13 @@ class PeerHub:
                 sender, msgs = self._open(msg.data)
             except (AuthError, FrameError) as exc:
                 log.warning("bad frame from peer %s (%s); closing the link", peer, exc)
-                self._count("bad_frames")
+                self.stats.bad_frames += 1
                 return
             if sender != peer:
                 log.warning("frame on the link of %s sealed by %s; closing", peer, sender)
                 return
-            self._count("frames_in")
+            self.stats.frames_in += 1
+            self.stats.messages_in += len(msgs)
             for m in msgs:
                 await self.on_message(peer, m)
 
@@ -315,8 +334,8 @@ class PeerHub:
                 if self.trailer is not None:
                     batch.append(self.trailer())
                 await link.ws.send_bytes(self._seal(batch))
-                self._count("frames_out")
-                self._count("messages_out", len(batch))
+                self.stats.frames_out += 1
+                self.stats.messages_out += len(batch)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send to peer %s failed: %s", link.peer, exc)
         finally:

@@ -260,13 +260,6 @@ class Store:
         await asyncio.to_thread(self._close_db)
         self._closed = True
 
-    def close_sync(self) -> None:
-        """Close a store that was never started (startup failed)."""
-        if self._thread is None and not self._closed:
-            self._readers.shutdown(wait=True)
-            self._close_db()
-            self._closed = True
-
     def _close_db(self) -> None:
         try:
             self._db.close()

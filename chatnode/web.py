@@ -2,8 +2,9 @@
 
 Endpoints (``docs/PROTOCOL.md``): ``POST /v1/accounts``, ``POST /v1/sessions``,
 ``DELETE /v1/sessions``, ``GET /v1/ws``, ``GET /healthz``, ``GET /metrics``, the operator's
-``GET /v1/cluster`` and the members' sealed ``POST /v1/gossip/push-pull``
-(``docs/MEMBERSHIP.md``), and the web client's files from ``chatnode/static/`` at ``/``.
+``GET /v1/cluster`` (``docs/MEMBERSHIP.md``), and the web client's files from
+``chatnode/static/`` at ``/``. The node adds the cluster's routes (peer links, registry, the
+members' sealed ``POST /v1/gossip/push-pull``) next to these.
 
 Each WebSocket connection has a bounded send queue drained by one writer task that the
 connection's handler owns and awaits. A frame pushed while that queue is empty and the
@@ -39,6 +40,7 @@ from aiohttp import WSMsgType, web
 from chatnode import protocol as p
 from chatnode.config import Config
 from chatnode.errors import ClientError
+from chatnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatnode.metrics import Metrics
 from chatnode.ratelimit import KeyedLimiter, TokenBucket
 from chatnode.service import Service, Session
@@ -58,7 +60,6 @@ CLOSE_TOO_SLOW: Final = 4008
 CLOSE_LOGGED_OUT: Final = 1008
 CLOSE_TIMEOUT: Final = 5.0
 MAX_HTTP_BODY: Final = 4096
-MAX_PUSH_PULL_BODY: Final = 8 * 1024 * 1024
 STATIC_DIR: Final = Path(__file__).parent / "static"
 _STATIC_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _SECURITY_HEADERS: Final = {
@@ -246,9 +247,6 @@ class WebApp:
             "standalone": True,
             "members": [],
         }
-        # Answers one sealed push-pull frame of a cluster member (None: rejected); set by the
-        # node when it runs membership. The frames are authenticated by the cluster key.
-        self.push_pull: Callable[[bytes], Awaitable[bytes | None]] | None = None
         service.on_revoke = self._revoked
         metrics.gauge("chatnode_connections", "open WebSocket connections",
                       lambda: float(len(self.connections)))  # fmt: skip
@@ -262,7 +260,6 @@ class WebApp:
         app.router.add_get("/v1/ws", self._ws)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/v1/cluster", self._cluster)
-        app.router.add_post("/v1/gossip/push-pull", self._push_pull)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
         app.router.add_get("/{name}", self._static)
@@ -352,29 +349,10 @@ class WebApp:
             headers=_SECURITY_HEADERS,
         )
 
-    async def _push_pull(self, request: web.Request) -> web.StreamResponse:
-        """One full-state exchange with another member: sealed frame in, sealed frame out."""
-        handler = self.push_pull
-        if handler is None:
-            raise web.HTTPNotFound(text="not a cluster member")
-        size = request.content_length
-        if size is None or size > MAX_PUSH_PULL_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_PUSH_PULL_BODY, actual_size=size or 0)
-        try:
-            body = await request.content.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise web.HTTPBadRequest(text="truncated frame") from None
-        answer = await handler(body)
-        if answer is None:
-            raise web.HTTPForbidden(text="rejected")
-        return web.Response(body=answer, content_type="application/octet-stream")
-
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         return web.Response(
-            text=self.metrics.render(),
-            content_type="text/plain",
-            charset="utf-8",
-            headers={"X-Content-Type-Options": "nosniff"},
+            body=self.metrics.render(),
+            headers={"Content-Type": METRICS_CONTENT_TYPE, "X-Content-Type-Options": "nosniff"},
         )
 
     # ------------------------------------------------------------------ web client

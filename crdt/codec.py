@@ -37,12 +37,12 @@ VERSION: Final = 1
 
 # Kind tags. States of data types are below 16, sync protocol messages from 16 up.
 KIND_AWLWWMAP: Final = 1
-KIND_ORSET: Final = 2
+# 2 was the ORSet state (crdt/orset.py, removed unused): not to be reused
 KIND_INTERVAL: Final = 16  # a delta-interval (or the full state) from a DeltaReplicator
 KIND_ACK: Final = 17
 KIND_PERSISTED: Final = 18
 
-KINDS: Final = frozenset({KIND_AWLWWMAP, KIND_ORSET, KIND_INTERVAL, KIND_ACK, KIND_PERSISTED})
+KINDS: Final = frozenset({KIND_AWLWWMAP, KIND_INTERVAL, KIND_ACK, KIND_PERSISTED})
 
 _HEADER = 2
 INT_MIN: Final = -(2**63)

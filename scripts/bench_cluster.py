@@ -33,6 +33,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _stats import percentile
+
 from tests.cluster.harness import Harness, can_partition, new_account
 from tests.cluster.procs import states_of
 from tests.daemon import Daemon
@@ -79,11 +81,6 @@ async def client(http: aiohttp.ClientSession, node: Daemon, user: str, room: str
             pass
         await asyncio.sleep(0.2)
     raise RuntimeError(f"cannot join {room} on {node.url}")
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 async def accounts(http: aiohttp.ClientSession, h: Harness) -> list[str]:
@@ -142,9 +139,10 @@ async def bench_latency(h: Harness, rate: int, seconds: float) -> dict[str, floa
             await ws.ws.close()
     return {
         "sent": sent, "rate": sent / seconds,
-        "cross_n": len(cross), "cross_p50": pct(cross, 0.5), "cross_p99": pct(cross, 0.99),
+        "cross_n": len(cross),
+        "cross_p50": percentile(cross, 50), "cross_p99": percentile(cross, 99),
         "cross_max": max(cross, default=float("nan")),
-        "local_p50": pct(local, 0.5), "local_p99": pct(local, 0.99),
+        "local_p50": percentile(local, 50), "local_p99": percentile(local, 99),
     }  # fmt: skip
 
 

@@ -59,6 +59,8 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _stats import percentile  # noqa: E402
+
 from tests.daemon import Daemon, free_port, loopback_host  # noqa: E402
 
 ROOM = "bench"
@@ -444,13 +446,6 @@ def _specs(server: Server, n: int, procs: int, subscribe: bool, name: str) -> li
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 # ------------------------------------------------------------------ servers
 
 
@@ -661,7 +656,7 @@ def _batch(f: Fanout, count: int, window: int, tag: str, timeout: float) -> dict
         "messages_s": count / elapsed,
         "elapsed_s": elapsed,
         "cpu_us_per_delivery": (cpu1 - cpu0) / received * 1e6,
-        "ack_p50_ms": _pct(sent["lat"], 0.5),
+        "ack_p50_ms": percentile(sent["lat"], 50),
     }
 
 
@@ -748,11 +743,11 @@ def phase_latency(server: Server, senders: int, rate: float, seconds: float, war
     received = sum(g["received"] for g in got)
     return {
         "offered_s": senders * rate,
-        "ack_p50": _pct(ack, 0.5),
-        "ack_p99": _pct(ack, 0.99),
+        "ack_p50": percentile(ack, 50),
+        "ack_p99": percentile(ack, 99),
         "ack_max": max(ack, default=float("nan")),
-        "dlv_p50": _pct(dlv, 0.5),
-        "dlv_p99": _pct(dlv, 0.99),
+        "dlv_p50": percentile(dlv, 50),
+        "dlv_p99": percentile(dlv, 99),
         "dlv_max": max(dlv, default=float("nan")),
         "acked": sum(s["acked"] for s in sent),
         "sent": total,

@@ -32,6 +32,8 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _stats import percentile
+
 from tests.daemon import Daemon
 
 PASSWORD = "bench-password-1"
@@ -170,11 +172,11 @@ async def run(args: argparse.Namespace) -> None:
                     await recv
                     deliveries.append(time.perf_counter() - t0)
                     await asyncio.sleep(0.005)
-                q_ack = statistics.quantiles(acks, n=100)
-                q_del = statistics.quantiles(deliveries, n=100)
-                print(f"latency over {args.latency} sends: ack p50 {q_ack[49] * 1000:.2f} ms "
-                      f"p99 {q_ack[98] * 1000:.2f} ms; delivery p50 {q_del[49] * 1000:.2f} ms "
-                      f"p99 {q_del[98] * 1000:.2f} ms")  # fmt: skip
+                print(f"latency over {args.latency} sends: "
+                      f"ack p50 {percentile(acks, 50) * 1000:.2f} ms "
+                      f"p99 {percentile(acks, 99) * 1000:.2f} ms; "
+                      f"delivery p50 {percentile(deliveries, 50) * 1000:.2f} ms "
+                      f"p99 {percentile(deliveries, 99) * 1000:.2f} ms")  # fmt: skip
         finally:
             node.stop()
 

@@ -19,7 +19,6 @@ experiment (counted once per observer, member and incarnation).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -28,17 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _stats import percentile
+
 from tests.cluster.procs import MemberView, launch_cluster, states_of, stop_all, wait_until
 from tests.daemon import Daemon
 
 POLL = 0.05  # seconds between polling rounds
 TIMEOUT = 120.0
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
 class Watch:
@@ -137,7 +132,7 @@ def main() -> int:
     print(f"kill experiment: {args.runs} runs, {args.nodes} nodes, {elapsed:.0f} s")
     for label, xs in (("dead at every survivor", all_times), ("per observer", per_observer)):
         print(
-            f"{label + ':':24s}p50 {pct(xs, 50):.2f} s  p99 {pct(xs, 99):.2f} s  "
+            f"{label + ':':24s}p50 {percentile(xs, 50):.2f} s  p99 {percentile(xs, 99):.2f} s  "
             f"max {max(xs):.2f} s"
         )
     print(f"false deaths: {len(watch.false_deaths)}")

@@ -22,12 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _stats import percentile
+
 from tests.unit.test_membership_sim import SimParams, Simulation
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def detection(seeds: int, n: int) -> None:
@@ -47,12 +44,13 @@ def detection(seeds: int, n: int) -> None:
         false += len(sim.false_deaths())
     print(f"crash detection, {n} members, 1% loss, {seeds} seeds")
     print(
-        f"  per observer: p50 {pct(per_observer, 0.5):.2f} s  p99 {pct(per_observer, 0.99):.2f} s"
+        f"  per observer: p50 {percentile(per_observer, 50):.2f} s"
+        f"  p99 {percentile(per_observer, 99):.2f} s"
         f"  max {max(per_observer):.2f} s"
     )
     print(
-        f"  until every member knows: p50 {pct(all_members, 0.5):.2f} s"
-        f"  p99 {pct(all_members, 0.99):.2f} s  ({len(all_members)}/{seeds} runs complete)"
+        f"  until every member knows: p50 {percentile(all_members, 50):.2f} s"
+        f"  p99 {percentile(all_members, 99):.2f} s  ({len(all_members)}/{seeds} runs complete)"
     )
     print(f"  false deaths in these runs: {false}")
 

@@ -2,7 +2,7 @@
 """Soak the stateful CRDT machines of tests/crdt with fresh random seeds.
 
 Every ``RuleBasedStateMachine`` defined in tests/crdt (room log, delta replication of the
-AWLWWMap and the ORSet, non-transitive and line topologies) is run again and again, each run
+AWLWWMap over full-mesh, non-transitive and line topologies) is run again and again, each run
 with its own seed, no example database and ``derandomize=False``, until the time is up:
 
     .venv/bin/python scripts/soak_crdt.py --minutes 30
@@ -11,7 +11,7 @@ with its own seed, no example database and ``derandomize=False``, until the time
 or once per listed seed, a cheap fixed sweep:
 
     .venv/bin/python scripts/soak_crdt.py --seeds 1-12
-    .venv/bin/python scripts/soak_crdt.py --seeds 1,2,3 --machines orset,line
+    .venv/bin/python scripts/soak_crdt.py --seeds 1,2,3 --machines awlwwmap,line
 
 One line per run (machine, seed, examples, seconds, result), then a summary: runs, examples,
 failures, and for every failed run its seed, a command that replays it and what hypothesis
@@ -57,7 +57,6 @@ MACHINE_DIR = ROOT / "tests" / "crdt"
 SHORT_NAMES = {
     "RoomLogMachine": "roomlog",
     "ReplicationMachine": "awlwwmap",
-    "ORSetReplication": "orset",
     "NonTransitiveReplication": "nontransitive",
     "LineReplication": "line",
 }

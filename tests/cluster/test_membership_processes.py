@@ -58,7 +58,7 @@ def auth_drops(node: Daemon) -> float:
     """Gossip datagrams/frames ``node`` rejected for failed authentication, from /metrics."""
     with urllib.request.urlopen(node.url + "metrics", timeout=5) as resp:
         text = resp.read().decode()
-    pattern = r'^chatnode_gossip_dropped_total\{reason="auth_[a-z_]+"\} (\d+)$'
+    pattern = r'^chatnode_gossip_dropped_total\{reason="auth_[a-z_]+"\} ([0-9.e+]+)$'
     return sum(float(m) for m in re.findall(pattern, text, re.M))
 
 

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from crdt.awlwwmap import AWLWWMap
 from crdt.causal import CausalContext, Dot
 from crdt.clock import HybridClock, Timestamp
-from crdt.orset import ORSet
 
 REPLICAS = ("a", "b", "c")
 KEYS = ("k0", "k1", "k2", "k3", "room/x", "room/y")
@@ -39,15 +38,11 @@ values = st.recursive(
     max_leaves=6,
 )
 
-elements = st.sampled_from(("x", "y", "z")) | st.tuples(
-    st.sampled_from(("u", "v")), st.integers(-2, 2)
-)
-
 timestamps = st.builds(
     Timestamp, st.integers(0, 2**40), st.integers(0, 100), st.sampled_from(REPLICAS)
 )
 
-T = TypeVar("T", AWLWWMap, ORSet)
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,38 +77,6 @@ def awl_universe(draw: st.DrawFn, max_steps: int = 25) -> Universe[AWLWWMap]:
         else:
             j = int(x)
             if y:
-                states[j].join(states[i])
-            else:
-                for d in log[i]:
-                    states[j].join(d)
-            log[j].extend(log[i])
-            continue
-        log[i].append(d)
-        u.deltas.append(d)
-    return u
-
-
-_set_step = st.one_of(
-    st.tuples(st.just("add"), st.integers(0, 2), elements),
-    st.tuples(st.just("remove"), st.integers(0, 2), elements),
-    st.tuples(st.just("sync"), st.integers(0, 2), st.tuples(st.integers(0, 2), st.booleans())),
-)
-
-
-@st.composite
-def orset_universe(draw: st.DrawFn, max_steps: int = 25) -> Universe[ORSet]:
-    states = [ORSet() for _ in REPLICAS]
-    u = Universe(states)
-    log: list[list[ORSet]] = [[] for _ in REPLICAS]
-    steps: list[tuple[str, int, Any]] = draw(st.lists(_set_step, max_size=max_steps))
-    for op, i, x in steps:
-        if op == "add":
-            d = states[i].add(REPLICAS[i], x)
-        elif op == "remove":
-            d = states[i].remove(REPLICAS[i], x)
-        else:
-            j, whole = x
-            if whole:
                 states[j].join(states[i])
             else:
                 for d in log[i]:

@@ -1,6 +1,6 @@
 """Algorithm 2 (delta-interval shipping with acks) under a hostile network.
 
-A RuleBasedStateMachine runs three replicas of one CRDT, each behind a DeltaReplicator. Rules
+A RuleBasedStateMachine runs three replicas of an AWLWWMap, each behind a DeltaReplicator. Rules
 write locally (concurrent writes and removes of the same keys on different replicas), ship
 payloads into an in-flight multiset, and deliver, drop, duplicate and reorder them; they also
 collect garbage and restart replicas from what they persisted (buffers and acks lost). After a
@@ -22,10 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from crdt.awlwwmap import AWLWWMap
 from crdt.causal import Dot
 from crdt.clock import HybridClock, Timestamp
-from crdt.codec import KIND_INTERVAL, pack
+from crdt.codec import KIND_ACK, KIND_INTERVAL, KIND_PERSISTED, pack
 from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
-from crdt.orset import ORSet
 
 REPLICAS = ("a", "b", "c")
 PAIRS = [(s, d) for s in REPLICAS for d in REPLICAS if s != d]
@@ -40,13 +39,12 @@ class Write:
 
 
 class ReplicationMachine(RuleBasedStateMachine):
-    crdt: ClassVar[type[Any]] = AWLWWMap
     transitive: ClassVar[bool] = True
     links: ClassVar[list[tuple[str, str]]] = PAIRS  # who may ship to whom
 
     def __init__(self) -> None:
         super().__init__()
-        self.reps: dict[str, DeltaReplicator[Any]] = {r: self._new(r) for r in REPLICAS}
+        self.reps: dict[str, DeltaReplicator[AWLWWMap]] = {r: self._new(r) for r in REPLICAS}
         self.disk = {r: rep.persisted() for r, rep in self.reps.items()}
         self.clocks = {r: HybridClock(r) for r in REPLICAS}
         self.wall = 1_000
@@ -54,9 +52,9 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.writes: dict[Dot, Write] = {}
         self.observed: set[Dot] = set()
 
-    def _new(self, r: str) -> DeltaReplicator[Any]:
+    def _new(self, r: str) -> DeltaReplicator[AWLWWMap]:
         # a tiny buffer so that falling back to the full state is exercised too
-        return DeltaReplicator(r, self.crdt, max_buffer=5, transitive=self.transitive)
+        return DeltaReplicator(r, AWLWWMap, max_buffer=5, transitive=self.transitive)
 
     def _persist(self, r: str) -> None:
         # the durability contract: persist before anything produced afterwards is sent
@@ -66,15 +64,10 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def _write(self, r: str, key: Any, value: Any) -> None:
         rep = self.reps[r]
-        before = set(rep.state.dots(key)) if self.crdt is AWLWWMap else set(rep.state.tags(key))
-        if self.crdt is AWLWWMap:
-            ts = self.clocks[r].now(self.wall)
-            delta = rep.state.set(r, key, value, ts)
-            (dot,) = delta.dots(key)
-        else:
-            ts = Timestamp(self.wall, 0, r)
-            delta = rep.state.add(r, key)
-            (dot,) = delta.tags(key)
+        before = set(rep.state.dots(key))
+        ts = self.clocks[r].now(self.wall)
+        delta = rep.state.set(r, key, value, ts)
+        (dot,) = delta.dots(key)
         rep.mutate(delta)
         self.writes[dot] = Write(key, ts, value)
         self.observed |= before
@@ -82,12 +75,8 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     def _remove(self, r: str, key: Any) -> None:
         rep = self.reps[r]
-        if self.crdt is AWLWWMap:
-            before = set(rep.state.dots(key))
-            rep.mutate(rep.state.remove(r, key))
-        else:
-            before = set(rep.state.tags(key))
-            rep.mutate(rep.state.remove(r, key))
+        before = set(rep.state.dots(key))
+        rep.mutate(rep.state.remove(r, key))
         self.observed |= before
         self._persist(r)
 
@@ -149,14 +138,14 @@ class ReplicationMachine(RuleBasedStateMachine):
     @rule(r=st.sampled_from(REPLICAS))
     def restart(self, r: str) -> None:
         self.reps[r] = DeltaReplicator.restore(
-            r, self.disk[r], self.crdt, max_buffer=5, transitive=self.transitive
+            r, self.disk[r], AWLWWMap, max_buffer=5, transitive=self.transitive
         )
         assert self.reps[r].buffer_range == (self.reps[r].seq, self.reps[r].seq)
 
     # -- checks ------------------------------------------------------------------------------
 
-    def _live(self, state: Any, key: Any) -> set[Dot]:
-        return set(state.dots(key)) if self.crdt is AWLWWMap else set(state.tags(key))
+    def _live(self, state: AWLWWMap, key: Any) -> set[Dot]:
+        return set(state.dots(key))
 
     @invariant()
     def only_real_writes_are_live(self) -> None:
@@ -165,7 +154,7 @@ class ReplicationMachine(RuleBasedStateMachine):
                 for dot in self._live(rep.state, key):
                     w = self.writes[dot]
                     assert w.key == key
-                    if self.crdt is AWLWWMap and rep.state.conflicts(key) == 1:
+                    if rep.state.conflicts(key) == 1:
                         assert rep.state.get(key) == w.value
 
     def teardown(self) -> None:
@@ -186,21 +175,14 @@ class ReplicationMachine(RuleBasedStateMachine):
                 d for d, w in self.writes.items() if w.key == key and d not in self.observed
             }
             assert self._live(final, key) == surviving
-            if self.crdt is AWLWWMap:
-                if surviving:
-                    win = max(surviving, key=lambda d: (self.writes[d].ts, d))
-                    assert final.get(key) == self.writes[win].value
-                else:
-                    assert key not in final
+            if surviving:
+                win = max(surviving, key=lambda d: (self.writes[d].ts, d))
+                assert final.get(key) == self.writes[win].value
             else:
-                assert (key in final) == bool(surviving)
+                assert key not in final
         # and nobody owes anybody anything any more
         for src, dst in self.links:
             assert self.reps[src].ship(dst) is None
-
-
-class ORSetReplication(ReplicationMachine):
-    crdt = ORSet
 
 
 class NonTransitiveReplication(ReplicationMachine):
@@ -219,8 +201,6 @@ _settings = settings(
 )
 TestAWLWWMapReplication = ReplicationMachine.TestCase
 TestAWLWWMapReplication.settings = _settings
-TestORSetReplication = ORSetReplication.TestCase
-TestORSetReplication.settings = _settings
 TestNonTransitiveReplication = NonTransitiveReplication.TestCase
 TestNonTransitiveReplication.settings = settings(
     max_examples=settings().max_examples, stateful_step_count=50, deadline=None
@@ -332,8 +312,8 @@ def test_restart_ships_full_state_and_keeps_seq() -> None:
     assert d.dots("k") == {Dot("a", 2)}
     with pytest.raises(CodecError):
         DeltaReplicator.restore("b", a.persisted(), AWLWWMap)
-    with pytest.raises(CodecError):
-        DeltaReplicator.restore("a", a.persisted(), ORSet)
+    with pytest.raises(CodecError):  # a state that is not an AWLWWMap's
+        DeltaReplicator.restore("a", pack(KIND_PERSISTED, ["a", 1, pack(KIND_ACK, [1])]), AWLWWMap)
 
 
 def test_stale_ack_beyond_seq_is_clamped() -> None:
@@ -354,7 +334,7 @@ def test_bad_payload_leaves_replicator_unchanged() -> None:
         pack(KIND_INTERVAL, [1, False, b"junk"]),
         pack(KIND_INTERVAL, [-1, False, AWLWWMap().to_bytes()]),
         pack(KIND_INTERVAL, [1, "x", AWLWWMap().to_bytes()]),
-        pack(KIND_INTERVAL, [1, False, ORSet().to_bytes()]),
+        pack(KIND_INTERVAL, [1, False, pack(KIND_ACK, [1])]),
         pack(17, [-1]),
         pack(17, []),
         a.persisted(),

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from tests.daemon import Daemon
+from tests.integration.gossip_hosts import GossipHosts
 
 
 @pytest.fixture(scope="module")
@@ -32,3 +33,13 @@ def data_dir(tmp_path: Path) -> Path:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def gossip_hosts() -> AsyncIterator[GossipHosts]:
+    """Gossip memberships with push-pull over HTTP (tests/integration/gossip_hosts.py)."""
+    hosts = GossipHosts()
+    try:
+        yield hosts
+    finally:
+        await hosts.close()

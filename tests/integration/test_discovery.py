@@ -22,9 +22,10 @@ from chatnode.discovery import (
     parse_hostport,
     resolve_cluster_keys,
 )
-from chatnode.gossip_udp import GossipMembership
+from chatnode.gossip_udp import GossipMembership, PushPullClient
 from chatnode.keyring import Keyring, generate_key
 from chatnode.membership import Addr, MembershipConfig, MemberState
+from tests.integration.gossip_hosts import GossipHosts
 
 FAST = MembershipConfig(
     probe_interval=0.3, probe_timeout=0.15, gossip_interval=0.05, push_pull_interval=3.0
@@ -119,7 +120,8 @@ async def test_dns_poller_proposes_a_records_every_interval() -> None:
     finally:
         await poller.stop()
     assert rec.calls[0] == [("127.0.0.1", 7946)]
-    assert poller.counters["polls"] >= 3
+    assert poller.stats.lookups >= 3 and poller.stats.proposed >= 3
+    assert poller.name == "dns"
 
 
 async def test_dns_poller_survives_a_name_that_does_not_resolve() -> None:
@@ -127,35 +129,36 @@ async def test_dns_poller_survives_a_name_that_does_not_resolve() -> None:
     poller = DnsPoller("no-such-host.invalid", 7946, interval=0.05)
     await poller.start(rec, ("127.0.0.9", 1))
     try:
-        await wait_for(lambda: poller.counters.get("errors", 0) >= 2)
+        await wait_for(lambda: poller.stats.failures >= 2)
     finally:
         await poller.stop()
     assert rec.calls == []
 
 
-async def test_cluster_forms_through_the_dns_poller() -> None:
+async def test_cluster_forms_through_the_dns_poller(gossip_hosts: GossipHosts) -> None:
     # "localhost" has one A record, 127.0.0.1: the seed node listens there
     raw = os.urandom(32)
-    a = GossipMembership("dns-a", ("127.0.0.1", 0), Keyring([raw]), config=FAST)
-    await a.start()
-    b = GossipMembership(
-        "dns-b",
-        ("127.0.0.3", 0),
-        Keyring([raw]),
-        config=FAST,
-        sources=[DnsPoller("localhost", a.address[1], interval=0.2)],
+    a = await gossip_hosts.start(
+        "127.0.0.1",
+        lambda bind, client: GossipMembership(
+            "dns-a", bind, Keyring([raw]), push_pull_client=client, config=FAST
+        ),
     )
-    await b.start()
-    try:
-        await wait_for(
-            lambda: all(
-                {m.id: m.state for m in n.members()}.get(other) is MemberState.ALIVE
-                for n, other in ((a, "dns-b"), (b, "dns-a"))
-            )
+    poller = DnsPoller("localhost", a.address[1], interval=0.2)
+    b = await gossip_hosts.start(
+        "127.0.0.3",
+        lambda bind, client: GossipMembership(
+            "dns-b", bind, Keyring([raw]), push_pull_client=client, config=FAST,
+            sources=[poller],
+        ),
+    )  # fmt: skip
+    await wait_for(
+        lambda: all(
+            {m.id: m.state for m in n.members()}.get(other) is MemberState.ALIVE
+            for n, other in ((a, "dns-b"), (b, "dns-a"))
         )
-    finally:
-        await b.stop()
-        await a.stop()
+    )
+    assert b.sources == (poller,) and poller.stats.proposed >= 1
 
 
 # -- mDNS --------------------------------------------------------------------------------------
@@ -185,30 +188,26 @@ async def test_mdns_two_instances_on_loopback_find_each_other() -> None:
 
 
 @needs_multicast
-async def test_cluster_forms_over_mdns_without_seeds() -> None:
+async def test_cluster_forms_over_mdns_without_seeds(gossip_hosts: GossipHosts) -> None:
     raw = os.urandom(32)
-    nodes = [
-        GossipMembership(
+
+    def build(i: int) -> Callable[[Addr, PushPullClient], GossipMembership]:
+        return lambda bind, client: GossipMembership(
             f"zc-{i}",
-            ("127.0.0.1", 0),
+            bind,
             Keyring([raw]),
+            push_pull_client=client,
             config=FAST,
             sources=[MdnsDiscovery(f"zc-{i}", interfaces=["127.0.0.1"])],
         )
-        for i in range(3)
-    ]
-    for n in nodes:
-        await n.start()
-    try:
-        ids = {n.node_id for n in nodes}
-        await wait_for(
-            lambda: all(
-                {m.id for m in n.members() if m.state is MemberState.ALIVE} == ids for n in nodes
-            )
+
+    nodes = [await gossip_hosts.start("127.0.0.1", build(i)) for i in range(3)]
+    ids = {n.node_id for n in nodes}
+    await wait_for(
+        lambda: all(
+            {m.id for m in n.members() if m.state is MemberState.ALIVE} == ids for n in nodes
         )
-    finally:
-        for n in nodes:
-            await n.stop()
+    )
 
 
 # -- wiring helpers ----------------------------------------------------------------------------
@@ -226,28 +225,32 @@ def test_resolve_cluster_keys(tmp_path: Path) -> None:
         resolve_cluster_keys(["not-a-key"], None, None)
 
 
-async def test_build_membership_joins_through_the_join_flag() -> None:
+async def test_build_membership_joins_through_the_join_flag(gossip_hosts: GossipHosts) -> None:
     key = generate_key()
-    a = build_membership("wire-a", ClusterOptions((key,), "127.0.0.4", 0), config=FAST)
-    await a.start()
-    seed = f"{a.address[0]}:{a.address[1]}"
-    b = build_membership(
-        "wire-b", ClusterOptions((key,), "127.0.0.5", 0, join=(seed,)), config=FAST
+    a = await gossip_hosts.start(
+        "127.0.0.4",
+        lambda bind, client: build_membership(
+            "wire-a", ClusterOptions((key,), *bind), config=FAST, push_pull_client=client
+        ),
     )
-    await b.start()
-    try:
-        await wait_for(
-            lambda: (
-                [member_json(m)["state"] for m in a.members()] == ["alive", "alive"]
-                and [member_json(m)["state"] for m in b.members()] == ["alive", "alive"]
-            )
+    seed = f"{a.address[0]}:{a.address[1]}"
+    b = await gossip_hosts.start(
+        "127.0.0.5",
+        lambda bind, client: build_membership(
+            "wire-b", ClusterOptions((key,), *bind, join=(seed,)), config=FAST,
+            push_pull_client=client,
+        ),
+    )  # fmt: skip
+    await wait_for(
+        lambda: (
+            [member_json(m)["state"] for m in a.members()] == ["alive", "alive"]
+            and [member_json(m)["state"] for m in b.members()] == ["alive", "alive"]
         )
-        assert member_json(b.members()[0]) == {
-            "id": "wire-a",
-            "address": seed,
-            "state": "alive",
-            "incarnation": a.machine.incarnation,
-        }
-    finally:
-        await b.stop()
-        await a.stop()
+    )
+    assert member_json(b.members()[0]) == {
+        "id": "wire-a",
+        "address": seed,
+        "state": "alive",
+        "incarnation": a.machine.incarnation,
+    }
+    assert [(s.name, s.stats.lookups >= 1) for s in b.sources] == [("join", True)]

@@ -1,4 +1,6 @@
-"""Gossip adapters over real UDP/TCP sockets on 127.0.0.2..6, in one process."""
+"""Gossip adapters over real sockets on 127.0.0.2..6, in one process: UDP for the failure
+detector and gossip, push-pull (joins, the periodic full sync) over HTTP with the node's own
+client and handler (tests/integration/gossip_hosts.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from chatnode.gossip_udp import GossipMembership
+from chatnode.gossip_udp import GossipMembership, PushPullClient
 from chatnode.keyring import Keyring
-from chatnode.membership import MemberEvent, MembershipConfig, MemberState
+from chatnode.membership import Addr, MemberEvent, MembershipConfig, MemberState
+from tests.integration.gossip_hosts import GossipHosts
 
 # faster than the LAN defaults so the test is quick; generous waits keep it steady under load
 FAST = MembershipConfig(
@@ -55,31 +58,36 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def make(i: int, key: bytes = KEY, **kw: object) -> GossipMembership:
-    return GossipMembership(
-        f"node-{i}",
-        (HOSTS[i], 0),
-        Keyring([key]),
-        config=FAST,
-        **kw,  # type: ignore[arg-type]
-    )
+async def start(
+    hosts: GossipHosts,
+    node_id: str,
+    host: str,
+    *,
+    key: bytes = KEY,
+    seeds: list[Addr] | None = None,
+    on_event: Callable[[MemberEvent], None] | None = None,
+) -> GossipMembership:
+    def build(bind: Addr, client: PushPullClient) -> GossipMembership:
+        return GossipMembership(
+            node_id,
+            bind,
+            Keyring([key]),
+            push_pull_client=client,
+            config=FAST,
+            seeds=seeds or (),
+            on_event=on_event,
+        )
+
+    return await hosts.start(host, build)
 
 
 @pytest.fixture
-async def cluster() -> AsyncIterator[list[GossipMembership]]:
-    nodes: list[GossipMembership] = []
-    first = make(0)
-    await first.start()
-    nodes.append(first)
+async def cluster(gossip_hosts: GossipHosts) -> AsyncIterator[list[GossipMembership]]:
+    first = await start(gossip_hosts, "node-0", HOSTS[0])
+    nodes = [first]
     for i in range(1, 5):
-        n = make(i, seeds=[first.address])
-        await n.start()
-        nodes.append(n)
-    try:
-        yield nodes
-    finally:
-        for n in nodes:
-            await n.stop(leave=False)
+        nodes.append(await start(gossip_hosts, f"node-{i}", HOSTS[i], seeds=[first.address]))
+    yield nodes  # gossip_hosts stops them
 
 
 def all_alive(nodes: list[GossipMembership]) -> bool:
@@ -98,9 +106,10 @@ async def test_cluster_forms_from_a_seed_and_detects_a_crash(
     rest = [n for n in cluster if n is not victim]
     await wait_for(lambda: all(view(n).get("node-3") is MemberState.DEAD for n in rest))
     for n in rest:
-        assert n.counters.get("udp_dropped_oversize", 0) == 0
-        assert n.counters.get("udp_dropped_auth", 0) == 0
-        assert n.counters["udp_out"] > 10 and n.keyring.stats.opened > 10
+        assert n.stats.dropped_oversize == 0 and n.stats.dropped_auth == 0
+        assert n.stats.udp_out > 10 and n.keyring.stats.opened > 10
+        assert n.stats.push_pull_in + n.stats.push_pull_out >= 1  # the joins, over HTTP
+        assert n.stats.push_pull_in_failed == 0
         assert all(view(n)[m.node_id] is MemberState.ALIVE for m in rest)
 
 
@@ -112,7 +121,7 @@ async def test_graceful_leave_is_left_everywhere(cluster: list[GossipMembership]
 
 
 async def test_restarted_node_is_alive_again_with_a_higher_incarnation(
-    cluster: list[GossipMembership],
+    cluster: list[GossipMembership], gossip_hosts: GossipHosts
 ) -> None:
     await wait_for(lambda: all_alive(cluster))
     old = cluster[4]
@@ -120,70 +129,45 @@ async def test_restarted_node_is_alive_again_with_a_higher_incarnation(
     await old.stop(leave=False)
     rest = cluster[:4]
     await wait_for(lambda: all(view(n).get("node-4") is MemberState.DEAD for n in rest))
-    reborn = make(4, seeds=[cluster[0].address])
-    await reborn.start()
-    cluster[4] = reborn  # the fixture stops it
+    reborn = await start(gossip_hosts, "node-4", HOSTS[4], seeds=[cluster[0].address])
+    cluster[4] = reborn
     assert reborn.machine.incarnation > old_inc
     await wait_for(lambda: all_alive(cluster))
 
 
-async def test_events_stream_reports_joins_and_deaths(cluster: list[GossipMembership]) -> None:
+async def test_events_report_joins_and_deaths(
+    cluster: list[GossipMembership], gossip_hosts: GossipHosts
+) -> None:
     seen: list[MemberEvent] = []
-    watcher = GossipMembership(
-        "watcher",
-        ("127.0.0.2", 0),
-        Keyring([KEY]),
-        config=FAST,
-        seeds=[cluster[0].address],
-        on_event=seen.append,
+    watcher = await start(
+        gossip_hosts, "watcher", HOSTS[0], seeds=[cluster[0].address], on_event=seen.append
     )
-    await watcher.start()
-    try:
-        got: list[MemberEvent] = []
-
-        async def consume() -> None:
-            async for ev in watcher.events():
-                got.append(ev)
-
-        consumer = asyncio.create_task(consume())
-        try:
-            await wait_for(lambda: all_alive([*cluster, watcher]))
-            await cluster[2].stop(leave=False)
-            await wait_for(lambda: view(watcher).get("node-2") is MemberState.DEAD)
-            await wait_for(lambda: len(got) == len(seen))
-        finally:
-            consumer.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await consumer
-        joined = {e.member.id for e in seen if e.old_state is None}
-        assert joined >= {f"node-{i}" for i in range(5)}
-        assert [e.new_state for e in seen if e.member.id == "node-2"][-1] is MemberState.DEAD
-        assert got == seen
-    finally:
-        await watcher.stop(leave=False)
+    await wait_for(lambda: all_alive([*cluster, watcher]))
+    await cluster[2].stop(leave=False)
+    await wait_for(lambda: view(watcher).get("node-2") is MemberState.DEAD)
+    joined = {e.member.id for e in seen if e.old_state is None}
+    assert joined >= {f"node-{i}" for i in range(5)}
+    assert [e.new_state for e in seen if e.member.id == "node-2"][-1] is MemberState.DEAD
 
 
-async def test_wrong_key_never_joins(cluster: list[GossipMembership]) -> None:
+async def test_wrong_key_never_joins(
+    cluster: list[GossipMembership], gossip_hosts: GossipHosts
+) -> None:
     await wait_for(lambda: all_alive(cluster))
-    intruder = GossipMembership(
+    intruder = await start(
+        gossip_hosts,
         "intruder",
-        ("127.0.0.6", 0),
-        Keyring([os.urandom(32)]),
-        config=FAST,
+        "127.0.0.6",
+        key=os.urandom(32),
         seeds=[cluster[0].address, cluster[1].address],
     )
-    await intruder.start()
-    try:
-        # its join attempts fail on the seal, on both sides ...
-        await wait_for(lambda: intruder.counters.get("push_pull_failed", 0) >= 2)
-        await wait_for(
-            lambda: sum(n.keyring.stats.dropped.get("unknown_key", 0) for n in cluster[:2]) >= 2
-        )
-        # ... and keep failing: it never appears anywhere, and sees nobody
-        await asyncio.sleep(2 * FAST.push_pull_interval)
-        for n in cluster:
-            assert "intruder" not in view(n)
-        assert set(view(intruder)) == {"intruder"}
-        assert all_alive(cluster)
-    finally:
-        await intruder.stop()
+    # its join attempts fail on the seal, on both sides (answered 403) ...
+    await wait_for(lambda: intruder.stats.push_pull_failed >= 2)
+    await wait_for(lambda: sum(n.keyring.stats.dropped["unknown_key"] for n in cluster[:2]) >= 2)
+    assert sum(n.stats.push_pull_in_failed for n in cluster[:2]) >= 2
+    # ... and keep failing: it never appears anywhere, and sees nobody
+    await asyncio.sleep(2 * FAST.push_pull_interval)
+    for n in cluster:
+        assert "intruder" not in view(n)
+    assert set(view(intruder)) == {"intruder"}
+    assert all_alive(cluster)

@@ -8,9 +8,30 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon import REPO, Daemon
+from chatnode.keyring import generate_key
+from tests.daemon import REPO, Daemon, loopback_host
 from tests.integration.client import WS, new_user, signup
+
+
+def samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text exposition, ``name{label="v",...}`` -> value (the
+    text must parse)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def types(text: str) -> dict[str, str]:
+    """Family name -> type (counter families are named with ``_total``, as exposed)."""
+    return {
+        f.name + ("_total" if f.type == "counter" else ""): f.type
+        for f in text_string_to_metric_families(text)
+    }
 
 
 async def test_healthz_and_metrics(http: aiohttp.ClientSession, node: Daemon) -> None:
@@ -26,11 +47,7 @@ async def test_healthz_and_metrics(http: aiohttp.ClientSession, node: Daemon) ->
     async with http.get(node.url + "metrics") as r:
         assert r.status == 200 and r.content_type == "text/plain"
         text = await r.text()
-    values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    values = samples(text)
     assert values["chatnode_connections"] >= 1
     assert values["chatnode_messages_total"] >= 1
     assert values["chatnode_acks_total"] >= 1
@@ -41,6 +58,93 @@ async def test_healthz_and_metrics(http: aiohttp.ClientSession, node: Daemon) ->
         == values["chatnode_commit_seconds_count"]
     )
     assert "# TYPE chatnode_commit_seconds histogram" in text
+    # standalone: the stable frontier is there, the cluster's components are not
+    assert values["chatnode_frontier_held_events"] == 0
+    assert values["chatnode_frontier_held_overflow_total"] == 0
+    assert values["chatnode_replication_pushes_total"] == 0
+    assert not any(
+        name.startswith(("chatnode_peer_", "chatnode_gossip_", "chatnode_forwarder_"))
+        for name in types(text)
+    )
+
+
+async def test_metrics_show_every_component(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """A node in cluster mode (alone: its seed does not answer) forwarding to a broker that
+    is not there: the peer-link, replication, frontier, gossip, discovery and forwarder
+    families are on /metrics, and the text parses."""
+    seed = f"{loopback_host()}:9"
+    args = ["--cluster-key", generate_key(), "--join", seed, "--kafka-brokers", "127.0.0.1:9"]
+    with Daemon.start(tmp_path / "d", args=args) as node:
+        ws = await WS.connect(http, node, await signup(http, node, new_user()))
+        room = new_user("r")
+        await ws.ok("rooms.create", room=room, visibility="public")
+        await ws.ok("send", room=room, id="m", body="counted")
+        for _ in range(300):  # it claims the room after a settling time, then forwards it
+            async with http.get(node.url + "metrics") as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+                text = await r.text()
+            if samples(text).get('chatnode_forwarder_rooms{phase="active"}') == 1:
+                break
+            await asyncio.sleep(0.1)
+        await ws.close()
+    kinds = types(text)
+    values = samples(text)
+    for name in (
+        "chatnode_frontier_held_overflow_total",
+        "chatnode_peer_frames_total",
+        "chatnode_peer_messages_total",
+        "chatnode_peer_link_events_total",
+        "chatnode_peer_dropped_total",
+        "chatnode_replication_pushes_total",
+        "chatnode_replication_push_drops_total",
+        "chatnode_replication_updates_received_total",
+        "chatnode_replication_acks_received_total",
+        "chatnode_replication_waits_expired_total",
+        "chatnode_replication_meta_shipped_total",
+        "chatnode_replication_anti_entropy_rounds_total",
+        "chatnode_replication_anti_entropy_mismatches_total",
+        "chatnode_replication_anti_entropy_diffs_total",
+        "chatnode_registry_claims_total",
+        "chatnode_gossip_datagrams_total",
+        "chatnode_gossip_dropped_total",
+        "chatnode_gossip_push_pulls_total",
+        "chatnode_gossip_udp_errors_total",
+        "chatnode_gossip_probes_total",
+        "chatnode_gossip_suspicions_total",
+        "chatnode_discovery_lookups_total",
+        "chatnode_discovery_proposed_total",
+        "chatnode_forwarder_records_total",
+        "chatnode_forwarder_rewinds_total",
+        "chatnode_forwarder_fenced_total",
+        "chatnode_forwarder_frontier_saves_total",
+        "chatnode_forwarder_out_of_order_total",
+        "chatnode_forwarder_stale_reports_total",
+        "chatnode_forwarder_errors_total",
+        "chatnode_forwarder_producer_restarts_total",
+    ):
+        assert kinds.get(name) == "counter", name
+    for name in (
+        "chatnode_frontier_held_events",
+        "chatnode_peer_links",
+        "chatnode_replication_waiting_writes",
+        "chatnode_registry_homes",
+        "chatnode_cluster_members",
+        "chatnode_gossip_local_health",
+        "chatnode_forwarder_rooms",
+        "chatnode_forwarder_outstanding_records",
+        "chatnode_forwarder_backlog_rooms",
+    ):
+        assert kinds.get(name) == "gauge", name
+    assert values["chatnode_messages_total"] == 1
+    assert values["chatnode_replication_pushes_total"] >= 1  # pushed to no peer: alone
+    assert values["chatnode_peer_links"] == 0
+    assert values['chatnode_cluster_members{state="alive"}'] == 1
+    assert values['chatnode_discovery_lookups_total{result="ok",source="join"}'] >= 1
+    assert values['chatnode_discovery_proposed_total{source="join"}'] >= 1
+    assert values['chatnode_gossip_push_pulls_total{result="failed"}'] >= 1  # the dead seed
+    assert values["chatnode_registry_homes"] == 1  # it claimed the room
+    assert values['chatnode_forwarder_rooms{phase="active"}'] == 1
 
 
 async def test_web_client_is_served(http: aiohttp.ClientSession, node: Daemon) -> None:
@@ -79,7 +183,7 @@ async def test_slow_consumer_is_disconnected(http: aiohttp.ClientSession, data_d
             )
             n += 50
             async with http.get(node.url + "metrics") as r:
-                closed = "chatnode_slow_consumer_disconnects_total 1" in await r.text()
+                closed = samples(await r.text())["chatnode_slow_consumer_disconnects_total"] > 0
             assert n < 20_000, "the slow client was never disconnected"
         # The fast subscriber received every message in order, slowed by no one.
         got = [(await fast.event(lambda f: f["op"] == "message"))["id"] for _ in range(n)]
@@ -128,6 +232,17 @@ def test_cli_validation_errors(tmp_path: Path) -> None:
     assert (
         shown.returncode == 0 and '"port": 9001' in shown.stdout and '"host": "::1"' in shown.stdout
     )
+
+
+def test_query_commands_help_runs_as_a_module() -> None:
+    """``python -m chatnode.cli members --help`` (the module itself, not ``-m chatnode``)."""
+    for command in ("members", "rooms"):
+        out = subprocess.run(
+            [sys.executable, "-m", "chatnode.cli", command, "--help"],
+            check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert f"usage: chatnode {command}" in out.stdout and "--url" in out.stdout
 
 
 def test_console_script_and_healthz_command(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ async def test_frames_arrive_in_order_with_every_length(server: tuple[_Server, s
         for text in frames:
             conn.push(text)
         assert await _read_all(ws, len(frames)) == frames
-        assert srv.metrics.frames_out.value == len(frames)
+        assert srv.metrics.sample("chatnode_frames_out_total") == len(frames)
 
 
 async def test_backed_up_client_gets_the_queue_then_direct_writes_again(
@@ -115,4 +115,4 @@ async def test_backed_up_client_gets_the_queue_then_direct_writes_again(
         conn.push("after")
         assert not conn._queue
         assert await _read_all(ws, 1) == ["after"]
-        assert srv.metrics.frames_out.value == len(sent) + 1
+        assert srv.metrics.sample("chatnode_frames_out_total") == len(sent) + 1

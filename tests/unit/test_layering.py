@@ -16,6 +16,7 @@ OWNERS = {
     "confluent_kafka": "chatnode/forwarder.py",
     "zeroconf": "chatnode/discovery.py",
     "cryptography": "chatnode/keyring.py",
+    "prometheus_client": "chatnode/metrics.py",
 }
 
 

@@ -454,7 +454,7 @@ def test_without_lifeguard_no_nacks_and_no_awareness() -> None:
 def test_ping_for_another_node_id_is_ignored() -> None:
     a = make(1)
     assert a.receive(addr(2), Ping(1, "someone-else", "n2"), 0.0) == []
-    assert a.stats.counters["ping_wrong_target"] == 1
+    assert a.stats.ping_wrong_target == 1
 
 
 # -- gossip ------------------------------------------------------------------------------------
