@@ -126,7 +126,7 @@ def _check_uint(name: str, value: int, top: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class MembershipConfig:
-    """Protocol parameters; the defaults are memberlist's LAN profile (DESIGN.md §4)."""
+    """Protocol parameters; the defaults are memberlist's LAN profile."""
 
     probe_interval: float = 1.0
     probe_timeout: float = 0.5
