@@ -50,6 +50,7 @@ from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, ver
 from chatnode.errors import ClientError
 from chatnode.metrics import Metrics
 from chatnode.storage import (
+    NS_CLOCK,
     NS_META_DELTA,
     NS_META_SNAPSHOT,
     NS_ROOM_SNAPSHOT,
@@ -324,7 +325,10 @@ class Service:
     async def load(cls, **kwargs: Any) -> Service:
         """Rebuild the service from the database."""
         self = cls(**kwargs)
-        snapshot, deltas, rooms = await self.store.read(_load_everything, self.store)
+        snapshot, deltas, rooms, clock = await self.store.read(_load_everything, self.store)
+        if clock is not None:
+            wall, logical = msgpack.unpackb(clock, raw=False)
+            self.clock.restore(int(wall), int(logical))
         if snapshot is not None:
             seq, data = msgpack.unpackb(snapshot, raw=False)
             self.meta = AWLWWMap.from_bytes(data)
@@ -459,6 +463,7 @@ class Service:
         self.meta_seq = self.meta_rep.seq
         self.meta_since_snapshot += 1
         batch.put(meta_delta_key(self.meta_seq), delta.to_bytes())
+        self._clock_row(batch)
         if self.meta_since_snapshot >= self.snapshot_every:
             batch.put(
                 NS_META_SNAPSHOT, msgpack.packb([self.meta_seq, self.meta.to_bytes()])
@@ -564,15 +569,26 @@ class Service:
         if not self.store.healthy:
             raise StorageError("storage failed or shutting down")
         state = self._room_state(room)
-        applied = state.log.apply_update(update)
-        if not applied:
+        batch = Batch()
+        try:
+            with self.segments.into(batch):  # a segment sealed now is written with the rows
+                applied = state.log.apply_update(update)
+        except CodecError:
+            if batch.ops:
+                self.store.submit(batch)
+            raise
+        if not applied.grew:
             # nothing new here, but the ack must still mean "durable": a barrier commit
-            self.store.submit(Batch(), durable)
+            self.store.submit(batch, durable)
             return
-        batch = Batch().put(update_key(room, state.seq), update)
+        # Persisted whenever the log took anything in, also when nothing visible changed (a
+        # losing copy, an edit that lost, structs waiting for a missing dependency): the
+        # next restart must rebuild the same state.
+        batch.put(update_key(room, state.seq), update)
         state.seq += 1
         state.since_snapshot += 1
         frames = self._remote_rows(room, applied, batch)
+        self._clock_row(batch)
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
             batch.put(room_snapshot_key(room), msgpack.packb([state.seq - 1, snap])).delete_range(
@@ -581,11 +597,13 @@ class Service:
             state.since_snapshot = 0
 
         def written(error: BaseException | None) -> None:
-            if error is None:
-                self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
-                for text, cursor, msg_id in frames:
-                    self._deliver(state, text, cursor, msg_id)
-            durable(error)
+            try:
+                if error is None:
+                    self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
+                    for text, cursor, msg_id in frames:
+                        self._deliver(state, text, cursor, msg_id)
+            finally:
+                durable(error)  # always: the link's frontier waits for it
 
         self.store.submit(batch, written)
 
@@ -604,6 +622,8 @@ class Service:
             self._observe(m.ts)
         for m in applied.updated:
             cursor = m.ts.encode()
+            if m.edited is not None:
+                self._observe(m.edited)  # a later local edit must win over this one
             batch.put(history_key(room, cursor), _pack_message(m))
             out.append((p.encode(p.message_frame("update", room, m)), cursor, None))
         for m, replaced in applied.moved:
@@ -747,6 +767,12 @@ class Service:
             self.store.submit(batch, written)
         except StorageError as exc:
             log.error("release log write refused (%s); %d events not sent", exc, len(frames))
+
+    def _clock_row(self, batch: Batch) -> None:
+        """Persist the clock's high-water mark with every write that carries a stamp, so a
+        restart never issues a stamp at or below one already written (an edit's stamp or an
+        observed remote stamp can be above every message cursor)."""
+        batch.put(NS_CLOCK, msgpack.packb(list(self.clock.last)))
 
     def _observe(self, ts: Timestamp) -> None:
         try:
@@ -1146,9 +1172,12 @@ class Service:
 
     # ------------------------------------------------------------------ messages
 
-    def _room_batch(self, state: _RoomState, change: Change, new: bool) -> Batch:
+    def _room_batch(self, state: _RoomState, change: Change, new: bool, batch: Batch) -> Batch:
+        """Add the rows of a local change to ``batch`` (which already holds any segment the
+        change sealed)."""
         m = change.message
-        batch = Batch().put(update_key(state.name, state.seq), change.update)
+        batch.put(update_key(state.name, state.seq), change.update)
+        self._clock_row(batch)
         state.seq += 1
         state.since_snapshot += 1
         batch.put(history_key(state.name, m.ts.encode()), _pack_message(m))
@@ -1186,8 +1215,10 @@ class Service:
             if self.replicator is not None:
                 await self._replicated([self.replicator.ensure(req.room)], req.ref)
             return self._ack(req.ref, existing)
-        change = state.log.append(req.id, s.user, req.body, self._stamp())
-        batch = self._room_batch(state, change, new=True)
+        batch = Batch()
+        with self.segments.into(batch):
+            change = state.log.append(req.id, s.user, req.body, self._stamp())
+        self._room_batch(state, change, True, batch)
         event = asyncio.Event()
         state.inflight[req.id] = event
         text = p.encode(p.message_frame("message", req.room, change.message))
@@ -1228,24 +1259,30 @@ class Service:
         if m is None:
             raise ClientError("not_found", f"no message {req.id}", req.ref)
         ts = self._stamp()
-        match req:
-            case p.Edit():
-                if m.author != s.user:
-                    raise ClientError("forbidden", "only the author can edit a message", req.ref)
-                if m.deleted:
-                    raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
-                change = state.log.edit(req.id, req.body, ts)
-            case p.Delete():
-                if m.author != s.user:
-                    raise ClientError("forbidden", "only the author can delete a message", req.ref)
-                if m.deleted:
-                    return p.ok(req.ref)
-                change = state.log.delete(req.id, ts)
-            case p.React():
-                if m.deleted:
-                    raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
-                change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
-        batch = self._room_batch(state, change, new=False)
+        batch = Batch()
+        with self.segments.into(batch):  # a segment sealed now is written with the rows
+            match req:
+                case p.Edit():
+                    if m.author != s.user:
+                        raise ClientError(
+                            "forbidden", "only the author can edit a message", req.ref
+                        )
+                    if m.deleted:
+                        raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                    change = state.log.edit(req.id, req.body, ts)
+                case p.Delete():
+                    if m.author != s.user:
+                        raise ClientError(
+                            "forbidden", "only the author can delete a message", req.ref
+                        )
+                    if m.deleted:
+                        return p.ok(req.ref)
+                    change = state.log.delete(req.id, ts)
+                case p.React():
+                    if m.deleted:
+                        raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                    change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
+        self._room_batch(state, change, False, batch)
         text = p.encode(p.message_frame("update", req.room, change.message))
         replicas: list[asyncio.Future[None]] = []
 
@@ -1317,7 +1354,7 @@ _RoomsLoad = dict[str, tuple[bytes | None, list[tuple[int, bytes]], str | None]]
 
 def _load_everything(
     store: Store,
-) -> tuple[bytes | None, list[tuple[int, bytes]], _RoomsLoad]:
+) -> tuple[bytes | None, list[tuple[int, bytes]], _RoomsLoad, bytes | None]:
     snapshot = store.get(NS_META_SNAPSHOT)
     deltas = [
         (int.from_bytes(k[1:], "big"), v)
@@ -1347,7 +1384,7 @@ def _load_everything(
         last = store.last_key(history_prefix(name))
         last_cursor = None if last is None else last[len(history_prefix(name)) :].decode("ascii")
         rooms[name] = (snap, updates, last_cursor)
-    return snapshot, deltas, rooms
+    return snapshot, deltas, rooms, store.get(NS_CLOCK)
 
 
 def _after_page(
@@ -1392,9 +1429,13 @@ def _load_releases(
         seq, cursor = 0, ""
         if last is not None:
             seq = int.from_bytes(last[len(prefix) :], "big")
-            value = store.get(last)
-            if value is not None:
-                cursor = str(msgpack.unpackb(value, raw=False)[0])
+            # the highest cursor released is that of the newest row not marked late (late
+            # rows are below it by definition)
+            for _, value in store.iter_range(prefix, prefix_end(prefix), reverse=True):
+                row_cursor, _, late = msgpack.unpackb(value, raw=False)
+                if not late:
+                    cursor = str(row_cursor)
+                    break
         pending: list[tuple[str, str, bytes]] = []
         qprefix = unreleased_prefix(room)
         for key, raw_id in store.iter_range(qprefix, prefix_end(qprefix)):

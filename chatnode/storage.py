@@ -15,6 +15,7 @@ key                                          value
 ``k`` + room + NUL + message id              id index: msgpack ``[cursor, author]``
 ``n`` + room + NUL + seq (8 bytes, BE)       release log: msgpack ``[cursor, message id, late]``
 ``q`` + room + NUL + cursor                  a committed message not yet released (empty)
+``c``                                        clock high-water mark: msgpack ``[wall, logical]``
 ==========================================  ================================================
 
 The release log numbers the ``message`` events of a room in the order this node sent them to
@@ -43,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
@@ -85,6 +87,7 @@ NS_HISTORY: Final = b"h"
 NS_ID: Final = b"k"
 NS_RELEASE: Final = b"n"
 NS_UNRELEASED: Final = b"q"
+NS_CLOCK: Final = b"c"
 _SEP: Final = b"\x00"
 MAX_BATCHES_PER_WRITE: Final = 1024
 
@@ -162,9 +165,11 @@ def prefix_end(prefix: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Batch:
-    """Operations written atomically, in order."""
+    """Operations written atomically, in order. ``after`` callbacks run on the event loop
+    once the batch is written (with the error, if it failed), before the committer's own."""
 
     ops: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    after: list[Callable[[BaseException | None], None]] = field(default_factory=list)
 
     def put(self, key: bytes, value: bytes) -> Batch:
         self.ops.append(("put", key, value))
@@ -367,6 +372,11 @@ class Store:
         if self._npending < self._max_pending:
             self._room.set()
         for item in items:
+            for hook in item.batch.after:
+                try:
+                    hook(error)
+                except Exception:
+                    log.exception("storage completion callback failed")
             if item.done is not None:
                 try:
                     item.done(error)
@@ -461,6 +471,19 @@ class RocksSegmentStore:
         self._store = store
         self._lock = threading.Lock()
         self._unwritten: dict[tuple[str, int], bytes] = {}
+        self._into: Batch | None = None
+
+    @contextmanager
+    def into(self, batch: Batch) -> Iterator[None]:
+        """Segments sealed inside this block are written by ``batch`` (atomically with the
+        rows the caller puts in it) instead of by a batch of their own. Without it a crash
+        between the two writes could leave a sealed blob holding a message whose history and
+        id rows were never written."""
+        outer, self._into = self._into, batch
+        try:
+            yield
+        finally:
+            self._into = outer
 
     def get(self, room: str, segment: int) -> bytes | None:
         with self._lock:
@@ -475,7 +498,7 @@ class RocksSegmentStore:
     def put_many(self, room: str, items: list[tuple[int, bytes]]) -> None:
         """Queue every ``(segment, blob)`` of ``room`` as one batch (atomic on disk)."""
         owned = [((room, segment), bytes(blob)) for segment, blob in items]
-        batch = Batch()
+        batch = Batch() if self._into is None else self._into
         with self._lock:
             for key, blob in owned:
                 self._unwritten[key] = blob
@@ -489,4 +512,6 @@ class RocksSegmentStore:
                     if self._unwritten.get(key) is blob:
                         del self._unwritten[key]
 
-        self._store.submit(batch, written)
+        batch.after.append(written)
+        if self._into is None:
+            self._store.submit(batch)

@@ -116,11 +116,16 @@ class Applied:
     - ``moved``: a second copy of a known id arrived and won (the smallest
       ``(ts, author, body)`` stands on every replica): ``(message now, replaced cursor)``.
       A copy that loses changes nothing visible and is not reported.
+
+    ``grew`` is true when the replica's state took anything in (integrated ops, or structs
+    kept for later because their dependencies are missing), also when nothing visible
+    changed: such an update must still be persisted, or a restart would forget it.
     """
 
     new: list[Message]
     updated: list[Message]
     moved: list[tuple[Message, str]]
+    grew: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.new or self.updated or self.moved)
@@ -139,12 +144,13 @@ def _order(m: Message) -> tuple[Timestamp, str]:
 class _Delta:
     """What one :meth:`RoomLog.apply` call changed, by message id."""
 
-    __slots__ = ("moved", "new", "touched")
+    __slots__ = ("grew", "moved", "new", "touched")
 
     def __init__(self) -> None:
         self.new: dict[str, None] = {}
         self.moved: dict[str, str] = {}  # id -> the cursor it had before this call
         self.touched: dict[str, None] = {}
+        self.grew = False  # the replica's state took something in
 
 
 # --------------------------------------------------------------------------- ops
@@ -553,7 +559,7 @@ class RoomLog:
         new.sort(key=_order)
         updated.sort(key=_order)
         moved.sort(key=lambda mc: _order(mc[0]))
-        return Applied(new, updated, moved)
+        return Applied(new, updated, moved, delta.grew or bool(new or updated or moved))
 
     # ------------------------------------------------------------------ anti-entropy
 
@@ -728,6 +734,9 @@ class RoomLog:
                 return
             _check_update(payload)  # do not open a segment for junk
             live = self._open(number)
+            changed.grew = True
+        before = live.doc.get_state()
+        pending_before = live.pending
         try:
             state = live.apply(payload)
         except Exception as exc:
@@ -736,6 +745,8 @@ class RoomLog:
         self._integrate(live.sink.inbox, number, live.view, changed)
         live.sink.inbox.clear()
         _track_pending(live, payload, state)
+        if state != before or live.pending != pending_before:
+            changed.grew = True
         if number > self._head:
             self._head = number
             self._seal_old()
@@ -812,10 +823,16 @@ class RoomLog:
         if sealed is not None and _covered(payload, sealed):
             return
         live = self._load_stored(number, changed)
+        before = live.doc.get_state()
+        pending_before = live.pending
         state = live.apply(payload)
         self._integrate(live.sink.inbox, number, live.view, changed)
         live.sink.inbox.clear()
         _track_pending(live, payload, state)
+        if sealed is not None and state == before and live.pending == pending_before:
+            live.close()  # only structs the blob already keeps for later: nothing to write
+            return
+        changed.grew = True
         self._seal(live)
 
     def _load_stored(self, number: int, changed: _Delta) -> _Live:
@@ -1078,6 +1095,10 @@ def _track_pending(live: _Live, payload: bytes, state: bytes) -> None:
         rest = pycrdt.get_update(upd, state)
         if rest != EMPTY_UPDATE:
             still.append(rest)
+    if len(still) > 1:
+        # one merged update (canonical, duplicates folded): bounded however often the same
+        # gapped structs arrive, and comparable to tell whether anything new came in
+        still = [pycrdt.merge_updates(*still)]
     live.pending = still
 
 

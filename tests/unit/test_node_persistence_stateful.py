@@ -21,9 +21,9 @@ queued and then dropped as well. What a crash leaves on disk is then exactly a p
 queue, as for a real crash of a node whose writes are fsync'd in queue order. Each restart
 or crash moves the wall clock on by a few milliseconds.
 
-Four issues of the node found by this machine are pinned by xfail regression tests at the end
-of the module; until they are fixed the machine steers around them (``SHIP_ANYTHING``,
-``CHECK_LATE``, ``SKEWS``, ``SPLIT_SHIPS`` below say how; flip them with the fix).
+Four issues of the node found by this machine are pinned by regression tests at the end of
+the module (``SHIP_ANYTHING``, ``CHECK_LATE``, ``SKEWS``, ``SPLIT_SHIPS`` below say what each
+was).
 
 The model keeps the room-log ops the node holds durably (its own, and the peer's that it has
 integrated: a peer update counts once it and every earlier peer update of the same segment
@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import msgpack
-import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
@@ -92,26 +91,23 @@ START_WALL = 1_700_000_000_000
 FAR = 2**50
 SHM = Path("/dev/shm")
 ORIGIN = Timestamp(0, 0, "a")  # below every real cursor
-# Known issues of the node (each has an xfail regression test at the end of this module).
-# Flip these once the issue is fixed, so that the machine explores those paths again:
-#: issue A: apply_remote journals an update only if it changed something visible, yet
-#: acknowledges every update as durable: one it cannot integrate yet (a gap), a losing copy of
-#: an id, a losing edit are lost at the next restart (and what later builds on them cannot be
-#: integrated any more). With False the peer ships only updates that are already at the node
-#: or that change something visible there.
-SHIP_ANYTHING = False
-#: issue B: after a restart the node flags ``late`` against the cursor of the last release,
-#: not the highest one released.
-CHECK_LATE = False
-#: issue C: after a restart the node's clock restarts from the last history cursor, below
-#: stamps it gave edits before; it matters when its clock ran ahead of its wall clock by
-#: following a peer's (up to max_drift, 60 s). Add 30_000 (a peer 30 s ahead) once fixed.
-SKEWS = (0, 2, -2, -30_000)
-#: issue D: a remote update for a sealed segment is written as two batches (the grown segment
-#: blob, then the update with its history and id rows); a crash between them leaves the log
-#: with the update and the history index without it, for good. With False a crash never
-#: falls between the writes of one remote update.
-SPLIT_SHIPS = False
+# Issues of the node this machine found (each pinned by a regression test at the end of this
+# module, now fixed). The switches let the machine steer around one again while it is open:
+#: issue A: apply_remote journalled an update only if it changed something visible, yet
+#: acknowledged every update as durable (a gap, a losing copy, a losing edit were lost at the
+#: next restart). False: ship only updates already at the node or visible there.
+SHIP_ANYTHING = True
+#: issue B: after a restart the node flagged ``late`` against the cursor of the last release,
+#: not the highest one released. False: do not check ``late``.
+CHECK_LATE = True
+#: issue C: after a restart the node's clock restarted from the last history cursor, below
+#: stamps it gave edits before (its clock may run up to max_drift ahead of its wall clock by
+#: following a peer's). The skews of the peers' clocks the machine draws from.
+SKEWS = (0, 2, -2, -30_000, 30_000)
+#: issue D: a remote update for a sealed segment was written as two batches (the grown blob,
+#: then the update with its index rows). False: a crash never falls between the writes of
+#: one remote update.
+SPLIT_SHIPS = True
 
 
 def _event(text: str) -> None:
@@ -1184,7 +1180,7 @@ TestNodePersistence = NodePersistenceMachine.TestCase
 
 
 # ---------------------------------------------------------------------------------------------
-# Known issues found by the machine (minimal sequences; xfail until fixed)
+# Issues found by the machine (minimal sequences; regression tests)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1250,7 +1246,6 @@ async def _node(tmp_path: Path, snapshot_every: int = 1000) -> AsyncIterator[_No
         await node.store.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue A: a gapped remote update is acked, not journaled")
 async def test_issue_a_gapped_remote_update_survives_restart(tmp_path: Path) -> None:
     """A peer's edit arrives before the message it edits (a gap): acknowledged as durable,
     integrated once the message arrives, indexed; after a restart the log lacks the edit."""
@@ -1266,7 +1261,6 @@ async def test_issue_a_gapped_remote_update_survives_restart(tmp_path: Path) -> 
         assert m is not None and m.body == "edited"
 
 
-@pytest.mark.xfail(strict=True, reason="issue A: a losing remote update is acked, not journaled")
 async def test_issue_a_message_built_on_a_losing_update_survives_restart(tmp_path: Path) -> None:
     """A peer's edit that loses to a concurrent one changes nothing visible and is not
     journaled; the peer's next message builds on it (its Yjs origin). That message is
@@ -1285,7 +1279,6 @@ async def test_issue_a_message_built_on_a_losing_update_survives_restart(tmp_pat
         assert svc.rooms["r1"].log.get("y") is not None
 
 
-@pytest.mark.xfail(strict=True, reason="issue B: late is computed against the last release")
 async def test_issue_b_late_flag_after_restart(tmp_path: Path) -> None:
     """m5 is released, then m1 (late); after a restart m3 comes: below m5, so late too."""
     async with _node(tmp_path) as node:
@@ -1309,7 +1302,6 @@ async def test_issue_b_late_flag_after_restart(tmp_path: Path) -> None:
         ]
 
 
-@pytest.mark.xfail(strict=True, reason="issue C: the clock restarts below stamps given to edits")
 async def test_issue_c_edit_after_restart_wins(tmp_path: Path) -> None:
     """The node's clock followed a peer 30 s ahead (within max_drift); alice edits her
     message, the node restarts a second later and she edits it again: acknowledged, but the
@@ -1339,13 +1331,11 @@ async def test_issue_c_edit_after_restart_wins(tmp_path: Path) -> None:
         assert m is not None and m.body == "second"
 
 
-@pytest.mark.xfail(strict=True, reason="issue D: a late remote update is two non-atomic writes")
 async def test_issue_d_crash_between_the_writes_of_a_late_remote_update(tmp_path: Path) -> None:
     """A peer's message for a segment the node has sealed: the grown blob and the update with
-    its index rows are queued as two batches. The node dies after the first is written: the
-    log restored from its last snapshot takes the message from the grown blob (and its state
-    vector covers it, so anti-entropy will not bring it again); the history index never gets
-    it."""
+    its index rows were queued as two batches; a node dying after the first was written took
+    the message into its log (from the grown blob, so anti-entropy would not bring it again)
+    but never into its history index. Now one batch holds both."""
     async with _node(tmp_path, snapshot_every=2) as node:
         q = RoomLog("r1", 1001, segment_size=SEGMENT_SIZE)
         r = RoomLog("r1", 1002, segment_size=SEGMENT_SIZE)
@@ -1361,8 +1351,8 @@ async def test_issue_d_crash_between_the_writes_of_a_late_remote_update(tmp_path
         await store.wait_for_room()
         with store._cond:  # the writer takes nothing meanwhile
             node.service.apply_remote("r1", late, (), lambda _error: None)
-            assert len(store._pending) == 2  # the grown blob; the update and its index rows
-            del store._pending[1:]  # the node dies after the first write
+            assert len(store._pending) == 1  # the grown blob with the update and its rows
+            del store._pending[:]  # the node dies before the write
             store._closing = True
             store._cond.notify_all()
         await store.close()
