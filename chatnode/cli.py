@@ -4,7 +4,14 @@
     chatnode healthz [--config FILE] [--host ADDR] [--port PORT] [--timeout S]
     chatnode config [same flags as run]      print the resolved settings as JSON
     chatnode keygen                          print a new random cluster key
-    chatnode members [--url URL]             print the cluster members a node knows, as a table
+    chatnode members [--url URL] [--admin-token TOKEN]   the cluster members a node knows
+    chatnode rooms [--url URL] [--admin-token TOKEN]     the rooms with their home node
+    chatnode send ROOM TEXT [--url URL]...   send a message (through any of the nodes)
+    chatnode tail ROOM [--url URL]...        print a room's new messages, across node failures
+
+``send`` and ``tail`` use :mod:`chatnode.client`; credentials come from ``--user`` and
+``--password`` or ``CHATNODE_USER`` and ``CHATNODE_PASSWORD``, nodes from ``--url``
+(repeatable) or ``CHATNODE_URL`` (comma-separated).
 
 Exit status: 0 success, 1 runtime failure (database locked, port taken, node unhealthy),
 2 bad usage or configuration (one line on stderr).
@@ -14,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -88,6 +97,19 @@ def _add_query_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
     parser.add_argument("--json", action="store_true", help="print the raw JSON")
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("CHATNODE_ADMIN_TOKEN"),
+        metavar="TOKEN",
+        help="the node's --admin-token (default: CHATNODE_ADMIN_TOKEN)",
+    )
+
+
+def _operator_request(args: argparse.Namespace, url: str) -> urllib.request.Request:
+    """A GET of an operator endpoint, with the operator's token when one is given."""
+    token = args.admin_token
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return urllib.request.Request(url, headers=headers)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +141,49 @@ def _parser() -> argparse.ArgumentParser:
         description="Ask a running node (GET /v1/registry) which node is home of each room.",
     )
     _add_query_args(rooms)
+    send = sub.add_parser(
+        "send",
+        help="send a message to a room",
+        description="Send one message and wait for its acknowledgement (it is durable then); "
+        "prints '<id> <cursor>'. The message is resent with the same id through another node "
+        "if its node fails, so it is stored once.",
+    )
+    send.add_argument("room", metavar="ROOM")
+    send.add_argument("text", metavar="TEXT")
+    send.add_argument("--id", default=None, help="message id (default: a random one); "
+                      "the same id again stores nothing new")  # fmt: skip
+    send.add_argument("--no-join", action="store_true", help="do not join the room first")
+    _add_client_args(send, "give up after this many seconds without an acknowledgement")
+    tail = sub.add_parser(
+        "tail",
+        help="print the new messages of a room as they come",
+        description="Follow a room and print its messages as they come, one a line, until "
+        "interrupted; when the node fails, reconnects to another and resumes without a gap "
+        "or a repeat.",
+    )
+    tail.add_argument("room", metavar="ROOM")
+    tail.add_argument("--json", action="store_true", help="one JSON object a line (messages "
+                      "and updates)")  # fmt: skip
+    tail.add_argument("--count", type=int, default=None, metavar="N",
+                      help="exit after N messages")  # fmt: skip
+    tail.add_argument(
+        "--after", default=None, metavar="CURSOR",
+        help="start after this cursor (default: after the newest message)",
+    )  # fmt: skip
+    _add_client_args(tail, "give up when the room cannot be followed within this many seconds")
     return parser
+
+
+def _add_client_args(parser: argparse.ArgumentParser, timeout_help: str) -> None:
+    parser.add_argument(
+        "--url", action="append", default=None, metavar="URL",
+        help="a node of the cluster (repeatable: the first is tried first, the others when "
+        "it fails) [CHATNODE_URL, comma-separated; default http://127.0.0.1:8080]",
+    )  # fmt: skip
+    parser.add_argument("--user", default=None, help="user name [CHATNODE_USER]")
+    parser.add_argument("--password", default=None, help="password [CHATNODE_PASSWORD]")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help=f"{timeout_help} (default: %(default)s)")  # fmt: skip
 
 
 def _resolve(args: argparse.Namespace, names: Sequence[str]) -> Config:
@@ -222,7 +286,7 @@ def format_members(view: dict[str, Any]) -> str:
 def _members(args: argparse.Namespace) -> int:
     url = str(args.url).rstrip("/") + "/v1/cluster"
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+        with urllib.request.urlopen(_operator_request(args, url), timeout=args.timeout) as resp:
             view = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         sys.stderr.write(f"chatnode: error: {url}: {getattr(exc, 'reason', exc)}\n")
@@ -240,7 +304,7 @@ def _members(args: argparse.Namespace) -> int:
 def _rooms(args: argparse.Namespace) -> int:
     url = str(args.url).rstrip("/") + "/v1/registry"
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+        with urllib.request.urlopen(_operator_request(args, url), timeout=args.timeout) as resp:
             view = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError) as exc:
         sys.stderr.write(f"chatnode: error: {url}: {getattr(exc, 'reason', exc)}\n")
@@ -257,6 +321,127 @@ def _rooms(args: argparse.Namespace) -> int:
             lines.append(f"{r.get('room')!s:<32} {r.get('home') or '-'!s:<16} {r.get('epoch')}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+class _Usage(Exception):
+    """A client command lacks something (exit status 2)."""
+
+
+def _client_settings(args: argparse.Namespace) -> tuple[list[str], str, str]:
+    """The node URLs, user and password of ``send``/``tail`` (flags, then environment)."""
+    urls = list(args.url or [])
+    if not urls:
+        env = os.environ.get("CHATNODE_URL", "")
+        urls = [u.strip() for u in env.split(",") if u.strip()] or ["http://127.0.0.1:8080"]
+    user = args.user or os.environ.get("CHATNODE_USER", "")
+    password = args.password or os.environ.get("CHATNODE_PASSWORD", "")
+    if not user or not password:
+        raise _Usage("give --user and --password (or CHATNODE_USER and CHATNODE_PASSWORD)")
+    from chatnode.clientstate import normalize_url  # noqa: PLC0415
+
+    try:
+        urls = [normalize_url(u) for u in urls]
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    return urls, user, password
+
+
+def _send(args: argparse.Namespace) -> int:
+    from chatnode.client import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
+
+    urls, user, password = _client_settings(args)
+
+    async def go() -> int:
+        async with Client(urls, user=user, password=password) as chat:
+            try:
+                async with asyncio.timeout(args.timeout):
+                    if not args.no_join:
+                        await chat.join(args.room)
+                    sent = await chat.send(args.room, args.text, id=args.id)
+            except TimeoutError:
+                sys.stderr.write(f"chatnode: error: no acknowledgement within {args.timeout:g}s "
+                                 f"(nodes tried: {', '.join(chat.nodes)})\n")  # fmt: skip
+                return 1
+            except ChatError as exc:
+                sys.stderr.write(f"chatnode: error: {exc}\n")
+                return 1
+        sys.stdout.write(f"{sent.id} {sent.cursor}\n")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from chatnode import client as c  # noqa: PLC0415  (aiohttp: only here)
+
+    urls, user, password = _client_settings(args)
+    if args.count is not None and args.count < 1:
+        raise _Usage("--count must be at least 1")
+
+    def show(event: c.Message | c.Update) -> str:
+        if args.json:
+            op = "message" if isinstance(event, c.Message) else "update"
+            fields = dataclasses.asdict(event)
+            fields.pop("resume", None)
+            return json.dumps({"op": op, **fields}, ensure_ascii=False)
+        when = time.strftime("%H:%M:%S", time.localtime(event.ts / 1000))
+        what = ""
+        if isinstance(event, c.Update):
+            what = " (deleted)" if event.deleted else " (edited)" if event.edited else " (changed)"
+        elif event.late:
+            what = " (late)"
+        return f"{when} {event.author}{what}: {event.body}"
+
+    async def follow(chat: c.Client) -> int:
+        shown = 0
+        async with asyncio.timeout(args.timeout):
+            await chat.subscribe(args.room, after=args.after)
+        sys.stderr.write(f"chatnode: following {args.room} through {chat.url}\n")
+        sys.stderr.flush()
+        async for event in chat.events():
+            if isinstance(event, c.Connected):
+                sys.stderr.write(f"chatnode: connected to {event.url} (node {event.node})\n")
+            elif isinstance(event, c.Disconnected):
+                sys.stderr.write(f"chatnode: lost {event.url}: {event.reason}\n")
+            elif isinstance(event, c.SubscriptionLost):
+                sys.stderr.write(f"chatnode: error: {event.room}: {event.code} {event.message}\n")
+                return 1
+            elif isinstance(event, c.Message | c.Update):
+                sys.stdout.write(show(event) + "\n")
+                sys.stdout.flush()
+                shown += isinstance(event, c.Message)
+                if args.count is not None and shown >= args.count:
+                    return 0
+            sys.stderr.flush()
+        return 0
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with c.Client(urls, user=user, password=password) as chat:
+            following = asyncio.create_task(follow(chat), name="tail")
+            stopping = asyncio.create_task(stop.wait(), name="tail-stop")
+            try:
+                await asyncio.wait({following, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (following, stopping):
+                    t.cancel()
+                await asyncio.wait({following, stopping})
+            if not following.cancelled():
+                try:
+                    return following.result()
+                except TimeoutError:
+                    sys.stderr.write(f"chatnode: error: could not follow {args.room} within "
+                                     f"{args.timeout:g}s\n")  # fmt: skip
+                    return 1
+                except c.ChatError as exc:
+                    sys.stderr.write(f"chatnode: error: {exc}\n")
+                    return 1
+        return 0
+
+    return asyncio.run(go())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,6 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _members(args)
         if args.command == "rooms":
             return _rooms(args)
+        if args.command == "send":
+            return _send(args)
+        if args.command == "tail":
+            return _tail(args)
+    except _Usage as exc:
+        sys.stderr.write(f"chatnode: error: {exc}\n")
+        return 2
     except ConfigError as exc:
         sys.stderr.write(f"chatnode: error: {exc}\n")
         return 2

@@ -13,19 +13,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import msgpack
 from aiohttp import web
 
 from chatnode import registry as reg
 from chatnode.errors import ClientError
 from chatnode.forwarder import Forwarder
+from chatnode.forwarding import FeedEntry
 from chatnode.keyring import Keyring
 from chatnode.membership import Member, MemberEvent, MemberState
-from chatnode.peers import PEER_PATH, PeerHub
-from chatnode.protocol import MessageLike
+from chatnode.peers import PeerHub
 from chatnode.replication import (
     NO_TOKEN,
     Ack,
@@ -45,8 +47,7 @@ from chatnode.replication import (
     required_acks,
 )
 from chatnode.service import Service
-from chatnode.storage import Batch, StorageError
-from crdt.clock import Timestamp
+from chatnode.storage import Batch, StorageError, Store, release_key
 from crdt.errors import CodecError
 from crdt.segments import encode_envelope
 
@@ -62,7 +63,14 @@ HANDOVER_TIMEOUT: Final = 3.0
 HEARTBEAT_INTERVAL: Final = 0.05  # frontier heartbeats on idle links
 DRAIN_TIMEOUT: Final = 3.0  # how long a dead peer's last messages are looked for
 FORWARD_INTERVAL: Final = 0.5  # how often ownership of forwarded rooms is re-checked
-FRONTIER_PREFIX: Final = "f/"  # f/<room> -> {"epoch", "ts"}: the Kafka forwarding frontier
+# f/<room> -> {"epoch", "node", "seq", "since_ms"}: the Kafka forwarding frontier (KAFKA.md)
+FRONTIER_PREFIX: Final = "f/"
+FEED_SAMPLE_S: Final = 2.0  # how often each room's release position is sampled (takeovers)
+FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
+# A takeover re-forwards what this node released from this long before the old home's
+# ``since_ms``: the release of one change on two nodes differs by replication delay, stable
+# frontier waits and clock skew (docs/KAFKA.md, "Handover").
+TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
 
 Members = Callable[[], list[Member]]
@@ -125,6 +133,11 @@ class Cluster:
         self._stopping = False
         self.forwarder: Forwarder | None = None
         self._forwarded: dict[str, int] = {}  # rooms the forwarder owns -> epoch
+        # per room: (wall ms, this node's release position then), ascending; the position a
+        # takeover resumes from (docs/KAFKA.md, "Handover")
+        self._feed_samples: dict[str, deque[tuple[float, int]]] = {}
+        self._prev_home: dict[str, str] = {}  # room -> the last other node seen as its home
+        self._home_since: dict[tuple[str, str], float] = {}  # (room, node) -> its last since
         self.stats = ReplicationStats()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -132,7 +145,7 @@ class Cluster:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/registry", self._registry_http)
         if self.hub is not None:
-            app.router.add_get(PEER_PATH, self.hub.handle)
+            self.hub.add_routes(app)  # PEER_PATH: the handshake and the link
 
     def start(self) -> None:
         self._started = time.monotonic()
@@ -533,11 +546,12 @@ class Cluster:
 
     async def start_forwarding(self, brokers: str, topic: str) -> None:
         """Forward the rooms this node is home of (every room when standalone) to Kafka."""
-        fwd = Forwarder(brokers, topic, read_after=self.read_after,
+        fwd = Forwarder(brokers, topic, read_feed=self.read_feed,
                         save_frontier=self.save_frontier, home=self.node_id)  # fmt: skip
         await fwd.start()
         self.forwarder = fwd
         self.service.on_release = self._released
+        self._sample_feeds(force=True)
         self._sync_forwarder()
         self._tasks.append(asyncio.create_task(self._forward_loop(), name="forward-owner"))
 
@@ -551,26 +565,85 @@ class Cluster:
         self._forwarded.clear()
         await fwd.stop()  # flushes and saves every room's frontier
 
-    async def read_after(self, room: str, after: Timestamp | None, limit: int) -> list[MessageLike]:
-        msgs = await self.service.stable_after(room, None if after is None else after.encode(),
-                                               limit)  # fmt: skip
-        return list(msgs)
+    def _feed_end(self, room: str) -> int:
+        """The last release number of ``room`` whose row is durable and whose event went out."""
+        state = self.service.rooms.get(room)
+        return 0 if state is None else state.pushed_seq
 
-    async def save_frontier(self, room: str, epoch: int, ts: Timestamp) -> bool:
+    async def read_feed(self, room: str, after: int, limit: int) -> list[FeedEntry]:
+        """The forwarder's change feed: the room's release log after position ``after`` (up
+        to what went out), each entry with the message as it stands now. Of several entries
+        of one message in a read only the last is returned (they carry the same state)."""
+        state = self.service.rooms.get(room)
+        end = self._feed_end(room)
+        if state is None or end <= after:
+            return []
+        rows = await self.service.store.read(_release_rows, self.service.store, room, after,
+                                             min(end, after + limit))  # fmt: skip
+        last = {msg_id: seq for seq, msg_id in rows}
+        out: list[FeedEntry] = []
+        for seq, msg_id in rows:
+            m = state.log.get(msg_id)
+            if m is not None and last[msg_id] == seq:
+                out.append(FeedEntry(seq, m))
+        return out
+
+    async def save_frontier(self, room: str, epoch: int, seq: int, since_ms: float) -> bool:
         h = reg.parse_home(self.service.meta.get(reg.home_key(room)))
         if h is not None and h.epoch > epoch:
             return False
-        await self.service.write_meta((FRONTIER_PREFIX + room, {"epoch": epoch, "ts": ts.encode()}))
+        value = {"epoch": epoch, "node": self.node_id, "seq": seq, "since_ms": since_ms}
+        await self.service.write_meta((FRONTIER_PREFIX + room, value))
         return True
 
-    def _saved_frontier(self, room: str) -> Timestamp | None:
+    def _saved_frontier(self, room: str) -> tuple[str, int, float] | None:
+        """``(node, seq, since_ms)`` of the room's persisted frontier, if any."""
         v = self.service.meta.get(FRONTIER_PREFIX + room)
-        if not isinstance(v, dict) or not isinstance(v.get("ts"), str):
+        if not isinstance(v, dict):
             return None
-        try:
-            return Timestamp.decode(v["ts"])
-        except CodecError:
+        node, seq, since = v.get("node"), v.get("seq"), v.get("since_ms")
+        if not isinstance(node, str) or not isinstance(seq, int) or isinstance(seq, bool):
             return None
+        if not isinstance(since, int | float) or isinstance(since, bool):
+            return None
+        return node, seq, float(since)
+
+    def _resume_point(self, room: str) -> tuple[int, float]:
+        """Where this node's forwarding of ``room`` starts: ``(release position, since_ms)``.
+
+        Its own saved frontier: exactly after it. Another node's (a takeover): the release
+        numbers differ, so from this node's position sampled at least ``TAKEOVER_MARGIN_MS``
+        before the old home's ``since_ms`` (every change the old home had not delivered was
+        released there after ``since_ms``, so here after the sample); no such sample (this
+        node started since) or no saved frontier: from the start of the release log."""
+        saved = self._saved_frontier(room)
+        if saved is None:
+            return 0, 0.0
+        node, seq, since = saved
+        if node == self.node_id and seq <= self._feed_end(room):
+            return seq, since
+        prev = self._prev_home.get(room)
+        if prev is not None and (room, prev) in self._home_since:
+            since = min(since, self._home_since[(room, prev)])
+        horizon = since - TAKEOVER_MARGIN_MS
+        best: tuple[int, float] = (0, 0.0)
+        for wall, pos in self._feed_samples.get(room, ()):
+            if wall > horizon:
+                break
+            best = (pos, wall)
+        return best
+
+    def _sample_feeds(self, force: bool = False) -> None:
+        """Sample each room's release position (for takeovers) and note the old homes'
+        frontier saves."""
+        now = time.time() * 1000
+        for room in self.service.room_names():
+            samples = self._feed_samples.setdefault(room, deque(maxlen=FEED_SAMPLES))
+            if force or not samples or now - samples[-1][0] >= FEED_SAMPLE_S * 1000:
+                samples.append((now, self._feed_end(room)))
+            saved = self._saved_frontier(room)
+            if saved is not None and saved[0] != self.node_id:
+                self._home_since[(room, saved[0])] = saved[2]
 
     def _released(self, room: str) -> None:
         if self.forwarder is not None and room in self._forwarded:
@@ -590,18 +663,25 @@ class Cluster:
         for room, h in homes.items():
             if h is not None:
                 fwd.fence(room, h.epoch)
+                if h.node != self.node_id:
+                    self._prev_home[room] = h.node
         for room in list(self._forwarded):
             if owned.get(room) != self._forwarded[room]:
                 fwd.disown(room)
                 del self._forwarded[room]
         for room, epoch in owned.items():
-            if room not in self._forwarded and fwd.own(room, epoch, self._saved_frontier(room)):
-                self._forwarded[room] = epoch
-                fwd.notify(room)
+            if room not in self._forwarded:
+                start, since = self._resume_point(room)
+                if fwd.own(room, epoch, start, since):
+                    log.info("forwarding room %s at epoch %d from release %d", room, epoch,
+                             start)  # fmt: skip
+                    self._forwarded[room] = epoch
+                    fwd.notify(room)
 
     async def _forward_loop(self) -> None:
         while True:
             await asyncio.sleep(FORWARD_INTERVAL)
+            self._sample_feeds()
             self._sync_forwarder()
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -622,3 +702,13 @@ class Cluster:
 
     async def _registry_http(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.registry_view())
+
+
+def _release_rows(store: Store, room: str, after: int, upto: int) -> list[tuple[int, str]]:
+    """``(release number, message id)`` of ``room``'s release log rows ``after+1 .. upto``
+    (blocking; runs on the store's reader threads). Row layout: chatnode/storage.py."""
+    out: list[tuple[int, str]] = []
+    for key, value in store.iter_range(release_key(room, after + 1), release_key(room, upto + 1)):
+        row = msgpack.unpackb(value, raw=False)
+        out.append((int.from_bytes(key[-8:], "big"), str(row[1])))
+    return out

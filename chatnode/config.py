@@ -24,6 +24,7 @@ import ipaddress
 import math
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "Setting",
     "load_config",
     "parse_duration",
+    "public_url_for",
 ]
 
 ENV_PREFIX: Final = "CHATNODE_"
@@ -70,6 +72,9 @@ class Config:
     cluster_key_file: Path | None = None  # read into cluster_keys when none is given
     gossip_port: int | None = None  # None: the same number as ``port``, over UDP
     advertise: str | None = None  # host[:port] other members use; default: host
+    # The URL clients reach this node at, gossiped to the others and listed by hello and
+    # GET /v1/nodes; default: http://<advertise host or host>:<port> (see public_url_for).
+    public_url: str | None = None
     mdns: bool = False
     mdns_interface: str | None = None  # default: the advertised address
     dns_name: str | None = None  # name[:port] whose A records are polled
@@ -77,6 +82,18 @@ class Config:
     replicas: int = 2
     kafka_brokers: str | None = None
     kafka_topic: str = "chat.messages"
+    # Client-facing limits (docs/SECURITY.md).
+    send_queue_bytes: int = 8 * 1024 * 1024  # bytes queued to one connection (4008 above)
+    max_connections: int = 10_000  # open TCP connections in all (capped by the fd limit)
+    max_connections_per_address: int = 256  # per IPv4 address / IPv6 /64 (0: no cap)
+    hello_timeout_ms: int = 10_000  # first byte, and a successful hello, within this
+    admin_token: str | None = None  # operator credential of /metrics, /v1/cluster, /v1/registry
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the node's own
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    max_rooms_per_user: int = 100  # rooms one user may create with rooms.create
+    max_reactions_per_message: int = 20  # distinct emoji on one message
+    max_reactions_per_user: int = 5  # emoji one user puts on one message
+    hash_queue: int = 16  # password hashes running or waiting; more: 503 at once
 
     @property
     def cluster_key(self) -> str | None:
@@ -313,10 +330,99 @@ def _optional_hostport(value: object) -> str | None:
     return value
 
 
+_MAX_PUBLIC_URL: Final = 512
+
+
+def _public_url(value: object) -> str | None:
+    """``http(s)://host[:port][/path]``: no user, query or fragment; kept without a trailing
+    ``/`` (empty: the default)."""
+    if not isinstance(value, str):
+        raise ValueError("expected a URL such as https://chat.example.com")
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not a URL such as https://chat.example.com") from None
+    host = parts.hostname or ""
+    if (
+        parts.scheme not in ("http", "https")
+        or not host
+        or parts.username is not None
+        or parts.password is not None
+        or parts.query
+        or parts.fragment
+        or len(text) > _MAX_PUBLIC_URL
+    ):
+        raise ValueError(f"{text!r} is not a URL such as https://chat.example.com")
+    _host(host)
+    if port == 0:
+        raise ValueError(f"{text!r}: port 0")
+    return text.rstrip("/")
+
+
+def public_url_for(host: str, port: int) -> str:
+    """The default public URL of a node listening on ``host:port`` (the advertised host when
+    there is one; a wildcard host is the caller's to replace first)."""
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
 def _optional_port(value: object) -> int | None:
     if isinstance(value, str) and not value.strip():
         return None
     return _int(1, 65535)(value)
+
+
+def _items(value: object, what: str) -> list[str]:
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if isinstance(value, list | tuple):
+        out: list[str] = []
+        for v in value:
+            if not isinstance(v, str):
+                raise ValueError(f"expected a list of {what}")
+            out.extend(s.strip() for s in v.split(",") if s.strip())
+        return out
+    raise ValueError(f"expected {what}, comma-separated or a list")
+
+
+_ORIGIN_RE: Final = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    """Browser origins: ``scheme://host[:port]``, no path (compared case-insensitively)."""
+    items = _items(value, "origins such as https://chat.example.com")
+    for item in items:
+        if not _ORIGIN_RE.match(item):
+            raise ValueError(f"{item!r} is not an origin such as https://chat.example.com")
+    return tuple(item.lower().rstrip("/") for item in items)
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    """IP networks in CIDR notation (a bare address is one host)."""
+    items = _items(value, "networks such as 10.0.0.0/8")
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(items)
+
+
+def _secret(value: object) -> str | None:
+    """An operator token: 16-256 printable ASCII characters, no spaces (empty: none)."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    value = value.strip()
+    if not value:
+        return None
+    if not (16 <= len(value) <= 256 and value.isascii() and value.isprintable()
+            and " " not in value):  # fmt: skip
+        raise ValueError("expected 16-256 printable ASCII characters without spaces")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +544,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "HOST[:PORT]",
     ),
     Setting(
+        "public_url",
+        "public_url",
+        _public_url,
+        "URL clients reach this node at, told to clients with the other members' "
+        "(default: http://<advertise host, else host>:<port>)",
+        "URL",
+    ),
+    Setting(
         "mdns",
         "mdns",
         _bool,
@@ -475,6 +589,87 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "HOSTS",
     ),
     Setting("kafka_topic", "kafka_topic", _text, "topic of the forwarded history", "TOPIC"),
+    # client-facing limits (docs/SECURITY.md)
+    Setting(
+        "send_queue_bytes",
+        "send_queue_bytes",
+        _int(64 * 1024, 1 << 30),
+        "bytes queued to one client before it is disconnected as too slow (code 4008)",
+        "BYTES",
+    ),
+    Setting(
+        "max_connections",
+        "max_connections",
+        _int(1, 10_000_000),
+        "open TCP connections accepted in all (capped below the file descriptor limit)",
+        "N",
+    ),
+    Setting(
+        "max_connections_per_address",
+        "max_connections_per_address",
+        _int(0, 10_000_000),
+        "open connections per client IPv4 address or IPv6 /64 (0: no per-address cap)",
+        "N",
+    ),
+    Setting(
+        "hello_timeout",
+        "hello_timeout_ms",
+        _duration(100, 3_600_000),
+        "time for a new connection to send its first byte, and for a WebSocket to say hello",
+        "DURATION",
+    ),
+    Setting(
+        "admin_token",
+        "admin_token",
+        _secret,
+        "operator credential for /metrics, /v1/cluster, /v1/registry "
+        "(Authorization: Bearer TOKEN); none: those endpoints are refused",
+        "TOKEN",
+    ),
+    Setting(
+        "allowed_origins",
+        "allowed_origins",
+        _origins,
+        "browser origins allowed on /v1/ws besides the node's own (repeatable)",
+        "ORIGIN",
+        repeat=True,
+    ),
+    Setting(
+        "trusted_proxies",
+        "trusted_proxies",
+        _networks,
+        "proxies (CIDR) whose X-Forwarded-For names the client address (repeatable)",
+        "CIDR",
+        repeat=True,
+    ),
+    Setting(
+        "max_rooms_per_user",
+        "max_rooms_per_user",
+        _int(0, 1_000_000),
+        "rooms one user may create with rooms.create",
+        "N",
+    ),
+    Setting(
+        "max_reactions_per_message",
+        "max_reactions_per_message",
+        _int(1, 10_000),
+        "distinct emoji on one message",
+        "N",
+    ),
+    Setting(
+        "max_reactions_per_user",
+        "max_reactions_per_user",
+        _int(1, 10_000),
+        "emoji one user may put on one message",
+        "N",
+    ),
+    Setting(
+        "hash_queue",
+        "hash_queue",
+        _int(1, 100_000),
+        "password hashes running or waiting; more sign-ups/logins get 503 at once",
+        "N",
+    ),
 )
 
 _BY_NAME: Final = {s.name: s for s in SETTINGS}
@@ -567,6 +762,8 @@ def describe(cfg: Config) -> dict[str, object]:
         value = getattr(cfg, f.name)
         if f.name == "cluster_keys":
             value = f"<{len(value)} set>" if value else None
+        elif f.name == "admin_token":
+            value = "<set>" if value else None
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):

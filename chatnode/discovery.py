@@ -320,6 +320,7 @@ class ClusterOptions:
     mdns: bool = False
     mdns_interfaces: tuple[str, ...] = ()  # default: the advertised address
     incarnation: int | None = None  # default: wall-clock milliseconds
+    public_url: str = ""  # --public-url, gossiped with the membership ("" : none)
 
     def __post_init__(self) -> None:
         if not self.keys:
@@ -388,6 +389,7 @@ def build_membership(
         advertise=advertise,
         config=config,
         incarnation=opts.incarnation,
+        url=opts.public_url,
         sources=sources,
         on_event=on_event,
         push_pull_client=push_pull_client,

@@ -39,6 +39,7 @@ HTTP_STATUS: Final = MappingProxyType(
         "forbidden": 403,
         "not_found": 404,
         "conflict": 409,
+        "limit_reached": 403,
         "too_large": 413,
         "rate_limited": 429,
         "internal": 500,

@@ -3,7 +3,8 @@
 The only module that imports ``confluent_kafka``. Every call into it runs on a small thread
 pool owned by the :class:`Forwarder`, never on the event loop. The forwarder owns three tasks:
 
-- the *pump* asks the node for committed messages (``read_after``) and hands them to the
+- the *pump* asks the node for the next entries of a room's change feed (``read_feed``: the
+  node's release log, each entry with the message as it stands) and hands them to the
   producer, in batches, within the in-flight caps of the state machine;
 - the *poller* serves the producer's delivery reports (``poll`` in a thread) and feeds them to
   the state machine, which advances each room's frontier;
@@ -42,6 +43,7 @@ from confluent_kafka.cimpl import NewTopic
 from chatnode.forwarding import (
     BACKOFF_MAX_S,
     DeliveryReport,
+    FeedEntry,
     ForwardedMessage,
     Forwarding,
     ForwardingCounts,
@@ -52,14 +54,12 @@ from chatnode.forwarding import (
     encode_record,
     partition_for,
 )
-from chatnode.protocol import MessageLike
-from crdt.clock import Timestamp
 
 log = logging.getLogger(__name__)
 _rdlog = logging.getLogger(__name__ + ".librdkafka")
 
-ReadAfter = Callable[[str, Timestamp | None, int], Awaitable[Sequence[MessageLike]]]
-SaveFrontier = Callable[[str, int, Timestamp], Awaitable[bool]]
+ReadFeed = Callable[[str, int, int], Awaitable[Sequence[FeedEntry]]]
+SaveFrontier = Callable[[str, int, int, float], Awaitable[bool]]
 
 DEFAULT_TOPIC = "chat.messages"
 _POLL_S = 0.1
@@ -77,20 +77,21 @@ _SESSION_ERRORS = frozenset({
     KafkaError._FATAL,
 })
 
-# (producer incarnation, room, generation, timestamp) carried by each delivery callback
-_Token = tuple[int, str, int, Timestamp]
+# (producer incarnation, room, generation, feed position) carried by each delivery callback
+_Token = tuple[int, str, int, int]
 
 
 class Forwarder:
-    """Forwards the committed history of the rooms this node is home of to one topic.
+    """Forwards the change feed of the rooms this node is home of to one topic.
 
-    ``read_after(room, after, limit)`` returns up to ``limit`` committed messages of the room
-    with ``ts > after`` (all of them when ``after`` is None), in ascending ``ts`` order. It
-    must only return a message once no message with a smaller ``ts`` can still appear in the
-    room (the forwarder never goes back below its frontier).
+    ``read_feed(room, after, limit)`` returns up to ``limit`` entries of the room's feed at
+    positions ``> after`` (0: from the start), in ascending position order, each with the
+    message as it stands now. A position, once returned, never gets another change: the feed
+    only grows at its end (the node's release log).
 
-    ``save_frontier(room, epoch, ts)`` persists the room's frontier (in the registry, next to
-    its home and epoch) and returns False if the room has a newer epoch than ``epoch``: the
+    ``save_frontier(room, epoch, frontier, since_ms)`` persists the room's frontier (in the
+    registry, next to its home and epoch) with the wall time after which every position above
+    it was released, and returns False if the room has a newer epoch than ``epoch``: the
     forwarder then stops forwarding the room (fencing).
     """
 
@@ -99,7 +100,7 @@ class Forwarder:
         brokers: str,
         topic: str = DEFAULT_TOPIC,
         *,
-        read_after: ReadAfter,
+        read_feed: ReadFeed,
         save_frontier: SaveFrontier,
         home: str = "",
         batch_size: int = 500,
@@ -111,11 +112,13 @@ class Forwarder:
         message_timeout_ms: int = 60_000,
         producer_config: Mapping[str, object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000,
     ) -> None:
         self.brokers = brokers
         self.topic = topic
         self.home = home
-        self._read_after = read_after
+        self._read_feed = read_feed
+        self._wall_ms = wall_clock_ms
         self._save_frontier = save_frontier
         self._partitions = partitions
         self._replication = replication_factor
@@ -200,9 +203,10 @@ class Forwarder:
 
     # -------------------------------------------------------------------- node API
 
-    def own(self, room: str, epoch: int, frontier: Timestamp | None) -> bool:
-        """This node is home of ``room`` at ``epoch``; forward what follows ``frontier``."""
-        ok = self._state.own(room, epoch, frontier)
+    def own(self, room: str, epoch: int, frontier: int = 0, since_ms: float = 0.0) -> bool:
+        """This node is home of ``room`` at ``epoch``; forward what follows position
+        ``frontier`` (every position above it released after wall time ``since_ms``)."""
+        ok = self._state.own(room, epoch, frontier, since_ms)
         if not ok:
             log.warning("refused to own %s at stale epoch %d", room, epoch)
         self._wake_pump.set()
@@ -219,11 +223,11 @@ class Forwarder:
             log.warning("room %s fenced by epoch %d: forwarding stopped", room, epoch)
 
     def notify(self, room: str) -> None:
-        """New committed messages exist in ``room``."""
+        """New feed entries exist in ``room``."""
         self._state.notify(room)
         self._wake_pump.set()
 
-    def frontier(self, room: str) -> Timestamp | None:
+    def frontier(self, room: str) -> int | None:
         return self._state.frontier(room)
 
     @property
@@ -271,7 +275,7 @@ class Forwarder:
         producer = self._producer
         for i, rec in enumerate(records):
             key, value, headers = encode_record(rec, self.home)
-            token = (incarnation, rec.room, rec.gen, rec.message.ts)
+            token = (incarnation, rec.room, rec.gen, rec.pos)
             try:
                 producer.produce(
                     self.topic, value=value, key=key, headers=headers,
@@ -280,7 +284,7 @@ class Forwarder:
             except (BufferError, KafkaException) as e:
                 log.warning("produce refused (%s): %d records to retry", e, len(records) - i)
                 for r in records[i:]:
-                    self._reports.append(((incarnation, r.room, r.gen, r.message.ts), _REFUSED))
+                    self._reports.append(((incarnation, r.room, r.gen, r.pos), _REFUSED))
                 return
 
     def _drain_reports(self) -> None:
@@ -288,13 +292,13 @@ class Forwarder:
         n = 0
         first_err: KafkaError | None = None
         while self._reports:
-            (inc, room, gen, ts), err = self._reports.popleft()
+            (inc, room, gen, pos), err = self._reports.popleft()
             if inc != self._incarnation:
                 continue
             n += 1
             if err is not None and first_err is None:
                 first_err = err
-            self._state.on_report(DeliveryReport(room, gen, ts, err is None), now)
+            self._state.on_report(DeliveryReport(room, gen, pos, err is None), now)
         if first_err is not None:
             log.warning("delivery failed (%s): rewinding to the frontier", first_err)
         if n:
@@ -342,7 +346,7 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         while not self._closing:
             self._wake_pump.clear()
-            reqs = self._state.next_reads(self._clock())
+            reqs = self._state.next_reads(self._clock(), self._wall_ms())
             if not reqs:
                 deadline = self._state.next_deadline()
                 timeout = None if deadline is None else max(0.0, deadline - self._clock())
@@ -351,9 +355,9 @@ class Forwarder:
                 continue
             for req in reqs:
                 try:
-                    msgs = await self._read_after(req.room, req.after, req.limit)
+                    msgs = await self._read_feed(req.room, req.after, req.limit)
                 except Exception:
-                    log.exception("read_after(%s) failed", req.room)
+                    log.exception("read_feed(%s) failed", req.room)
                     self._state.on_read_failed(req, self._clock())
                     continue
                 records = self._state.on_read(req, msgs)
@@ -376,7 +380,7 @@ class Forwarder:
             failed = False
             for s in saves:
                 try:
-                    accepted = await self._save_frontier(s.room, s.epoch, s.frontier)
+                    accepted = await self._save_frontier(s.room, s.epoch, s.frontier, s.since_ms)
                 except Exception:
                     log.exception("save_frontier(%s) failed", s.room)
                     self._state.on_save_failed(s)

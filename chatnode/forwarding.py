@@ -1,17 +1,22 @@
 """Forwarding of committed room history to Kafka: the pure state machine (no I/O, time passed in).
 
-The home node of a room forwards the room's committed messages, in timestamp order, to one
-Kafka topic keyed by room id. This module decides *what* to read and produce next and what a
-delivery report means; :mod:`chatnode.forwarder` does the producing.
+The home node of a room forwards the room's **change feed** to one Kafka topic keyed by room
+id: every change it releases (a new message, a late message merged in below others, an edit,
+delete, reaction change or move of a message), in the order of the node's release log
+(``n`` rows, docs/REPLICATION.md), each as a record carrying the message's full state as it
+stands when read, so the last record of a message id is the truth. A *position* is a release
+number of the home node (1, 2, ...; 0 is "before the first"). This module decides *what* to
+read and produce next and what a delivery report means; :mod:`chatnode.forwarder` does the
+producing.
 
 Rules, per room:
 
-1. The **frontier** is the timestamp of the newest message such that it and every message
-   before it were delivered (acknowledged by the broker with ``acks=all``). It only moves
-   forwards, and only over a contiguous prefix of delivered messages.
-2. Messages are read after ``sent`` (the newest message handed to the producer in the current
-   *generation*) and produced in ascending timestamp order. A read asks for at most
-   ``batch_size`` messages and never lets a room's in-flight count or the global count of
+1. The **frontier** is the position such that it and every position before it were delivered
+   (acknowledged by the broker with ``acks=all``). It only moves forwards, and only over a
+   contiguous prefix of delivered positions.
+2. Entries are read after ``sent`` (the last position handed to the producer in the current
+   *generation*) and produced in ascending position order. A read asks for at most
+   ``batch_size`` entries and never lets a room's in-flight count or the global count of
    records outstanding in the producer pass their caps.
 3. A delivery failure rewinds the room: a new generation starts at the frontier, everything
    in flight is forgotten, and the room is read again from the frontier after a backoff.
@@ -24,6 +29,11 @@ Rules, per room:
    reads, produces or saves. ``own`` with an epoch older than one already seen is refused.
 6. ``disown`` drains: no more reads, but reports of records in flight still advance the
    frontier and it is saved once more; the room is then forgotten.
+7. **Since**: each save also carries ``since_ms``, a wall time such that every position above
+   the saved frontier was released after it. It comes from reads that reached the end of the
+   feed (every position above what such a read returned was released after the read was
+   issued) or, before any, from what ``own`` was given. A node taking the room over with
+   another numbering re-forwards what it released after that time (docs/KAFKA.md).
 """
 
 from __future__ import annotations
@@ -40,17 +50,18 @@ from crdt.clock import Timestamp
 from crdt.errors import CodecError
 
 SCHEMA = "chatnode.message/1"
+SCHEMAS = frozenset({SCHEMA})
 CONTENT_TYPE = "application/json"
 HEADER_ID = "msg-id"
 HEADER_CURSOR = "cursor"
 HEADER_EPOCH = "epoch"
 HEADER_HOME = "home"
 HEADER_CONTENT_TYPE = "content-type"
+HEADER_SEQ = "seq"
 
 BACKOFF_BASE_S = 0.2
 BACKOFF_MAX_S = 5.0
-
-
+MAX_MARKS = 64  # end-of-feed marks kept per room (rule 7); older ones are merged away
 
 
 class RecordError(ValueError):
@@ -75,7 +86,7 @@ class ForwardingCounts:
     rewinds: int = 0  # rooms rewound to their frontier (a failure, a lost producer)
     fenced: int = 0  # rooms stopped because a newer epoch of theirs was seen
     saves: int = 0  # frontier saves the node accepted
-    out_of_order: int = 0  # messages read at or below the last one sent (skipped)
+    out_of_order: int = 0  # entries read at or below the last position sent (skipped)
     stale_reports: int = 0  # reports of another generation, or of a forgotten room
 
 
@@ -87,18 +98,20 @@ class ForwardingLoad:
     draining: int  # rooms disowned whose records in flight are still reported
     outstanding: int  # records handed to the producer and not yet reported
     reserved: int  # records that reads in progress may still return
-    backlog_rooms: int  # rooms with messages not yet read
+    backlog_rooms: int  # rooms with entries not yet read
 
 
 @dataclass(frozen=True, slots=True)
 class ReadRequest:
-    """Ask the node for up to ``limit`` committed messages of ``room`` with ``ts > after``."""
+    """Ask the node for up to ``limit`` entries of ``room``'s feed at positions ``> after``,
+    ascending. ``at_ms``: the wall time the request was issued (rule 7)."""
 
     room: str
     epoch: int
     gen: int
-    after: Timestamp | None
+    after: int
     limit: int
+    at_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.limit < 1:
@@ -106,30 +119,42 @@ class ReadRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedEntry:
+    """One position of a room's feed and the message it changed, as the message stands now."""
+
+    pos: int
+    message: MessageLike
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One message to produce. ``gen`` comes back in the delivery report."""
+    """One record to produce: the state of ``message`` for feed position ``pos``. ``gen``
+    comes back in the delivery report."""
 
     room: str
     epoch: int
     gen: int
     message: MessageLike
+    pos: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryReport:
     room: str
     gen: int
-    ts: Timestamp
+    pos: int
     ok: bool
 
 
 @dataclass(frozen=True, slots=True)
 class FrontierSave:
-    """Persist ``frontier`` as the room's forwarding frontier at ``epoch``."""
+    """Persist ``frontier`` as the room's forwarding frontier at ``epoch``; every position
+    above it was released after wall time ``since_ms`` (rule 7)."""
 
     room: str
     epoch: int
-    frontier: Timestamp
+    frontier: int
+    since_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +171,7 @@ class ForwardedMessage:
     edited: Timestamp | None
     deleted: bool
     reactions: tuple[tuple[str, tuple[str, ...]], ...]
+    seq: int | None = None  # the home's release number of the change (None: older records)
 
     def __post_init__(self) -> None:
         if not self.room or not self.id:
@@ -162,17 +188,34 @@ class _Room:
     room: str
     epoch: int
     gen: int
-    frontier: Timestamp | None
-    saved: Timestamp | None
+    frontier: int
+    saved: int | None
     phase: Phase = Phase.ACTIVE
-    sent: Timestamp | None = None
-    saving: Timestamp | None = None
+    sent: int = 0
+    saving: int | None = None
     reading: int | None = None  # generation of the read in progress
     dirty: bool = True
     failures: int = 0
     retry_at: float = 0.0
-    in_flight: deque[Timestamp] = field(default_factory=deque)
-    done: set[Timestamp] = field(default_factory=set)
+    in_flight: deque[int] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    # (p, t): every position above p was released after wall time t (rule 7), ascending t
+    marks: list[tuple[int, float]] = field(default_factory=list)
+
+    def since(self, pos: int) -> float:
+        """The latest wall time after which every position above ``pos`` was released."""
+        best = 0.0
+        for p, t in self.marks:
+            if p <= pos:
+                best = max(best, t)
+        return best
+
+    def mark(self, pos: int, at_ms: float) -> None:
+        self.marks.append((pos, at_ms))
+        if len(self.marks) > MAX_MARKS:
+            # keep the mark that matters for the frontier, and the newest ones
+            base = (self.frontier, self.since(self.frontier))
+            self.marks = [base] + [m for m in self.marks[-MAX_MARKS // 2 :] if m[0] > base[0]]
 
     def rewind(self, gen: int) -> None:
         self.gen = gen
@@ -180,14 +223,6 @@ class _Room:
         self.done.clear()
         self.sent = self.frontier
         self.dirty = True
-
-
-def _later(a: Timestamp | None, b: Timestamp | None) -> Timestamp | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
 
 
 class Forwarding:
@@ -216,8 +251,9 @@ class Forwarding:
         self._next_gen += 1
         return g
 
-    def own(self, room: str, epoch: int, frontier: Timestamp | None) -> bool:
-        """This node is home of ``room`` at ``epoch``, resuming after ``frontier``.
+    def own(self, room: str, epoch: int, frontier: int = 0, since_ms: float = 0.0) -> bool:
+        """This node is home of ``room`` at ``epoch``, resuming after position ``frontier``
+        (every position above it released after wall time ``since_ms``).
 
         Returns False (and changes nothing) if a newer epoch was already seen for the room.
         """
@@ -230,9 +266,12 @@ class Forwarding:
             cur.dirty = True
             return True
         # What we saw delivered ourselves is in the topic: never resume before it.
-        local = cur.frontier if cur is not None else None
-        start = _later(frontier, local)
-        self._rooms[room] = _Room(room, epoch, self._gen(), start, frontier, sent=start)
+        start, since = frontier, since_ms
+        if cur is not None and cur.frontier > frontier:
+            start, since = cur.frontier, cur.since(cur.frontier)
+        r = _Room(room, epoch, self._gen(), start, frontier, sent=start)
+        r.marks.append((start, since))
+        self._rooms[room] = r
         return True
 
     def disown(self, room: str) -> None:
@@ -265,8 +304,9 @@ class Forwarding:
 
     # ----------------------------------------------------------------------- reading
 
-    def next_reads(self, now: float) -> list[ReadRequest]:
-        """Reads to issue now; each room has at most one read in progress."""
+    def next_reads(self, now: float, wall_ms: float = 0.0) -> list[ReadRequest]:
+        """Reads to issue now (``wall_ms``: the wall clock, for rule 7); each room has at
+        most one read in progress."""
         out: list[ReadRequest] = []
         budget = self.max_in_flight - self.outstanding - sum(self._reserved.values())
         for r in self._rooms.values():
@@ -283,10 +323,10 @@ class Forwarding:
             r.reading = r.gen
             self._reserved[(r.room, r.gen)] = limit
             budget -= limit
-            out.append(ReadRequest(r.room, r.epoch, r.gen, r.sent, limit))
+            out.append(ReadRequest(r.room, r.epoch, r.gen, r.sent, limit, wall_ms))
         return out
 
-    def on_read(self, req: ReadRequest, messages: Sequence[MessageLike]) -> list[Record]:
+    def on_read(self, req: ReadRequest, entries: Sequence[FeedEntry]) -> list[Record]:
         """The node answered ``req``; returns the records to produce, in order."""
         self._reserved.pop((req.room, req.gen), None)
         r = self._rooms.get(req.room)
@@ -296,16 +336,18 @@ class Forwarding:
         if r.gen != req.gen or r.epoch != req.epoch or r.phase is not Phase.ACTIVE:
             self._maybe_forget(r)
             return []
-        if len(messages) >= req.limit:
-            r.dirty = True
         out: list[Record] = []
-        for m in messages:
-            if r.sent is not None and m.ts <= r.sent:
+        for e in entries:
+            if e.pos <= r.sent:
                 self.counts.out_of_order += 1
                 continue
-            r.sent = m.ts
-            r.in_flight.append(m.ts)
-            out.append(Record(r.room, r.epoch, r.gen, m))
+            r.sent = e.pos
+            r.in_flight.append(e.pos)
+            out.append(Record(r.room, r.epoch, r.gen, e.message, e.pos))
+        if len(entries) >= req.limit:
+            r.dirty = True
+        else:  # the end of the feed: what comes after was released after the request
+            r.mark(r.sent, req.at_ms)
         self.outstanding += len(out)
         self.counts.produced += len(out)
         return out
@@ -332,11 +374,11 @@ class Forwarding:
         if rep.ok:
             self.counts.delivered += 1
             r.failures = 0
-            r.done.add(rep.ts)
+            r.done.add(rep.pos)
             while r.in_flight and r.in_flight[0] in r.done:
-                ts = r.in_flight.popleft()
-                r.done.discard(ts)
-                r.frontier = _later(r.frontier, ts)
+                pos = r.in_flight.popleft()
+                r.done.discard(pos)
+                r.frontier = max(r.frontier, pos)
             self._maybe_forget(r)
             return
         self.counts.failed += 1
@@ -369,9 +411,9 @@ class Forwarding:
         """Frontiers to persist now; at most one save in progress per room."""
         out: list[FrontierSave] = []
         for r in self._rooms.values():
-            if r.saving is None and r.frontier is not None and r.frontier != r.saved:
+            if r.saving is None and r.frontier != r.saved:
                 r.saving = r.frontier
-                out.append(FrontierSave(r.room, r.epoch, r.frontier))
+                out.append(FrontierSave(r.room, r.epoch, r.frontier, r.since(r.frontier)))
         return out
 
     def on_saved(self, save: FrontierSave, accepted: bool) -> None:
@@ -384,7 +426,7 @@ class Forwarding:
             self.fence(save.room, save.epoch + 1)
             return
         self.counts.saves += 1
-        r.saved = _later(r.saved, save.frontier)
+        r.saved = save.frontier if r.saved is None else max(r.saved, save.frontier)
         self._maybe_forget(r)
 
     def on_save_failed(self, save: FrontierSave) -> None:
@@ -401,7 +443,7 @@ class Forwarding:
     def _maybe_forget(self, r: _Room) -> None:
         if (
             r.phase is Phase.DRAINING and not r.in_flight and r.reading is None
-            and r.saving is None and r.saved == r.frontier
+            and r.saving is None and (r.saved or 0) == r.frontier
         ):
             del self._rooms[r.room]
 
@@ -413,11 +455,11 @@ class Forwarding:
         ]
         return min(times) if times else None
 
-    def rooms(self) -> dict[str, tuple[int, Timestamp | None]]:
+    def rooms(self) -> dict[str, tuple[int, int]]:
         """``room -> (epoch, frontier)`` of every room held (active or draining)."""
         return {k: (r.epoch, r.frontier) for k, r in self._rooms.items()}
 
-    def frontier(self, room: str) -> Timestamp | None:
+    def frontier(self, room: str) -> int | None:
         r = self._rooms.get(room)
         return None if r is None else r.frontier
 
@@ -429,7 +471,7 @@ class Forwarding:
         """Nothing outstanding, being read, or waiting to be saved."""
         return self.outstanding == 0 and all(
             r.reading is None and not r.in_flight and r.saving is None
-            and (r.frontier is None or r.frontier == r.saved)
+            and r.frontier == (r.saved or 0)
             for r in self._rooms.values()
         )
 
@@ -454,9 +496,10 @@ class Forwarding:
 def encode_record(
     rec: Record, home: str
 ) -> tuple[bytes, bytes, list[tuple[str, str | bytes | None]]]:
-    """``(key, value, headers)`` of a record: key = room id, value = JSON of the message."""
+    """``(key, value, headers)`` of a record: key = room id, value = JSON of the message as
+    it stands (a deleted message has an empty body)."""
     m = rec.message
-    value = {
+    value: dict[str, object] = {
         "schema": SCHEMA,
         "room": rec.room,
         "epoch": rec.epoch,
@@ -468,13 +511,17 @@ def encode_record(
         "edited": None if m.edited is None else m.edited.encode(),
         "deleted": m.deleted,
         "reactions": [[emoji, list(users)] for emoji, users in m.reactions],
+        "seq": rec.pos,
     }
+    if m.deleted:
+        value["body"] = ""  # never the text of a deleted message, whatever the caller held
     headers: list[tuple[str, str | bytes | None]] = [
         (HEADER_ID, m.id.encode()),
         (HEADER_CURSOR, m.ts.encode().encode()),
         (HEADER_EPOCH, str(rec.epoch).encode()),
         (HEADER_HOME, home.encode()),
         (HEADER_CONTENT_TYPE, CONTENT_TYPE.encode()),
+        (HEADER_SEQ, str(rec.pos).encode()),
     ]
     blob = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
     return rec.room.encode(), blob, headers
@@ -498,7 +545,7 @@ def decode_record(
         d = json.loads(value)
     except (UnicodeDecodeError, ValueError) as e:
         raise RecordError(f"value is not JSON: {e}") from e
-    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+    if not isinstance(d, dict) or d.get("schema") not in SCHEMAS:
         raise RecordError("not a chatnode message record")
     try:
         room = key.decode()
@@ -508,6 +555,9 @@ def decode_record(
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise RecordError("epoch must be an integer")
         edited = d.get("edited")
+        seq = d.get("seq")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+            raise RecordError("seq must be an integer")
         deleted = d.get("deleted")
         if not isinstance(deleted, bool):
             raise RecordError("deleted must be a boolean")
@@ -527,7 +577,7 @@ def decode_record(
             author=_str(d, "author"), body=_str(d, "body"),
             ts=Timestamp.decode(_str(d, "ts")),
             edited=None if edited is None else Timestamp.decode(edited),
-            deleted=deleted, reactions=tuple(reactions),
+            deleted=deleted, reactions=tuple(reactions), seq=seq,
         )
     except (CodecError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, RecordError):
@@ -541,14 +591,18 @@ def decode_record(
 
 
 def dedupe(messages: Iterable[ForwardedMessage]) -> list[ForwardedMessage]:
-    """Drop records whose ``(room, id)`` was already seen, keeping the first."""
-    seen: set[tuple[str, str]] = set()
-    out: list[ForwardedMessage] = []
+    """The rooms as they stand: the **last** record of each ``(room, id)`` (records in topic
+    order, i.e. partition order), each room's messages in cursor (``ts``) order, the rooms in
+    the order they first appear."""
+    last: dict[tuple[str, str], ForwardedMessage] = {}
+    rooms: dict[str, None] = {}
     for m in messages:
-        k = (m.room, m.id)
-        if k not in seen:
-            seen.add(k)
-            out.append(m)
+        rooms.setdefault(m.room, None)
+        last.pop((m.room, m.id), None)  # re-inserted: dict order follows the last record
+        last[(m.room, m.id)] = m
+    out: list[ForwardedMessage] = []
+    for room in rooms:
+        out.extend(sorted((m for (r, _), m in last.items() if r == room), key=lambda m: m.ts))
     return out
 
 

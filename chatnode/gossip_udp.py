@@ -6,10 +6,16 @@ carries its push-pull exchanges over HTTP.
   (kind "datagram") and is at most :data:`MAX_DATAGRAM` (1,400) bytes sealed: the state
   machine is given the budget that remains after the seal overhead.
 * Push-pull (full state, every 30 s and on join) is one HTTP exchange with the member's gossip
-  address: ``POST`` :data:`PUSH_PULL_PATH` to the same port number over TCP, one sealed frame
-  (kind "stream") each way. Both halves live here: :class:`HttpPushPullClient` sends (it is
-  the ``push_pull_client`` of :class:`GossipMembership`), :func:`serve_push_pull` answers
-  through :meth:`GossipMembership.answer_push_pull` (the node routes the path to it).
+  address: ``POST`` :data:`PUSH_PULL_PATH` to the same port number over TCP, one exchange
+  body each way (:func:`seal_exchange`): a small sealed *preamble* (kind "preamble": the
+  recipient's node id, the frame's length and SHA-256, and for an answer the digest of the
+  request it answers) followed by the sealed frame (kind "stream"). The listener reads and
+  authenticates the preamble (at most :data:`PREAMBLE_MAX` bytes) before it reads the frame,
+  reads everything within :data:`BODY_TIMEOUT`, and answers at most ``max_push_pulls_in``
+  exchanges at once (503 at once beyond). Both halves live here: :class:`HttpPushPullClient`
+  sends (it is the ``push_pull_client`` of :class:`GossipMembership`),
+  :func:`serve_push_pull` answers through :meth:`GossipMembership.answer_push_pull` (the node
+  routes the path to it).
 * A ticker task, owned by this object, calls ``tick`` whenever the machine has something due
   (at least every 50 ms); push-pull exchanges are tasks owned here too and are cancelled and
   awaited on :meth:`GossipMembership.stop`.
@@ -23,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -33,7 +41,7 @@ from typing import Final, Protocol
 import aiohttp
 from aiohttp import web
 
-from chatnode.keyring import KIND_DATAGRAM, KIND_STREAM, AuthError, Keyring
+from chatnode.keyring import KIND_DATAGRAM, KIND_PREAMBLE, KIND_STREAM, AuthError, Keyring
 from chatnode.membership import (
     Addr,
     CodecError,
@@ -41,6 +49,7 @@ from chatnode.membership import (
     MemberEvent,
     Membership,
     MembershipConfig,
+    MemberState,
     Output,
     PushPull,
     PushPullRequest,
@@ -50,35 +59,43 @@ from chatnode.membership import (
 )
 
 __all__ = [
+    "BODY_TIMEOUT",
+    "MAX_BODY",
     "MAX_DATAGRAM",
     "MAX_FRAME",
+    "PREAMBLE_MAX",
     "PUSH_PULL_PATH",
     "GossipMembership",
     "GossipStats",
     "HttpPushPullClient",
     "PeerSource",
+    "Preamble",
     "Propose",
-    "PushPullBusy",
     "PushPullClient",
     "SourceStats",
+    "open_exchange",
+    "open_preamble",
+    "seal_exchange",
     "serve_push_pull",
+    "split_exchange",
 ]
 
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM: Final = 1400
 MAX_FRAME: Final = 8 * 1024 * 1024  # one sealed push-pull frame, either way
+PREAMBLE_MAX: Final = 1024  # one sealed preamble: all that is read before authentication
+MAX_BODY: Final = 2 + PREAMBLE_MAX + MAX_FRAME  # one exchange body, either way
+BODY_TIMEOUT: Final = 5.0  # to read an incoming exchange body
+MAX_PUSH_PULLS_IN: Final = 8  # incoming exchanges read or answered at once (503 beyond)
 PUSH_PULL_PATH: Final = "/v1/gossip/push-pull"
+_DIGEST: Final = 32
 _TICK_CAP: Final = 0.05
 
 Propose = Callable[[Sequence[Addr]], None]
 # Sends one sealed push-pull frame to a member's gossip address, returns its sealed answer;
 # raises OSError (or TimeoutError) when the exchange fails.
 PushPullClient = Callable[[Addr, bytes], Awaitable[bytes]]
-
-
-class PushPullBusy(Exception):
-    """Too many push-pull exchanges are being answered at once, or the node is closing."""
 
 
 @dataclass(slots=True)
@@ -97,6 +114,9 @@ class GossipStats:
     push_pull_in_failed: int = 0  # incoming frames that did not open or decode
     push_pull_skipped: int = 0  # exchanges not started: too many in progress
     push_pull_refused: int = 0  # incoming exchanges refused: too many, or closing
+    # incoming exchanges refused, by reason: busy, too_large, timeout, truncated, and what the
+    # preamble or the frame failed on (auth_* for the keyring's reasons, wrong_recipient, ...)
+    push_pull_rejects: Counter[str] = dataclasses.field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -119,6 +139,102 @@ class PeerSource(Protocol):
     async def start(self, propose: Propose, local: Addr) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+# -- the push-pull exchange body (pure) --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Preamble:
+    """The authenticated head of an exchange body. ``digest`` names this exchange (an answer
+    carries its request's digest as ``reply_to``)."""
+
+    sender: str
+    recipient: str  # "" only when the sender did not know who listens at the address (a seed)
+    frame_len: int
+    frame_hash: bytes
+    reply_to: bytes
+    digest: bytes
+
+
+def _utf8_field(value: bytes) -> bytes:
+    if len(value) > 255:
+        raise ValueError("field over 255 bytes")
+    return bytes((len(value),)) + value
+
+
+def seal_exchange(
+    keyring: Keyring,
+    sender: str,
+    recipient: str,
+    payload: bytes,
+    now_wall: float,
+    *,
+    reply_to: bytes = b"",
+) -> tuple[bytes, bytes]:
+    """One exchange body (``len(preamble) | preamble | frame``) and its digest."""
+    if reply_to and len(reply_to) != _DIGEST:
+        raise ValueError("reply_to is a 32-byte digest")
+    frame = keyring.seal(KIND_STREAM, sender, payload, now_wall)
+    head = (
+        len(frame).to_bytes(4, "big")
+        + hashlib.sha256(frame).digest()
+        + _utf8_field(reply_to)
+        + _utf8_field(recipient.encode("utf-8"))
+    )
+    pre = keyring.seal(KIND_PREAMBLE, sender, head, now_wall)
+    return len(pre).to_bytes(2, "big") + pre + frame, hashlib.sha256(pre).digest()
+
+
+def split_exchange(body: bytes) -> tuple[bytes, bytes]:
+    """(sealed preamble, sealed frame) of a whole body; :class:`CodecError` if malformed."""
+    if len(body) < 2:
+        raise CodecError("truncated exchange")
+    n = int.from_bytes(body[:2], "big")
+    if n > PREAMBLE_MAX or len(body) < 2 + n:
+        raise CodecError("bad preamble length")
+    return body[2 : 2 + n], body[2 + n :]
+
+
+def open_preamble(
+    keyring: Keyring, sealed: bytes, now_wall: float, me: str, *, any_recipient: bool
+) -> Preamble:
+    """Authenticate a preamble meant for ``me`` (or for anyone, if ``any_recipient`` and the
+    sender named nobody). Raises :class:`AuthError` (``wrong_recipient`` among the reasons)
+    or :class:`CodecError`."""
+    if len(sealed) > PREAMBLE_MAX:
+        raise CodecError("preamble too large")
+    opened = keyring.open(KIND_PREAMBLE, sealed, now_wall)
+    p = opened.payload
+    try:
+        frame_len = int.from_bytes(p[0:4], "big")
+        frame_hash = p[4:36]
+        n = p[36]
+        reply_to = p[37 : 37 + n]
+        m = p[37 + n]
+        recipient = p[38 + n : 38 + n + m].decode("utf-8")
+    except (IndexError, UnicodeDecodeError):
+        raise CodecError("bad preamble") from None
+    if len(p) < 38 or len(frame_hash) != _DIGEST or len(p) != 38 + n + m:
+        raise CodecError("bad preamble")
+    if n not in (0, _DIGEST) or frame_len > MAX_FRAME:
+        raise CodecError("bad preamble")
+    if recipient != me and not (any_recipient and recipient == ""):
+        raise AuthError("wrong_recipient")
+    return Preamble(
+        opened.sender, recipient, frame_len, frame_hash, reply_to, hashlib.sha256(sealed).digest()
+    )
+
+
+def open_exchange(keyring: Keyring, pre: Preamble, frame: bytes, now_wall: float) -> bytes:
+    """The payload of the frame a preamble announced; :class:`AuthError`/:class:`CodecError`
+    if it is not that frame or not from the same sender."""
+    if len(frame) != pre.frame_len or hashlib.sha256(frame).digest() != pre.frame_hash:
+        raise CodecError("the frame is not the one the preamble announced")
+    opened = keyring.open(KIND_STREAM, frame, now_wall)
+    if opened.sender != pre.sender:
+        raise AuthError("sender_mismatch")
+    return opened.payload
 
 
 class _UDP(asyncio.DatagramProtocol):
@@ -155,12 +271,14 @@ class GossipMembership:
         advertise: Addr | None = None,
         config: MembershipConfig | None = None,
         incarnation: int | None = None,
+        url: str = "",
         seeds: Iterable[Addr] = (),
         sources: Sequence[PeerSource] = (),
         on_event: Callable[[MemberEvent], None] | None = None,
         rng: random.Random | None = None,
         push_pull_timeout: float = 5.0,
         max_push_pulls: int = 8,
+        max_push_pulls_in: int = MAX_PUSH_PULLS_IN,
         leave_grace: float = 0.5,
     ) -> None:
         self.node_id = node_id
@@ -172,12 +290,14 @@ class GossipMembership:
         base = config or MembershipConfig()
         self.config = dataclasses.replace(base, max_packet=min(base.max_packet, budget))
         self._incarnation = incarnation
+        self._url = url  # the public URL gossiped with our Alive (docs/PROTOCOL.md, nodes)
         self._seeds = list(seeds)
         self._sources = list(sources)
         self._on_event = on_event
         self._rng = rng or random.Random()
         self._push_pull_timeout = push_pull_timeout
         self._max_push_pulls = max_push_pulls
+        self.max_push_pulls_in = max_push_pulls_in
         self._leave_grace = leave_grace
         self._push_pull_client = push_pull_client
         self._answering = 0
@@ -202,7 +322,13 @@ class GossipMembership:
         addr = self._advertise or self.bound
         inc = self._incarnation if self._incarnation is not None else int(time.time() * 1000)
         self._machine = Membership(
-            self.node_id, addr, self.config, self._rng, loop.time(), incarnation=inc
+            self.node_id,
+            addr,
+            self.config,
+            self._rng,
+            loop.time(),
+            incarnation=inc,
+            url=self._url,
         )
         log.info("gossip %s listening on %s:%d (incarnation %d)", self.node_id, host, port, inc)
         self._ticker = asyncio.create_task(self._tick_loop(), name=f"gossip-tick-{self.node_id}")
@@ -353,44 +479,98 @@ class GossipMembership:
         self._exchanges.add(task)
         task.add_done_callback(self._exchanges.discard)
 
-    def _open_frame(self, sealed: bytes) -> PushPull:
-        opened = self.keyring.open(KIND_STREAM, sealed, time.time())
-        msg = decode_message(opened.payload, max_size=MAX_FRAME)
+    def _decode_push_pull(self, payload: bytes) -> PushPull:
+        msg = decode_message(payload, max_size=MAX_FRAME)
         if not isinstance(msg, PushPull):
             raise CodecError("expected a push-pull frame")
         return msg
 
-    async def answer_push_pull(self, sealed: bytes) -> bytes:
-        """Answer one incoming push-pull frame (for a host that carries the exchange):
-        merge it, return our own table sealed. Raises :class:`AuthError` or
-        :class:`CodecError` for a bad frame, :class:`PushPullBusy` when overloaded."""
-        if self._closing or self._machine is None or self._answering >= self._max_push_pulls * 4:
+    def _recipient_at(self, addr: Addr) -> str:
+        """The id of the live member at ``addr``; "" for an address we know no one at (a
+        seed)."""
+        for m in self.members():
+            if (
+                m.addr == addr
+                and m.id != self.node_id
+                and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
+            ):
+                return m.id
+        return ""
+
+    def admit(self) -> bool:
+        """Take one of the ``max_push_pulls_in`` slots for an incoming exchange (give it back
+        with :meth:`release`); False (counted) when they are all taken or we are closing."""
+        if self._closing or self._machine is None or self._answering >= self.max_push_pulls_in:
+            self.reject("busy")
             self.stats.push_pull_refused += 1
-            raise PushPullBusy("push-pull refused")
+            return False
         self._answering += 1
+        return True
+
+    def release(self) -> None:
+        self._answering -= 1
+
+    def reject(self, reason: str) -> None:
+        """Count an incoming exchange refused for ``reason``."""
+        self.stats.push_pull_rejects[reason] += 1
+
+    def open_request_preamble(self, sealed: bytes) -> Preamble:
+        """Authenticate the preamble of an incoming exchange (meant for us, or for whoever
+        listens at our address); counts and raises :class:`AuthError`/:class:`CodecError`."""
         try:
-            try:
-                if len(sealed) > MAX_FRAME:
-                    raise CodecError("push-pull frame too large")
-                msg = self._open_frame(sealed)
-            except (AuthError, CodecError):
-                self.stats.push_pull_in_failed += 1
-                raise
-            m = self.machine
-            reply, outs = m.handle_push_pull(msg, asyncio.get_running_loop().time())
-            self._handle(outs)
-            self.stats.push_pull_in += 1
-            return self.keyring.seal(KIND_STREAM, self.node_id, encode_message(reply), time.time())
-        finally:
-            self._answering -= 1
+            return open_preamble(
+                self.keyring, sealed, time.time(), self.node_id, any_recipient=True
+            )
+        except AuthError as exc:
+            self.stats.push_pull_in_failed += 1
+            self.reject("auth_" + exc.reason if exc.reason != "wrong_recipient" else exc.reason)
+            raise
+        except CodecError:
+            self.stats.push_pull_in_failed += 1
+            self.reject("codec")
+            raise
+
+    async def answer_push_pull(self, pre: Preamble, frame: bytes) -> bytes:
+        """Answer one incoming exchange whose preamble :meth:`open_request_preamble`
+        accepted: merge its table, return our own as an answer body bound to the request.
+        Raises :class:`AuthError` or :class:`CodecError` (counted) for a bad frame."""
+        try:
+            msg = self._decode_push_pull(open_exchange(self.keyring, pre, frame, time.time()))
+            if msg.source != pre.sender:
+                raise AuthError("sender_mismatch")
+        except AuthError as exc:
+            self.stats.push_pull_in_failed += 1
+            self.reject("auth_" + exc.reason)
+            raise
+        except CodecError:
+            self.stats.push_pull_in_failed += 1
+            self.reject("codec")
+            raise
+        m = self.machine
+        reply, outs = m.handle_push_pull(msg, asyncio.get_running_loop().time())
+        self._handle(outs)
+        self.stats.push_pull_in += 1
+        body, _ = seal_exchange(
+            self.keyring, self.node_id, pre.sender, encode_message(reply), time.time(),
+            reply_to=pre.digest,
+        )  # fmt: skip
+        return body
 
     async def _exchange(self, req: PushPullRequest) -> None:
         try:
             async with asyncio.timeout(self._push_pull_timeout):
-                sealed = self.keyring.seal(
-                    KIND_STREAM, self.node_id, encode_message(req.msg), time.time()
+                recipient = self._recipient_at(req.addr)
+                body, digest = seal_exchange(
+                    self.keyring, self.node_id, recipient, encode_message(req.msg), time.time()
                 )
-                reply = self._open_frame(await self._push_pull_client(req.addr, sealed))
+                answer = await self._push_pull_client(req.addr, body)
+                sealed_pre, frame = split_exchange(answer)
+                now = time.time()
+                pre = open_preamble(self.keyring, sealed_pre, now, self.node_id,
+                                    any_recipient=False)  # fmt: skip
+                if pre.reply_to != digest or (recipient and pre.sender != recipient):
+                    raise AuthError("not_our_answer")
+                reply = self._decode_push_pull(open_exchange(self.keyring, pre, frame, now))
             self.stats.push_pull_out += 1
             m = self.machine
             self._handle(m.merge_remote_state(reply, asyncio.get_running_loop().time()))
@@ -400,9 +580,9 @@ class GossipMembership:
 
 
 class HttpPushPullClient:
-    """The sending half of push-pull over HTTP: ``await client(addr, sealed)`` POSTs one
-    sealed frame to :data:`PUSH_PULL_PATH` at ``addr`` (a member's gossip address) and
-    returns the sealed answer (at most :data:`MAX_FRAME` bytes); raises ``OSError`` when the
+    """The sending half of push-pull over HTTP: ``await client(addr, body)`` POSTs one
+    exchange body to :data:`PUSH_PULL_PATH` at ``addr`` (a member's gossip address) and
+    returns the answer body (at most :data:`MAX_BODY` bytes); raises ``OSError`` when the
     exchange fails. ``local_host`` is the address to send from (so that per-address firewall
     rules, e.g. test partitions, apply); None or a wildcard: the kernel picks. Owns one
     aiohttp session, opened on first use and closed by :meth:`close`."""
@@ -432,13 +612,13 @@ class HttpPushPullClient:
             async with session.post(url, data=sealed, headers=headers) as resp:
                 if resp.status != 200:
                     raise OSError(f"{url}: HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length > MAX_FRAME:
+                if resp.content_length is not None and resp.content_length > MAX_BODY:
                     raise OSError(f"{url}: answer too large")
                 chunks: list[bytes] = []
                 total = 0
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     total += len(chunk)
-                    if total > MAX_FRAME:
+                    if total > MAX_BODY:
                         raise OSError(f"{url}: answer too large")
                     chunks.append(chunk)
                 return b"".join(chunks)
@@ -456,22 +636,46 @@ async def serve_push_pull(
     request: web.Request, gossip: GossipMembership | None
 ) -> web.StreamResponse:
     """The answering half of push-pull over HTTP: the handler of ``POST``
-    :data:`PUSH_PULL_PATH`. Reads one sealed frame (at most :data:`MAX_FRAME` bytes, with a
-    Content-Length), answers it through ``gossip`` (None: this host is no member, 404) and
-    returns the sealed answer; a frame that does not open or decode, or a busy membership,
-    gets 403."""
+    :data:`PUSH_PULL_PATH`. Beyond ``gossip.max_push_pulls_in`` exchanges at once it answers
+    503 at once, before reading anything. It then reads the preamble (at most
+    :data:`PREAMBLE_MAX` bytes) and authenticates it before reading the frame it announces,
+    all within :data:`BODY_TIMEOUT` (else 408); answers through ``gossip`` (None: this host is
+    no member, 404) and returns the answer body. A body that does not open or decode gets
+    403, one without a Content-Length or over :data:`MAX_BODY` 413."""
     if gossip is None:
         raise web.HTTPNotFound(text="not a cluster member")
-    size = request.content_length
-    if size is None or size > MAX_FRAME:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_FRAME, actual_size=size or 0)
+    if not gossip.admit():
+        raise web.HTTPServiceUnavailable(text="busy", headers={"Retry-After": "1"})
     try:
-        body = await request.content.readexactly(size)
-    except asyncio.IncompleteReadError:
-        raise web.HTTPBadRequest(text="truncated frame") from None
-    try:
-        answer = await gossip.answer_push_pull(body)
-    except (AuthError, CodecError, PushPullBusy) as exc:
-        log.debug("push-pull frame from %s rejected: %r", request.remote, exc)
-        raise web.HTTPForbidden(text="rejected") from None
-    return web.Response(body=answer, content_type="application/octet-stream")
+        size = request.content_length
+        if size is None or size > MAX_BODY or size < 2:
+            gossip.reject("too_large")
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=size or 0)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                n = int.from_bytes(await request.content.readexactly(2), "big")
+                if n > PREAMBLE_MAX or 2 + n > size:
+                    gossip.reject("codec")
+                    raise CodecError("bad preamble length")
+                pre = gossip.open_request_preamble(await request.content.readexactly(n))
+                if pre.frame_len != size - 2 - n:
+                    gossip.reject("codec")
+                    raise CodecError("the body is not as long as the preamble says")
+                frame = await request.content.readexactly(pre.frame_len)
+        except TimeoutError:
+            gossip.reject("timeout")
+            raise web.HTTPRequestTimeout() from None
+        except asyncio.IncompleteReadError:
+            gossip.reject("truncated")
+            raise web.HTTPBadRequest(text="truncated body") from None
+        except (AuthError, CodecError) as exc:
+            log.debug("push-pull preamble from %s rejected: %r", request.remote, exc)
+            raise web.HTTPForbidden(text="rejected") from None
+        try:
+            answer = await gossip.answer_push_pull(pre, frame)
+        except (AuthError, CodecError) as exc:
+            log.debug("push-pull frame from %s rejected: %r", request.remote, exc)
+            raise web.HTTPForbidden(text="rejected") from None
+        return web.Response(body=answer, content_type="application/octet-stream")
+    finally:
+        gossip.release()

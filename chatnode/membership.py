@@ -79,6 +79,7 @@ Addr = tuple[str, int]
 
 _NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _MAX_HOST_LEN = 255
+_MAX_URL_LEN = 512  # a member's public URL (``--public-url``), carried with its Alive
 _MAX_INCARNATION = 2**63 - 1
 _MAX_SEQ = 2**63 - 1
 _MAX_COMPOUND_PARTS = 256
@@ -117,6 +118,11 @@ def _check_addr(addr: Addr) -> None:
         or not (0 < addr[1] < 65536)
     ):
         raise ValueError(f"bad address: {addr!r}")
+
+
+def _check_url(url: str) -> None:
+    if not isinstance(url, str) or len(url) > _MAX_URL_LEN:
+        raise ValueError(f"bad public URL: {url!r}")
 
 
 def _check_uint(name: str, value: int, top: int) -> None:
@@ -167,6 +173,7 @@ class Member:
     state: MemberState
     incarnation: int
     since: float  # monotonic time of the last state change, on this node's clock
+    url: str = ""  # the URL clients reach it at ("" if it did not say)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -223,11 +230,13 @@ class Alive:
     incarnation: int
     node: str
     addr: Addr
+    url: str = ""  # the member's public URL; "" on the wire means none (older nodes)
 
     def __post_init__(self) -> None:
         _check_uint("incarnation", self.incarnation, _MAX_INCARNATION)
         _check_node_id(self.node)
         _check_addr(self.addr)
+        _check_url(self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,11 +284,13 @@ class MemberStateRecord:
     addr: Addr
     state: MemberState
     incarnation: int
+    url: str = ""
 
     def __post_init__(self) -> None:
         _check_node_id(self.node)
         _check_addr(self.addr)
         _check_uint("incarnation", self.incarnation, _MAX_INCARNATION)
+        _check_url(self.url)
         if not isinstance(self.state, MemberState):
             raise ValueError(f"bad state: {self.state!r}")
 
@@ -353,7 +364,8 @@ def _to_wire(msg: Message) -> list[Any]:
     if isinstance(msg, Nack):
         return [_T_NACK, msg.seq, msg.source]
     if isinstance(msg, Alive):
-        return [_T_ALIVE, msg.incarnation, msg.node, list(msg.addr)]
+        tail = [msg.url] if msg.url else []
+        return [_T_ALIVE, msg.incarnation, msg.node, list(msg.addr), *tail]
     if isinstance(msg, Suspect):
         return [_T_SUSPECT, msg.incarnation, msg.node, msg.source]
     if isinstance(msg, Dead):
@@ -364,8 +376,13 @@ def _to_wire(msg: Message) -> list[Any]:
         _T_PUSHPULL,
         msg.source,
         msg.join,
-        [[s.node, list(s.addr), _STATE_CODES[s.state], s.incarnation] for s in msg.states],
+        [_record_to_wire(s) for s in msg.states],
     ]
+
+
+def _record_to_wire(s: MemberStateRecord) -> list[Any]:
+    tail = [s.url] if s.url else []  # without a URL: the four fields older nodes read
+    return [s.node, list(s.addr), _STATE_CODES[s.state], s.incarnation, *tail]
 
 
 def encode_message(msg: Message) -> bytes:
@@ -394,8 +411,8 @@ def _from_wire(obj: Any, *, nested: bool) -> Message:
             return PingReq(args[0], args[1], _addr_from_wire(args[2]), args[3])
         if tag == _T_NACK and len(args) == 2:
             return Nack(args[0], args[1])
-        if tag == _T_ALIVE and len(args) == 3:
-            return Alive(args[0], args[1], _addr_from_wire(args[2]))
+        if tag == _T_ALIVE and len(args) in (3, 4):
+            return Alive(args[0], args[1], _addr_from_wire(args[2]), *args[3:])
         if tag == _T_SUSPECT and len(args) == 3:
             return Suspect(args[0], args[1], args[2])
         if tag == _T_DEAD and len(args) == 3:
@@ -416,13 +433,15 @@ def _from_wire(obj: Any, *, nested: bool) -> Message:
                 raise CodecError("bad push-pull")
             states: list[MemberStateRecord] = []
             for raw in raw_states:
-                if not isinstance(raw, list) or len(raw) != 4:
+                if not isinstance(raw, list) or len(raw) not in (4, 5):
                     raise CodecError("bad push-pull state")
                 code = raw[2]
                 if not isinstance(code, int) or code not in _CODE_STATES:
                     raise CodecError("bad member state code")
                 states.append(
-                    MemberStateRecord(raw[0], _addr_from_wire(raw[1]), _CODE_STATES[code], raw[3])
+                    MemberStateRecord(
+                        raw[0], _addr_from_wire(raw[1]), _CODE_STATES[code], raw[3], *raw[4:]
+                    )
                 )
             return PushPull(source, join, tuple(states))
     except (ValueError, TypeError) as exc:  # validation in the constructors
@@ -464,9 +483,10 @@ class _Node:
     state: MemberState
     incarnation: int
     since: float
+    url: str = ""
 
     def snapshot(self) -> Member:
-        return Member(self.id, self.addr, self.state, self.incarnation, self.since)
+        return Member(self.id, self.addr, self.state, self.incarnation, self.since, self.url)
 
 
 @dataclass(slots=True)
@@ -543,16 +563,19 @@ class Membership:
         now: float,
         *,
         incarnation: int = 0,
+        url: str = "",
     ) -> None:
         _check_node_id(self_id)
         _check_addr(self_addr)
         _check_uint("incarnation", incarnation, _MAX_INCARNATION)
+        _check_url(url)
         self.id = self_id
         self.addr = self_addr
+        self.url = url  # this node's public URL, gossiped with its Alive
         self.config = config
         self._rng = rng
         self._nodes: dict[str, _Node] = {
-            self_id: _Node(self_id, self_addr, MemberState.ALIVE, incarnation, now)
+            self_id: _Node(self_id, self_addr, MemberState.ALIVE, incarnation, now, url)
         }
         self._probe_list: list[str] = []
         self._probe_index = 0
@@ -713,7 +736,7 @@ class Membership:
         me.incarnation = max(me.incarnation, incarnation) + 1
         self.stats.refutations += 1
         self._adjust_awareness(+1)
-        self._broadcast(Alive(me.incarnation, self.id, self.addr))
+        self._broadcast(Alive(me.incarnation, self.id, self.addr, self.url))
 
     def _on_alive(self, msg: Alive, now: float, out: list[Output]) -> None:
         if msg.node == self.id:
@@ -722,7 +745,7 @@ class Membership:
             return
         node = self._nodes.get(msg.node)
         if node is None:
-            node = _Node(msg.node, msg.addr, MemberState.ALIVE, msg.incarnation, now)
+            node = _Node(msg.node, msg.addr, MemberState.ALIVE, msg.incarnation, now, msg.url)
             self._nodes[msg.node] = node
             # a newcomer goes at a random place in the probe round
             self._probe_list.insert(self._rng.randint(0, len(self._probe_list)), msg.node)
@@ -733,6 +756,7 @@ class Membership:
             return
         self._suspicions.pop(msg.node, None)
         node.addr = msg.addr
+        node.url = msg.url
         self._set_state(node, MemberState.ALIVE, msg.incarnation, now, out)
         self._broadcast(msg)
 
@@ -813,7 +837,7 @@ class Membership:
             self.id,
             join,
             tuple(
-                MemberStateRecord(n.id, n.addr, n.state, n.incarnation)
+                MemberStateRecord(n.id, n.addr, n.state, n.incarnation, n.url)
                 for n in self._nodes.values()
             ),
         )
@@ -845,7 +869,7 @@ class Membership:
         out: list[Output] = []
         for rec in msg.states:
             if rec.state is MemberState.ALIVE:
-                self._on_alive(Alive(rec.incarnation, rec.node, rec.addr), now, out)
+                self._on_alive(Alive(rec.incarnation, rec.node, rec.addr, rec.url), now, out)
             elif rec.state is MemberState.LEFT:
                 if rec.node != self.id and rec.node not in self._nodes:
                     continue

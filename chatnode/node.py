@@ -47,8 +47,14 @@ from aiohttp import web
 
 from chatnode.auth import TokenSigner
 from chatnode.cluster import Cluster, ReplicationStats
-from chatnode.config import Config
-from chatnode.discovery import ClusterOptions, build_membership, member_json, parse_hostport
+from chatnode.config import Config, public_url_for
+from chatnode.discovery import (
+    ClusterOptions,
+    build_membership,
+    member_json,
+    parse_hostport,
+    primary_ipv4,
+)
 from chatnode.errors import ServerError
 from chatnode.forwarder import Forwarder
 from chatnode.gossip_udp import (
@@ -61,9 +67,9 @@ from chatnode.keyring import Keyring, parse_key
 from chatnode.membership import Addr, Member, MemberEvent, MemberState
 from chatnode.metrics import Metrics, Reading
 from chatnode.peers import PeerHub
-from chatnode.service import Service
+from chatnode.service import Limits, Service
 from chatnode.storage import Store, WriteStats
-from chatnode.web import WebApp
+from chatnode.web import GatedSite, WebApp
 
 __all__ = [
     "IDENTITY_FILE",
@@ -164,6 +170,7 @@ class Node:
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
         self.url = cfg.url
+        self.public_url = cfg.public_url or ""  # settled once the port is bound
         self.gossip: GossipMembership | None = None  # None: standalone (or not started)
         self._push_pull_client: HttpPushPullClient | None = None
         self._gossip_site: web.TCPSite | None = None
@@ -202,7 +209,21 @@ class Node:
         if self.gossip is not None:
             return self.gossip.members()
         addr = (self.cfg.host, self.cfg.gossip_port_number)
-        return [Member(self.node_id, addr, MemberState.ALIVE, 0, 0.0)]
+        return [Member(self.node_id, addr, MemberState.ALIVE, 0, 0.0, self.public_url)]
+
+    def public_nodes(self) -> list[str]:
+        """The public URLs of the alive members (``nodes`` of ``hello``, ``GET /v1/nodes``):
+        this node's first (left out while it drains), then the others' in URL order."""
+        draining = self.webapp is not None and self.webapp.draining
+        others = sorted(
+            {
+                m.url
+                for m in self.members()
+                if m.id != self.node_id and m.state is MemberState.ALIVE and m.url
+            }
+        )
+        own = [] if draining or not self.public_url else [self.public_url]
+        return own + [u for u in others if u not in own]
 
     def cluster_view(self) -> dict[str, object]:
         """The body of ``GET /v1/cluster``."""
@@ -211,6 +232,20 @@ class Node:
             "standalone": self.standalone,
             "members": [member_json(m) for m in self.members()],
         }
+
+    def _default_public_url(self) -> str:
+        """``--public-url``, else ``http://<host>:<port>`` with the host of ``--advertise``
+        (its port is the gossip port, not ours), else ``--host``; a wildcard host becomes
+        this machine's primary IPv4 address."""
+        cfg = self.cfg
+        if cfg.public_url:
+            return cfg.public_url
+        host = cfg.host
+        if cfg.advertise:
+            host = parse_hostport(cfg.advertise, cfg.port)[0]
+        if host in ("0.0.0.0", "::", ""):
+            host = primary_ipv4()
+        return public_url_for(host, cfg.port)
 
     def _dispatch_member_event(self, ev: MemberEvent) -> None:
         for listener in list(self._member_listeners):
@@ -252,6 +287,7 @@ class Node:
             dns_interval=cfg.dns_interval_ms / 1000,
             mdns=cfg.mdns,
             mdns_interfaces=(cfg.mdns_interface,) if cfg.mdns_interface else (),
+            public_url=self.public_url,
         )
         if port != cfg.port and self._runner is not None:
             # push-pull is HTTP on the gossip port number: listen there too
@@ -321,6 +357,12 @@ class Node:
             token_ttl_ms=cfg.token_ttl_ms,
             segment_size=cfg.segment_size,
             snapshot_every=cfg.snapshot_every,
+            limits=Limits(
+                max_rooms_per_user=cfg.max_rooms_per_user,
+                max_reactions_per_message=cfg.max_reactions_per_message,
+                max_reactions_per_user=cfg.max_reactions_per_user,
+                hash_queue=cfg.hash_queue,
+            ),
         )
         self.webapp = WebApp(cfg, self.service, self.metrics)
         keyring = Keyring.from_strings(cfg.cluster_keys) if cfg.cluster_keys else None
@@ -330,10 +372,14 @@ class Node:
         app.router.add_post(PUSH_PULL_PATH, self._push_pull_in)
         self._register_metrics()
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=2.0
+            app, handle_signals=False, access_log=None, shutdown_timeout=2.0,
+            keepalive_timeout=75.0,  # idle HTTP keep-alive connections (aiohttp's is an hour)
         )
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, cfg.host, cfg.port, reuse_address=True)
+        # connection limits and the first-byte deadline apply before HTTP (docs/SECURITY.md)
+        self._site = GatedSite(
+            self._runner, self.webapp.gate, cfg.host, cfg.port, reuse_address=True
+        )
         await self._site.start()
         port = cfg.port
         for addr in self._runner.addresses:
@@ -342,8 +388,11 @@ class Node:
                 break
         self.cfg = dataclasses.replace(cfg, port=port)
         self.url = self.cfg.url
-        log.info("node %s listening on %s (data in %s)", self.node_id, self.url, cfg.data_dir)
+        self.public_url = self._default_public_url()
+        log.info("node %s listening on %s (data in %s), public URL %s",
+                 self.node_id, self.url, cfg.data_dir, self.public_url)  # fmt: skip
         self.webapp.cluster_view = self.cluster_view
+        self.webapp.public_nodes = self.public_nodes
         await self._start_membership()
         self.on_member_event(self.cluster.on_member_event)
         self.cluster.start()
@@ -381,6 +430,12 @@ class Node:
         m.value("chatnode_frontier_held_overflow_total",
                 "events released out of order because the held heap was full",
                 _of(service, lambda s: s.held_overflow), kind="counter")  # fmt: skip
+        m.value("chatnode_events_released_total",
+                "message and update events numbered in a room's release log",
+                _of(service, lambda s: s.events_released), kind="counter")  # fmt: skip
+        m.value("chatnode_events_pushed_total",
+                "released events durable and sent to subscribers (lags released by one commit)",
+                _of(service, lambda s: s.events_pushed), kind="counter")  # fmt: skip
 
         # peer links
         m.value("chatnode_peer_links", "open peer links", _of(hub, lambda h: len(h.links)))
@@ -411,6 +466,23 @@ class Node:
                   kind="counter")  # fmt: skip
         m.labeled("chatnode_peer_send_queue", "messages queued on each open peer link", "peer",
                   _of(hub, lambda h: h.queued()))  # fmt: skip
+        # the link handshake and frame binding (docs/SECURITY.md, node-to-node traffic)
+        m.labeled("chatnode_peer_handshakes_total",
+                  "peer link handshakes completed, by role (accepted, dialed)", "role",
+                  _of(hub, lambda h: dict(h.link_stats.handshakes)), kind="counter")  # fmt: skip
+        m.labeled("chatnode_peer_handshakes_refused_total",
+                  "peer link handshakes refused, by reason (auth, stale, replay, "
+                  "wrong_recipient, unknown_challenge, expired, busy, too_large, timeout, ...)",
+                  "reason", _of(hub, lambda h: dict(h.link_stats.handshakes_refused)),
+                  kind="counter")  # fmt: skip
+        m.labeled("chatnode_peer_frames_refused_total",
+                  "peer link frames refused (the link is closed), by reason (auth, replay, "
+                  "out_of_order, short, version, decode)",
+                  "reason", _of(hub, lambda h: dict(h.link_stats.frames_refused)),
+                  kind="counter")  # fmt: skip
+        m.value("chatnode_peer_pending_handshakes",
+                "handshake challenges waiting for the dialer's response",
+                _of(hub, lambda h: h.acceptor.pending()))  # fmt: skip
 
         # replication, anti-entropy and the registry (docs/REPLICATION.md)
         def rep(read: Callable[[ReplicationStats], int]) -> Callable[[], int | None]:
@@ -488,6 +560,11 @@ class Node:
         )
         m.value("chatnode_gossip_udp_errors_total", "errors reported by the gossip socket",
                 _of(gossip, lambda g: g.stats.udp_errors), kind="counter")  # fmt: skip
+        m.labeled("chatnode_gossip_push_pull_rejects_total",
+                  "incoming push-pull exchanges refused, by reason (busy, too_large, timeout, "
+                  "truncated, codec, wrong_recipient, auth_*)",
+                  "reason", _of(gossip, lambda g: dict(g.stats.push_pull_rejects)),
+                  kind="counter")  # fmt: skip
         m.labeled(
             "chatnode_gossip_probes_total",
             "failure-detector probes, by outcome (sent; failed: no ack in time)",

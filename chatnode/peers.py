@@ -3,12 +3,19 @@
 
 * **Who dials**: of two nodes, the one with the smaller id dials the other, and redials with
   a capped backoff while the other is a member; the other accepts. One link per pair.
+* **Handshake** (before any WebSocket exists, so nothing unauthenticated is ever read as a
+  frame): the dialer sends a hello (``POST``) to :data:`PEER_PATH` (at most
+  :data:`~chatnode.keyring.MAX_HANDSHAKE` bytes, read within :data:`HELLO_TIMEOUT`, at most
+  :data:`MAX_HELLOS` answered at once, 503 beyond), the acceptor answers a challenge (kept at
+  most :data:`HELLO_TIMEOUT`, at most :data:`MAX_PENDING` at once), and the dialer opens the
+  WebSocket with its response in the :data:`LINK_HEADER` request header. The acceptor checks
+  the response before it upgrades; only then does the socket exist, with the large frame
+  limit of a trusted peer. The protocol itself (pure) is in :mod:`chatnode.keyring`:
+  :class:`~chatnode.keyring.DialerHandshake`, :class:`~chatnode.keyring.LinkAcceptor`.
 * **Frames** are binary WebSocket messages: a msgpack array of peer messages
-  (:mod:`chatnode.replication`) sealed by the cluster keyring (AES-256-GCM, kind "stream",
-  sender id and time inside the authenticated plaintext, replays dropped). A frame that does
-  not open or decode closes the link. The first frame of each side is an empty array (the
-  hello): the acceptor learns who dialed from the sealed sender id, the dialer checks it
-  reached the node it meant.
+  (:mod:`chatnode.replication`) sealed by the link's :class:`~chatnode.keyring.LinkSession`
+  (AES-256-GCM under keys of this link and direction, with a counter that must be exactly
+  the next one). A frame that does not open or decode closes the link and is counted.
 * **Bounded send buffers**: each link queues at most ``max_queue`` messages; its writer task
   packs everything queued into one frame. :meth:`PeerHub.send` returns False when the link
   is down or full (the message is dropped; anti-entropy repairs the room, a waiting write
@@ -24,26 +31,42 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from chatnode.keyring import KIND_STREAM, AuthError, Keyring
+from chatnode.keyring import (
+    LINK_NONCE,
+    MAX_HANDSHAKE,
+    AuthError,
+    DialerHandshake,
+    Keyring,
+    LinkAcceptor,
+    LinkSession,
+    LinkStats,
+)
 from chatnode.replication import FrameError, PeerMsg, decode_frame, encode_frame
 
-__all__ = ["PEER_PATH", "PeerHub", "PeerStats"]
+__all__ = ["LINK_HEADER", "PEER_PATH", "PeerHub", "PeerStats"]
 
 log = logging.getLogger(__name__)
 
 PEER_PATH: Final = "/v1/cluster/peer"
-HELLO_TIMEOUT: Final = 5.0
+LINK_HEADER: Final = "X-Chatnode-Link"  # the handshake response, base64url, on the upgrade
+HELLO_TIMEOUT: Final = 5.0  # to read a hello; a challenge is answered within it or dropped
+MAX_HELLOS: Final = 16  # hellos being read or answered at once (503 beyond)
+MAX_PENDING: Final = 32  # challenges waiting for their response
+LOG_EVERY: Final = 10.0  # at most one log line about refused handshakes per this many seconds
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HEARTBEAT: Final = 5.0
@@ -63,7 +86,7 @@ class PeerStats:
     links_up: int = 0
     links_reset: int = 0  # closed by us after a message for the peer had to be dropped
     dial_failed: int = 0
-    accept_refused: int = 0
+    accept_refused: int = 0  # handshakes refused here as acceptor (by reason: LinkStats)
     bad_frames: int = 0  # frames that did not open or decode (the link is closed)
     dropped_full: int = 0  # messages not queued: the link's send queue was full
 
@@ -72,9 +95,10 @@ class _Link:
     """One open WebSocket to a peer and its bounded send queue."""
 
     def __init__(self, peer: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
-                 max_queue: int) -> None:  # fmt: skip
+                 session: LinkSession, max_queue: int) -> None:  # fmt: skip
         self.peer = peer
         self.ws = ws
+        self.session = session
         self.max_queue = max_queue
         self.low = max_queue // 4
         self.queue: deque[PeerMsg] = deque()
@@ -125,6 +149,19 @@ class PeerHub:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self.stats = PeerStats()
+        self.link_stats = LinkStats()  # handshakes done and refused, frames refused, by reason
+        self.acceptor = LinkAcceptor(
+            keyring, node_id, self.link_stats, max_pending=MAX_PENDING, timeout=HELLO_TIMEOUT
+        )
+        self.max_hellos = MAX_HELLOS
+        self._hellos = 0  # hellos being read or answered now
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = -LOG_EVERY
+
+    def add_routes(self, app: web.Application) -> None:
+        """The handshake (``POST``) and the link itself (``GET``, a WebSocket upgrade)."""
+        app.router.add_post(PEER_PATH, self.handle_hello)
+        app.router.add_get(PEER_PATH, self.handle)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -165,13 +202,6 @@ class PeerHub:
         while link is not None and not link.closed and len(link.queue) > link.low:
             await link.below_low.wait()
 
-    def _seal(self, msgs: list[PeerMsg]) -> bytes:
-        return self.keyring.seal(KIND_STREAM, self.node_id, encode_frame(msgs), time.time())
-
-    def _open(self, data: bytes) -> tuple[str, list[PeerMsg]]:
-        opened = self.keyring.open(KIND_STREAM, data, time.time())
-        return opened.sender, decode_frame(opened.payload)
-
     # -- membership of the link set ----------------------------------------------------------
 
     def set_targets(self, peers: dict[str, str]) -> None:
@@ -200,7 +230,7 @@ class PeerHub:
                 await self._dial_once(peer, url)
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, TimeoutError, AuthError, FrameError) as exc:
+            except (aiohttp.ClientError, OSError, EOFError, TimeoutError, AuthError) as exc:
                 log.debug("link to %s (%s): %s", peer, url, exc)
                 self.stats.dial_failed += 1
             except Exception:
@@ -217,48 +247,115 @@ class PeerHub:
             if host and host not in ("0.0.0.0", "::"):
                 connector = aiohttp.TCPConnector(local_addr=(host, 0))
             self._session = aiohttp.ClientSession(connector=connector)
-        async with self._session.ws_connect(
-            url.rstrip("/") + PEER_PATH, heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
-            timeout=aiohttp.ClientWSTimeout(ws_close=2.0), compress=0,
-        ) as ws:  # fmt: skip
-            await ws.send_bytes(self._seal([]))
-            msg = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
-            if msg.type != WSMsgType.BINARY:
-                raise FrameError(f"expected a hello, got {msg.type!r}")
-            sender, _ = self._open(msg.data)
-            if sender != peer:
-                log.warning("dialed %s at %s but %s answered", peer, url, sender)
-                return
-            await self._serve(peer, ws)
+        target = url.rstrip("/") + PEER_PATH
+        hs = DialerHandshake(
+            self.keyring, self.node_id, peer, os.urandom(LINK_NONCE), time.time(),
+            stats=self.link_stats,
+        )  # fmt: skip
+        async with asyncio.timeout(HELLO_TIMEOUT):
+            async with self._session.post(
+                target, data=hs.hello, headers={"Content-Type": "application/octet-stream"}
+            ) as resp:
+                size = resp.content_length
+                if resp.status != 200 or size is None or size > MAX_HANDSHAKE:
+                    raise OSError(f"{target}: hello refused (HTTP {resp.status})")
+                challenge = await resp.content.readexactly(size)
+            response, session = hs.finish(challenge)
+            ws = await self._session.ws_connect(
+                target, heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0), compress=0,
+                headers={LINK_HEADER: base64.urlsafe_b64encode(response).decode("ascii")},
+            )  # fmt: skip
+        try:
+            await self._serve(peer, ws, session)
+        finally:
+            await ws.close()
 
     # -- accepting ----------------------------------------------------------------------------
 
+    def _refused(self, request: web.Request, reason: str) -> None:
+        """Count a refused handshake; log it (rate-limited: refusals may be an attack)."""
+        self.stats.accept_refused += 1
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= LOG_EVERY:
+            log.info("refused %d peer handshake(s); the last from %s: %s",
+                     self._refusals_unlogged, request.remote, reason)  # fmt: skip
+            self._refusals_unlogged = 0
+            self._refusal_logged_at = now
+
+    async def handle_hello(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/cluster/peer``: answer a dialer's hello with a challenge. The body is
+        read only up to :data:`~chatnode.keyring.MAX_HANDSHAKE` bytes and within
+        :data:`HELLO_TIMEOUT`; beyond :data:`MAX_HELLOS` at once the answer is 503 at once."""
+        if self._closing:
+            raise web.HTTPServiceUnavailable(text="closing")
+        if self._hellos >= self.max_hellos:
+            self.acceptor.refuse("busy")
+            self._refused(request, "busy")
+            raise web.HTTPServiceUnavailable(text="busy", headers={"Retry-After": "1"})
+        self._hellos += 1
+        try:
+            size = request.content_length
+            if size is None or size > MAX_HANDSHAKE:
+                self.acceptor.refuse("too_large")
+                self._refused(request, "too_large")
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_HANDSHAKE,
+                                                    actual_size=size or 0)  # fmt: skip
+            try:
+                async with asyncio.timeout(HELLO_TIMEOUT):
+                    body = await request.content.readexactly(size)
+            except TimeoutError:
+                self.acceptor.refuse("timeout")
+                self._refused(request, "timeout")
+                raise web.HTTPRequestTimeout() from None
+            except asyncio.IncompleteReadError:
+                self.acceptor.refuse("malformed")
+                self._refused(request, "malformed")
+                raise web.HTTPBadRequest(text="truncated hello") from None
+            try:
+                challenge = self.acceptor.on_hello(body, os.urandom(LINK_NONCE), time.time())
+            except AuthError as exc:
+                self._refused(request, exc.reason)
+                if exc.reason == "busy":
+                    raise web.HTTPServiceUnavailable(
+                        text="busy", headers={"Retry-After": "1"}
+                    ) from None
+                raise web.HTTPForbidden(text="refused") from None
+            return web.Response(body=challenge, content_type="application/octet-stream")
+        finally:
+            self._hellos -= 1
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """``GET /v1/cluster/peer``: accept a link from a peer with a smaller id."""
+        """``GET /v1/cluster/peer``: a WebSocket upgrade carrying the handshake response;
+        upgraded only once the response is checked (anything else: 403, no socket)."""
+        if self._closing:
+            raise web.HTTPServiceUnavailable(text="closing")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
                                    compress=False)  # fmt: skip
-        await ws.prepare(request)
-        if self._closing:
-            await ws.close(code=1001)
-            return ws
+        if not ws.can_prepare(request).ok:
+            raise web.HTTPBadRequest(text="expected a WebSocket upgrade")
+        header = request.headers.get(LINK_HEADER, "")
         try:
-            msg = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT)
-            if msg.type != WSMsgType.BINARY:
-                raise FrameError("expected a hello")
-            peer, _ = self._open(msg.data)
-            if peer == self.node_id:
-                raise FrameError("a link to ourselves")
-            await ws.send_bytes(self._seal([]))
-        except (AuthError, FrameError, TimeoutError, ConnectionError) as exc:
-            self.stats.accept_refused += 1
-            log.info("refused a peer link from %s: %s", request.remote, exc)
-            await ws.close(code=1008)
-            return ws
+            if not header or len(header) > 2 * MAX_HANDSHAKE:
+                raise self.acceptor.refuse("malformed")
+            try:
+                proof = base64.urlsafe_b64decode(header.encode("ascii"))
+            except (binascii.Error, ValueError, UnicodeEncodeError):
+                raise self.acceptor.refuse("malformed") from None
+            peer, session = self.acceptor.on_response(proof, time.time())
+        except AuthError as exc:
+            self._refused(request, exc.reason)
+            # drop what the client pipelined behind its upgrade unread, then close
+            request.protocol.set_parser(cast(Any, _Discard()))
+            _close_with(request, b"403 Forbidden")
+            raise web.HTTPForbidden(text="refused") from None
+        await ws.prepare(request)
         task = asyncio.current_task()
         if task is not None:
             self._accepted.add(task)
         try:
-            await self._serve(peer, ws)
+            await self._serve(peer, ws, session)
         finally:
             if task is not None:
                 self._accepted.discard(task)
@@ -267,7 +364,10 @@ class PeerHub:
     # -- a live link --------------------------------------------------------------------------
 
     async def _serve(
-        self, peer: str, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+        self,
+        peer: str,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        session: LinkSession,
     ) -> None:
         old = self.links.get(peer)
         if old is not None:  # the peer restarted and dialed again: the new link wins
@@ -275,7 +375,7 @@ class PeerHub:
             old.wake.set()
             with contextlib.suppress(Exception):
                 await old.ws.close(code=1000)
-        link = _Link(peer, ws, self.max_queue)
+        link = _Link(peer, ws, session, self.max_queue)
         self.links[peer] = link
         log.info("peer link to %s up", peer)
         self.stats.links_up += 1
@@ -307,13 +407,12 @@ class PeerHub:
                     log.warning("peer %s sent a non-binary frame; closing", peer)
                 return
             try:
-                sender, msgs = self._open(msg.data)
+                msgs = decode_frame(link.session.open(msg.data))
             except (AuthError, FrameError) as exc:
+                if isinstance(exc, FrameError):
+                    self.link_stats.frames_refused["decode"] += 1
                 log.warning("bad frame from peer %s (%s); closing the link", peer, exc)
                 self.stats.bad_frames += 1
-                return
-            if sender != peer:
-                log.warning("frame on the link of %s sealed by %s; closing", peer, sender)
                 return
             self.stats.frames_in += 1
             self.stats.messages_in += len(msgs)
@@ -333,7 +432,7 @@ class PeerHub:
                 link.below_low.set()
                 if self.trailer is not None:
                     batch.append(self.trailer())
-                await link.ws.send_bytes(self._seal(batch))
+                await link.ws.send_bytes(link.session.seal(encode_frame(batch)))
                 self.stats.frames_out += 1
                 self.stats.messages_out += len(batch)
         except (ConnectionError, RuntimeError) as exc:
@@ -362,3 +461,29 @@ class PeerHub:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _close_with(request: web.Request, status: bytes) -> None:
+    """Answer ``status`` and close the connection at once, reading nothing more of it. Used
+    for a refused upgrade: declined the usual way, aiohttp parses whatever the client
+    pipelined behind the request as HTTP (a refused peer may have sent a frame announcing
+    64 MiB), which ends up in a logged error and costs megabytes per connection. (A refused
+    ``POST`` is left to aiohttp, which reads and discards its body for at most 10 s: closing
+    those at once measured worse, see docs/SECURITY.md.)"""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.write(
+            b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    request.protocol.force_close()
+
+
+class _Discard:
+    """Stands in for the WebSocket reader of a refused upgrade (``set_parser`` also hands it
+    what is already buffered): drops what it is fed."""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        return False, b""
+
+    def feed_eof(self) -> None:
+        return None

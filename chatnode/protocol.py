@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_HISTORY_LIMIT",
     "MAX_PASSWORD",
     "MAX_REF",
+    "MAX_ROOMS_PAGE",
     "MAX_TITLE",
     "MAX_TOKEN",
     "MIN_PASSWORD",
@@ -73,12 +75,14 @@ __all__ = [
     "ok",
     "parse_credentials",
     "parse_request",
+    "peek_ref",
     "presence_event",
     "read_event",
     "typing_event",
     "valid_message_id",
     "valid_room",
     "valid_user",
+    "visible_text",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -94,6 +98,9 @@ MAX_TOKEN: Final = 1024
 MIN_HISTORY_LIMIT: Final = 1
 MAX_HISTORY_LIMIT: Final = 200
 DEFAULT_HISTORY_LIMIT: Final = 50
+MAX_ROOMS_PAGE: Final = 200  # public rooms in one rooms.list page
+DEFAULT_ROOMS_PAGE: Final = 50
+PEEK_REF_BYTES: Final = 1024  # a frame over the rate limit is read for its ref up to this size
 MIN_PASSWORD: Final = 8
 MAX_PASSWORD: Final = 256
 
@@ -144,6 +151,25 @@ def valid_room(room: str) -> bool:
     return _valid_plain_room(room) or is_dm_room(room)
 
 
+#: Bidirectional-text controls (embeddings, overrides, isolates, marks): they reorder what
+#: is shown around them, so a title or an emoji could look like something else.
+_BIDI: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                         "\u2066\u2067\u2068\u2069")  # fmt: skip
+
+
+def visible_text(text: str) -> bool:
+    """True when ``text`` has no control character (Unicode category Cc), no invisible
+    format character (Cf: bidi controls, zero-width spaces and joiners, soft hyphens, tag
+    characters) and no line or paragraph separator (Zl, Zp): what a room title may hold."""
+    return not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
+def _valid_emoji(text: str) -> bool:
+    """An emoji may use the joiners and tags emoji sequences are built from (Cf), but no
+    bidi control and no control character."""
+    return not any(c in _BIDI or unicodedata.category(c) == "Cc" for c in text)
+
+
 def valid_message_id(msg_id: str) -> bool:
     """A client-chosen message id: ``^[A-Za-z0-9_-]{1,64}$``."""
     return isinstance(msg_id, str) and _MSG_ID_RE.fullmatch(msg_id) is not None
@@ -184,6 +210,8 @@ class RoomsCreate:
 @dataclass(frozen=True, slots=True)
 class RoomsList:
     ref: Ref
+    after: str | None = None  # the public directory page starts after this room id
+    limit: int = DEFAULT_ROOMS_PAGE  # public rooms in the page
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,11 +546,27 @@ def _rooms_create(f: _Fields) -> Request:
     title = f.text("title", required=False) or ""
     if len(title) > MAX_TITLE:
         raise f.fail("invalid", f"field 'title' must have at most {MAX_TITLE} characters")
+    if not visible_text(title):
+        raise f.fail(
+            "invalid", "field 'title' must not hold control or invisible format characters"
+        )
     return RoomsCreate(f.ref, room, visibility, title)
 
 
+def _rooms_list(f: _Fields) -> Request:
+    after = f.text("after", required=False)
+    if after is not None and not valid_room(after):
+        raise f.fail("invalid", "field 'after' must be a room id")
+    limit = f.integer("limit", DEFAULT_ROOMS_PAGE, 1, MAX_ROOMS_PAGE)
+    return RoomsList(f.ref, after, limit)
+
+
 def _react(f: _Fields) -> Request:
-    return React(f.ref, f.room(), f.msg_id(), f.bounded("emoji", 1, MAX_EMOJI), f.boolean("on"))
+    room, msg_id = f.room(), f.msg_id()
+    emoji = f.bounded("emoji", 1, MAX_EMOJI)
+    if not _valid_emoji(emoji):
+        raise f.fail("invalid", "field 'emoji' must not hold control or bidi characters")
+    return React(f.ref, room, msg_id, emoji, f.boolean("on"))
 
 
 def _history(f: _Fields) -> Request:
@@ -549,7 +593,7 @@ _OPS: Final[dict[str, tuple[frozenset[str], _Parser]]] = {
     "hello": (frozenset({"token"}), _hello),
     "ping": (frozenset(), lambda f: Ping(f.ref)),
     "rooms.create": (frozenset({"room", "visibility", "title"}), _rooms_create),
-    "rooms.list": (frozenset(), lambda f: RoomsList(f.ref)),
+    "rooms.list": (frozenset({"after", "limit"}), _rooms_list),
     "rooms.join": (frozenset({"room"}), lambda f: RoomsJoin(f.ref, f.room())),
     "rooms.leave": (frozenset({"room"}), lambda f: RoomsLeave(f.ref, f.room())),
     "rooms.invite": (
@@ -625,6 +669,33 @@ def parse_request(data: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Req
     if extra:
         raise ClientError("bad_frame", f"{op}: unknown field {_shown(sorted(extra)[0])}", ref)
     return parser(_Fields(value, op, ref))
+
+
+#: ``ref`` as the first key of a frame's object, or the second after ``op`` (how clients
+#: write frames): read from the head of a big frame without parsing the rest of it.
+_HEAD_REF_RE: Final = re.compile(
+    r'\s*\{\s*(?:"op"\s*:\s*"[a-z.]{1,32}"\s*,\s*)?"ref"\s*:\s*'
+    r'(?:"([^"\\\x00-\x1f]{0,64})"|(-?[0-9]{1,64}))\s*[,}]'
+)
+
+
+def peek_ref(data: str | bytes) -> Ref:
+    """The ``ref`` of a frame that will not be executed (over the rate limit), at little
+    cost: a frame of at most :data:`PEEK_REF_BYTES` bytes is parsed; of a bigger one only
+    the head is read, which finds the ``ref`` when it is the object's first key or comes
+    right after ``op``. None when it cannot be read. Never raises."""
+    try:
+        if len(data) <= PEEK_REF_BYTES:
+            value = _load(data, PEEK_REF_BYTES)
+            return _read_ref(value) if isinstance(value, dict) else None
+        head = data[:160]
+        text = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+        m = _HEAD_REF_RE.match(text)
+        if m is None:
+            return None
+        return m.group(1) if m.group(1) is not None else int(m.group(2))
+    except (ClientError, ValueError):
+        return None
 
 
 def parse_credentials(data: str | bytes) -> Credentials:

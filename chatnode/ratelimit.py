@@ -4,16 +4,32 @@ A bucket holds up to ``burst`` tokens and refills at ``rate`` tokens per second.
 cost ``c`` is allowed iff the bucket holds at least ``c`` tokens, which it then loses; a refused
 action costs nothing. So over any run of calls from time ``t0`` to ``t1`` the allowed cost is at
 most ``burst + rate * (t1 - t0)``. Time going backwards (a clock step) refills nothing.
+
+Also here, as pure functions and counters: which client an address stands for
+(:func:`address_group`: an IPv4 address, or the /64 of an IPv6 one; :func:`client_address`:
+the address behind trusted proxies), the login rule (:class:`LoginLimiter`) and a table of
+per-key counts with a cap (:class:`CountLimiter`, for connections per address).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Sequence
+from typing import Generic, TypeAlias, TypeVar
 
-__all__ = ["KeyedLimiter", "TokenBucket"]
+__all__ = [
+    "CountLimiter",
+    "KeyedLimiter",
+    "LoginLimiter",
+    "Network",
+    "TokenBucket",
+    "address_group",
+    "client_address",
+    "parse_networks",
+    "trusted_peer",
+]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -107,3 +123,183 @@ class KeyedLimiter(Generic[K]):
         else:
             self._buckets.move_to_end(key)
         return bucket.allow(now, cost)
+
+
+    def retry_after(self, key: K, now: float, cost: float = 1.0) -> float:
+        """Seconds until ``cost`` would be allowed for ``key`` (0 for an unknown key)."""
+        bucket = self._buckets.get(key)
+        return 0.0 if bucket is None else bucket.retry_after(now, cost)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client addresses
+# ---------------------------------------------------------------------------------------------
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip().strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def address_group(address: str) -> str:
+    """The key that rate and connection limits count ``address`` under: an IPv4 address
+    itself (also written as an IPv4-mapped IPv6 address), the /64 network of an IPv6
+    address (one subscriber usually holds a whole /64), and anything unparsable as is."""
+    ip = _ip(address)
+    if ip is None:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def parse_networks(items: Sequence[str]) -> tuple[Network, ...]:
+    """CIDR networks (a bare address is a /32 or /128); ValueError names a bad item."""
+    out: list[Network] = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def _trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: Sequence[Network]) -> bool:
+    return any(ip.version == net.version and ip in net for net in nets)
+
+
+def trusted_peer(peer: str, trusted: Sequence[Network]) -> bool:
+    """Whether ``peer`` is one of the ``trusted`` proxies."""
+    ip = _ip(peer)
+    return ip is not None and _trusted(ip, trusted)
+
+
+def client_address(peer: str, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str:
+    """The address of the client behind ``peer`` (the TCP peer).
+
+    When ``peer`` is a trusted proxy, the ``X-Forwarded-For`` values (each a comma-separated
+    list, the nearest hop last) are walked from the right: the first address that is not a
+    trusted proxy is the client. A malformed entry stops the walk at the last trusted hop, so
+    a client cannot choose its address by sending the header itself: only what trusted
+    proxies appended is believed. An untrusted ``peer`` is the client whatever the header
+    says."""
+    ip = _ip(peer)
+    if ip is None or not trusted or not _trusted(ip, trusted):
+        return peer if ip is None else str(ip)
+    hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+    current = ip
+    for hop in reversed(hops):
+        nxt = _ip(hop)
+        if nxt is None:
+            break
+        current = nxt
+        if not _trusted(nxt, trusted):
+            break
+    return str(current)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logins and connection counts
+# ---------------------------------------------------------------------------------------------
+
+
+class LoginLimiter:
+    """Who may try a password now. An attempt on ``user`` from the address group ``group``
+    is allowed when three buckets all have a token: the group's (every attempt from it,
+    whatever the user), the pair (user, group), and the user's global one, whose rate is far
+    above what its owner ever needs. The group bucket pays for every attempt; the pair and
+    the user buckets only for failed ones, so an owner who logs in often never locks
+    himself out. A stranger guessing from one address exhausts only the pair bucket of that
+    address, so the owner, from another address, still logs in; locking the owner out needs
+    many address groups hammering one user name at once.
+
+    A refused attempt costs nothing."""
+
+    __slots__ = ("groups", "pairs", "users")
+
+    def __init__(
+        self,
+        *,
+        group: tuple[float, float] = (5.0, 30.0),
+        pair: tuple[float, float] = (0.2, 10.0),
+        user: tuple[float, float] = (1.0, 300.0),
+        max_keys: int = 50_000,
+    ) -> None:
+        self.groups = KeyedLimiter[str](group[0], group[1], max_keys)
+        self.pairs = KeyedLimiter[tuple[str, str]](pair[0], pair[1], max_keys)
+        self.users = KeyedLimiter[str](user[0], user[1], max_keys)
+
+    def check(self, group: str, user: str | None, now: float) -> float:
+        """0.0 if an attempt may be made now (the group pays for it), else the seconds to
+        wait. Call :meth:`failed` when the attempt turns out wrong."""
+        waits = [self.groups.retry_after(group, now)]
+        if user is not None:
+            waits.append(self.pairs.retry_after((user, group), now))
+            waits.append(self.users.retry_after(user, now))
+        wait = max(waits)
+        if wait > 0:
+            return wait
+        self.groups.allow(group, now)
+        return 0.0
+
+    def failed(self, group: str, user: str, now: float) -> None:
+        """A wrong password for ``user`` from ``group``."""
+        self.pairs.allow((user, group), now)
+        self.users.allow(user, now)
+
+    def allow(self, group: str, user: str | None, now: float) -> float:
+        """:meth:`check`, then :meth:`failed` if allowed: a guess that is wrong."""
+        wait = self.check(group, user, now)
+        if wait == 0.0 and user is not None:
+            self.failed(group, user, now)
+        return wait
+
+
+class CountLimiter(Generic[K]):
+    """Open things (connections) per key, at most ``per_key`` each and ``total`` in all
+    (0: no per-key cap). Keys with no open thing take no memory."""
+
+    __slots__ = ("_counts", "per_key", "total", "used")
+
+    def __init__(self, total: int, per_key: int) -> None:
+        if total < 1 or per_key < 0:
+            raise ValueError("total must be positive and per_key non-negative")
+        self.total = total
+        self.per_key = per_key
+        self.used = 0
+        self._counts: dict[K, int] = {}
+
+    def count(self, key: K) -> int:
+        return self._counts.get(key, 0)
+
+    def acquire(self, key: K, *, capped: bool = True) -> str | None:
+        """Take one for ``key``; None if taken, else why not (``"total"`` or ``"per_key"``).
+        ``capped=False`` skips the per-key cap (a trusted proxy), never the total."""
+        if self.used >= self.total:
+            return "total"
+        n = self._counts.get(key, 0)
+        if capped and self.per_key and n >= self.per_key:
+            return "per_key"
+        self._counts[key] = n + 1
+        self.used += 1
+        return None
+
+    def release(self, key: K) -> None:
+        n = self._counts.get(key, 0)
+        if n <= 0:
+            raise KeyError(key)
+        if n == 1:
+            del self._counts[key]
+        else:
+            self._counts[key] = n - 1
+        self.used -= 1
+
+    def __len__(self) -> int:
+        return len(self._counts)

@@ -41,7 +41,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import msgpack
 
@@ -69,6 +69,7 @@ from chatnode.storage import (
     room_snapshot_key,
     unreleased_key,
     unreleased_prefix,
+    unreleased_update_key,
     update_key,
     update_prefix,
 )
@@ -78,7 +79,7 @@ from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
 from crdt.roomlog import Applied, Change, Message, RoomLog
 
-__all__ = ["Outbox", "Replicator", "Service", "Session"]
+__all__ = ["Busy", "Limits", "Outbox", "Replicator", "Service", "Session"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,17 @@ UNREAD_CAP: Final = 999
 CATCHUP_PAGE: Final = 200
 MAX_INFLIGHT_HASHES: Final = 2
 MAX_HELD_EVENTS: Final = 50_000  # live events waiting for the stable frontier, all rooms
+_RELEASED_UPDATE: Final = "u"  # marks an update row in the release log
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one user may do (docs/SECURITY.md; the flags of the same names)."""
+
+    max_rooms_per_user: int = 100  # rooms created with rooms.create
+    max_reactions_per_message: int = 20  # distinct emoji on one message
+    max_reactions_per_user: int = 5  # emoji of one user on one message
+    hash_queue: int = 16  # password hashes running or waiting for a slot
 
 
 class Outbox(Protocol):
@@ -123,6 +135,16 @@ class Replicator(Protocol):
 
     def meta_changed(self) -> None:
         """The metadata map changed (locally or from a peer)."""
+
+
+_H = TypeVar("_H")
+_R = TypeVar("_R")
+
+
+class Busy(ClientError):
+    """The node is overloaded right now (answered at once, HTTP 503 with Retry-After)."""
+
+    retry_after: Final = 1
 
 
 def _now_ms() -> int:
@@ -189,6 +211,21 @@ class RoomInfo:
     visibility: str  # public | private | dm
     creator: str
     created_ms: int
+
+
+@dataclass(slots=True)
+class _Event:
+    """A committed change of message ``msg_id`` waiting for its place in the room's release
+    order: ``new`` for its first ``message`` event, else an ``update`` (``replaces``: the
+    cursor a moved message had)."""
+
+    state: _RoomState
+    text: str
+    cursor: str
+    msg_id: str
+    new: bool
+    replaces: str | None = None
+    marker: bytes | None = None  # its ``q`` row, removed when the event is released
 
 
 class _RoomState:
@@ -276,7 +313,11 @@ class Service:
         segment_size: int = 1000,
         snapshot_every: int = 1000,
         now_ms: Callable[[], int] = _now_ms,
+        limits: Limits | None = None,
+        client_id: int | None = None,
     ) -> None:
+        self.limits = limits or Limits()
+        self.hashes_queued = 0  # running or waiting for a hashing slot
         self.node_id = node_id
         self.store = store
         self.signer = signer
@@ -286,7 +327,8 @@ class Service:
         self.snapshot_every = snapshot_every
         self.now_ms = now_ms
         self.clock = HybridClock(node_id)
-        self.client_id = secrets.randbelow(2**53 - 1) + 1  # one per incarnation
+        # the pycrdt client id of this incarnation's writes: fresh per start (tests pin it)
+        self.client_id = client_id or secrets.randbelow(2**53 - 1) + 1
         self.segments = RocksSegmentStore(store)
         self.meta = AWLWWMap()
         self.meta_seq = 0
@@ -306,7 +348,7 @@ class Service:
         # ``_held`` until their message's cursor is below ``_limit``, the lowest of the peers'
         # frontiers and of this node's own stamped-but-uncommitted messages (``_inflight``,
         # ascending since stamps are issued in order).
-        self._held: list[tuple[str, int, _RoomState, str, str | None]] = []
+        self._held: list[tuple[str, int, _Event]] = []
         self._held_seq = 0
         self.held_overflow = 0  # events released past the frontier because the heap was full
         self._inflight: dict[str, None] = {}
@@ -316,7 +358,9 @@ class Service:
         # Released events wait here for their release-log rows to be durable, then go out
         # in release order (one batch per loop iteration).
         self._release_batch = Batch()
-        self._release_frames: list[tuple[_RoomState, str, str, int]] = []
+        self._release_frames: list[tuple[_RoomState, str, str, int, bool]] = []
+        self.events_released = 0  # numbered in a release log (all rooms)
+        self.events_pushed = 0  # of those, durable and sent to subscribers
         self._flush_handle: asyncio.Handle | None = None
 
     # ------------------------------------------------------------------ startup
@@ -350,9 +394,18 @@ class Service:
             state.release_seq = state.pushed_seq = last_seq
             state.max_released = last_cursor
             # committed before the last stop but never released: release them now, in order
-            for cursor, msg_id, value in unreleased:
-                frame = {"op": "message", **_unpack_message(name, cursor, value)}
-                self._release_event(state, p.encode(frame), cursor, msg_id)
+            for u in unreleased:
+                if u.now is None:  # nothing left to show (cannot happen unless damaged)
+                    self.store.submit(Batch().delete(u.key))
+                    continue
+                cursor, value = u.now
+                frame: dict[str, object] = {"op": "update" if u.update else "message"}
+                frame.update(_unpack_message(name, cursor, value))
+                if u.replaces is not None:
+                    frame["replaces"] = u.replaces
+                event = _Event(state, p.encode(frame), cursor, u.msg_id, not u.update)
+                event.replaces, event.marker = u.replaces, u.key
+                self._release_event(event)
         self.meta_rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.meta, seq=self.meta_seq)
         log.info(
             "loaded %d accounts, %d rooms, %d metadata keys",
@@ -587,7 +640,7 @@ class Service:
         batch.put(update_key(room, state.seq), update)
         state.seq += 1
         state.since_snapshot += 1
-        frames = self._remote_rows(room, applied, batch)
+        frames = self._remote_rows(state, applied, batch)
         self._clock_row(batch)
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
@@ -600,32 +653,35 @@ class Service:
             try:
                 if error is None:
                     self.metrics.deliveries.inc(len(state.subscribers) * len(frames))
-                    for text, cursor, msg_id in frames:
-                        self._deliver(state, text, cursor, msg_id)
+                    for event in frames:
+                        self._deliver(event)
             finally:
                 durable(error)  # always: the link's frontier waits for it
 
         self.store.submit(batch, written)
 
-    def _remote_rows(
-        self, room: str, applied: Applied, batch: Batch
-    ) -> list[tuple[str, str, str | None]]:
+    def _remote_rows(self, state: _RoomState, applied: Applied, batch: Batch) -> list[_Event]:
         """Index rows of what a remote update changed, into ``batch``; returns the events
-        to deliver once written: ``(text, cursor, message id for a new message else None)``."""
-        out: list[tuple[str, str, str | None]] = []
+        to deliver once written, in cursor order."""
+        room = state.name
+        out: list[_Event] = []
         for m in applied.new:
             cursor = m.ts.encode()
             batch.put(history_key(room, cursor), _pack_message(m))
             batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
             batch.put(unreleased_key(room, cursor), m.id.encode())
-            out.append((p.encode(p.message_frame("message", room, m)), cursor, m.id))
+            text = p.encode(p.message_frame("message", room, m))
+            out.append(_Event(state, text, cursor, m.id, True, None, unreleased_key(room, cursor)))
             self._observe(m.ts)
         for m in applied.updated:
             cursor = m.ts.encode()
             if m.edited is not None:
                 self._observe(m.edited)  # a later local edit must win over this one
             batch.put(history_key(room, cursor), _pack_message(m))
-            out.append((p.encode(p.message_frame("update", room, m)), cursor, None))
+            marker = unreleased_update_key(room, cursor, state.seq - 1)  # its update row
+            batch.put(marker, msgpack.packb([m.id, None]))
+            text = p.encode(p.message_frame("update", room, m))
+            out.append(_Event(state, text, cursor, m.id, False, None, marker))
         for m, replaced in applied.moved:
             cursor = m.ts.encode()
             batch.delete(history_key(room, replaced))
@@ -633,9 +689,11 @@ class Service:
             batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
             frame = p.message_frame("update", room, m)
             frame["replaces"] = replaced
-            out.append((p.encode(frame), cursor, None))
+            marker = unreleased_update_key(room, cursor, state.seq - 1)  # its update row
+            batch.put(marker, msgpack.packb([m.id, replaced]))
+            out.append(_Event(state, p.encode(frame), cursor, m.id, False, replaced, marker))
             self._observe(m.ts)
-        out.sort(key=lambda row: row[1])
+        out.sort(key=lambda e: e.cursor)
         return out
 
     # ------------------------------------------------------------------ stable frontier
@@ -689,60 +747,61 @@ class Service:
         self._limit = limit
         held = self._held
         while held and (limit is None or held[0][0] < limit):
-            cursor, _, state, text, msg_id = heapq.heappop(held)
-            self._release_event(state, text, cursor, msg_id)
+            self._release_event(heapq.heappop(held)[2])
 
-    def _deliver(self, state: _RoomState, text: str, cursor: str, msg_id: str | None) -> None:
-        """Release a committed event of the message at ``cursor`` (``msg_id`` set when it is
-        a new message) to subscribers, in cursor order behind the stable frontier when the
-        node has peers."""
-        if self.replicator is None or self._limit is None or cursor < self._limit:
-            self._release_event(state, text, cursor, msg_id)
+    def _deliver(self, event: _Event) -> None:
+        """Release a committed event to subscribers, in cursor order behind the stable
+        frontier when the node has peers."""
+        if self.replicator is None or self._limit is None or event.cursor < self._limit:
+            self._release_event(event)
             return
         self._held_seq += 1
-        heapq.heappush(self._held, (cursor, self._held_seq, state, text, msg_id))
+        heapq.heappush(self._held, (event.cursor, self._held_seq, event))
         self._release()
         # Bounded: a peer that stays alive in gossip but whose link never delivers a frontier
         # must not grow this heap without limit. Past the bound the lowest events go out
         # anyway (the weaker ordering of a partition heal; docs/REPLICATION.md).
         while len(self._held) > MAX_HELD_EVENTS:
-            cursor, _, state, text, msg_id = heapq.heappop(self._held)
+            event = heapq.heappop(self._held)[2]
             if self.held_overflow % 10_000 == 0:
                 log.warning(
                     "stable frontier stuck at %s: %d events held; releasing out of order",
                     self._limit, len(self._held),
                 )
             self.held_overflow += 1
-            self._release_event(state, text, cursor, msg_id)
+            self._release_event(event)
 
-    def _release_event(
-        self, state: _RoomState, text: str, cursor: str, msg_id: str | None
-    ) -> None:
-        """Put an event in the room's release order. A new message gets the next number of
-        the room's release log (its resume token, and ``late`` if a higher cursor went out
-        before it); the event goes out once that row is durable, so a token a client holds
-        always names a durable position. Updates keep their place in the same order."""
-        seq = 0
-        if msg_id is not None:
-            unreleased = unreleased_key(state.name, cursor)
-            now = state.log.get(msg_id)
+    def _release_event(self, event: _Event) -> None:
+        """Put an event in the room's release order: it gets the next number of the room's
+        release log (its resume token; a new message also ``late`` if a higher cursor went
+        out before it) and goes out once that row is durable, so a token a client holds
+        always names a durable position, and a client resuming from it gets every event
+        after it: new messages and the updates (edits, deletes, reactions, moves) alike."""
+        state, text, cursor = event.state, event.text, event.cursor
+        late = False
+        if event.marker is not None:
+            self._release_batch.delete(event.marker)
+        if event.new:
+            now = state.log.get(event.msg_id)
             if now is not None and now.cursor != cursor:
                 # a copy with a lower cursor won while this event was held: send that one
                 cursor = now.cursor
                 text = p.encode(p.message_frame("message", state.name, now))
-            state.release_seq += 1
-            seq = state.release_seq
             late = cursor < state.max_released
             if not late:
                 state.max_released = cursor
-            token = json.dumps(f"{self.node_id}:{seq}")
-            late_field = ',"late":true' if late else ""
-            text = f'{text[:-1]},"resume":{token}{late_field}}}'
-            self._release_batch.put(
-                release_key(state.name, seq), msgpack.packb([cursor, msg_id, late])
-            ).delete(unreleased)
             state.pushing.add(cursor)
-        self._release_frames.append((state, text, cursor, seq))
+        state.release_seq += 1
+        self.events_released += 1
+        seq = state.release_seq
+        token = json.dumps(f"{self.node_id}:{seq}")
+        late_field = ',"late":true' if late else ""
+        text = f'{text[:-1]},"resume":{token}{late_field}}}'
+        row: list[object] = [cursor, event.msg_id, late]
+        if not event.new:
+            row += [_RELEASED_UPDATE, event.replaces]
+        self._release_batch.put(release_key(state.name, seq), msgpack.packb(row))
+        self._release_frames.append((state, text, cursor, seq, event.new))
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_releases)
 
@@ -757,16 +816,25 @@ class Service:
             if error is not None:
                 log.error("release log write failed; %d events not sent", len(frames))
                 return
-            for state, text, cursor, seq in frames:
-                if seq:
-                    state.pushed_seq = seq
+            self.events_pushed += len(frames)
+            for state, text, cursor, seq, new in frames:
+                state.pushed_seq = seq
+                if new:
                     state.pushing.discard(cursor)
-                self._broadcast(state, text, cursor if seq else None)
+                self._broadcast(state, text, cursor if new else None)
+            self._feed_advanced({state.name for state, *_ in frames})
 
         try:
             self.store.submit(batch, written)
         except StorageError as exc:
             log.error("release log write refused (%s); %d events not sent", exc, len(frames))
+
+    def _feed_advanced(self, rooms: set[str]) -> None:
+        """Release-log rows of ``rooms`` are durable and out (updates included): tell the
+        reader of the release log as a change feed (the Kafka forwarder, docs/KAFKA.md)."""
+        if self.on_release is not None:
+            for room in rooms:
+                self.on_release(room)
 
     def _clock_row(self, batch: Batch) -> None:
         """Persist the clock's high-water mark with every write that carries a stamp, so a
@@ -804,23 +872,40 @@ class Service:
                 raise ClientError("conflict", "that user name is taken")
 
         free()
-        async with self._hashing:
-            pw = await asyncio.to_thread(hash_password, creds.password, secrets.token_bytes(16))
+        self._writable_store()
+        pw = await self._hash(hash_password, creds.password, secrets.token_bytes(16))
         await self._meta_write((f"u/{creds.user}", {"pw": pw, "at": self.now_ms()}), check=free)
         return self._issue(creds.user)
 
     async def login(self, creds: p.Credentials) -> tuple[str, int]:
+        # No token is issued while this node cannot store a revocation: a session that could
+        # not be logged out must not begin.
+        self._writable_store()
         account = self.meta.get(f"u/{creds.user}")
         stored = account.get("pw") if isinstance(account, dict) else None
-        async with self._hashing:
-            good = await asyncio.to_thread(
-                verify_password,
-                creds.password,
-                stored if isinstance(stored, str) else UNUSABLE_HASH,
-            )
+        good = await self._hash(
+            verify_password, creds.password, stored if isinstance(stored, str) else UNUSABLE_HASH
+        )
         if not good or stored is None:
             raise ClientError("bad_credentials", "wrong user name or password")
         return self._issue(creds.user)
+
+    def _writable_store(self) -> None:
+        if not self.store.healthy:
+            raise ClientError("unavailable", "the node cannot store writes right now")
+
+    async def _hash(self, fn: Callable[[str, _H], _R], password: str, arg: _H) -> _R:
+        """Run a password hash on one of the :data:`MAX_INFLIGHT_HASHES` slots. At most
+        ``limits.hash_queue`` run or wait at once; past that the caller is told at once to
+        come back (:class:`Busy`) instead of waiting behind everyone else."""
+        if self.hashes_queued >= self.limits.hash_queue:
+            raise Busy("rate_limited", "the node is busy checking passwords; retry shortly")
+        self.hashes_queued += 1
+        try:
+            async with self._hashing:
+                return await asyncio.to_thread(fn, password, arg)
+        finally:
+            self.hashes_queued -= 1
 
     def _issue(self, user: str) -> tuple[str, int]:
         return self.signer.issue(user, secrets.token_urlsafe(16), self.now_ms(), self.token_ttl_ms)
@@ -914,17 +999,49 @@ class Service:
     def is_member(self, room: str, user: str) -> bool:
         return user in self.members.get(room, ())
 
+    def _visible(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
+        """The room, if the caller may know that it exists: a public room, or one the caller
+        is a member of or invited to. Any other room is ``not_found`` with the very message
+        of a room that does not exist, so private rooms and DM pairs cannot be probed."""
+        info = self.room_info.get(room)
+        if info is not None and (
+            info.visibility == "public"
+            or self.is_member(room, s.user)
+            or (info.visibility == "private" and room in self.invites.get(s.user, ()))
+        ):
+            return info
+        raise ClientError("not_found", f"no room {room}", ref)
+
     def _readable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
-        info = self._info(room, ref)
+        info = self._visible(s, room, ref)
         if info.visibility != "public" and not self.is_member(room, s.user):
-            raise ClientError("forbidden", f"not a member of {room}", ref)
+            raise ClientError("forbidden", f"not a member of {room}: join it first", ref)
         return info
 
     def _writable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
-        info = self._info(room, ref)
+        info = self._visible(s, room, ref)
         if not self.is_member(room, s.user):
             raise ClientError("forbidden", f"join {room} first", ref)
         return info
+
+    def _check_reactions(self, m: Message, user: str, emoji: str, ref: p.Ref) -> None:
+        """Adding ``emoji`` by ``user`` to ``m`` stays within the reaction limits (a
+        reaction already there is always fine)."""
+        users_of = dict(m.reactions)
+        if user in users_of.get(emoji, ()):
+            return
+        most = self.limits.max_reactions_per_message
+        if emoji not in users_of and len(users_of) >= most:
+            raise ClientError(
+                "limit_reached", f"a message can have at most {most} different reactions", ref
+            )
+        mine = sum(1 for _, users in m.reactions if user in users)
+        if mine >= self.limits.max_reactions_per_user:
+            raise ClientError(
+                "limit_reached",
+                f"you can put at most {self.limits.max_reactions_per_user} reactions on a message",
+                ref,
+            )
 
     def room_object(self, info: RoomInfo, user: str, unread: int = 0) -> dict[str, object]:
         return {
@@ -943,30 +1060,56 @@ class Service:
                 raise ClientError("conflict", f"room {req.room} already exists", req.ref)
 
         free()
+        quota = self.limits.max_rooms_per_user
+        made = sum(
+            1 for i in self.room_info.values() if i.creator == s.user and i.visibility != "dm"
+        )
+        if made >= quota:
+            raise ClientError(
+                "limit_reached", f"you have created {made} rooms, the most allowed", req.ref
+            )
         info = {"title": req.title, "vis": req.visibility, "by": s.user, "at": self.now_ms()}
         await self._meta_write((f"r/{req.room}", info), (f"m/{req.room}/{s.user}", 1), check=free)
         return p.ok(req.ref, room=self.room_object(self.room_info[req.room], s.user))
 
     async def _rooms_list(self, s: Session, req: p.RoomsList) -> dict[str, object]:
+        """The user's rooms (member of, invited to), then one page of the public directory:
+        the public rooms the user is not in, by id, after ``req.after``, at most
+        ``req.limit``; ``next`` is the ``after`` of the following page (None: no more). So
+        the reply does not grow with the number of rooms others create."""
         mine = self.user_rooms.get(s.user, set())
         invited = self.invites.get(s.user, set())
-        names = sorted(
-            r
-            for r, info in self.room_info.items()
-            if info.visibility == "public" or r in mine or r in invited
+        own = sorted(r for r in mine | invited if r in self.room_info)
+        after = req.after
+        page = heapq.nsmallest(
+            req.limit + 1,
+            (
+                r
+                for r, info in self.room_info.items()
+                if info.visibility == "public" and r not in mine and (after is None or r > after)
+            ),
         )
-        markers = {r: self.meta.get(f"rd/{r}/{s.user}") for r in names if r in mine}
+        more = len(page) > req.limit
+        page = page[: req.limit]
+        markers = {r: self.meta.get(f"rd/{r}/{s.user}") for r in own if r in mine}
         unread = await self.store.read(_count_unread, self.store, markers, s.user)
         rooms = []
-        for r in names:
-            obj = self.room_object(self.room_info[r], s.user, unread.get(r, 0))
+        for r in own:
+            info = self.room_info.get(r)
+            if info is None:
+                continue
+            obj = self.room_object(info, s.user, unread.get(r, 0))
             if r in invited and r not in mine:
                 obj["invited"] = True
             rooms.append(obj)
-        return p.ok(req.ref, rooms=rooms)
+        for r in page:
+            info = self.room_info.get(r)
+            if info is not None:
+                rooms.append(self.room_object(info, s.user))
+        return p.ok(req.ref, rooms=rooms, next=page[-1] if more and page else None)
 
     async def _rooms_join(self, s: Session, req: p.RoomsJoin) -> dict[str, object]:
-        info = self._info(req.room, req.ref)
+        info = self._visible(s, req.room, req.ref)
         if not self.is_member(req.room, s.user):
             invited = f"i/{req.room}/{s.user}" in self.meta
             if info.visibility == "dm" or (info.visibility == "private" and not invited):
@@ -980,7 +1123,7 @@ class Service:
         return p.ok(req.ref, room=self.room_object(info, s.user))
 
     async def _rooms_leave(self, s: Session, req: p.RoomsLeave) -> dict[str, object]:
-        info = self._info(req.room, req.ref)
+        info = self._visible(s, req.room, req.ref)
         if self.is_member(req.room, s.user):
             await self._meta_write((f"m/{req.room}/{s.user}", None))
             if info.visibility != "public":
@@ -1092,12 +1235,14 @@ class Service:
             )
             if not self._still(s, room, sub):
                 return False
-            for seq, cursor, late, value in rows:
+            for seq, cursor, value, late, replaces in rows:
                 frame: dict[str, object] = {
-                    "op": "message",
+                    "op": "message" if replaces is None else "update",
                     **_unpack_message(room, cursor, value),
-                    "resume": self._token(seq),
                 }
+                if replaces:
+                    frame["replaces"] = replaces
+                frame["resume"] = self._token(seq)
                 if late:
                     frame["late"] = True
                 s.outbox.push(p.encode(frame))
@@ -1108,7 +1253,7 @@ class Service:
     async def _catch_up_after(
         self, s: Session, sub: _Sub, state: _RoomState, cursor: str
     ) -> bool:
-        """Send the committed messages after ``cursor`` up to the stable frontier, skipping
+        """Send the committed messages after ``cursor`` that were released already, skipping
         those not yet sent live (they reach the subscription's buffer). False if the session
         left."""
         room = state.name
@@ -1120,11 +1265,10 @@ class Service:
             rows, more = await self.store.read(_after_page, self.store, room, cursor, page_size)
             if not self._still(s, room, sub) or sub.buffer is None:
                 return False
-            limit = None if self.replicator is None else self._limit
-            if limit is not None and rows and rows[-1][0] >= limit:
-                # stop at the stable frontier: what is above it comes live, in order
-                rows = [row for row in rows if row[0] < limit]
-                more = False
+            # Every committed row is either released already (sent here) or still to be
+            # released (its event reaches the buffer). Not cut at the stable frontier: the
+            # frontier can move down (a member rejoins) below rows already released, which
+            # would then come neither here nor live.
             for c, value, released in rows:
                 cursor = c
                 if not released or c in state.pushing:
@@ -1184,6 +1328,9 @@ class Service:
         if new:
             batch.put(id_key(state.name, m.id), msgpack.packb([m.ts.encode(), m.author]))
             batch.put(unreleased_key(state.name, m.ts.encode()), m.id.encode())
+        else:
+            marker = unreleased_update_key(state.name, m.ts.encode(), state.seq - 1)
+            batch.put(marker, msgpack.packb([m.id, None]))
         if state.since_snapshot >= self.snapshot_every:
             snap = state.log.snapshot()
             batch.put(
@@ -1231,13 +1378,15 @@ class Service:
         def delivered() -> None:
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
+            marker = unreleased_key(req.room, cursor)
+            event = _Event(state, text, cursor, req.id, True, None, marker)
             if self.replicator is None:
-                self._release_event(state, text, cursor, req.id)
+                self._release_event(event)
                 return
             # pushed before it leaves _inflight: a frontier sent after this covers it
             replicas.append(self.replicator.push(req.room, change.update, (req.id,)))
             self._inflight.pop(cursor, None)
-            self._deliver(state, text, cursor, req.id)
+            self._deliver(event)
 
         try:
             await self._commit(batch, delivered)
@@ -1281,14 +1430,18 @@ class Service:
                 case p.React():
                     if m.deleted:
                         raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                    if req.on:
+                        self._check_reactions(m, s.user, req.emoji, req.ref)
                     change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
         self._room_batch(state, change, False, batch)
+        marker = unreleased_update_key(req.room, change.message.ts.encode(), state.seq - 1)
         text = p.encode(p.message_frame("update", req.room, change.message))
         replicas: list[asyncio.Future[None]] = []
 
         def delivered() -> None:
             self.metrics.deliveries.inc(len(state.subscribers))
-            self._deliver(state, text, change.message.ts.encode(), None)
+            m = change.message
+            self._deliver(_Event(state, text, m.ts.encode(), m.id, False, None, marker))
             if self.replicator is not None:
                 replicas.append(self.replicator.push(req.room, change.update, ()))
 
@@ -1325,9 +1478,13 @@ class Service:
         return p.ok(req.ref, users=sorted(self.rooms[req.room].online))
 
     async def _read(self, s: Session, req: p.Read) -> dict[str, object]:
-        self._readable(s, req.room, req.ref)
+        # Read markers are the members' (they count unread messages in rooms.list); a
+        # marker names a message of the room, never an arbitrary cursor.
+        self._writable(s, req.room, req.ref)
         key = f"rd/{req.room}/{s.user}"
         cursor = req.cursor.encode()
+        if not await self.store.read(_has_message, self.store, req.room, cursor):
+            raise ClientError("not_found", f"no message at that cursor in {req.room}", req.ref)
         current = self.meta.get(key)
         if isinstance(current, str) and current >= cursor:
             return p.ok(req.ref)
@@ -1417,12 +1574,23 @@ def _history_page(
     return [(k[n:].decode("ascii"), v) for k, v in rows], more
 
 
+class _Unreleased(NamedTuple):
+    """A ``q`` row found at start: an event committed before the stop and never released."""
+
+    key: bytes
+    msg_id: str
+    update: bool
+    replaces: str | None
+    now: tuple[str, bytes] | None  # the message's cursor and history row now (None: gone)
+
+
 def _load_releases(
     store: Store, rooms: list[str]
-) -> dict[str, tuple[int, str, list[tuple[str, str, bytes]]]]:
-    """Per room: the last release number and its cursor, and the committed messages never
-    released (``q`` rows) with their current history row, in cursor order."""
-    out: dict[str, tuple[int, str, list[tuple[str, str, bytes]]]] = {}
+) -> dict[str, tuple[int, str, list[_Unreleased]]]:
+    """Per room: the last release number, the highest cursor released, and the events
+    committed but never released (``q`` rows: messages and updates) in cursor order, each
+    with its message's current history row."""
+    out: dict[str, tuple[int, str, list[_Unreleased]]] = {}
     for room in rooms:
         prefix = release_prefix(room)
         last = store.last_key(prefix)
@@ -1432,16 +1600,21 @@ def _load_releases(
             # the highest cursor released is that of the newest row not marked late (late
             # rows are below it by definition)
             for _, value in store.iter_range(prefix, prefix_end(prefix), reverse=True):
-                row_cursor, _, late = msgpack.unpackb(value, raw=False)
-                if not late:
-                    cursor = str(row_cursor)
+                row = msgpack.unpackb(value, raw=False)
+                if len(row) == 3 and not row[2]:  # a message, not late (updates are longer)
+                    cursor = str(row[0])
                     break
-        pending: list[tuple[str, str, bytes]] = []
+        pending: list[_Unreleased] = []
         qprefix = unreleased_prefix(room)
-        for key, raw_id in store.iter_range(qprefix, prefix_end(qprefix)):
-            found = _current_row(store, room, key[len(qprefix) :].decode("ascii"), raw_id.decode())
-            if found is not None:
-                pending.append((found[0], raw_id.decode(), found[1]))
+        for key, value in store.iter_range(qprefix, prefix_end(qprefix)):
+            at, sep, _ = key[len(qprefix) :].partition(b"\x00")
+            if sep:  # an update
+                msg_id, replaces = msgpack.unpackb(value, raw=False)
+                update = True
+            else:
+                msg_id, replaces, update = value.decode(), None, False
+            found = _current_row(store, room, at.decode("ascii"), str(msg_id))
+            pending.append(_Unreleased(key, str(msg_id), update, replaces, found))
         if seq or pending:
             out[room] = (seq, cursor, pending)
     return out
@@ -1463,16 +1636,28 @@ def _current_row(store: Store, room: str, cursor: str, msg_id: str) -> tuple[str
 
 def _released_page(
     store: Store, room: str, since: int, upto: int
-) -> list[tuple[int, str, bool, bytes]]:
-    """Release numbers ``since+1 .. upto`` of ``room``: ``(seq, cursor now, late, row)``."""
-    out: list[tuple[int, str, bool, bytes]] = []
+) -> list[tuple[int, str, bytes, bool, str | None]]:
+    """Release numbers ``since+1 .. upto`` of ``room``: ``(seq, the message's cursor now, its
+    row now, late, None)`` for a new message; ``(seq, cursor now, row now, False, the cursor
+    it moved from or "")`` for an update of it."""
+    out: list[tuple[int, str, bytes, bool, str | None]] = []
     for key, value in store.iter_range(release_key(room, since + 1), release_key(room, upto + 1)):
         seq = int.from_bytes(key[-8:], "big")
-        cursor, msg_id, late = msgpack.unpackb(value, raw=False)
+        row = msgpack.unpackb(value, raw=False)
+        cursor, msg_id, late = row[:3]
         found = _current_row(store, room, cursor, msg_id)
-        if found is not None:
-            out.append((seq, found[0], bool(late), found[1]))
+        if found is None:
+            continue
+        if len(row) > 3:
+            out.append((seq, found[0], found[1], False, row[4] or ""))
+        else:
+            out.append((seq, found[0], found[1], bool(late), None))
     return out
+
+
+def _has_message(store: Store, room: str, cursor: str) -> bool:
+    """Whether a message of ``room`` is at ``cursor`` (tombstones included)."""
+    return store.get(history_key(room, cursor)) is not None
 
 
 def _count_unread(store: Store, markers: dict[str, object], user: str) -> dict[str, int]:

@@ -14,7 +14,9 @@ key                                          value
 ``h`` + room + NUL + cursor                  history index: msgpack of the message as it stands
 ``k`` + room + NUL + message id              id index: msgpack ``[cursor, author]``
 ``n`` + room + NUL + seq (8 bytes, BE)       release log: msgpack ``[cursor, message id, late]``
-``q`` + room + NUL + cursor                  a committed message not yet released (empty)
+``q`` + room + NUL + cursor                  a committed message not yet released: its id
+``q`` + room + NUL + cursor + NUL + n (8 B)  a committed update of it not yet released:
+                                             msgpack ``[id, replaced cursor or None]``
 ``c``                                        clock high-water mark: msgpack ``[wall, logical]``
 ==========================================  ================================================
 
@@ -150,6 +152,12 @@ def unreleased_prefix(room: str) -> bytes:
 
 def unreleased_key(room: str, cursor: str) -> bytes:
     return unreleased_prefix(room) + cursor.encode("ascii")
+
+
+def unreleased_update_key(room: str, cursor: str, n: int) -> bytes:
+    """A committed update (number ``n`` of the room's updates) of the message at ``cursor``
+    not yet released; sorts right after the message's own ``q`` row."""
+    return unreleased_key(room, cursor) + _SEP + _u64(n)
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -72,6 +72,12 @@ _INDEX_KEY_BASE = 1 << 32
 #: max_key, gapped]``) is ``_SEAL_KEY_BASE + n``. Blob, id index and seal record are written
 #: in one atomic ``put_many``, so a restore can tell a blob that grew after the snapshot.
 _SEAL_KEY_BASE = 2 << 32
+#: Store key of the parts of sealed segment ``n`` pycrdt had not integrated when it was
+#: sealed (msgpack list of updates), ``_PENDING_KEY_BASE + n``; written with the blob. They are
+#: kept apart from the blob, not merged into it: pycrdt integrates an item whose origins are
+#: present even when an earlier item of its client is missing, and merging such an update
+#: with the document's own would turn that visible item back into a pending one on reload.
+_PENDING_KEY_BASE = 3 << 32
 _LIVE_BEHIND_HEAD = 1  # segments head-1 .. head stay live docs; older ones are sealed
 _LRU_SIZE = 4
 _SEP = "\x00"  # key = ts_enc + _SEP + id; sorts like (Timestamp, id)
@@ -322,6 +328,8 @@ class _Live:
         return state
 
     def full_update(self) -> bytes:
+        """The doc and its pending parts as one update (for peers: a replica that lacks the
+        missing items keeps these pending too, consistently with its state vector)."""
         update = self.doc.get_update()
         if self.pending:
             update = pycrdt.merge_updates(update, *self.pending)
@@ -615,7 +623,9 @@ class RoomLog:
             "room": self.room,
             "size": self.segment_size,
             "head": self._head,
-            "live": [[n, s.full_update()] for n, s in sorted(self._live.items())],
+            "live": [
+                [n, s.doc.get_update(), list(s.pending)] for n, s in sorted(self._live.items())
+            ],
             "sealed": [
                 [s.number, s.state, s.count, s.min_key, s.max_key, s.gapped]
                 for s in sorted(self._sealed.values(), key=lambda s: s.number)
@@ -668,12 +678,14 @@ class RoomLog:
             for number in sorted(self._sealed):
                 if self._stored_state(number) not in (None, self._sealed[number].state):
                     self._seal(self._load_stored(number, sink))
-            for number, update in body["live"]:
+            for number, update, *rest in body["live"]:
                 if self._stored_state(number) is not None:
                     # sealed after the snapshot: start from the stored superset
                     live = self._load_stored(number, sink)
                     self._live[number] = live
                 self._apply_part(number, update, sink)
+                for part in rest[0] if rest else ():  # pending parts, one by one as received
+                    self._apply_part(number, part, sink)
         except CodecError:
             raise
         except Exception as exc:
@@ -844,16 +856,29 @@ class RoomLog:
         after the snapshot this log was restored from: the overlay is a join, so ops already
         in it change nothing, and any that were missing are reported in ``changed``."""
         live = _Live(number, self.client_id)
-        blob = self.store.get(self.room, number)
-        if blob is not None:
+        updates = self._stored_updates(number)
+        if updates:
             live.sink.local = True  # the observers would only see what we fold below
             try:
-                live.doc.apply_update(blob)
+                for update in updates:
+                    live.doc.apply_update(update)
             finally:
                 live.sink.local = False
-            live.pending = _leftover(blob, live.doc)
+            for update in updates:
+                _track_pending(live, update, live.doc.get_state())
             self._integrate(live.arr.to_py() or [], number, live.view, changed)
         return live
+
+    def _stored_updates(self, number: int) -> list[bytes]:
+        """The stored blob of segment ``number`` then its pending parts (empty if none)."""
+        blob = self.store.get(self.room, number)
+        if blob is None:
+            return []
+        raw = self.store.get(self.room, _PENDING_KEY_BASE + number)
+        parts = [] if raw is None else msgpack.unpackb(raw, raw=False)
+        if not isinstance(parts, list) or not all(isinstance(u, bytes) for u in parts):
+            raise CodecError("bad pending record")
+        return [blob, *parts]
 
     # ------------------------------------------------------------------ internals: sealing
 
@@ -863,7 +888,8 @@ class RoomLog:
                 self._seal(self._live.pop(number))
 
     def _seal(self, live: _Live) -> None:
-        blob = live.full_update()
+        blob = live.doc.get_update()
+        pending: bytes = msgpack.packb(list(live.pending), use_bin_type=True)
         keys = live.view.keys
         hashes = array("Q", [_id_hash(msg_id) for msg_id in live.view.base])
         for h in hashes:
@@ -887,6 +913,7 @@ class RoomLog:
             self.room,
             [
                 (live.number, blob),
+                (_PENDING_KEY_BASE + live.number, pending),
                 (_INDEX_KEY_BASE + live.number, hashes.tobytes()),
                 (_SEAL_KEY_BASE + live.number, record),
             ],
@@ -922,10 +949,11 @@ class RoomLog:
         return hashes
 
     def _blob(self, number: int) -> bytes:
-        blob = self.store.get(self.room, number)
-        if blob is None:
+        """Sealed segment ``number`` as one update (with its pending parts), for peers."""
+        updates = self._stored_updates(number)
+        if not updates:
             raise LookupError(f"segment store lost blob {self.room!r}/{number}")
-        return blob
+        return updates[0] if len(updates) == 1 else pycrdt.merge_updates(*updates)
 
     def _decode_view(self, arr: pycrdt.Array[Any]) -> _View:
         view = _View()
@@ -949,7 +977,11 @@ class RoomLog:
             return view
         doc: pycrdt.Doc[Any] = pycrdt.Doc()
         arr: pycrdt.Array[Any] = doc.get(_OPS, type=pycrdt.Array)
-        doc.apply_update(self._blob(number))
+        updates = self._stored_updates(number)
+        if not updates:
+            raise LookupError(f"segment store lost blob {self.room!r}/{number}")
+        for update in updates:  # as received, not merged (see _PENDING_KEY_BASE)
+            doc.apply_update(update)
         view = self._decode_view(arr)
         self._lru[number] = view
         if len(self._lru) > _LRU_SIZE:
@@ -1081,11 +1113,6 @@ def _check_update(payload: bytes) -> None:
         raise CodecError(f"bad pycrdt update: {exc}") from None
 
 
-def _leftover(update: bytes, doc: pycrdt.Doc[Any]) -> list[bytes]:
-    rest = pycrdt.get_update(update, doc.get_state())
-    return [] if rest == EMPTY_UPDATE else [rest]
-
-
 def _track_pending(live: _Live, payload: bytes, state: bytes) -> None:
     """Keep the parts of received updates that pycrdt could not integrate yet (missing
     dependencies), so that sealing, snapshots and diffs never drop them. ``state`` is the
@@ -1095,11 +1122,9 @@ def _track_pending(live: _Live, payload: bytes, state: bytes) -> None:
         rest = pycrdt.get_update(upd, state)
         if rest != EMPTY_UPDATE:
             still.append(rest)
-    if len(still) > 1:
-        # one merged update (canonical, duplicates folded): bounded however often the same
-        # gapped structs arrive, and comparable to tell whether anything new came in
-        still = [pycrdt.merge_updates(*still)]
-    live.pending = still
+    # Not merged (see _PENDING_KEY_BASE); the same gapped structs arriving again (every
+    # anti-entropy round until the gap closes) are dropped as exact duplicates.
+    live.pending = list(dict.fromkeys(still))
 
 
 def _covered(payload: bytes, sealed: _Sealed) -> bool:

@@ -37,7 +37,7 @@ from _stats import percentile
 
 from tests.cluster.harness import Harness, can_partition, new_account
 from tests.cluster.procs import states_of
-from tests.daemon import Daemon
+from tests.daemon import Daemon, admin_get
 from tests.integration.client import WS, login, new_user
 
 ARGS = ["--rate-limit", "100000", "--rate-burst", "100000"]
@@ -150,13 +150,10 @@ async def bench_latency(h: Harness, rate: int, seconds: float) -> dict[str, floa
 
 
 def _home(node: Daemon, room: str) -> str | None:
-    import urllib.request  # noqa: PLC0415
-
     try:
-        with urllib.request.urlopen(node.url + "v1/registry", timeout=2) as r:
-            for x in json.loads(r.read())["rooms"]:
-                if x["room"] == room:
-                    return str(x["home"]) if x["home"] else None
+        for x in json.loads(admin_get(node.url + "v1/registry", 2))["rooms"]:
+            if x["room"] == room:
+                return str(x["home"]) if x["home"] else None
     except OSError:
         return None
     return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confluent_kafka import Producer
 
 from chatnode.forwarder import Forwarder
-from chatnode.forwarding import Record, encode_record
-from crdt.clock import Timestamp
+from chatnode.forwarding import FeedEntry, Record, encode_record
 from tests.integration.forwarder_child import LogMessage, make_log
 from tests.kafka import TansuBroker
 
@@ -60,28 +58,27 @@ def raw_produce(brokers: str, log: dict[str, list[LogMessage]]) -> float:
 
 
 async def forward(brokers: str, log: dict[str, list[LogMessage]]) -> tuple[float, dict[str, int]]:
-    tss = {room: [m.ts for m in msgs] for room, msgs in log.items()}
-    saved: dict[str, Timestamp] = {}
+    saved: dict[str, int] = {}
     done = asyncio.Event()
-    last = {room: msgs[-1].ts for room, msgs in log.items()}
+    last = {room: len(msgs) for room, msgs in log.items()}
 
-    async def read_after(room: str, after: Timestamp | None, limit: int) -> list[LogMessage]:
-        start = 0 if after is None else bisect.bisect_right(tss[room], after)
-        return log[room][start : start + limit]
+    async def read_feed(room: str, after: int, limit: int) -> list[FeedEntry]:
+        # the feed of a room that only gets new messages: position i + 1 is message i
+        return [FeedEntry(after + 1 + i, m) for i, m in enumerate(log[room][after:after + limit])]
 
-    async def save(room: str, _epoch: int, ts: Timestamp) -> bool:
-        saved[room] = ts
+    async def save(room: str, _epoch: int, pos: int, _since_ms: float) -> bool:
+        saved[room] = pos
         if saved == last:
             done.set()
         return True
 
-    fw = Forwarder(brokers, "fwd.messages", read_after=read_after, save_frontier=save,
+    fw = Forwarder(brokers, "fwd.messages", read_feed=read_feed, save_frontier=save,
                    home="bench")
     await fw.start()
     await asyncio.sleep(0.2)  # topic creation, not timed
     t0 = time.perf_counter()
     for room in log:
-        fw.own(room, 1, None)
+        fw.own(room, 1)
     await asyncio.wait_for(done.wait(), 300)
     elapsed = time.perf_counter() - t0
     await fw.stop()

@@ -61,7 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from _stats import percentile  # noqa: E402
 
-from tests.daemon import Daemon, free_port, loopback_host  # noqa: E402
+from tests.daemon import ADMIN_HEADERS, Daemon, free_port, loopback_host  # noqa: E402
 
 ROOM = "bench"
 PASSWORD = "bench password 1"
@@ -399,7 +399,8 @@ class Server:
         return f"http://{self.host}:{self.port}/"
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.http + "healthz", timeout=10) as resp:
+        req = urllib.request.Request(self.http + "healthz", headers=ADMIN_HEADERS)
+        with urllib.request.urlopen(req, timeout=10) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
 
@@ -423,7 +424,8 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        with urllib.request.urlopen(self.http + "metrics", timeout=10) as resp:
+        req = urllib.request.Request(self.http + "metrics", headers=ADMIN_HEADERS)
+        with urllib.request.urlopen(req, timeout=10) as resp:
             for line in resp.read().decode().splitlines():
                 if line and not line.startswith("#"):
                     name, _, value = line.rpartition(" ")
@@ -593,6 +595,8 @@ class _ProfiledDaemon(Daemon):
 def start_chatnode(tmp: Path, users: int, sample: Path | None, cprofile: Path | None,
                    extra: Sequence[str]) -> tuple[Server, Daemon]:  # fmt: skip
     args = ["--rate-limit", "1000000", "--rate-burst", "1000000", "--log-level", "warning",
+            # every benchmark client comes from 127.0.0.1
+            "--max-connections", "100000", "--max-connections-per-address", "0",
             *extra]  # fmt: skip
     if cprofile is not None:
         env = {"BENCH_CPROFILE_OUT": str(cprofile.resolve())}

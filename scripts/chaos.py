@@ -24,18 +24,19 @@ run failed::
 
     .venv/bin/python scripts/chaos.py [--nodes 3|5] [--duration 120] [--seed N] [--runs N]
                                       [--faults kill,pause,partition] [--window 1]
+                                      [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from tests.cluster.harness import (
     random_faults,
     setup_room,
 )
+from tests.daemon import admin_get
 
 ROOM = "chaos"
 NODE_ARGS = ["--rate-limit", "1000", "--rate-burst", "1000"]  # the checker pages histories
@@ -149,8 +151,7 @@ def homes(h: Harness) -> set[str]:
     out: set[str] = set()
     for i in h.running():
         try:
-            with urllib.request.urlopen(h.nodes[i].url + "v1/registry", timeout=3) as r:
-                rooms = json.loads(r.read())["rooms"]
+            rooms = json.loads(admin_get(h.nodes[i].url + "v1/registry", 3))["rooms"]
             out |= {str(x["home"]) for x in rooms if x["room"] == ROOM}
         except OSError:
             out.add("?")
@@ -242,7 +243,12 @@ async def main_async(args: argparse.Namespace) -> int:
     if can_partition() is not None:
         log(f"no partitions in these runs: {can_partition()}")
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-"))
         for k in range(args.runs):
             t0 = time.monotonic()
             run = await one_run(args, args.seed + k, Path(tmp) / f"r{k}")
@@ -269,6 +275,9 @@ def main() -> int:
                     help="seconds between a writer's new messages (default 0.03)")  # fmt: skip
     ap.add_argument("--window", type=int, default=1,
                     help="messages a writer has in flight at once (default 1)")  # fmt: skip
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep every run's data directories and node logs under this "
+                    "directory (default: a temporary one, removed)")  # fmt: skip
     kinds = ",".join(FAULT_KINDS)
     ap.add_argument("--faults", default=kinds, help=f"kinds of fault to pick (default {kinds})")
     args = ap.parse_args()

@@ -34,6 +34,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+#: The operator token every test daemon gets (``CHATNODE_ADMIN_TOKEN``, unless the test's
+#: ``env`` says otherwise) for ``/metrics``, ``/v1/cluster`` and ``/v1/registry``.
+ADMIN_TOKEN = "test-operator-token-0123456789"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def admin_get(url: str, timeout: float = 5.0) -> bytes:
+    """``GET url`` of an operator endpoint with the test daemons' token (urllib errors as
+    raised by ``urlopen``)."""
+    req = urllib.request.Request(url, headers=ADMIN_HEADERS)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body: bytes = resp.read()
+        return body
 
 _hosts = itertools.cycle(random.Random(os.getpid()).sample(range(2, 255), 253))
 
@@ -139,6 +152,7 @@ class Daemon:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATNODE_")}
         env["PYTHONUNBUFFERED"] = "1"
+        env["CHATNODE_ADMIN_TOKEN"] = ADMIN_TOKEN
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.extra_env)
         self._close_log()

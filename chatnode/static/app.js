@@ -37,6 +37,7 @@ const ERROR_TEXT = {
   forbidden: "Not allowed",
   not_found: "Not found",
   conflict: "That name is already taken",
+  limit_reached: "Limit reached",
   rate_limited: "Too many requests, slow down",
   too_large: "Request too large",
   unavailable: "The server cannot store this right now",
@@ -725,7 +726,7 @@ function onMessage(frame, isUpdate) {
 // when it is a message we had never seen (deduplication is by message id).
 function ingest(room, m, source) {
   if (!m || typeof m.id !== "string") return false;
-  if (source === "live" && typeof m.resume === "string") room.resume = m.resume;
+  if ((source === "live" || source === "update") && typeof m.resume === "string") room.resume = m.resume;
   if (typeof m.cursor === "string") {
     if (source === "live" && (!room.lastCursor || m.cursor > room.lastCursor)) room.lastCursor = m.cursor;
     if (source === "history" && (!room.historyCursor || m.cursor > room.historyCursor)) room.historyCursor = m.cursor;

@@ -59,7 +59,7 @@ import aiohttp
 
 from chatnode.keyring import generate_key
 from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
-from tests.daemon import Daemon
+from tests.daemon import ADMIN_HEADERS, Daemon
 from tests.integration.client import PASSWORD, WAIT, WS, Frame, login, new_user, signup
 
 READY = 90.0
@@ -715,7 +715,57 @@ class Subscriber:
                 if f.get("op") == "message" and f.get("id") in want:
                     got.add(str(f["id"]))
                 caught_up = f.get("op") == "caught_up"
-            return {**out, "caught_up": caught_up, "brought": len(got), "of": len(want)}
+            out.update(caught_up=caught_up, brought=len(got), of=len(want))
+        finally:
+            await drop(ws)
+        if got != want and self.resume_token is not None:
+            # from the start of the node's release log: did it ever release them?
+            node_id = self.resume_token.rpartition(":")[0]
+            out["released_ever"] = await self._count_released(node, f"{node_id}:0", want, within)
+            out["metrics"] = await self._release_metrics(node)
+        return out
+
+    async def _release_metrics(self, node: Daemon) -> dict[str, str] | str:
+        """The node's release and frontier counters (events numbered vs pushed, held)."""
+        try:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(node.url + "metrics", headers=ADMIN_HEADERS) as resp,
+            ):
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return repr(exc)
+        return {
+            name: value
+            for line in text.splitlines()
+            if line.startswith(("chatnode_events_", "chatnode_frontier_"))
+            for name, _, value in [line.partition(" ")]
+        }
+
+    async def _count_released(
+        self, node: Daemon, token: str, want: set[str], within: float
+    ) -> int | str:
+        try:
+            ws = await asyncio.wait_for(self._open(node), CONNECT_TIMEOUT)
+        except (Broken, TimeoutError, *_TRANSPORT_ERRORS) as exc:
+            return repr(exc)
+        try:
+            r = await call(ws, REPLY_TIMEOUT, "subscribe", room=self.room, resume=token)
+            if r.get("op") != "ok":
+                return str(r.get("code"))
+            got: set[str] = set()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + within
+            while loop.time() < deadline:
+                try:
+                    f = await asyncio.wait_for(ws.events.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                if f.get("op") == "message" and f.get("id") in want:
+                    got.add(str(f["id"]))
+                if f.get("op") == "caught_up":
+                    break
+            return len(got)
         finally:
             await drop(ws)
 
@@ -836,6 +886,8 @@ class Subscriber:
         elif op == "update":
             mid, cursor = str(f["id"]), str(f["cursor"])
             old = None if f.get("replaces") is None else str(f["replaces"])
+            if f.get("resume") is not None:
+                self.resume_token = str(f["resume"])
             n = self.connections - 1
             self.deliveries.append(Delivery("update", mid, cursor, n, replaces=old))
             if mid not in self.cursors:

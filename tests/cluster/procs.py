@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.daemon import Daemon, free_port, loopback_host
+from tests.daemon import Daemon, admin_get, free_port, loopback_host
 
 __all__ = [
     "MemberView",
@@ -41,9 +41,8 @@ MemberView = dict[str, tuple[str, int]]
 def cluster_view(node: Daemon, timeout: float = 3.0) -> dict[str, Any] | None:
     """``GET /v1/cluster`` of ``node``, or None when it does not answer (stopped, killed)."""
     try:
-        with urllib.request.urlopen(node.url + "v1/cluster", timeout=timeout) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
+        data: dict[str, Any] = json.loads(admin_get(node.url + "v1/cluster", timeout))
+        return data
     except (urllib.error.URLError, OSError, ValueError):
         return None
 

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from tests.cluster.procs import (
     stop_all,
     wait_until,
 )
-from tests.daemon import REPO, Daemon, free_port, loopback_host
+from tests.daemon import ADMIN_TOKEN, REPO, Daemon, admin_get, free_port, loopback_host
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,8 +55,7 @@ def keygen() -> str:
 
 def auth_drops(node: Daemon) -> float:
     """Gossip datagrams/frames ``node`` rejected for failed authentication, from /metrics."""
-    with urllib.request.urlopen(node.url + "metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = admin_get(node.url + "metrics").decode()
     pattern = r'^chatnode_gossip_dropped_total\{reason="auth_[a-z_]+"\} ([0-9.e+]+)$'
     return sum(float(m) for m in re.findall(pattern, text, re.M))
 
@@ -93,7 +91,7 @@ def test_five_nodes_form_one_cluster_from_seeds(settled: list[Daemon]) -> None:
 
 
 def test_members_command_prints_the_table(settled: list[Daemon]) -> None:
-    out = chatnode("members", "--url", settled[0].url)
+    out = chatnode("members", "--url", settled[0].url, "--admin-token", ADMIN_TOKEN)
     lines = out.splitlines()
     assert lines[0] == f"node {settled[0].node_id}"
     assert lines[1].split() == ["ID", "ADDRESS", "STATE", "INCARNATION"]
@@ -217,7 +215,7 @@ def test_node_without_a_key_runs_standalone(tmp_path: Path) -> None:
         assert "running STANDALONE" in log and "ignoring --join" in log
         assert (
             "chatnode_gossip_datagrams_total"
-            not in urllib.request.urlopen(node.url + "metrics", timeout=5).read().decode()
+            not in admin_get(node.url + "metrics").decode()
         )
 
 

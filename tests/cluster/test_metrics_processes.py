@@ -5,7 +5,6 @@ families are checked on one node in tests/integration/test_ops.py)."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatnode.keyring import generate_key
 from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
-from tests.daemon import Daemon
+from tests.daemon import Daemon, admin_get
 from tests.integration.client import WS, new_user, signup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -22,8 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 def scrape(node: Daemon) -> dict[str, float]:
     """``name`` or ``name{k=v,...}`` (labels sorted) -> value, from the parsed text."""
-    with urllib.request.urlopen(node.url + "metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = admin_get(node.url + "metrics").decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from tests.cluster.harness import (
     session,
 )
 from tests.cluster.procs import wait_until
-from tests.daemon import Daemon
+from tests.daemon import Daemon, admin_get
 from tests.integration.client import new_user
 
 pytestmark = pytest.mark.slow
@@ -34,9 +33,8 @@ ROOM = "lobby"
 
 def registry(node: Daemon) -> dict[str, Any] | None:
     try:
-        with urllib.request.urlopen(node.url + "v1/registry", timeout=3) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
+        data: dict[str, Any] = json.loads(admin_get(node.url + "v1/registry", 3))
+        return data
     except OSError:
         return None
 

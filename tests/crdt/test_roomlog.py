@@ -84,8 +84,8 @@ def test_sealing_moves_segments_to_store_and_keeps_everything() -> None:
     for i in range(20):
         a.append(f"m{i:02d}", "al", f"b{i}", clock.now(1000 + i))
     assert a.sealed_segments() == list(range(a.head - 1))
-    # one blob, one id-index blob and one seal record per sealed segment
-    assert len(store) == 3 * len(a.sealed_segments()) > 0
+    # one blob, one pending record, one id-index blob and one seal record per sealed segment
+    assert len(store) == 4 * len(a.sealed_segments()) > 0  # blob, pending, index, seal record
     assert [m.id for m in everything(a)] == [f"m{i:02d}" for i in range(20)]
     # edits of sealed messages go to the head as an overlay; blobs stay as they were
     before = {n: store.get(ROOM, n) for n in a.sealed_segments()}

@@ -287,3 +287,45 @@ def test_regression_delete_merged_into_sealed_blob_after_snapshot_survives_resto
     state.own_acks_are_local()
     state.restart(i=0)
     state.teardown()
+
+
+def _steps(name: str, arg: str, values: list[int]) -> list[tuple[str, dict[str, object]]]:
+    return [(name, {arg: v}) for v in values]
+
+
+def test_regression_item_integrated_ahead_of_its_clients_gap_survives_restore() -> None:
+    """Found by a 30-minute soak (seed 117439593): pycrdt integrates an item whose origins
+    are present even when an earlier item of the same client is missing; the state vector
+    then does not cover it, so it also stays in the segment's pending parts. The snapshot
+    merged the document with those parts into one update, and applying that merge left the
+    item pending again: a message shown before the restart was gone after it (m4 here).
+    Snapshots and sealed blobs now keep the pending parts apart and re-apply them as they
+    came."""
+    state = RoomLogMachine()
+    steps: list[tuple[str, dict[str, object]]] = [
+        ("shared_history", {"n": 0}),
+        ("append", {"advance": 0, "burst": 2, "i": 1, "text": ""}),
+        ("deliver", {"k": 1}),
+        ("drop", {"k": 1}),
+        ("append", {"advance": 0, "burst": 1, "i": 0, "text": ""}),
+        ("deliver", {"k": 1}),
+        ("deliver", {"k": 1}),
+        ("duplicate", {"k": 1}),
+        ("duplicate", {"k": 1}),
+        ("deliver", {"k": 1}),
+        ("resend_elsewhere", {"advance": 0, "i": 0, "pick": 0}),
+        ("duplicate", {"k": 0}),
+        ("drop", {"k": 456099}),
+        ("deliver", {"k": 1}),
+        ("deliver", {"k": 1}),
+        ("concurrent_edit_and_delete", {"body": "p", "deleter": False, "pick": 0}),
+        *_steps("deliver", "k", [0, 0, 0, 0, 2, 0]),
+        ("append", {"advance": 0, "burst": 1, "i": 0, "text": ""}),
+        *_steps("deliver", "k", [0, 0, 0]),
+        *_steps("persist_snapshot", "i", [0, 0, 0, 1]),
+        ("restart", {"i": 1}),
+    ]
+    for name, args in steps:
+        getattr(state, name)(**args)
+        state.own_acks_are_local()
+    state.teardown()

@@ -10,7 +10,6 @@ FRONTIER_FILE (written atomically, fsynced). Runs until killed.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chatnode.forwarder import Forwarder
+from chatnode.forwarding import FeedEntry
 from crdt.clock import Timestamp
 
 
@@ -50,21 +50,19 @@ def make_log(rooms: int, per_room: int) -> dict[str, list[LogMessage]]:
 
 
 class CommittedLog:
-    """The committed part of :func:`make_log`, read the way the node's storage is."""
+    """The committed part of :func:`make_log` as a node's change feed of new messages only:
+    position ``i + 1`` is message ``i``."""
 
     def __init__(self, full: dict[str, list[LogMessage]], committed: int) -> None:
         self.full = full
         self.committed = dict.fromkeys(full, committed)
 
-    async def read_after(
-        self, room: str, after: Timestamp | None, limit: int
-    ) -> list[LogMessage]:
+    async def read_feed(self, room: str, after: int, limit: int) -> list[FeedEntry]:
         msgs = self.full[room][: self.committed[room]]
-        start = 0 if after is None else bisect.bisect_right([m.ts for m in msgs], after)
-        return msgs[start : start + limit]
+        return [FeedEntry(after + 1 + i, m) for i, m in enumerate(msgs[after : after + limit])]
 
 
-def write_frontiers(path: Path, frontiers: dict[str, tuple[int, str]]) -> None:
+def write_frontiers(path: Path, frontiers: dict[str, tuple[int, int]]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump(frontiers, f)
@@ -75,18 +73,18 @@ def write_frontiers(path: Path, frontiers: dict[str, tuple[int, str]]) -> None:
 
 async def main(brokers: str, path: Path, rooms: int, per_room: int, cap: int) -> None:
     log = CommittedLog(make_log(rooms, per_room), 0)
-    frontiers: dict[str, tuple[int, str]] = {}
+    frontiers: dict[str, tuple[int, int]] = {}
 
-    async def save(room: str, epoch: int, ts: Timestamp) -> bool:
-        frontiers[room] = (epoch, ts.encode())
+    async def save(room: str, epoch: int, pos: int, _since_ms: float) -> bool:
+        frontiers[room] = (epoch, pos)
         await asyncio.to_thread(write_frontiers, path, dict(frontiers))
         return True
 
-    fw = Forwarder(brokers, read_after=log.read_after, save_frontier=save, home="child",
+    fw = Forwarder(brokers, read_feed=log.read_feed, save_frontier=save, home="child",
                    batch_size=20)
     await fw.start()
     for room in log.full:
-        fw.own(room, 1, None)
+        fw.own(room, 1)
     while True:
         for room in log.full:
             if log.committed[room] < cap:

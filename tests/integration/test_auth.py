@@ -28,7 +28,7 @@ async def _post(
     http: aiohttp.ClientSession, url: str, body: object
 ) -> tuple[int, dict[str, object]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(url, data=data) as r:
+    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
         return r.status, await r.json()
 
 

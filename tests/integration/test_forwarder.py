@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatnode.forwarder import Forwarder, read_room, read_topic
-from chatnode.forwarding import ForwardedMessage, dedupe, partition_for
-from crdt.clock import Timestamp
+from chatnode.forwarding import FeedEntry, ForwardedMessage, dedupe, partition_for
 from tests.integration.forwarder_child import CommittedLog, LogMessage, make_log
 from tests.kafka import TansuBroker, broker_binary, free_port, kafka_broker
 
@@ -37,11 +36,11 @@ class Registry:
     def __init__(self, log: dict[str, list[LogMessage]]) -> None:
         self.log = log
         self.epoch: dict[str, int] = {}
-        self.frontier: dict[str, Timestamp] = {}
+        self.frontier: dict[str, int] = {}
         self.refused = 0
         self._changed = asyncio.Event()
 
-    async def save(self, room: str, epoch: int, ts: Timestamp) -> bool:
+    async def save(self, room: str, epoch: int, ts: int, _since_ms: float) -> bool:
         if epoch < self.epoch.get(room, 0):
             self.refused += 1
             return False
@@ -52,7 +51,7 @@ class Registry:
         self._changed.set()
         return True
 
-    async def wait_for(self, targets: dict[str, Timestamp]) -> None:
+    async def wait_for(self, targets: dict[str, int]) -> None:
         async def reached() -> None:
             while any(self.frontier.get(r) != ts for r, ts in targets.items()):
                 self._changed.clear()
@@ -61,8 +60,9 @@ class Registry:
         await asyncio.wait_for(reached(), WAIT_S)
 
 
-def ends(log: dict[str, list[LogMessage]], n: int | None = None) -> dict[str, Timestamp]:
-    return {room: (msgs if n is None else msgs[:n])[-1].ts for room, msgs in log.items()}
+def ends(log: dict[str, list[LogMessage]], n: int | None = None) -> dict[str, int]:
+    """The feed position of each room's last message (of its first ``n``)."""
+    return {room: len(msgs if n is None else msgs[:n]) for room, msgs in log.items()}
 
 
 def read_back(brokers: str, room: str) -> list[ForwardedMessage]:
@@ -80,12 +80,12 @@ async def test_forwards_rooms_in_order(kafka_broker: TansuBroker) -> None:
     log = make_log(rooms=4, per_room=250)
     reg = Registry(log)
     source = CommittedLog(log, 250)
-    fw = Forwarder(kafka_broker.bootstrap, read_after=source.read_after,
+    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
                    save_frontier=reg.save, home="node-a", batch_size=64)
     await fw.start()
     try:
         for room in log:
-            fw.own(room, 1, None)
+            fw.own(room, 1)
         await reg.wait_for(ends(log))
     finally:
         await fw.stop()
@@ -103,16 +103,16 @@ async def test_graceful_restart_resumes_without_duplicates(kafka_broker: TansuBr
     log = make_log(rooms=3, per_room=200)
     reg = Registry(log)
     source = CommittedLog(log, 120)
-    a = Forwarder(kafka_broker.bootstrap, read_after=source.read_after, save_frontier=reg.save,
+    a = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed, save_frontier=reg.save,
                   home="a", batch_size=50)
     await a.start()
     for room in log:
-        a.own(room, 1, None)
+        a.own(room, 1)
     await reg.wait_for(ends(log, 120))
     await a.stop()
 
     source.committed = dict.fromkeys(log, 200)
-    b = Forwarder(kafka_broker.bootstrap, read_after=source.read_after, save_frontier=reg.save,
+    b = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed, save_frontier=reg.save,
                   home="b", batch_size=50)
     await b.start()
     try:
@@ -148,16 +148,16 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
     finally:
         os.kill(child.pid, signal.SIGKILL)
         await asyncio.wait_for(child.wait(), 30)
-    persisted = {
-        room: Timestamp.decode(cursor) for room, (_, cursor) in json.loads(path.read_text()).items()
+    persisted: dict[str, int] = {
+        room: pos for room, (_, pos) in json.loads(path.read_text()).items()
     }
     log = make_log(rooms, per_room)
-    for room, ts in persisted.items():
-        assert ts < log[room][cap - 1].ts, "child finished before it was killed"
+    for pos in persisted.values():
+        assert pos < cap, "child finished before it was killed"
 
     reg = Registry(log)
     source = CommittedLog(log, per_room)
-    fw = Forwarder(kafka_broker.bootstrap, read_after=source.read_after,
+    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
                    save_frontier=reg.save, home="b", batch_size=64)
     await fw.start()
     try:
@@ -175,10 +175,10 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
         for recs in by_epoch.values():
             tss = [m.ts for m in recs]
             assert tss == sorted(set(tss)), "a duplicate or reorder within one epoch"
-        assert by_epoch[2] and by_epoch[2][0].ts > persisted[room]
+        assert by_epoch[2] and (by_epoch[2][0].seq or 0) > persisted[room]
         twice = {m.id for m in by_epoch[1]} & {m.id for m in by_epoch[2]}
         # Duplicates only where the dead producer could not tell: above the persisted frontier.
-        assert all(m.ts > persisted[room] for m in by_epoch[1] if m.id in twice)
+        assert all((m.seq or 0) > persisted[room] for m in by_epoch[1] if m.id in twice)
         duplicates += len(twice)
     print(f"kill -9 mid-stream: {duplicates} duplicate records (above the saved frontier)")
 
@@ -195,7 +195,7 @@ async def test_broker_down_at_start_then_up(create_topic: bool) -> None:
     log = make_log(rooms=3, per_room=100)
     reg = Registry(log)
     source = CommittedLog(log, 100)
-    fw = Forwarder(f"127.0.0.1:{port}", read_after=source.read_after, save_frontier=reg.save,
+    fw = Forwarder(f"127.0.0.1:{port}", read_feed=source.read_feed, save_frontier=reg.save,
                    home="a", batch_size=40, create_topic=create_topic,
                    # Without topic creation, let produce attempts time out while the broker
                    # is down: the rewind path. (Timeouts once the broker is up make librdkafka
@@ -205,7 +205,7 @@ async def test_broker_down_at_start_then_up(create_topic: bool) -> None:
     await fw.start()
     try:
         for room in log:
-            fw.own(room, 1, None)
+            fw.own(room, 1)
         if not create_topic:  # produce attempts time out and rewind until the broker is up
             deadline = time.monotonic() + WAIT_S
             while fw.stats()["rewinds"] < len(log):
@@ -231,11 +231,11 @@ async def test_stale_epoch_stops_forwarding(kafka_broker: TansuBroker) -> None:
     (room,) = log
     reg = Registry(log)
     source = CommittedLog(log, 100)
-    fw = Forwarder(kafka_broker.bootstrap, read_after=source.read_after,
+    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
                    save_frontier=reg.save, home="old", batch_size=25)
     await fw.start()
     try:
-        fw.own(room, 1, None)
+        fw.own(room, 1)
         await reg.wait_for(ends(log, 100))
         reg.epoch[room] = 2  # another node became home; ours has not heard yet
         source.committed[room] = 110
@@ -246,7 +246,7 @@ async def test_stale_epoch_stops_forwarding(kafka_broker: TansuBroker) -> None:
             await asyncio.sleep(0.02)
         source.committed[room] = 300
         fw.notify(room)
-        assert not fw.own(room, 1, None)
+        assert not fw.own(room, 1)
         await asyncio.sleep(0.3)
     finally:
         await fw.stop()
@@ -261,15 +261,15 @@ def test_partitioner_agrees_with_librdkafka(kafka_broker: TansuBroker) -> None:
     reg = Registry(log)
 
     async def run() -> None:
-        async def read_after(room: str, after: Timestamp | None, limit: int) -> list[LogMessage]:
-            return [] if after is not None else log[room][:limit]
+        async def read_feed(room: str, after: int, limit: int) -> list[FeedEntry]:
+            return [] if after else [FeedEntry(1, m) for m in log[room][:limit]]
 
-        fw = Forwarder(kafka_broker.bootstrap, read_after=read_after, save_frontier=reg.save,
+        fw = Forwarder(kafka_broker.bootstrap, read_feed=read_feed, save_frontier=reg.save,
                        partitions=7)
         await fw.start()
         try:
             for r in rooms:
-                fw.own(r, 1, None)
+                fw.own(r, 1)
             await reg.wait_for(ends(log))
         finally:
             await fw.stop()

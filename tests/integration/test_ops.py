@@ -11,7 +11,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatnode.keyring import generate_key
-from tests.daemon import REPO, Daemon, loopback_host
+from tests.daemon import ADMIN_HEADERS, REPO, Daemon, loopback_host
 from tests.integration.client import WS, new_user, signup
 
 
@@ -44,7 +44,7 @@ async def test_healthz_and_metrics(http: aiohttp.ClientSession, node: Daemon) ->
     await ws.ok("rooms.create", room=room, visibility="public")
     await ws.ok("send", room=room, id="m", body="counted")
     await ws.fails("not_found", "history", room="missing-room")
-    async with http.get(node.url + "metrics") as r:
+    async with http.get(node.url + "metrics", headers=ADMIN_HEADERS) as r:
         assert r.status == 200 and r.content_type == "text/plain"
         text = await r.text()
     values = samples(text)
@@ -80,7 +80,7 @@ async def test_metrics_show_every_component(http: aiohttp.ClientSession, tmp_pat
         await ws.ok("rooms.create", room=room, visibility="public")
         await ws.ok("send", room=room, id="m", body="counted")
         for _ in range(300):  # it claims the room after a settling time, then forwards it
-            async with http.get(node.url + "metrics") as r:
+            async with http.get(node.url + "metrics", headers=ADMIN_HEADERS) as r:
                 assert r.status == 200
                 assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
                 text = await r.text()
@@ -182,7 +182,7 @@ async def test_slow_consumer_is_disconnected(http: aiohttp.ClientSession, data_d
                 *(fast.ok("send", room=room, id=f"m{n + i}", body=body) for i in range(50))
             )
             n += 50
-            async with http.get(node.url + "metrics") as r:
+            async with http.get(node.url + "metrics", headers=ADMIN_HEADERS) as r:
                 closed = samples(await r.text())["chatnode_slow_consumer_disconnects_total"] > 0
             assert n < 20_000, "the slow client was never disconnected"
         # The fast subscriber received every message in order, slowed by no one.

@@ -213,9 +213,13 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         refs,
         plain_rooms,
         st.sampled_from(["public", "private"]),
-        st.text(st.characters(codec="utf-8"), max_size=p.MAX_TITLE),
+        # titles hold no control or invisible format character (Cc, Cf, Zl, Zp)
+        st.text(
+            st.characters(codec="utf-8", exclude_categories=["Cc", "Cf", "Zl", "Zp"]),
+            max_size=p.MAX_TITLE,
+        ),
     ),
-    st.builds(p.RoomsList, refs),
+    st.builds(p.RoomsList, refs, st.none() | rooms, st.integers(1, p.MAX_ROOMS_PAGE)),
     st.builds(p.RoomsJoin, refs, rooms),
     st.builds(p.RoomsLeave, refs, rooms),
     st.builds(p.RoomsInvite, refs, rooms, users),
@@ -230,7 +234,15 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         refs,
         rooms,
         msg_ids,
-        st.text(st.characters(codec="utf-8"), min_size=1, max_size=p.MAX_EMOJI),
+        # emoji: no control character, no bidi control (joiners and tags are fine)
+        st.text(
+            st.characters(codec="utf-8", exclude_categories=["Cc"]).filter(
+                lambda c: c not in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                "\u2066\u2067\u2068\u2069"
+            ),
+            min_size=1,
+            max_size=p.MAX_EMOJI,
+        ),
         st.booleans(),
     ),
     st.builds(

