@@ -8,6 +8,8 @@
     chatnode rooms [--url URL] [--admin-token TOKEN]     the rooms with their home node
     chatnode send ROOM TEXT [--url URL]...   send a message (through any of the nodes)
     chatnode tail ROOM [--url URL]...        print a room's new messages, across node failures
+    chatnode search QUERY [--room ROOM] [--url URL]...   full-text search (docs/VIEWS.md)
+    chatnode indexer [migrate] --views URL [--kafka-brokers HOSTS]   the views indexer
 
 ``send`` and ``tail`` use :mod:`chatnode.client`; credentials come from ``--user`` and
 ``--password`` or ``CHATNODE_USER`` and ``CHATNODE_PASSWORD``, nodes from ``--url``
@@ -171,6 +173,31 @@ def _parser() -> argparse.ArgumentParser:
         help="start after this cursor (default: after the newest message)",
     )  # fmt: skip
     _add_client_args(tail, "give up when the room cannot be followed within this many seconds")
+    search = sub.add_parser(
+        "search",
+        help="search the messages of the rooms you may read",
+        description="Full-text search (the node needs --index or --views, docs/VIEWS.md); "
+        "prints one result a line: room, cursor, author, the snippet with [matches].",
+    )
+    search.add_argument("query", metavar="QUERY")
+    search.add_argument("--room", default=None, help="only this room")
+    search.add_argument("--limit", type=int, default=None, metavar="N", help="results (1-50)")
+    search.add_argument("--after", default=None, metavar="CURSOR",
+                        help="the next page (the cursor printed after a full page)")  # fmt: skip
+    search.add_argument("--json", action="store_true", help="print the raw reply")
+    _add_client_args(search, "give up after this many seconds")
+    indexer = sub.add_parser(
+        "indexer",
+        help="run the views indexer (or 'migrate' its database)",
+        description="Consume the history topic into the views database and keep it current "
+        "(docs/VIEWS.md). 'chatnode indexer migrate' applies the schema migrations and exits.",
+    )
+    indexer.add_argument("action", nargs="?", choices=("run", "migrate"), default="run")
+    indexer.add_argument("--config", metavar="FILE", default=None)
+    for name in ("views", "kafka_brokers", "kafka_topic", "log_level"):
+        setting = next(s for s in SETTINGS if s.name == name)
+        indexer.add_argument(setting.flag, dest=name, metavar=setting.metavar, default=None,
+                             help=f"{setting.help} [{setting.env}]")  # fmt: skip
     return parser
 
 
@@ -444,6 +471,91 @@ def _tail(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+def _search(args: argparse.Namespace) -> int:
+    from chatnode.client import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
+
+    urls, user, password = _client_settings(args)
+    fields: dict[str, Any] = {"query": args.query}
+    for key in ("room", "limit", "after"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+
+    async def go() -> int:
+        async with Client(urls, user=user, password=password) as chat:
+            try:
+                async with asyncio.timeout(args.timeout):
+                    reply = await chat.call("search", **fields)
+            except TimeoutError:
+                sys.stderr.write(f"chatnode: error: no answer within {args.timeout:g}s\n")
+                return 1
+            except ChatError as exc:
+                sys.stderr.write(f"chatnode: error: {exc}\n")
+                return 1
+        if args.json:
+            reply.pop("ref", None)
+            sys.stdout.write(json.dumps(reply, ensure_ascii=False) + "\n")
+            return 0
+        for r in reply.get("results") or []:
+            text = str(r.get("snippet", ""))
+            for start, end in reversed(r.get("highlights") or []):
+                text = f"{text[:start]}[{text[start:end]}]{text[end:]}"
+            sys.stdout.write(f"{r.get('room')} {r.get('cursor')} {r.get('author')}: {text}\n")
+        if reply.get("next"):
+            sys.stderr.write(f"chatnode: more: --after {reply['next']}\n")
+        return 0
+
+    return asyncio.run(go())
+
+
+def _indexer(args: argparse.Namespace) -> int:
+    cfg = _resolve(args, ["views", "kafka_brokers", "kafka_topic", "log_level"])
+    if cfg.views is None:
+        raise _Usage("give --views sqlite:///PATH (or CHATNODE_VIEWS)")
+    from chatnode.views import parse_views_url  # noqa: PLC0415
+    from chatnode.viewsdb import SCHEMA_VERSION, ViewsDB, ViewsError  # noqa: PLC0415
+
+    target = parse_views_url(cfg.views)
+    _setup_logging(cfg.log_level)
+    if args.action == "migrate":
+        try:
+            db = ViewsDB.open(target.path)
+        except ViewsError as exc:
+            sys.stderr.write(f"chatnode: error: {exc}\n")
+            return 1
+        db.close()
+        done = ", ".join(map(str, db.applied)) or "none"
+        sys.stdout.write(f"{target}: schema version {SCHEMA_VERSION} (applied: {done})\n")
+        return 0
+    if not cfg.kafka_brokers:
+        raise _Usage("give --kafka-brokers (a node without a broker indexes itself: "
+                     "chatnode run --index)")  # fmt: skip
+    from chatnode.indexer import Indexer, KafkaSource, Views  # noqa: PLC0415
+
+    async def go() -> int:
+        views = Views(target)
+        try:
+            applied = await views.open_writer()
+        except ViewsError as exc:
+            sys.stderr.write(f"chatnode: error: {exc}\n")
+            await views.close()
+            return 1
+        if applied:
+            log.info("views %s: applied migrations %s", target, applied)
+        assert cfg.kafka_brokers is not None
+        indexer = Indexer(views, KafkaSource(cfg.kafka_brokers, cfg.kafka_topic))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, indexer.stop)
+        try:
+            await indexer.run()
+        finally:
+            await views.close()
+        log.info("indexer stopped: %s", indexer.stats)
+        return 0
+
+    return asyncio.run(go())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chatnode`` console script; returns the exit status."""
     parser = _parser()
@@ -467,6 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _send(args)
         if args.command == "tail":
             return _tail(args)
+        if args.command == "search":
+            return _search(args)
+        if args.command == "indexer":
+            return _indexer(args)
     except _Usage as exc:
         sys.stderr.write(f"chatnode: error: {exc}\n")
         return 2

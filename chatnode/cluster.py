@@ -22,12 +22,14 @@ import msgpack
 from aiohttp import web
 
 from chatnode import registry as reg
+from chatnode.ephemeral import Ephemeral
 from chatnode.errors import ClientError
 from chatnode.forwarder import Forwarder
 from chatnode.forwarding import FeedEntry
 from chatnode.keyring import Keyring
 from chatnode.membership import Member, MemberEvent, MemberState
 from chatnode.peers import PeerHub
+from chatnode.presence import PresenceDelta, PresenceFull, PresenceRequest, PresenceVersion
 from chatnode.replication import (
     NO_TOKEN,
     Ack,
@@ -40,8 +42,10 @@ from chatnode.replication import (
     PeerMsg,
     Ping,
     Pong,
+    ReadNote,
     StateVector,
     SvRequest,
+    TypingNote,
     Update,
     digest,
     required_acks,
@@ -111,10 +115,12 @@ class Cluster:
         self.replicas = replicas
         self.ack_timeout = ack_timeout
         self.hub: PeerHub | None = None
+        self.ephemeral: Ephemeral | None = None  # presence, typing, read events (peers)
         if keyring is not None:
             self.hub = PeerHub(
                 self.node_id, keyring, self._on_message, self._on_link, trailer=self._trailer
             )
+            self.ephemeral = Ephemeral(service, self.hub)
         self._tracker = AckTracker()
         self._waits: dict[int, tuple[asyncio.Future[None], float]] = {}
         self._schedule = AntiEntropySchedule(ANTI_ENTROPY_INTERVAL)
@@ -155,6 +161,8 @@ class Cluster:
             self._tasks.append(asyncio.create_task(self._anti_entropy_loop(), name="anti-entropy"))
             self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry"))
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+            if self.ephemeral is not None:
+                self.ephemeral.start()
             self.on_member_event(None)
 
     async def stop(self) -> None:
@@ -172,6 +180,8 @@ class Cluster:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._drains.clear()
+        if self.ephemeral is not None:
+            await self.ephemeral.stop()
         if self.hub is not None:
             await self.hub.stop()
         for fut, _ in self._waits.values():
@@ -199,6 +209,8 @@ class Cluster:
             if m.id != self.node_id and m.state in (MemberState.ALIVE, MemberState.SUSPECT)
         }
         self.hub.set_targets(targets)
+        if self.ephemeral is not None:  # the users of dead and departed nodes go offline
+            self.ephemeral.members(targets)
         self._recompute_blocking()
         self._check_waits()
         self._registry_wake.set()
@@ -223,6 +235,13 @@ class Cluster:
                 task = asyncio.create_task(self._drain(peer), name=f"drain-{peer}")
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
+        for peer in sorted((blocking - self._blocking) & links):
+            # Back among the blocking peers (declared dead, then alive again) while its link
+            # stayed up: no link-up event will come to validate its frontier, and its state
+            # may have been forgotten by the drain; without a fresh sync its frontier stays
+            # at "" and holds every live event back for good.
+            self._frontier.link_up(peer)
+            self._sync_link(peer)
         self._blocking = blocking
         self._refresh()
 
@@ -232,6 +251,8 @@ class Cluster:
             self._meta_wake.set()
             self._frontier.link_up(peer)
             self._sync_link(peer)  # pushes missed while the link was down come back first
+            if self.ephemeral is not None:
+                self.ephemeral.link_up(peer)
         else:
             self._schedule.disconnected(peer)
             self._frontier.link_down(peer)
@@ -399,6 +420,12 @@ class Cluster:
                 case SvRequest():
                     sv = self.service.room_state_vector(msg.room)
                     hub.send(peer, StateVector(msg.room, sv, msg.token))
+                case (
+                    PresenceFull() | PresenceDelta() | PresenceVersion() | PresenceRequest()
+                    | TypingNote() | ReadNote()
+                ):  # fmt: skip
+                    if self.ephemeral is not None:
+                        self.ephemeral.receive(peer, msg)
         except CodecError as exc:
             log.warning("malformed payload from peer %s: %s", peer, exc)
         except StorageError as exc:
@@ -453,8 +480,29 @@ class Cluster:
             delay = ANTI_ENTROPY_INTERVAL if nxt is None else max(0.05, nxt - now)
             await asyncio.sleep(min(delay, ANTI_ENTROPY_INTERVAL))
 
+    def frontier_view(self) -> dict[str, object]:
+        """What the stable frontier waits for, for ``GET /v1/cluster``: the peers counted
+        (blocking, draining), each peer's state, and the service's own limit."""
+        return {
+            "limit": self.service.release_limit,
+            "held": self.service.held_count(),
+            "inflight": self.service.inflight_count(),
+            "blocking": sorted(self._blocking),
+            "draining": sorted(self._draining),
+            "pings_waiting": len(self._pongs),
+            "peers": self._frontier.describe(),
+        }
+
     def _alive_ids(self) -> set[str]:
         return {self.node_id, *(m.id for m in self.alive_peers())}
+
+    def _placement_ids(self) -> set[str]:
+        """The members rooms are placed over: alive and suspected ones. A room moves only
+        once its home is declared dead (or leaves): two nodes that disagree for a moment on
+        whether a third is suspect would otherwise claim the room back and forth, each
+        claim overriding the other's (seen as dozens of epochs within a second)."""
+        keep = (MemberState.ALIVE, MemberState.SUSPECT)
+        return {self.node_id, *(m.id for m in self._members() if m.state in keep)}
 
     def homes(self) -> dict[str, reg.Home | None]:
         meta = self.service.meta
@@ -484,7 +532,7 @@ class Cluster:
             self._registry_wake.set()
             await asyncio.sleep(0.2)
             return
-        todo = reg.claims(self.node_id, homes, homes, self._alive_ids())
+        todo = reg.claims(self.node_id, homes, homes, self._placement_ids())
         if not todo:
             return
         await self.service.write_meta(*((reg.home_key(c.room), c.home.to_value()) for c in todo))

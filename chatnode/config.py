@@ -30,6 +30,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from chatnode.views import ViewsURLError, parse_views_url
+
 __all__ = [
     "DEFAULTS",
     "ENV_PREFIX",
@@ -82,6 +84,9 @@ class Config:
     replicas: int = 2
     kafka_brokers: str | None = None
     kafka_topic: str = "chat.messages"
+    # Views (docs/VIEWS.md): run the indexer in the node; the views database.
+    index: bool = False
+    views: str | None = None  # sqlite:///PATH; default with --index: <data-dir>/views.db
     # Client-facing limits (docs/SECURITY.md).
     send_queue_bytes: int = 8 * 1024 * 1024  # bytes queued to one connection (4008 above)
     max_connections: int = 10_000  # open TCP connections in all (capped by the fd limit)
@@ -108,6 +113,13 @@ class Config:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "db"
+
+    @property
+    def views_url(self) -> str | None:
+        """The views database: ``views``, else with ``index`` the one in the data dir."""
+        if self.views is not None:
+            return self.views
+        return f"sqlite:///{self.data_dir / 'views.db'}" if self.index else None
 
     @property
     def url(self) -> str:
@@ -425,6 +437,18 @@ def _secret(value: object) -> str | None:
     return value
 
 
+def _views_url(value: object) -> str | None:
+    """A views database URL (``sqlite:///PATH``; empty: none)."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if not value.strip():
+        return None
+    try:
+        return str(parse_views_url(value))
+    except ViewsURLError as exc:
+        raise ValueError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One configurable value: its :class:`Config` attribute, TOML key and flag."""
@@ -589,6 +613,22 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "HOSTS",
     ),
     Setting("kafka_topic", "kafka_topic", _text, "topic of the forwarded history", "TOPIC"),
+    Setting(
+        "index",
+        "index",
+        _bool,
+        "run the views indexer in this node (search, /v1/stats): from the Kafka topic with "
+        "--kafka-brokers, else from this node's own log",
+        "BOOL",
+        switch=True,
+    ),
+    Setting(
+        "views",
+        "views",
+        _views_url,
+        "views database, sqlite:///PATH (default with --index: <data-dir>/views.db)",
+        "URL",
+    ),
     # client-facing limits (docs/SECURITY.md)
     Setting(
         "send_queue_bytes",

@@ -496,3 +496,78 @@ def read_topic(
         return _read_partitions(c, topic, sorted(t.partitions), timeout, None)
     finally:
         c.close()
+
+
+class TopicReader:
+    """A blocking reader of every partition of a topic from given offsets, for the views
+    indexer (docs/VIEWS.md): ``assign()`` only (no consumer group, no committed offsets: the
+    indexer keeps its offsets in its own database). Use from one thread."""
+
+    def __init__(self, brokers: str, topic: str = DEFAULT_TOPIC) -> None:
+        self.topic = topic
+        self._c: Any = Consumer({
+            "bootstrap.servers": brokers,
+            "group.id": "chatnode-indexer",  # required by the client; assign() never joins
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 50,
+            "logger": _rdlog,
+        })  # fmt: skip
+        self._assigned: list[int] = []
+
+    def partitions(self, timeout: float = _TOPIC_TIMEOUT_S) -> list[int]:
+        """The topic's partitions ([] while it does not exist). Raises ``KafkaException``."""
+        md = self._c.list_topics(topic=self.topic, timeout=timeout)
+        t = md.topics.get(self.topic)
+        if t is None or t.error is not None or not t.partitions:
+            return []
+        return sorted(t.partitions)
+
+    def assign(self, offsets: Mapping[int, int | None]) -> None:
+        """Read ``partition -> next offset`` (None: from the beginning)."""
+        self._c.assign([
+            TopicPartition(self.topic, p, OFFSET_BEGINNING if off is None else off)
+            for p, off in sorted(offsets.items())
+        ])  # fmt: skip
+        self._assigned = sorted(offsets)
+
+    def poll(
+        self, max_records: int, timeout: float
+    ) -> list[tuple[int, int, ForwardedMessage | None]]:
+        """Up to ``max_records`` records as ``(partition, offset, message)``, ``message``
+        None for a record that is not a chatnode message (skipped, logged). Transient broker
+        errors are logged and retried by the client."""
+        out: list[tuple[int, int, ForwardedMessage | None]] = []
+        for m in self._c.consume(max_records, timeout):
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    _rdlog.info("indexer consumer: %s", err)
+                continue
+            try:
+                rec: ForwardedMessage | None = decode_record(m.key(), m.value(), m.headers())
+            except RecordError as e:
+                log.warning("skipping record %s/%d@%d: %s", self.topic, m.partition(),
+                            m.offset(), e)  # fmt: skip
+                rec = None
+            out.append((m.partition(), m.offset(), rec))
+        return out
+
+    def high_watermarks(self) -> dict[int, int]:
+        """The end offset of each assigned partition as last seen by the client (no request;
+        -1 parts left out)."""
+        out: dict[int, int] = {}
+        for p in self._assigned:
+            try:
+                _low, high = self._c.get_watermark_offsets(
+                    TopicPartition(self.topic, p), cached=True
+                )
+            except KafkaException:
+                continue
+            if high is not None and high >= 0:
+                out[p] = int(high)
+        return out
+
+    def close(self) -> None:
+        self._c.close()

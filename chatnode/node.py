@@ -63,12 +63,15 @@ from chatnode.gossip_udp import (
     HttpPushPullClient,
     serve_push_pull,
 )
+from chatnode.indexer import Indexer, KafkaSource, LogSource, Views
 from chatnode.keyring import Keyring, parse_key
 from chatnode.membership import Addr, Member, MemberEvent, MemberState
 from chatnode.metrics import Metrics, Reading
 from chatnode.peers import PeerHub
 from chatnode.service import Limits, Service
 from chatnode.storage import Store, WriteStats
+from chatnode.views import parse_views_url
+from chatnode.viewsweb import ViewsAPI
 from chatnode.web import GatedSite, WebApp
 
 __all__ = [
@@ -166,6 +169,9 @@ class Node:
         self.service: Service | None = None
         self.webapp: WebApp | None = None
         self.cluster: Cluster | None = None  # replication and registry (docs/REPLICATION.md)
+        self.views: Views | None = None  # search and statistics (docs/VIEWS.md)
+        self.indexer: Indexer | None = None  # --index
+        self._indexing: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
@@ -231,6 +237,7 @@ class Node:
             "self": self.node_id,
             "standalone": self.standalone,
             "members": [member_json(m) for m in self.members()],
+            "frontier": None if self.cluster is None else self.cluster.frontier_view(),
         }
 
     def _default_public_url(self) -> str:
@@ -369,6 +376,9 @@ class Node:
         self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas)
         app = self.webapp.make_app()
         self.cluster.add_routes(app)
+        if cfg.views_url is not None:
+            self.views = Views(parse_views_url(cfg.views_url))
+            ViewsAPI(self.views, self.service, self.webapp.is_operator).install(app)
         app.router.add_post(PUSH_PULL_PATH, self._push_pull_in)
         self._register_metrics()
         self._runner = web.AppRunner(
@@ -393,11 +403,14 @@ class Node:
                  self.node_id, self.url, cfg.data_dir, self.public_url)  # fmt: skip
         self.webapp.cluster_view = self.cluster_view
         self.webapp.public_nodes = self.public_nodes
+        self.webapp.member_urls = lambda: [m.url for m in self.members() if m.url]
         await self._start_membership()
         self.on_member_event(self.cluster.on_member_event)
         self.cluster.start()
         if cfg.kafka_brokers:  # the home of each room forwards it (docs/KAFKA.md)
             await self.cluster.start_forwarding(cfg.kafka_brokers, cfg.kafka_topic)
+        if cfg.index:
+            await self._start_indexer()
         if self.on_listening is not None:
             self.on_listening(self)
 
@@ -674,7 +687,43 @@ class Node:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _start_indexer(self) -> None:
+        """The views indexer in this node (docs/VIEWS.md): from the Kafka topic with a broker,
+        else from this node's own release log through the forwarder's change feed."""
+        assert self.views is not None and self.service is not None and self.cluster is not None
+        await self.views.open_writer()
+        service, cfg = self.service, self.cfg
+
+        def feed_end(room: str) -> int:
+            state = service.rooms.get(room)
+            return 0 if state is None else state.pushed_seq
+
+        source: KafkaSource | LogSource
+        if cfg.kafka_brokers:
+            source = KafkaSource(cfg.kafka_brokers, cfg.kafka_topic)
+        else:
+            source = LogSource(self.node_id, rooms=service.room_names, end=feed_end,
+                               read=self.cluster.read_feed)  # fmt: skip
+        indexer = self.indexer = Indexer(self.views, source)
+        self.metrics.value("chatnode_views_records_total", "history records applied to the views",
+                           lambda: indexer.stats.records, kind="counter")  # fmt: skip
+        self.metrics.value("chatnode_views_behind_records",
+                           "history records known and not yet in the views",
+                           lambda: indexer.behind)  # fmt: skip
+        self._indexing = asyncio.create_task(indexer.run(), name="indexer")
+
+    async def _stop_views(self) -> None:
+        indexing, self._indexing = self._indexing, None
+        if indexing is not None and self.indexer is not None:
+            self.indexer.stop()
+            with contextlib.suppress(Exception):
+                await indexing
+        views, self.views = self.views, None
+        if views is not None:
+            await views.close()
+
     async def _close(self) -> None:
+        await self._stop_views()
         await self._stop_membership(leave=False)
         if self.cluster is not None:
             await self.cluster.stop()

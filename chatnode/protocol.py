@@ -60,6 +60,7 @@ __all__ = [
     "RoomsJoin",
     "RoomsLeave",
     "RoomsList",
+    "Search",
     "Send",
     "Subscribe",
     "Typing",
@@ -100,6 +101,13 @@ MAX_HISTORY_LIMIT: Final = 200
 DEFAULT_HISTORY_LIMIT: Final = 50
 MAX_ROOMS_PAGE: Final = 200  # public rooms in one rooms.list page
 DEFAULT_ROOMS_PAGE: Final = 50
+MAX_SEARCH_QUERY: Final = 200  # characters of a search query
+MAX_SEARCH_CURSOR: Final = 200  # characters of a search cursor
+MAX_SEARCH_WORDS: Final = 16
+_SEARCH_WORD_RE: Final = re.compile(r"\w")
+_SEARCH_CURSOR_RE: Final = re.compile(r"s1\.[A-Za-z0-9_-]{1,197}")  # views.encode_cursor
+MAX_SEARCH_LIMIT: Final = 50
+DEFAULT_SEARCH_LIMIT: Final = 20
 PEEK_REF_BYTES: Final = 1024  # a frame over the rate limit is read for its ref up to this size
 MIN_PASSWORD: Final = 8
 MAX_PASSWORD: Final = 256
@@ -313,6 +321,17 @@ class Presence:
     room: str
 
 
+@dataclass(frozen=True, slots=True)
+class Search:
+    """Full-text search of the views (docs/VIEWS.md)."""
+
+    ref: Ref
+    query: str
+    room: str | None = None  # only this room (else every room the user may read)
+    after: str | None = None  # the ``next`` of the previous page
+    limit: int = DEFAULT_SEARCH_LIMIT
+
+
 Request: TypeAlias = (
     Hello
     | Ping
@@ -332,6 +351,7 @@ Request: TypeAlias = (
     | Typing
     | Read
     | Presence
+    | Search
 )
 
 
@@ -586,6 +606,23 @@ def _read(f: _Fields) -> Request:
     return Read(f.ref, room, cursor)
 
 
+def _search(f: _Fields) -> Request:
+    query = f.bounded("query", 1, MAX_SEARCH_QUERY)
+    words = [w for w in query.split() if _SEARCH_WORD_RE.search(w)]
+    if not words:
+        raise f.fail("invalid", "field 'query' has no word to search for")
+    if len(words) > MAX_SEARCH_WORDS:
+        raise f.fail("invalid", f"field 'query' has more than {MAX_SEARCH_WORDS} words")
+    room = f.text("room", required=False)
+    if room is not None and not valid_room(room):
+        raise f.fail("invalid", "field 'room' must be a room id")
+    after = f.text("after", required=False)
+    if after is not None and _SEARCH_CURSOR_RE.fullmatch(after) is None:
+        raise f.fail("invalid", "field 'after' is not a search cursor")
+    limit = f.integer("limit", DEFAULT_SEARCH_LIMIT, 1, MAX_SEARCH_LIMIT)
+    return Search(f.ref, query, room, after, limit)
+
+
 _Parser: TypeAlias = Callable[[_Fields], Request]
 
 #: op -> (the fields it defines besides ``op`` and ``ref``, its parser)
@@ -622,6 +659,7 @@ _OPS: Final[dict[str, tuple[frozenset[str], _Parser]]] = {
     "typing": (frozenset({"room"}), lambda f: Typing(f.ref, f.room())),
     "read": (frozenset({"room", "cursor"}), _read),
     "presence": (frozenset({"room"}), lambda f: Presence(f.ref, f.room())),
+    "search": (frozenset({"query", "room", "after", "limit"}), _search),
 }
 
 #: Every operation name a client may send.

@@ -21,6 +21,13 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
                                                 now on has a cursor at or above ``cursor``
 ``["p", nonce]``                                ping: answer ``o`` after everything before it
 ``["o", nonce]``                                pong
+``["ws", inc, seq, {room: [users]}]``           presence: my whole published state
+                                                (:mod:`chatnode.presence`)
+``["wd", inc, base, seq, {room: {user: on}}]``  presence: my changes from ``base`` to ``seq``
+``["wv", inc, seq]``                            presence: the version of my state
+``["wr"]``                                      presence: send me your whole state
+``["y", room, user]``                           ``user`` (on my node) is typing in ``room``
+``["r", room, user, cursor]``                   ``user`` moved their read marker in ``room``
 ==============================================  ==============================================
 """
 
@@ -32,6 +39,13 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import msgpack
+
+from chatnode.presence import (
+    PresenceDelta,
+    PresenceFull,
+    PresenceRequest,
+    PresenceVersion,
+)
 
 __all__ = [
     "NO_TOKEN",
@@ -46,8 +60,10 @@ __all__ = [
     "PeerMsg",
     "Ping",
     "Pong",
+    "ReadNote",
     "StateVector",
     "SvRequest",
+    "TypingNote",
     "Update",
     "decode_frame",
     "digest",
@@ -116,7 +132,23 @@ class Pong:
     nonce: int
 
 
-PeerMsg = Update | Ack | MetaPayload | Digests | StateVector | SvRequest | Frontier | Ping | Pong
+@dataclass(frozen=True, slots=True)
+class TypingNote:
+    room: str
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReadNote:
+    room: str
+    user: str
+    cursor: str
+
+
+PeerMsg = (
+    Update | Ack | MetaPayload | Digests | StateVector | SvRequest | Frontier | Ping | Pong
+    | PresenceFull | PresenceDelta | PresenceVersion | PresenceRequest | TypingNote | ReadNote
+)
 
 
 def _wire(m: PeerMsg) -> list[object]:
@@ -139,6 +171,21 @@ def _wire(m: PeerMsg) -> list[object]:
             return ["p", m.nonce]
         case Pong():
             return ["o", m.nonce]
+        case PresenceFull():
+            return ["ws", m.incarnation, m.seq, {r: list(us) for r, us in m.rooms}]
+        case PresenceDelta():
+            changes: dict[str, dict[str, bool]] = {}
+            for r, u, on in m.changes:
+                changes.setdefault(r, {})[u] = on
+            return ["wd", m.incarnation, m.base, m.seq, changes]
+        case PresenceVersion():
+            return ["wv", m.incarnation, m.seq]
+        case PresenceRequest():
+            return ["wr"]
+        case TypingNote():
+            return ["y", m.room, m.user]
+        case ReadNote():
+            return ["r", m.room, m.user, m.cursor]
 
 
 def encode_frame(msgs: Iterable[PeerMsg]) -> bytes:
@@ -193,6 +240,46 @@ def _one(raw: object) -> PeerMsg:
         return Ping(_token(args[0]))
     if tag == "o" and len(args) == 1:
         return Pong(_token(args[0]))
+    return _ephemeral(tag, args)
+
+
+def _count(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise FrameError("bad version number")
+    return v
+
+
+def _map(v: object) -> dict[object, object]:
+    if not isinstance(v, dict):
+        raise FrameError("expected a map")
+    return v
+
+
+def _ephemeral(tag: str, args: list[object]) -> PeerMsg:
+    """Presence, typing and read notes (never stored; see chatnode/presence.py)."""
+    if tag == "ws" and len(args) == 3:
+        rooms: list[tuple[str, tuple[str, ...]]] = []
+        for r, users in _map(args[2]).items():
+            if not isinstance(users, list):
+                raise FrameError("presence users must be an array")
+            rooms.append((_str(r), tuple(_str(u) for u in users)))
+        return PresenceFull(_count(args[0]), _count(args[1]), tuple(rooms))
+    if tag == "wd" and len(args) == 4:
+        changes: list[tuple[str, str, bool]] = []
+        for r, users in _map(args[3]).items():
+            for u, on in _map(users).items():
+                if not isinstance(on, bool):
+                    raise FrameError("presence change must be a boolean")
+                changes.append((_str(r), _str(u), on))
+        return PresenceDelta(_count(args[0]), _count(args[1]), _count(args[2]), tuple(changes))
+    if tag == "wv" and len(args) == 2:
+        return PresenceVersion(_count(args[0]), _count(args[1]))
+    if tag == "wr" and not args:
+        return PresenceRequest()
+    if tag == "y" and len(args) == 2:
+        return TypingNote(_str(args[0]), _str(args[1]))
+    if tag == "r" and len(args) == 3:
+        return ReadNote(_str(args[0]), _str(args[1]), _str(args[2]))
     raise FrameError(f"unknown peer message {tag!r} with {len(args)} fields")
 
 
@@ -371,6 +458,19 @@ class FrontierTracker:
 
     def forget(self, peer: str) -> None:
         self._peers.pop(peer, None)
+
+    def describe(self) -> dict[str, dict[str, object]]:
+        """Per peer, what holds its frontier (for operators: ``GET /v1/cluster``)."""
+        return {
+            peer: {
+                "value": p.value,
+                "valid": p.valid,
+                "applying": p.applying,
+                "stash": p.stash,
+                "pongs_waiting": len(p.pongs),
+            }
+            for peer, p in sorted(self._peers.items())
+        }
 
     def value(self, peers: Iterable[str]) -> str | None:
         """The lowest frontier of ``peers`` (None when there are none)."""

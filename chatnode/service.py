@@ -39,7 +39,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
@@ -49,6 +49,8 @@ from chatnode import protocol as p
 from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
 from chatnode.errors import ClientError
 from chatnode.metrics import Metrics
+from chatnode.presence import Change as PresenceChange
+from chatnode.presence import Presence, TypingLimiter
 from chatnode.storage import (
     NS_CLOCK,
     NS_META_DELTA,
@@ -87,6 +89,9 @@ UNREAD_CAP: Final = 999
 CATCHUP_PAGE: Final = 200
 MAX_INFLIGHT_HASHES: Final = 2
 MAX_HELD_EVENTS: Final = 50_000  # live events waiting for the stable frontier, all rooms
+#: Live events a session's subscriptions buffer while their catch-ups run, in bytes (all its
+#: rooms together); past it the client is too slow for its own catch-up (closed, 4008).
+MAX_CATCHUP_BUFFER_BYTES: Final = 8 << 20
 _RELEASED_UPDATE: Final = "u"  # marks an update row in the release log
 
 
@@ -118,6 +123,17 @@ class Outbox(Protocol):
     @property
     def capacity(self) -> int:
         """The most frames the queue takes."""
+
+
+class EphemeralLink(Protocol):
+    """Where presence, typing and read events go to the other nodes (chatnode/ephemeral.py)."""
+
+    def presence_changed(self) -> None:
+        """``presence`` has pending local changes to publish."""
+
+    def typing(self, room: str, user: str) -> None: ...
+
+    def read(self, room: str, user: str, cursor: str) -> None: ...
 
 
 class Replicator(Protocol):
@@ -160,18 +176,26 @@ class _Sub:
     """One session's subscription to one room. While ``buffer`` is not None the catch-up is
     running and live events wait in it."""
 
-    __slots__ = ("buffer", "buffered_messages", "limit")
+    __slots__ = ("buffer", "buffered_bytes", "buffered_messages", "limit")
 
     def __init__(self, limit: int, catching_up: bool) -> None:
         self.limit = limit
         self.buffer: list[str | None] | None = [] if catching_up else None
         self.buffered_messages: dict[str, int] = {}  # cursor -> index in buffer
+        self.buffered_bytes = 0  # counted in the session's total
+
+    def end_buffering(self) -> list[str | None]:
+        """Stop buffering; returns what was buffered."""
+        out = self.buffer or []
+        self.buffer = None
+        self.buffered_messages.clear()
+        return out
 
 
 class Session:
     """An authenticated client connection, as the service sees it."""
 
-    __slots__ = ("expires_ms", "outbox", "subs", "token_id", "user")
+    __slots__ = ("buffered_bytes", "expires_ms", "outbox", "subs", "token_id", "user")
 
     def __init__(self, claims: Claims, outbox: Outbox) -> None:
         self.user = claims.user
@@ -179,6 +203,13 @@ class Session:
         self.expires_ms = claims.expires_ms
         self.outbox = outbox
         self.subs: dict[str, _Sub] = {}
+        self.buffered_bytes = 0  # live events waiting behind catch-ups, all rooms
+
+    def end_buffering(self, sub: _Sub) -> list[str | None]:
+        """``sub``'s catch-up is over (done or abandoned): its buffer leaves the total."""
+        self.buffered_bytes -= sub.buffered_bytes
+        sub.buffered_bytes = 0
+        return sub.end_buffering()
 
     def emit(self, room: str, text: str, cursor: str | None = None) -> None:
         """Deliver an event of ``room`` (``cursor`` set for a new message)."""
@@ -188,15 +219,20 @@ class Session:
         if sub.buffer is None:
             self.outbox.push(text)
             return
-        if len(sub.buffer) >= sub.limit:
+        size = len(text)
+        if (
+            len(sub.buffer) >= sub.limit
+            or self.buffered_bytes + size > MAX_CATCHUP_BUFFER_BYTES
+        ):
             # The client cannot keep up even with its own catch-up: treat it as too slow.
-            sub.buffer = None
-            sub.buffered_messages.clear()
+            self.end_buffering(sub)
             self.outbox.too_slow()
             return
         if cursor is not None:
             sub.buffered_messages[cursor] = len(sub.buffer)
         sub.buffer.append(text)
+        sub.buffered_bytes += size
+        self.buffered_bytes += size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,6 +379,11 @@ class Service:
         self._hashing = asyncio.Semaphore(MAX_INFLIGHT_HASHES)
         self.on_revoke: Callable[[str], None] | None = None
         self.replicator: Replicator | None = None
+        # Cluster-wide presence (chatnode/presence.py; ephemeral, never stored) and the link
+        # that carries it, typing and read events to the peers (None: standalone).
+        self.presence = Presence(node_id, time.time_ns() // 1000)
+        self.typing_limit = TypingLimiter()
+        self.ephemeral: EphemeralLink | None = None
         self.meta_rep = DeltaReplicator(node_id, AWLWWMap, state=self.meta, seq=0)
         # Stable frontier (docs/REPLICATION.md): with a replicator, committed events wait in
         # ``_held`` until their message's cursor is below ``_limit``, the lowest of the peers'
@@ -355,6 +396,8 @@ class Service:
         self._peer_frontier: str | None = None
         self._limit: str | None = None
         self.on_release: Callable[[str], None] | None = None  # a message event went out
+        # Answers ``search`` over the views (chatnode.viewsweb; None: search is off here).
+        self.search: Callable[[p.Search, set[str]], Awaitable[dict[str, object]]] | None = None
         # Released events wait here for their release-log rows to be durable, then go out
         # in release order (one batch per loop iteration).
         self._release_batch = Batch()
@@ -718,6 +761,10 @@ class Service:
     def held_count(self) -> int:
         return len(self._held)
 
+    def inflight_count(self) -> int:
+        """Own messages stamped but not yet committed (the oldest bounds the frontier)."""
+        return len(self._inflight)
+
     async def stable_after(self, room: str, after: str | None, limit: int) -> list[Message]:
         """Up to ``limit`` committed messages of ``room`` after cursor ``after``, ascending,
         stopping at the stable frontier: no message below the last one returned can still
@@ -986,6 +1033,8 @@ class Service:
                 return await self._read(s, req)
             case p.Presence():
                 return self._presence(s, req)
+            case p.Search():
+                return await self._search(s, req)
         raise ClientError("unknown_op", "operation not supported", req.ref)
 
     # ------------------------------------------------------------------ access
@@ -1209,9 +1258,7 @@ class Service:
         s.outbox.push(
             p.encode({"op": "caught_up", "room": req.room, "resume": self._token(upto)})
         )
-        buffered = sub.buffer or []
-        sub.buffer = None
-        sub.buffered_messages.clear()
+        buffered = s.end_buffering(sub)
         for text in buffered:
             if text is not None:
                 s.outbox.push(text)
@@ -1282,8 +1329,10 @@ class Service:
                 return True
 
     def _unsubscribe(self, s: Session, room: str) -> None:
-        if s.subs.pop(room, None) is None:
+        sub = s.subs.pop(room, None)
+        if sub is None:
             return
+        s.end_buffering(sub)  # a catch-up still running stops (``_still``)
         state = self.rooms.get(room)
         if state is None:
             return
@@ -1293,13 +1342,27 @@ class Service:
             state.online[s.user] = n
         else:
             state.online.pop(s.user, None)
-            self._broadcast(state, p.encode(p.presence_event(room, s.user, False)))
+            self._local_presence(room, s.user, False)
 
     def _went_online(self, state: _RoomState, user: str) -> None:
         n = state.online.get(user, 0)
         state.online[user] = n + 1
         if n == 0:
-            self._broadcast(state, p.encode(p.presence_event(state.name, user, True)))
+            self._local_presence(state.name, user, True)
+
+    def _local_presence(self, room: str, user: str, online: bool) -> None:
+        """``user``'s first socket here subscribed to ``room`` or its last one left: an event
+        only if that changes the cluster-wide state; the change is published to the peers."""
+        self.presence_events(self.presence.local(room, user, online))
+        if self.ephemeral is not None and self.presence.pending:
+            self.ephemeral.presence_changed()
+
+    def presence_events(self, changes: Iterable[PresenceChange]) -> None:
+        """Tell the local subscribers of each room about cluster-wide presence changes."""
+        for c in changes:
+            state = self.rooms.get(c.room)
+            if state is not None:
+                self._broadcast(state, p.encode(p.presence_event(c.room, c.user, c.online)))
 
     def _broadcast(
         self,
@@ -1469,13 +1532,54 @@ class Service:
 
     def _typing(self, s: Session, req: p.Typing) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
-        state = self.rooms[req.room]
-        self._broadcast(state, p.encode(p.typing_event(req.room, s.user)), skip_user=s.user)
+        # at most one typing event per user and room per second, here and on every peer
+        if self.typing_limit.allow(req.room, s.user, time.monotonic()):
+            self.peer_typing(req.room, s.user)
+            if self.ephemeral is not None:
+                self.ephemeral.typing(req.room, s.user)
         return p.ok(req.ref)
+
+    def peer_typing(self, room: str, user: str) -> None:
+        """``user`` is typing in ``room`` (here or on a peer): tell the local subscribers."""
+        state = self.rooms.get(room)
+        if state is not None:
+            self._broadcast(state, p.encode(p.typing_event(room, user)), skip_user=user)
+
+    def peer_read(self, room: str, user: str, cursor: str) -> None:
+        """A peer's user moved their read marker: tell the local subscribers."""
+        state = self.rooms.get(room)
+        if state is not None:
+            ts = Timestamp.decode(cursor)  # CodecError on garbage
+            self._broadcast(state, p.encode(p.read_event(room, user, ts)))
+
+    def readable_rooms(self, user: str) -> set[str]:
+        """The rooms ``user`` may read now: every public room and the rooms they are in."""
+        rooms = {r for r, info in self.room_info.items() if info.visibility == "public"}
+        rooms.update(self.user_rooms.get(user, ()))
+        return rooms
+
+    async def _search(self, s: Session, req: p.Search) -> dict[str, object]:
+        """Full-text search of the views (docs/VIEWS.md), in the rooms the user may read at
+        query time (checked again on the results: membership may change meanwhile)."""
+        if self.search is None:
+            raise ClientError("unavailable", "search is not enabled on this node", req.ref)
+        if req.room is not None:
+            self._readable(s, req.room, req.ref)
+            rooms = {req.room}
+        else:
+            rooms = self.readable_rooms(s.user)
+        reply = await self.search(req, rooms)
+        allowed = rooms & self.readable_rooms(s.user)
+        results = reply.get("results")
+        if isinstance(results, list):
+            reply["results"] = [
+                r for r in results if isinstance(r, dict) and r.get("room") in allowed
+            ]
+        return reply
 
     def _presence(self, s: Session, req: p.Presence) -> dict[str, object]:
         self._readable(s, req.room, req.ref)
-        return p.ok(req.ref, users=sorted(self.rooms[req.room].online))
+        return p.ok(req.ref, users=self.presence.users(req.room))
 
     async def _read(self, s: Session, req: p.Read) -> dict[str, object]:
         # Read markers are the members' (they count unread messages in rooms.list); a
@@ -1495,8 +1599,14 @@ class Service:
         state = self.rooms[req.room]
         batch = self._meta_batch([(key, cursor)])
         text = p.encode(p.read_event(req.room, s.user, req.cursor))
+
+        def done() -> None:
+            self._broadcast(state, text)
+            if self.ephemeral is not None:
+                self.ephemeral.read(req.room, s.user, cursor)
+
         try:
-            await self._commit(batch, lambda: self._broadcast(state, text))
+            await self._commit(batch, done)
         except ClientError as exc:
             raise exc.with_ref(req.ref) from None
         return p.ok(req.ref)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import WSMsgType, web
+from aiohttp.web_protocol import RequestHandler
 
 from chatnode import protocol as p
 from chatnode.config import Config
@@ -104,6 +105,43 @@ CSP: Final = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+#: The web client's own directive, which the page gets with the cluster's nodes added.
+_CONNECT_SELF: Final = "connect-src 'self'"
+#: Cluster origins a node remembers (the origin check, the page's ``connect-src``).
+MAX_CLUSTER_ORIGINS: Final = 256
+_ORIGIN_HOST: Final = re.compile(r"[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\]")
+
+
+def url_origin(url: str) -> str | None:
+    """The browser origin of an http(s) URL: ``scheme://host[:port]`` in lower case, without
+    the scheme's default port (as browsers send ``Origin``); None for anything else."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or parts.username is not None or parts.password:
+        return None
+    host = f"[{host}]" if ":" in host else host
+    if not _ORIGIN_HOST.fullmatch(host):
+        return None
+    if port is None or port == (443 if scheme == "https" else 80):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def connect_src(origins: list[str]) -> str:
+    """The ``connect-src`` directive of the web client: its own node and the given origins,
+    each as http(s) (``fetch``) and ws(s) (the WebSocket)."""
+    sources = ["'self'"]
+    for origin in origins:
+        scheme, rest = origin.split("://", 1)
+        sources += [origin, ("wss://" if scheme == "https" else "ws://") + rest]
+    return "connect-src " + " ".join(sources)
+
+
 _SECURITY_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -263,6 +301,33 @@ class _GatedProtocol(asyncio.Protocol):
             self._inner.connection_lost(exc)
 
 
+class _QuietRequestHandler(RequestHandler):
+    """aiohttp's HTTP request handler, except for requests it cannot parse (garbage after a
+    request, a bad method, an oversized header): aiohttp logs each one as an error with its
+    traceback and puts the offending bytes, in full, in the log line and in the 400 body (one
+    socket sending 100 KB of garbage after each request made the node write and send 100 KB
+    per request: hundreds of MB of log and memory in seconds). Here: one quiet log line per
+    10 s and a short fixed body. Server errors (5xx) keep aiohttp's handling."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or exc is None:
+            return super().handle_error(request, status, exc, message)
+        _quiet.note("unparseable HTTP request", f"from {request.remote}: {type(exc).__name__}")
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing")
+        resp = web.Response(status=status, text=f"{status} bad request\n")
+        resp.force_close()
+        return resp
+
+
 class GatedSite(web.TCPSite):
     """A TCP site whose connections pass a :class:`ConnectionGate` first."""
 
@@ -278,8 +343,13 @@ class GatedSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
+        kwargs = server._kwargs  # aiohttp's handler settings (keep-alive, limits)
+
+        def handler() -> RequestHandler:
+            return _QuietRequestHandler(server, loop=loop, **kwargs)
+
         self._server = await loop.create_server(
-            self._gate.factory(server),
+            self._gate.factory(handler),
             self._host,
             self._port,
             ssl=self._ssl_context,
@@ -519,6 +589,10 @@ class WebApp:
         # The public URLs of the alive members (hello's ``nodes``, GET /v1/nodes); the node
         # replaces it with its membership view.
         self.public_nodes: Callable[[], list[str]] = lambda: []
+        # The public URLs of every member the node knows, in any state (the node replaces
+        # it): their origins may open /v1/ws here and the web client may connect to them.
+        self.member_urls: Callable[[], list[str]] = lambda: []
+        self._cluster_origins: dict[str, None] = {}  # the most recently seen last
         self.cluster_view: Callable[[], Mapping[str, object]] = lambda: {
             "self": service.node_id,
             "standalone": True,
@@ -676,6 +750,10 @@ class WebApp:
                 return denied
         return await handler(request)
 
+    def is_operator(self, request: web.Request) -> bool:
+        """The request carries the operator's credential (``GET /v1/stats`` cluster-wide)."""
+        return self.cfg.admin_token is not None and self._operator_denied(request) is None
+
     def _operator_denied(self, request: web.Request) -> web.Response | None:
         token = self.cfg.admin_token
         if token is None:
@@ -717,15 +795,32 @@ class WebApp:
 
     def _origin_ok(self, request: web.Request, origin: str) -> bool:
         """A browser page may open a WebSocket here if it was served by this node (its
-        origin names the host the request was sent to) or is in ``--allowed-origins``."""
+        origin names the host the request was sent to), by another node of the cluster (the
+        origin of a member's public URL: a page whose node died moves here), or is in
+        ``--allowed-origins``."""
         origin = origin.strip().lower().rstrip("/")
-        if origin in self.cfg.allowed_origins:
+        if origin in self.cfg.allowed_origins or origin in self.cluster_origins():
             return True
         try:
             parts = urllib.parse.urlsplit(origin)
         except ValueError:
             return False
         return parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
+
+    def cluster_origins(self) -> list[str]:
+        """The origins of the cluster's public URLs: those of every member this node knows
+        now (alive, suspect, or dead and not yet forgotten), and those it saw before (the
+        :data:`MAX_CLUSTER_ORIGINS` most recent), so that a page served by a node that died
+        long ago may still move here."""
+        known = self._cluster_origins
+        for url in (*self.public_nodes(), *self.member_urls()):
+            origin = url_origin(url)
+            if origin is not None:
+                known.pop(origin, None)
+                known[origin] = None
+        while len(known) > MAX_CLUSTER_ORIGINS:
+            del known[next(iter(known))]
+        return list(known)
 
     async def _nodes(self, request: web.Request) -> web.StreamResponse:
         """The public URLs of the alive members, for clients (open, like ``hello``'s)."""
@@ -757,10 +852,21 @@ class WebApp:
         return web.FileResponse(path, headers=headers)
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
-        return self._file("index.html")
+        """The page, whose policy (header and ``<meta>``) lets it connect to the cluster's
+        nodes besides this one: when this node dies, the page moves to another."""
+        html = (STATIC_DIR / "index.html").read_text("utf-8")
+        directive = connect_src(self.cluster_origins())
+        headers = {
+            **_SECURITY_HEADERS,
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": CSP.replace(_CONNECT_SELF, directive, 1),
+        }
+        return web.Response(text=html.replace(_CONNECT_SELF, directive, 1),
+                            content_type="text/html", headers=headers)  # fmt: skip
 
     async def _static(self, request: web.Request) -> web.StreamResponse:
-        return self._file(request.match_info["name"])
+        name = request.match_info["name"]
+        return await self._index(request) if name == "index.html" else self._file(name)
 
     # ------------------------------------------------------------------ WebSocket
 

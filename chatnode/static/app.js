@@ -7,6 +7,8 @@
 
 const SESSION_KEY = "chatnode.session";
 const ROOM_KEY = "chatnode.room";
+const OUTBOX_KEY = "chatnode.outbox"; // unacknowledged own messages, kept across a reload
+const MAX_NODES = 64; // node URLs remembered (the page's own node and the cluster's list)
 const REACTIONS = ["👍", "❤️", "😂", "🎉", "😮"];
 const HISTORY_PAGE = 50;
 const BODY_MAX = 4000;
@@ -17,6 +19,7 @@ const TYPING_SHOW_MS = 5000;
 const PING_EVERY_MS = 25000;
 const PING_TIMEOUT_MS = 10000;
 const REQUEST_TIMEOUT_MS = 30000;
+const CONNECT_TIMEOUT_MS = 10000; // WebSocket + hello on one node
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 15000;
 const LIST_REFRESH_MS = 15000;
@@ -272,7 +275,11 @@ const app = {
   rooms: new Map(),
   current: null,
   outbox: new Map(), // own messages waiting for an ack (or failed), in creation order
-  backoff: BACKOFF_MIN_MS,
+  nodes: new Map(), // node URL -> {url, seed, rank, failures, notBefore, reported}
+  nodeUrl: null, // the node of the last successful hello
+  nodeId: null, // its id (hello's `node`)
+  movedFrom: null, // the node before it, when the page moved
+  movedAt: 0, // when it moved (ms)
   reconnectAt: 0,
   reconnectTimer: null,
   countdownTimer: null,
@@ -367,6 +374,37 @@ function setStatus(stateName) {
     tick();
     app.countdownTimer = setInterval(tick, 1000);
   }
+  renderNodeLine(stateName);
+}
+
+function nodeName(url) {
+  try {
+    const u = new URL(url);
+    return u.host + (u.pathname === "/" ? "" : u.pathname);
+  } catch {
+    return String(url);
+  }
+}
+
+// The small status line next to the connection state: which node the page talks to and,
+// after a failover, where it came from and when.
+function renderNodeLine(stateName) {
+  const line = $("conn-node");
+  const conn = app.conn;
+  const trying = conn && !conn.closed ? conn.nodeUrl : null;
+  let text = "";
+  if (stateName === "connected" && app.nodeUrl) {
+    text = `on ${nodeName(app.nodeUrl)}`;
+    if (app.movedFrom) {
+      const at = new Date(app.movedAt).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+      text += ` · moved from ${nodeName(app.movedFrom)} at ${at}`;
+    }
+  } else if (stateName === "connecting" && trying) text = `trying ${nodeName(trying)}`;
+  else if (app.nodeUrl) text = `was on ${nodeName(app.nodeUrl)}`;
+  line.textContent = text;
+  line.title = stateName === "connected" && app.nodeId ? `node ${app.nodeId}, ${app.nodeUrl}` : "";
+  line.dataset.node = stateName === "connected" && app.nodeUrl ? app.nodeUrl : "";
+  line.dataset.moves = String(app.moves || 0);
 }
 
 // ---------------------------------------------------------------- session and auth screen
@@ -437,8 +475,11 @@ function startMain() {
   $("me-name").textContent = me();
   const saved = sessionStorage.getItem(ROOM_KEY);
   app.current = saved && !app.current ? saved : app.current;
+  restoreOutbox();
   renderRoomList();
   renderRoomView();
+  addNode(pageNode(), true);
+  loadNodes();
   connect();
   clearInterval(app.listTimer);
   app.listTimer = setInterval(() => {
@@ -462,9 +503,10 @@ function resetState() {
   app.current = null;
   app.editing = null;
   app.liById = new Map();
-  app.backoff = BACKOFF_MIN_MS;
+  for (const node of app.nodes.values()) node.notBefore = 0;
   sessionStorage.removeItem(SESSION_KEY);
   sessionStorage.removeItem(ROOM_KEY);
+  sessionStorage.removeItem(OUTBOX_KEY);
   $("message-list").replaceChildren();
 }
 
@@ -489,11 +531,129 @@ function sessionEnded(err) {
 
 // ---------------------------------------------------------------- connecting and resuming
 
-function wsUrl() {
-  const url = new URL("v1/ws", window.location.href);
+// ---- the nodes (PROTOCOL.md, "Finding the nodes")
+//
+// The page knows its own node (the URL it was loaded from: a node, or a load balancer) and
+// the cluster's list of alive members (GET /v1/nodes, then every hello's `nodes`). After a
+// connection fails or breaks, that node waits out a backoff (0.5 s doubling to 15 s, a random
+// half to all of it) and the page moves at once to the best other node: the page's own node
+// or one the cluster listed as alive, then the fewest failures in a row, then the page's own
+// node, then a random order drawn once per page (so the pages of a dead node spread out).
+
+function normalizeNodeUrl(raw) {
+  if (typeof raw !== "string") return null;
+  let u;
+  try {
+    u = new URL(raw);
+  } catch {
+    return null;
+  }
+  if ((u.protocol !== "http:" && u.protocol !== "https:") || !u.hostname) return null;
+  if (u.search || u.hash || u.username || u.password) return null;
+  return `${u.protocol}//${u.host}${u.pathname.replace(/\/+$/, "")}`;
+}
+
+// The URL the page was loaded from, as a node URL (the directory of index.html).
+function pageNode() {
+  return normalizeNodeUrl(new URL(".", window.location.href).href);
+}
+
+function addNode(url, seed) {
+  if (!url) return null;
+  let node = app.nodes.get(url);
+  if (!node && app.nodes.size < MAX_NODES) {
+    node = { url, seed, rank: seed ? -1 : Math.random(), failures: 0, notBefore: 0, reported: false };
+    app.nodes.set(url, node);
+  }
+  if (node && seed) node.seed = true;
+  return node || null;
+}
+
+// The cluster's list of its alive members: mark them, add the new ones, forget the nodes it
+// no longer lists (except the page's own node and the one in use).
+function reportNodes(list) {
+  if (!Array.isArray(list)) return;
+  const alive = new Set(list.map(normalizeNodeUrl).filter(Boolean));
+  if (!alive.size) return;
+  for (const node of app.nodes.values()) node.reported = alive.has(node.url);
+  for (const url of alive) {
+    const node = addNode(url, false);
+    if (node) node.reported = true;
+  }
+  const inUse = app.conn && !app.conn.closed ? app.conn.nodeUrl : null;
+  for (const [url, node] of app.nodes) {
+    if (!node.seed && !node.reported && url !== inUse) app.nodes.delete(url);
+  }
+}
+
+async function loadNodes() {
+  try {
+    const res = await api("GET", "v1/nodes");
+    if (res) reportNodes(res.nodes);
+  } catch {
+    // hello says the same once connected
+  }
+}
+
+function nodeKey(node) {
+  return [node.seed || node.reported ? 0 : 1, node.failures, node.rank];
+}
+
+// The node to try now, or null when every node waits out its backoff.
+function pickNode(now) {
+  let best = null;
+  let bestKey = null;
+  for (const node of app.nodes.values()) {
+    if (node.notBefore > now) continue;
+    const key = nodeKey(node);
+    const better = !best || key[0] - bestKey[0] || key[1] - bestKey[1] || key[2] - bestKey[2];
+    if (!best || better < 0) {
+      best = node;
+      bestKey = key;
+    }
+  }
+  return best;
+}
+
+// Milliseconds until pickNode returns a node.
+function nodeWait(now) {
+  let soonest = Infinity;
+  for (const node of app.nodes.values()) soonest = Math.min(soonest, node.notBefore);
+  return soonest === Infinity ? BACKOFF_MIN_MS : Math.max(0, soonest - now);
+}
+
+function nodeFailed(url) {
+  const node = app.nodes.get(url);
+  if (!node) return;
+  node.failures += 1;
+  const full = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(node.failures - 1, 20));
+  node.notBefore = Date.now() + Math.round(full / 2 + Math.random() * (full / 2));
+}
+
+function nodeConnected(url, id) {
+  const node = app.nodes.get(url) || addNode(url, false);
+  if (node) {
+    node.failures = 0;
+    node.notBefore = 0;
+  }
+  if (app.nodeUrl && app.nodeUrl !== url) {
+    app.movedFrom = app.nodeUrl;
+    app.movedAt = Date.now();
+    app.moves = (app.moves || 0) + 1;
+  }
+  app.nodeUrl = url;
+  app.nodeId = typeof id === "string" ? id : null;
+}
+
+// "Reconnect now", or the browser is back online: every node may be tried at once.
+function retryNow() {
+  for (const node of app.nodes.values()) node.notBefore = 0;
+  connect();
+}
+
+function wsUrl(base) {
+  const url = new URL("v1/ws", `${base}/`);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-  url.hash = "";
-  url.search = "";
   return url.toString();
 }
 
@@ -502,10 +662,38 @@ function connect() {
   clearTimeout(app.reconnectTimer);
   app.reconnectTimer = null;
   if (app.conn && !app.conn.closed) return;
-  setStatus("connecting");
-  const conn = new Connection(wsUrl(), onEvent, () => onConnectionClosed(conn));
+  const node = pickNode(Date.now());
+  if (!node) {
+    scheduleReconnect();
+    return;
+  }
+  let conn = null;
+  try {
+    conn = new Connection(wsUrl(node.url), onEvent, () => onConnectionClosed(conn));
+  } catch {
+    // The browser refused at once (a node the page's Content Security Policy does not list,
+    // such as one that joined after the page was loaded): try another.
+    nodeFailed(node.url);
+    scheduleReconnect();
+    return;
+  }
+  conn.nodeUrl = node.url;
+  // A node that does not answer at all (a machine that is gone drops the packets) is given
+  // up after CONNECT_TIMEOUT_MS, like one that refuses.
+  conn.connectTimer = setTimeout(() => conn.close(4000), CONNECT_TIMEOUT_MS);
   app.conn = conn;
+  setStatus("connecting");
   conn.opened.then(() => onConnectionOpen(conn), () => {});
+}
+
+// Reconnects as soon as a node may be tried: at once when another node is ready.
+function scheduleReconnect() {
+  const now = Date.now();
+  const wait = nodeWait(now);
+  clearTimeout(app.reconnectTimer);
+  app.reconnectAt = now + wait;
+  app.reconnectTimer = setTimeout(connect, wait);
+  setStatus("offline");
 }
 
 async function onConnectionOpen(conn) {
@@ -517,8 +705,10 @@ async function onConnectionOpen(conn) {
       saveSession(app.session);
       $("me-name").textContent = res.user;
     }
+    clearTimeout(conn.connectTimer);
     app.connected = true;
-    app.backoff = BACKOFF_MIN_MS;
+    nodeConnected(conn.nodeUrl, res.node);
+    reportNodes(res.nodes);
     setStatus("connected");
     clearInterval(app.pingTimer);
     app.pingTimer = setInterval(() => {
@@ -549,14 +739,12 @@ function onConnectionClosed(conn) {
     room.online.clear();
   }
   for (const msg of app.outbox.values()) msg.inflight = false;
+  clearTimeout(conn.connectTimer);
+  nodeFailed(conn.nodeUrl);
   if (!app.session) return;
   renderPresence();
   renderTyping();
-  const delay = Math.round(app.backoff * (0.5 + Math.random() * 0.5));
-  app.backoff = Math.min(app.backoff * 2, BACKOFF_MAX_MS);
-  app.reconnectAt = Date.now() + delay;
-  app.reconnectTimer = setTimeout(connect, delay);
-  setStatus("offline");
+  scheduleReconnect(); // at once to another node if one is ready
 }
 
 // After a successful hello: re-subscribe where we were (each room from its last cursor, so
@@ -786,6 +974,7 @@ function settle(room, msg) {
   msg.error = null;
   msg.inflight = false;
   app.outbox.delete(msg.id);
+  saveOutbox();
   const i = room.pendingIds.indexOf(msg.id);
   if (i >= 0) room.pendingIds.splice(i, 1);
   insertSorted(room, msg);
@@ -833,24 +1022,8 @@ function sendFromComposer() {
     showError(`A message is at most ${BODY_MAX.toLocaleString()} characters (this one has ${length.toLocaleString()}).`);
     return;
   }
-  const msg = {
-    id: newId(),
-    room: room.id,
-    author: me(),
-    body,
-    ts: Date.now(),
-    cursor: null,
-    edited: false,
-    deleted: false,
-    reactions: {},
-    local: "pending",
-    inflight: false,
-    tries: 0,
-    error: null,
-  };
-  room.messages.set(msg.id, msg);
-  room.pendingIds.push(msg.id);
-  app.outbox.set(msg.id, msg);
+  const msg = addPending(room, newId(), body, Date.now(), "pending", null);
+  saveOutbox();
   placeMessage(room, msg, null);
   renderHistoryStatus();
   scrollToBottom();
@@ -858,6 +1031,67 @@ function sendFromComposer() {
   autosize(input);
   app.lastTypingSent = 0;
   transmit(msg);
+}
+
+// An own message waiting for its acknowledgement (or refused: `local` "failed").
+function addPending(room, id, body, ts, local, error) {
+  const msg = {
+    id,
+    room: room.id,
+    author: me(),
+    body,
+    ts,
+    cursor: null,
+    edited: false,
+    deleted: false,
+    reactions: {},
+    local,
+    inflight: false,
+    tries: 0,
+    error,
+  };
+  room.messages.set(msg.id, msg);
+  room.pendingIds.push(msg.id);
+  app.outbox.set(msg.id, msg);
+  return msg;
+}
+
+// The outbox is kept in sessionStorage, so that messages written while offline survive a
+// reload of the page; they go out (once: same ids) when it connects again.
+function saveOutbox() {
+  if (!app.session) return;
+  const items = [...app.outbox.values()].map((m) => ({
+    id: m.id,
+    room: m.room,
+    body: m.body,
+    ts: m.ts,
+    failed: m.local === "failed" ? m.error || "Not sent." : null,
+  }));
+  try {
+    if (items.length) sessionStorage.setItem(OUTBOX_KEY, JSON.stringify({ user: me(), items }));
+    else sessionStorage.removeItem(OUTBOX_KEY);
+  } catch {
+    // storage full or disabled: the messages are still kept by this page
+  }
+}
+
+function restoreOutbox() {
+  let saved = null;
+  try {
+    saved = JSON.parse(sessionStorage.getItem(OUTBOX_KEY) || "null");
+  } catch {
+    saved = null;
+  }
+  if (!saved || saved.user !== me() || !Array.isArray(saved.items)) return;
+  for (const it of saved.items) {
+    if (!it || typeof it.id !== "string" || typeof it.room !== "string" || typeof it.body !== "string") continue;
+    if (app.outbox.has(it.id)) continue;
+    const room = upsertRoom(it.room);
+    if (!room || room.messages.has(it.id)) continue;
+    room.member = true; // it was written there; rooms.list says otherwise if that changed
+    const failed = typeof it.failed === "string" ? it.failed : null;
+    addPending(room, it.id, it.body, typeof it.ts === "number" ? it.ts : Date.now(), failed ? "failed" : "pending", failed);
+  }
 }
 
 async function transmit(msg) {
@@ -871,6 +1105,9 @@ async function transmit(msg) {
       if (typeof res.cursor === "string") msg.cursor = res.cursor;
       if (typeof res.ts === "number") msg.ts = res.ts;
       if (msg.cursor) settle(room, msg);
+    } else if (!room) {
+      app.outbox.delete(msg.id); // stored; its room is no longer listed here
+      saveOutbox();
     }
   } catch (e) {
     msg.inflight = false;
@@ -883,6 +1120,8 @@ async function transmit(msg) {
     msg.local = "failed";
     msg.error = describe(e);
     const room = app.rooms.get(msg.room);
+    if (!room) app.outbox.delete(msg.id); // nowhere left to show it (or retry it from)
+    saveOutbox();
     if (room && isCurrent(room)) renderMessage(msg);
     showError(e, "Message not sent");
   }
@@ -892,12 +1131,14 @@ function retry(msg) {
   msg.local = "pending";
   msg.error = null;
   msg.tries = 0;
+  saveOutbox();
   renderMessage(msg);
   transmit(msg);
 }
 
 function discard(room, msg) {
   app.outbox.delete(msg.id);
+  saveOutbox();
   room.messages.delete(msg.id);
   const i = room.pendingIds.indexOf(msg.id);
   if (i >= 0) room.pendingIds.splice(i, 1);
@@ -1509,10 +1750,7 @@ function init() {
   });
   $("signup-btn").addEventListener("click", () => authenticate("signup"));
   $("logout-btn").addEventListener("click", logout);
-  $("reconnect-btn").addEventListener("click", () => {
-    app.backoff = BACKOFF_MIN_MS;
-    connect();
-  });
+  $("reconnect-btn").addEventListener("click", retryNow);
   $("banner-close").addEventListener("click", () => {
     $("banner").hidden = true;
   });
@@ -1537,10 +1775,7 @@ function init() {
   document.addEventListener("visibilitychange", scheduleRead);
   window.addEventListener("focus", scheduleRead);
   window.addEventListener("online", () => {
-    if (app.session && !app.connected) {
-      app.backoff = BACKOFF_MIN_MS;
-      connect();
-    }
+    if (app.session && !app.connected) retryNow();
   });
   setInterval(() => {
     const room = currentRoom();

@@ -723,6 +723,9 @@ class Subscriber:
             node_id = self.resume_token.rpartition(":")[0]
             out["released_ever"] = await self._count_released(node, f"{node_id}:0", want, within)
             out["metrics"] = await self._release_metrics(node)
+            out["frontiers"] = {
+                f"n{i}": await _frontier_of(d) for i, d in enumerate(self.harness.nodes)
+            }
         return out
 
     async def _release_metrics(self, node: Daemon) -> dict[str, str] | str:
@@ -893,6 +896,19 @@ class Subscriber:
             if mid not in self.cursors:
                 self.orphan_updates += 1
             self.cursors[mid] = cursor
+
+
+async def _frontier_of(node: Daemon) -> object:
+    """What a node's stable frontier waits for (``frontier`` of ``GET /v1/cluster``)."""
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(node.url + "v1/cluster", headers=ADMIN_HEADERS) as resp,
+        ):
+            body = await resp.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return repr(exc)
+    return body.get("frontier") if isinstance(body, dict) else body
 
 
 # -- checking ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from tests.cluster.harness import (
     session,
     setup_room,
 )
+from tests.daemon import ADMIN_HEADERS, Daemon
 
 pytestmark = pytest.mark.slow
 
@@ -139,5 +140,68 @@ async def test_random_faults_keep_the_promise(tmp_path: Path) -> None:
             what += "\n" + h.timeline()
         assert report.ok, what
         assert stats["acked"] > 100, what
+    finally:
+        h.stop()
+
+
+async def _state_of(http: aiohttp.ClientSession, viewer: Daemon, member: str) -> str | None:
+    async with http.get(viewer.url + "v1/cluster", headers=ADMIN_HEADERS) as r:
+        body = await r.json()
+    for m in body["members"]:
+        if m["id"] == member:
+            return str(m["state"])
+    return None
+
+
+async def test_live_delivery_goes_on_after_a_peer_was_dead_with_its_link_up(
+    tmp_path: Path,
+) -> None:
+    """A node is paused until another declares it dead, then resumed: it refutes and is
+    alive again. The link between them was dialed by the paused node (the smaller id dials),
+    so the viewer never closed it and no link-up event re-synced it. The viewer's stable
+    frontier had forgotten the peer while it was dead and then counted it again with no
+    frontier at all: every later live event there was held for good (the chaos runs saw
+    thousands of messages never delivered). Now a peer that becomes blocking again is
+    re-synced on its open link, and a subscriber on the viewer keeps receiving."""
+    h = Harness.start(tmp_path, 3, extra_args=NODE_ARGS)
+    try:
+        order = sorted(range(3), key=lambda i: str(h.nodes[i].node_id))
+        paused, writer, viewer = order  # the paused node dials the viewer
+        async with aiohttp.ClientSession() as http:
+            users = await setup_room(http, h, "dead-link")
+            stop = asyncio.Event()
+            sub = Subscriber(h, http, users[viewer], "dead-link", node=viewer)
+            task = asyncio.create_task(sub.run(stop))
+            try:
+                async with asyncio.timeout(60):
+                    await sub.ready.wait()
+                w = await session(http, h.nodes[writer], users[writer], "dead-link")
+                await w.ok("send", room="dead-link", id="before", body="before")
+                assert await caught_up([sub], {"before"}, 30, settle_s=0)
+                target = h.nodes[paused].node_id
+                assert target is not None
+                h.pause(paused)
+                try:
+                    dead = False
+                    for _ in range(150):
+                        if await _state_of(http, h.nodes[viewer], target) == "dead":
+                            dead = True
+                            break
+                        await asyncio.sleep(0.1)
+                    assert dead, "the viewer never declared the paused node dead"
+                finally:
+                    h.resume(paused)
+                await asyncio.to_thread(h.wait_members, 60)
+                acked = {"before"}
+                for i in range(20):
+                    await w.ok("send", room="dead-link", id=f"after-{i}", body="after")
+                    acked.add(f"after-{i}")
+                assert await caught_up([sub], acked, 30, settle_s=0), (
+                    f"missed {sorted(sub.missed(acked))}: {await sub.probe(sub.missed(acked))}"
+                )
+                await w.close()
+            finally:
+                stop.set()
+                await task
     finally:
         h.stop()

@@ -556,3 +556,35 @@ async def test_titles_with_bidi_or_invisible_characters_are_refused(
     assert ok["room"]["title"] == "Café ☕ 日本"
     await ws.close()
 
+
+
+async def test_garbage_after_a_request_is_answered_short_and_logged_once(
+    http: aiohttp.ClientSession, tmp_path: Path, started: list[Daemon]
+) -> None:
+    """Bytes that are not HTTP after a valid request (found by the peer-link probes: aiohttp
+    logged each as an error with a traceback and the bytes in full, and echoed them in its 400
+    body; 8 s of it wrote 340 MB of log). Now a short 400, one quiet line per 10 s, and the
+    node's memory and log stay flat while another client is served."""
+    node = _start(started, tmp_path / "n")
+    before = node.log_path.stat().st_size
+    rss0 = rss_mb(node.pid)
+    garbage = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + b"Z" * 200_000
+    answers = []
+    for _ in range(30):
+        s = socket.create_connection((node.host, node.port), timeout=10)
+        try:
+            s.sendall(garbage)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            answers.append(data)
+        finally:
+            s.close()
+        async with http.get(node.url + "healthz") as r:
+            assert r.status == 200
+    assert all(b"400 Bad Request" in a and len(a) < 2_000 for a in answers), answers[0][:300]
+    grown = node.log_path.stat().st_size - before
+    assert grown < 5_000, node.log()[-2_000:]
+    assert "unparseable HTTP request" in node.log()
+    assert rss_mb(node.pid) - rss0 < 30

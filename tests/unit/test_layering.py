@@ -17,6 +17,7 @@ OWNERS = {
     "zeroconf": "chatnode/discovery.py",
     "cryptography": "chatnode/keyring.py",
     "prometheus_client": "chatnode/metrics.py",
+    "sqlite3": "chatnode/viewsdb.py",
 }
 
 

@@ -1,0 +1,137 @@
+"""The views as the clients see them: the ``search`` operation and ``GET /v1/stats``
+(docs/VIEWS.md, docs/PROTOCOL.md).
+
+Who may read what is decided by the service at query time (its membership, not the
+indexer's): ``search`` runs over the rooms :meth:`Service.readable_rooms` gives for the user
+now; ``/v1/stats`` answers a room's statistics to whoever may read the room, and the
+cluster-wide statistics to the operator only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from chatnode import protocol as p
+from chatnode.errors import ClientError
+from chatnode.indexer import Indexer, Views
+from chatnode.service import Service
+from chatnode.views import CursorError, QueryError, build_match, days_back, decode_cursor
+from chatnode.viewsdb import ViewsError
+
+__all__ = ["ViewsAPI"]
+
+DEFAULT_DAYS = 30
+MAX_DAYS = 366
+DEFAULT_TOP = 10
+MAX_TOP = 100
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class ViewsAPI:
+    """Answers ``search`` (through ``Service.search``) and serves ``GET /v1/stats``."""
+
+    def __init__(
+        self, views: Views, service: Service, is_operator: Callable[[web.Request], bool],
+        indexer: Indexer | None = None, now_ms: Callable[[], int] = _now_ms,
+    ) -> None:  # fmt: skip
+        self.views = views
+        self.service = service
+        self.is_operator = is_operator
+        self.indexer = indexer
+        self.now_ms = now_ms
+
+    def install(self, app: web.Application) -> None:
+        """Route ``/v1/stats`` and answer the service's ``search`` requests."""
+        app.router.add_get("/v1/stats", self._stats)
+        self.service.search = self.search
+
+    async def search(self, req: p.Search, rooms: set[str]) -> dict[str, object]:
+        """One page of results for ``req`` among ``rooms`` (those the user may read)."""
+        try:
+            match = build_match(req.query)
+        except QueryError as exc:
+            raise ClientError("invalid", f"search: {exc}", req.ref) from None
+        after: tuple[float, int] | None = None
+        if req.after is not None:
+            try:
+                after = decode_cursor(req.after)
+            except CursorError:
+                raise ClientError(
+                    "invalid", "search: field 'after' is not a search cursor", req.ref
+                ) from None
+        try:
+            results, nxt = await self.views.read(
+                lambda db: db.search(match, rooms, after, req.limit)
+            )
+        except ViewsError as exc:
+            raise ClientError(
+                "unavailable", f"search is unavailable now ({exc})", req.ref
+            ) from None
+        return p.ok(req.ref, results=results, next=nxt)
+
+    # ------------------------------------------------------------------ GET /v1/stats
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._stats_answer(request)
+        except ClientError as exc:
+            return web.json_response(p.http_error(exc.code, exc.message), status=exc.http_status)
+
+    async def _stats_answer(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        room = q.get("room")
+        if room is not None and not p.valid_room(room):
+            raise ClientError("invalid", "stats: 'room' must be a room id")
+        days = _int_param(q.get("days"), "days", DEFAULT_DAYS, MAX_DAYS)
+        top = _int_param(q.get("top"), "top", DEFAULT_TOP, MAX_TOP)
+        if not self.is_operator(request):
+            user = self._user(request)
+            if room is None:
+                raise ClientError(
+                    "forbidden", "stats: give ?room=ROOM (every room: operator only)"
+                )
+            self._check_readable(user, room)
+        since = days_back(self.now_ms(), days)
+        now = self.now_ms()
+        try:
+            if room is None:
+                body = await self.views.read(lambda db: db.cluster_stats(since, top))
+            else:
+                body = await self.views.read(lambda db: db.room_stats(room, since, top))
+            body["lag"] = await self.views.read(lambda db: db.lag(now))
+        except ViewsError as exc:
+            raise ClientError("unavailable", f"statistics are unavailable now ({exc})") from None
+        body["since"] = since
+        return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    def _user(self, request: web.Request) -> str:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ClientError("unauthenticated", "send 'Authorization: Bearer <token>'")
+        if len(token.strip()) > p.MAX_TOKEN:
+            raise ClientError("bad_token", "malformed, forged or revoked token")
+        return self.service.authenticate(token.strip()).user
+
+    def _check_readable(self, user: str, room: str) -> None:
+        """As ``history``: a room one may not see is ``not_found``; a private room one is
+        invited to but not in is ``forbidden``."""
+        if room in self.service.readable_rooms(user):
+            return
+        info = self.service.room_info.get(room)
+        if info is not None and room in self.service.invites.get(user, ()):
+            raise ClientError("forbidden", f"not a member of {room}: join it first")
+        raise ClientError("not_found", f"no room {room}")
+
+
+def _int_param(raw: str | None, name: str, default: int, hi: int) -> int:
+    if raw is None:
+        return default
+    if not (raw.isdigit() and len(raw) <= 6 and 1 <= int(raw) <= hi):
+        raise ClientError("invalid", f"stats: '{name}' must be an integer in 1-{hi}")
+    return int(raw)
