@@ -511,20 +511,21 @@ def _indexer(args: argparse.Namespace) -> int:
     cfg = _resolve(args, ["views", "kafka_brokers", "kafka_topic", "log_level"])
     if cfg.views is None:
         raise _Usage("give --views sqlite:///PATH (or CHATNODE_VIEWS)")
-    from chatnode.views import parse_views_url  # noqa: PLC0415
-    from chatnode.viewsdb import SCHEMA_VERSION, ViewsDB, ViewsError  # noqa: PLC0415
+    from chatnode.indexer import open_store  # noqa: PLC0415
+    from chatnode.views import ViewsError, parse_views_url  # noqa: PLC0415
 
     target = parse_views_url(cfg.views)
     _setup_logging(cfg.log_level)
     if args.action == "migrate":
         try:
-            db = ViewsDB.open(target.path)
+            db = open_store(target)
         except ViewsError as exc:
             sys.stderr.write(f"chatnode: error: {exc}\n")
             return 1
+        version = db.guard(lambda d: d.version())
         db.close()
         done = ", ".join(map(str, db.applied)) or "none"
-        sys.stdout.write(f"{target}: schema version {SCHEMA_VERSION} (applied: {done})\n")
+        sys.stdout.write(f"{target}: schema version {version} (applied: {done})\n")
         return 0
     if not cfg.kafka_brokers:
         raise _Usage("give --kafka-brokers (a node without a broker indexes itself: "

@@ -86,7 +86,7 @@ class Config:
     kafka_topic: str = "chat.messages"
     # Views (docs/VIEWS.md): run the indexer in the node; the views database.
     index: bool = False
-    views: str | None = None  # sqlite:///PATH; default with --index: <data-dir>/views.db
+    views: str | None = None  # sqlite:///PATH, postgresql://…; --index default: <data-dir>/views.db
     # Client-facing limits (docs/SECURITY.md).
     send_queue_bytes: int = 8 * 1024 * 1024  # bytes queued to one connection (4008 above)
     max_connections: int = 10_000  # open TCP connections in all (capped by the fd limit)
@@ -444,9 +444,10 @@ def _views_url(value: object) -> str | None:
     if not value.strip():
         return None
     try:
-        return str(parse_views_url(value))
+        parse_views_url(value)
     except ViewsURLError as exc:
         raise ValueError(str(exc)) from None
+    return value.strip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,7 +627,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "views",
         "views",
         _views_url,
-        "views database, sqlite:///PATH (default with --index: <data-dir>/views.db)",
+        "views database, sqlite:///PATH or postgresql://USER@HOST/DB "
+        "(default with --index: <data-dir>/views.db)",
         "URL",
     ),
     # client-facing limits (docs/SECURITY.md)
@@ -804,6 +806,8 @@ def describe(cfg: Config) -> dict[str, object]:
             value = f"<{len(value)} set>" if value else None
         elif f.name == "admin_token":
             value = "<set>" if value else None
+        elif f.name == "views" and value:
+            value = str(parse_views_url(value))  # without a password
         elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):

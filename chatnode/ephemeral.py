@@ -2,9 +2,10 @@
 presence table (:mod:`chatnode.presence`, held by the service) and the peer links
 (:class:`~chatnode.peers.PeerHub`). Owned by :class:`~chatnode.cluster.Cluster`.
 
-* Local presence changes are published as one delta per :data:`COALESCE` seconds at most
-  (the first change wakes the flusher, which waits that long so that everything arriving
-  meanwhile goes in the same delta), to every connected peer.
+* Local presence changes are published to every connected peer as one delta per
+  :data:`COALESCE` seconds at most: a change after a quiet spell goes out at once (with
+  whatever else happened in the same loop iteration), later ones wait for the end of the
+  window and go out together (a burst of thousands is a handful of deltas).
 * On link up this node sends the peer its full state; every :data:`VERSION_EVERY` seconds
   the version of its state (a peer that missed a delta asks for the full state).
 * Membership: the state of a node that is neither alive nor suspect (declared dead, left,
@@ -132,14 +133,19 @@ class Ephemeral:
     # -- loops --------------------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = -COALESCE
         while True:
             await self._wake.wait()
-            await asyncio.sleep(COALESCE)
+            wait = last + COALESCE - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._wake.clear()
             delta = self.presence.flush()
             if delta is not None:
                 self.stats.deltas += 1
                 self._to_all(delta)
+                last = loop.time()
 
     async def _version_loop(self) -> None:
         while True:

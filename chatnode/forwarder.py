@@ -539,7 +539,14 @@ class TopicReader:
         None for a record that is not a chatnode message (skipped, logged). Transient broker
         errors are logged and retried by the client."""
         out: list[tuple[int, int, ForwardedMessage | None]] = []
-        for m in self._c.consume(max_records, timeout):
+        # consume(n, timeout) waits for n records or the timeout: take what is there, else
+        # wait for the first record only, then what came with it
+        got = self._c.consume(max_records, 0)
+        if not got:
+            got = self._c.consume(1, timeout)
+            if got:
+                got += self._c.consume(max_records - 1, 0) if max_records > 1 else []
+        for m in got:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:

@@ -38,10 +38,10 @@ from chatnode.forwarding import (
     decode_record,
     encode_record,
 )
-from chatnode.views import ViewsTarget
-from chatnode.viewsdb import Applied, ViewsDB, guarded
+from chatnode.views import Applied, ViewsStore, ViewsTarget
+from chatnode.viewsdb import ViewsDB
 
-__all__ = ["Batch", "Indexer", "KafkaSource", "LogSource", "Source", "Views"]
+__all__ = ["Batch", "Indexer", "KafkaSource", "LogSource", "Source", "Views", "open_store"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,18 @@ def _wall_ms() -> int:
 # ---------------------------------------------------------------------------------- views
 
 
+def open_store(target: ViewsTarget, *, readonly: bool = False) -> ViewsStore:
+    """Open the views database ``target`` names (blocking); migrated unless ``readonly``.
+    Raises :class:`chatnode.views.ViewsError`."""
+    if target.kind == "sqlite":
+        assert target.path is not None
+        return ViewsDB.open(target.path, readonly=readonly)
+    from chatnode.viewspg import PgViewsDB  # noqa: PLC0415  (psycopg: only for PostgreSQL)
+
+    assert target.dsn is not None
+    return PgViewsDB.open(target.dsn, readonly=readonly)
+
+
 class Views:
     """The views database for asyncio code: writes on one thread, queries on two others,
     each thread with its own connection."""
@@ -70,9 +82,9 @@ class Views:
         self.target = target
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="views-writer")
         self._reader_pool = ThreadPoolExecutor(2, thread_name_prefix="views-reader")
-        self._writer: ViewsDB | None = None
+        self._writer: ViewsStore | None = None
         self._local = threading.local()
-        self._readers: list[ViewsDB] = []
+        self._readers: list[ViewsStore] = []
         self._lock = threading.Lock()
 
     async def _on(self, pool: ThreadPoolExecutor, fn: Callable[[], _T]) -> _T:
@@ -81,34 +93,34 @@ class Views:
     async def open_writer(self) -> list[int]:
         """Open for writing and apply the migrations; returns the versions applied."""
         def go() -> list[int]:
-            db = ViewsDB.open(self.target.path)
+            db = open_store(self.target)
             self._writer = db
             return db.applied
 
         return await self._on(self._writer_pool, go)
 
-    def _w(self) -> ViewsDB:
+    def _w(self) -> ViewsStore:
         if self._writer is None:
             raise RuntimeError("views not opened for writing")
         return self._writer
 
-    def _reader(self) -> ViewsDB:
-        db: ViewsDB | None = getattr(self._local, "db", None)
+    def _reader(self) -> ViewsStore:
+        db: ViewsStore | None = getattr(self._local, "db", None)
         if db is None:
-            db = ViewsDB.open(self.target.path, readonly=True)
+            db = open_store(self.target, readonly=True)
             self._local.db = db
             with self._lock:
                 self._readers.append(db)
         return db
 
-    async def read(self, fn: Callable[[ViewsDB], _T]) -> _T:
-        """``fn(db)`` on a reader thread (raises :class:`chatnode.viewsdb.ViewsError` if the
-        database cannot be opened)."""
-        return await self._on(self._reader_pool, lambda: guarded(fn, self._reader()))
+    async def read(self, fn: Callable[[ViewsStore], _T]) -> _T:
+        """``fn(db)`` on a reader thread (:class:`chatnode.views.ViewsError` if the database
+        cannot be opened or fails)."""
+        return await self._on(self._reader_pool, lambda: self._reader().guard(fn))
 
     async def positions(self, source: str) -> dict[str, int]:
         return await self._on(
-            self._writer_pool, lambda: guarded(lambda db: db.positions(source), self._w())
+            self._writer_pool, lambda: self._w().guard(lambda db: db.positions(source))
         )
 
     async def apply(
@@ -116,14 +128,14 @@ class Views:
         highs: Mapping[str, int],
     ) -> Applied:  # fmt: skip
         now = _wall_ms()
-        return await self._on(self._writer_pool, lambda: guarded(
-            lambda db: db.apply(source, records, positions, highs, now), self._w()
+        return await self._on(self._writer_pool, lambda: self._w().guard(
+            lambda db: db.apply(source, records, positions, highs, now)
         ))  # fmt: skip
 
     async def heartbeat(self, source: str, highs: Mapping[str, int]) -> None:
         now = _wall_ms()
-        await self._on(self._writer_pool, lambda: guarded(
-            lambda db: db.heartbeat(source, highs, now), self._w()
+        await self._on(self._writer_pool, lambda: self._w().guard(
+            lambda db: db.heartbeat(source, highs, now)
         ))  # fmt: skip
 
     async def close(self) -> None:

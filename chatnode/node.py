@@ -55,6 +55,7 @@ from chatnode.discovery import (
     parse_hostport,
     primary_ipv4,
 )
+from chatnode.ephemeral import Ephemeral
 from chatnode.errors import ServerError
 from chatnode.forwarder import Forwarder
 from chatnode.gossip_udp import (
@@ -534,6 +535,22 @@ class Node:
                 _of(cluster, lambda c: c.waiting()))  # fmt: skip
         m.value("chatnode_registry_homes", "rooms this node is home of",
                 _of(cluster, lambda c: c.home_count()))  # fmt: skip
+
+        # presence, typing and read events between nodes (docs/REPLICATION.md)
+        def ephemeral() -> Ephemeral | None:
+            return self.cluster.ephemeral if self.cluster is not None else None
+
+        m.labeled("chatnode_presence_notes_total",
+                  "presence, typing and read notes sent to or received from peers", "kind",
+                  _of(ephemeral, lambda e: {
+                      "delta_out": e.stats.deltas, "full_out": e.stats.fulls,
+                      "request_out": e.stats.requests, "typing_out": e.stats.typing_out,
+                      "typing_in": e.stats.typing_in, "read_out": e.stats.reads_out,
+                      "read_in": e.stats.reads_in,
+                  }), kind="counter")  # fmt: skip
+        m.value("chatnode_presence_online",
+                "(room, user) pairs online in the cluster, as seen here",
+                _of(service, lambda s: s.presence.count()))  # fmt: skip
 
         # gossip membership (docs/MEMBERSHIP.md)
         def drops(g: GossipMembership) -> dict[str, float]:

@@ -150,6 +150,10 @@ class Presence:
     def online(self, room: str, user: str) -> bool:
         return user in self._holders.get(room, ())
 
+    def count(self) -> int:
+        """How many ``(room, user)`` pairs are online anywhere."""
+        return sum(len(users) for users in self._holders.values())
+
     def entries(self) -> set[Entry]:
         """Every ``(room, user)`` online anywhere (the cluster-wide view)."""
         return {(r, u) for r, users in self._holders.items() for u in users}

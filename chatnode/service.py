@@ -34,6 +34,7 @@ shows up in both is sent once (from the catch-up). So the client sees no gap and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import json
 import logging
@@ -279,6 +280,7 @@ class _RoomState:
         "seq",
         "since_snapshot",
         "subscribers",
+        "unreleased",
     )
 
     def __init__(self, name: str, log_: RoomLog, seq: int) -> None:
@@ -296,6 +298,18 @@ class _RoomState:
         self.pushed_seq = 0
         self.max_released = ""
         self.pushing: set[str] = set()
+        # Ids whose ``message`` event is committed but not released yet (held behind the
+        # frontier, or waiting for its commit): their updates are not sent on their own (an
+        # update must never precede its message), the message event carries the state then.
+        self.unreleased: dict[str, int] = {}
+
+    def hold(self, msg_id: str) -> None:
+        self.unreleased[msg_id] = self.unreleased.get(msg_id, 0) + 1
+
+    def unhold(self, msg_id: str) -> None:
+        n = self.unreleased.pop(msg_id, 0) - 1
+        if n > 0:
+            self.unreleased[msg_id] = n
 
 
 def _pack_message(m: Message) -> bytes:
@@ -448,6 +462,8 @@ class Service:
                     frame["replaces"] = u.replaces
                 event = _Event(state, p.encode(frame), cursor, u.msg_id, not u.update)
                 event.replaces, event.marker = u.replaces, u.key
+                if event.new:
+                    state.hold(u.msg_id)
                 self._release_event(event)
         self.meta_rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.meta, seq=self.meta_seq)
         log.info(
@@ -714,6 +730,7 @@ class Service:
             batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
             batch.put(unreleased_key(room, cursor), m.id.encode())
             text = p.encode(p.message_frame("message", room, m))
+            state.hold(m.id)
             out.append(_Event(state, text, cursor, m.id, True, None, unreleased_key(room, cursor)))
             self._observe(m.ts)
         for m in applied.updated:
@@ -828,10 +845,15 @@ class Service:
         late = False
         if event.marker is not None:
             self._release_batch.delete(event.marker)
+        if not event.new and event.msg_id in state.unreleased:
+            # its message event is still to come and will carry the state then
+            self._schedule_flush()
+            return
         if event.new:
+            state.unhold(event.msg_id)
             now = state.log.get(event.msg_id)
-            if now is not None and now.cursor != cursor:
-                # a copy with a lower cursor won while this event was held: send that one
+            if now is not None:
+                # the state now: edits or a winning copy (lower cursor) may have come since
                 cursor = now.cursor
                 text = p.encode(p.message_frame("message", state.name, now))
             late = cursor < state.max_released
@@ -849,6 +871,9 @@ class Service:
             row += [_RELEASED_UPDATE, event.replaces]
         self._release_batch.put(release_key(state.name, seq), msgpack.packb(row))
         self._release_frames.append((state, text, cursor, seq, event.new))
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_releases)
 
@@ -857,6 +882,9 @@ class Service:
         frames, batch = self._release_frames, self._release_batch
         self._release_frames, self._release_batch = [], Batch()
         if not frames:
+            if batch.ops:  # only q rows of dropped updates to delete
+                with contextlib.suppress(StorageError):
+                    self.store.submit(batch)
             return
 
         def written(error: BaseException | None) -> None:
@@ -1428,6 +1456,7 @@ class Service:
         batch = Batch()
         with self.segments.into(batch):
             change = state.log.append(req.id, s.user, req.body, self._stamp())
+        state.hold(req.id)
         self._room_batch(state, change, True, batch)
         event = asyncio.Event()
         state.inflight[req.id] = event
@@ -1438,7 +1467,11 @@ class Service:
         if ordered:
             self._inflight[cursor] = None
 
+        committed = False
+
         def delivered() -> None:
+            nonlocal committed
+            committed = True
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
             marker = unreleased_key(req.room, cursor)
@@ -1455,6 +1488,8 @@ class Service:
             await self._commit(batch, delivered)
             await self._replicated(replicas, req.ref)
         except ClientError as exc:
+            if not committed:
+                state.unhold(req.id)  # the store refused it: no message event will come
             raise exc.with_ref(req.ref) from None
         finally:
             event.set()

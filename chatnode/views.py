@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
+import unicodedata
+import urllib.parse
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
+from chatnode.errors import ServerError
 from chatnode.forwarding import ForwardedMessage
-from crdt.clock import Timestamp
 
 __all__ = [
     "MARK_END",
@@ -44,14 +47,18 @@ __all__ = [
     "MAX_QUERY",
     "MAX_SEARCH_LIMIT",
     "MAX_TERMS",
+    "Applied",
     "Contribution",
     "CursorError",
     "MessageState",
     "Plan",
     "QueryError",
+    "ViewsError",
+    "ViewsStore",
     "ViewsTarget",
     "ViewsURLError",
     "build_match",
+    "build_tsquery",
     "contributions",
     "day_of",
     "days_back",
@@ -59,8 +66,11 @@ __all__ = [
     "encode_cursor",
     "fold",
     "fold_all",
+    "fold_text",
     "highlights",
+    "make_snippet",
     "parse_views_url",
+    "pg_index_text",
     "plan",
     "state_of",
 ]
@@ -87,6 +97,58 @@ class CursorError(ValueError):
 
 class ViewsURLError(ValueError):
     """A ``--views`` value that names no supported database."""
+
+
+class ViewsError(ServerError):
+    """The views database cannot be used (newer schema, not a views database, unreachable,
+    disk full)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What one :meth:`ViewsStore.apply` did."""
+
+    records: int
+    changed: int  # messages whose state changed
+
+
+_R = TypeVar("_R")
+
+
+class ViewsStore(Protocol):
+    """One connection to a views database (:mod:`chatnode.viewsdb` on SQLite,
+    :mod:`chatnode.viewspg` on PostgreSQL). Blocking; one thread at a time."""
+
+    applied: list[int]  # the migrations applied when it was opened
+
+    def guard(self, fn: Callable[[ViewsStore], _R]) -> _R:
+        """``fn(self)``, with the driver's errors as :class:`ViewsError`."""
+        ...
+
+    def close(self) -> None: ...
+
+    def version(self) -> int: ...
+
+    def positions(self, source: str) -> dict[str, int]: ...
+
+    def apply(
+        self, source: str, records: Sequence[ForwardedMessage], positions: Mapping[str, int],
+        highs: Mapping[str, int], now_ms: int,
+    ) -> Applied: ...  # fmt: skip
+
+    def heartbeat(self, source: str, highs: Mapping[str, int], now_ms: int) -> None: ...
+
+    def search(
+        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
+    ) -> tuple[list[dict[str, object]], str | None]: ...
+
+    def room_stats(self, room: str, since_day: str, top: int) -> dict[str, object]: ...
+
+    def cluster_stats(self, since_day: str, top: int) -> dict[str, object]: ...
+
+    def lag(self, now_ms: int) -> dict[str, object]: ...
+
+    def counts_check(self) -> dict[str, object]: ...
 
 
 # ----------------------------------------------------------------------------------- state
@@ -117,11 +179,20 @@ class MessageState:
 
     @property
     def ts_ms(self) -> int:
-        return Timestamp.decode(self.ts).wall_ms
+        """The wall time of the cursor (``Timestamp.encode`` starts with it: 12 hex digits)."""
+        return int(self.ts[:12], 16)
 
     @property
     def day(self) -> str:
-        return day_of(self.ts_ms)
+        return _day(self.ts_ms // _DAY_MS)
+
+
+_DAY_MS: Final = 86_400_000
+
+
+@functools.lru_cache(maxsize=4096)
+def _day(n: int) -> str:
+    return day_of(n * _DAY_MS)
 
 
 def day_of(wall_ms: int) -> str:
@@ -279,13 +350,16 @@ def build_match(query: str) -> str:
     """An FTS5 query expression for what a user typed: every whitespace-separated word must
     occur (a word with inner punctuation, ``don't``, is a phrase of its parts); a word ending
     in ``*`` matches as a prefix. Double quotes are dropped, every word is quoted, so no
-    FTS5 operator (``OR``, ``NEAR``, ``col:``) can be smuggled in. Raises
+    FTS5 operator (``OR``, ``NEAR``, ``col:``) can be smuggled in; control and format
+    characters are dropped. Raises
     :class:`QueryError` when nothing searchable is left."""
     if len(query) > MAX_QUERY:
         raise QueryError(f"a query has at most {MAX_QUERY} characters")
     terms: list[str] = []
     for raw in query.split():
-        word = raw.replace('"', "").replace(MARK_START, "").replace(MARK_END, "")
+        # no quote (it would end the FTS5 string) and no control, format, surrogate or
+        # unassigned character (SQLite ends a query string at NUL)
+        word = "".join(ch for ch in raw if ch != '"' and unicodedata.category(ch)[0] != "C")
         prefix = word.endswith("*")
         word = word.rstrip("*")
         if not _WORD.search(word):
@@ -352,25 +426,111 @@ def highlights(marked: str) -> tuple[str, list[list[int]]]:
 
 @dataclass(frozen=True, slots=True)
 class ViewsTarget:
-    """Where the views live: an SQLite database file."""
+    """Where the views live: ``kind`` ``"sqlite"`` (a database file, ``path``) or
+    ``"postgresql"`` (a libpq URI, ``dsn``)."""
 
-    path: Path
+    kind: str
+    path: Path | None = None
+    dsn: str | None = None
 
     def __str__(self) -> str:
-        return f"sqlite:///{self.path}"
+        """The URL without its password (for logs and ``chatnode config``)."""
+        if self.kind == "sqlite":
+            return f"sqlite:///{self.path}"
+        parts = urllib.parse.urlsplit(self.dsn or "")
+        netloc = parts.hostname or ""
+        if parts.username:
+            netloc = f"{parts.username}@{netloc}"
+        if parts.port:
+            netloc = f"{netloc}:{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def parse_views_url(url: str) -> ViewsTarget:
-    """``sqlite:///relative/path`` or ``sqlite:////absolute/path``. PostgreSQL
-    (``postgresql://``) is refused with a message saying so (docs/VIEWS.md)."""
+    """``sqlite:///relative/path``, ``sqlite:////absolute/path``, or a PostgreSQL URI
+    (``postgresql://user:password@host:port/database``, ``postgres://…``)."""
     url = url.strip()
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if not path or "?" in path or "#" in path:
             raise ViewsURLError("expected sqlite:///PATH to a database file")
-        return ViewsTarget(Path(path))
+        return ViewsTarget("sqlite", path=Path(path))
     if url.startswith(("postgresql://", "postgres://")):
-        raise ViewsURLError(
-            "PostgreSQL views are not available in this version; use sqlite:///PATH"
-        )
-    raise ViewsURLError("expected sqlite:///PATH to a database file")
+        try:
+            parts = urllib.parse.urlsplit(url)
+            _ = parts.port
+        except ValueError as exc:
+            raise ViewsURLError(f"bad PostgreSQL URL: {exc}") from None
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            raise ViewsURLError("expected postgresql://USER@HOST[:PORT]/DATABASE")
+        return ViewsTarget("postgresql", dsn=url)
+    raise ViewsURLError("expected sqlite:///PATH or postgresql://USER@HOST[:PORT]/DATABASE")
+
+
+# ------------------------------------------------------------- PostgreSQL text search
+
+_PG_TOKEN: Final = re.compile(r"[^\W_]+")
+
+
+def fold_text(text: str) -> str:
+    """Case and accents folded away (``Café`` → ``cafe``), as SQLite's ``unicode61
+    remove_diacritics`` tokenizer does, for PostgreSQL's ``simple`` configuration."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
+
+
+def pg_index_text(body: str) -> str:
+    """The text PostgreSQL indexes (``to_tsvector('simple', …)``): the body's words, folded,
+    separated by single spaces (so PostgreSQL's parser and ours agree on the words)."""
+    return " ".join(_PG_TOKEN.findall(fold_text(body)))
+
+
+def build_tsquery(query: str) -> tuple[str, list[tuple[str, bool]]]:
+    """A ``tsquery`` (for ``to_tsquery('simple', …)``) with the meaning of
+    :func:`build_match`: every word must occur, a word of several parts is a phrase
+    (``<->``), a trailing ``*`` a prefix (``:*``). Lexemes are word characters only, each
+    quoted. Also returns the lexemes and whether each is a prefix (for snippets)."""
+    build_match(query)  # the same rules, the same errors
+    terms: list[str] = []
+    lexemes: list[tuple[str, bool]] = []
+    for raw in query.split():
+        prefix = raw.rstrip().endswith("*")
+        parts = _PG_TOKEN.findall(fold_text(raw))
+        if not parts:
+            continue
+        quoted = [f"'{part}'" for part in parts]
+        if prefix:
+            quoted[-1] += ":*"
+        lexemes += [(part, prefix and i == len(parts) - 1) for i, part in enumerate(parts)]
+        terms.append("(" + " <-> ".join(quoted) + ")")
+    if not terms:
+        raise QueryError("the query has no word to search for")
+    return " & ".join(terms), lexemes
+
+
+def make_snippet(
+    body: str, lexemes: Iterable[tuple[str, bool]], tokens: int = 16
+) -> tuple[str, list[list[int]]]:
+    """A snippet of ``body`` around its first matching word (at most ``tokens`` words, with
+    ``…`` where cut) and the ``[start, end)`` ranges of the matching words in it."""
+    wanted = list(lexemes)
+
+    def hit(word: str) -> bool:
+        w = fold_text(word)
+        return any(w.startswith(lex) if prefix else w == lex for lex, prefix in wanted)
+
+    words = list(_PG_TOKEN.finditer(body))
+    if not words:
+        return body[:200], []
+    first = next((i for i, m in enumerate(words) if hit(m.group())), 0)
+    lo = max(0, min(first - tokens // 4, len(words) - tokens))
+    hi = min(len(words), lo + tokens)
+    start = 0 if lo == 0 else words[lo].start()
+    end = len(body) if hi == len(words) else words[hi - 1].end()
+    head = "" if lo == 0 else "…"
+    text = head + body[start:end] + ("" if hi == len(words) else "…")
+    marks = [
+        [m.start() - start + len(head), m.end() - start + len(head)]
+        for m in words[lo:hi] if hit(m.group())
+    ]  # fmt: skip
+    return text, marks

@@ -17,30 +17,28 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from chatnode.errors import ServerError
 from chatnode.forwarding import ForwardedMessage
 from chatnode.views import (
     MARK_END,
     MARK_START,
+    Applied,
     MessageState,
     Plan,
+    ViewsError,
+    ViewsStore,
+    build_match,
     encode_cursor,
     highlights,
     index_text,
     plan,
 )
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Applied", "ViewsDB", "ViewsError", "guarded"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Applied", "ViewsDB", "ViewsError"]
 
 _T = TypeVar("_T")
-
-
-class ViewsError(ServerError):
-    """The views database cannot be used (newer schema, not a views database, locked)."""
 
 
 #: (version, what it does, statements). Applied in order at open (and by ``chatnode indexer
@@ -65,7 +63,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
         )""",
         "CREATE INDEX messages_room_ts ON messages (room, ts)",
         "CREATE VIRTUAL TABLE messages_fts USING fts5("
-        "body, tokenize = 'unicode61 remove_diacritics 2')",
+        "body, room UNINDEXED, tokenize = 'unicode61 remove_diacritics 2')",
         "CREATE TABLE room_counts (room TEXT PRIMARY KEY, messages INTEGER NOT NULL)",
         """CREATE TABLE room_days (room TEXT NOT NULL, day TEXT NOT NULL,
             messages INTEGER NOT NULL, PRIMARY KEY (room, day))""",
@@ -84,22 +82,6 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
 _SNIPPET_TOKENS: Final = 16
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What one :meth:`ViewsDB.apply` did."""
-
-    records: int
-    changed: int  # messages whose state changed
-
-
-def guarded(fn: Callable[[ViewsDB], _T], db: ViewsDB) -> _T:
-    """``fn(db)`` with SQLite's errors (disk full, I/O error, locked) as :class:`ViewsError`."""
-    try:
-        return fn(db)
-    except sqlite3.Error as exc:
-        raise ViewsError(f"views database {db.path}: {exc}") from exc
 
 
 def _state(row: Sequence[Any]) -> MessageState:
@@ -162,6 +144,14 @@ class ViewsDB:
             )  # fmt: skip
         return db
 
+    def guard(self, fn: Callable[[ViewsStore], _T]) -> _T:
+        """``fn(self)`` with SQLite's errors (disk full, I/O error, locked) as
+        :class:`ViewsError`."""
+        try:
+            return fn(self)
+        except sqlite3.Error as exc:
+            raise ViewsError(f"views database {self.path}: {exc}") from exc
+
     def close(self) -> None:
         self.conn.close()
 
@@ -207,13 +197,21 @@ class ViewsDB:
         ).fetchall()
         return {str(part): int(pos) for part, pos in rows}
 
-    def _load(self, key: tuple[str, str]) -> tuple[int, MessageState] | None:
-        row = self.conn.execute(
-            "SELECT n, room, id, author, body, ts, edited, deleted, reactions, home, seq "
-            "FROM messages WHERE room = ? AND id = ?",
-            key,
-        ).fetchone()
-        return None if row is None else (int(row[0]), _state(row[1:]))
+    def _load(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[int, MessageState] | None]:
+        """The stored row id and state of each message (None: not stored), in one query."""
+        out: dict[tuple[str, str], tuple[int, MessageState] | None] = dict.fromkeys(keys)
+        rows = self.conn.execute(
+            "SELECT n, room, id, author, body, ts, edited, deleted, reactions, home, seq"
+            " FROM messages WHERE (room, id) IN"
+            " (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+            (json.dumps(keys, ensure_ascii=False),),
+        ).fetchall()
+        for row in rows:
+            s = _state(row[1:])
+            out[s.key] = (int(row[0]), s)
+        return out
 
     def apply(
         self, source: str, records: Sequence[ForwardedMessage], positions: Mapping[str, int],
@@ -223,11 +221,7 @@ class ViewsDB:
         last record of each part, ``highs`` the end of each part known when they were read)
         in one transaction."""
         with self._tx():
-            stored: dict[tuple[str, str], tuple[int, MessageState] | None] = {}
-            for rec in records:
-                key = (rec.room, rec.id)
-                if key not in stored:
-                    stored[key] = self._load(key)
+            stored = self._load(list(dict.fromkeys((r.room, r.id) for r in records)))
             current = {k: (None if v is None else v[1]) for k, v in stored.items()}
             p = plan(current, records)
             self._write(p, stored)
@@ -238,32 +232,38 @@ class ViewsDB:
         self, p: Plan, stored: Mapping[tuple[str, str], tuple[int, MessageState] | None]
     ) -> None:
         c = self.conn
-        rowids: dict[tuple[str, str], int] = {}
-        for _old, new in p.changes:
-            row = c.execute(
-                "INSERT INTO messages (room, id, author, body, ts, ts_ms, day, edited, deleted,"
-                " reactions, home, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (room, id) DO UPDATE SET author = excluded.author,"
-                " body = excluded.body, ts = excluded.ts, ts_ms = excluded.ts_ms,"
-                " day = excluded.day, edited = excluded.edited, deleted = excluded.deleted,"
-                " reactions = excluded.reactions, home = excluded.home, seq = excluded.seq"
-                " RETURNING n",
-                (new.room, new.id, new.author, new.body, new.ts, new.ts_ms, new.day,
-                 new.edited, int(new.deleted),
-                 json.dumps([[e, list(u)] for e, u in new.reactions], ensure_ascii=False),
-                 new.home, new.seq),
-            ).fetchone()  # fmt: skip
-            rowids[new.key] = int(row[0])
-        for old, new in p.reindex:
-            n = rowids[new.key]
-            before = stored[new.key]
-            if old is not None and old.live and before is not None:
-                c.execute("DELETE FROM messages_fts WHERE rowid = ?", (before[0],))
-            if new.live:
-                c.execute(
-                    "INSERT INTO messages_fts (rowid, body) VALUES (?, ?)",
-                    (n, index_text(new.body)),
-                )
+        c.executemany(
+            "INSERT INTO messages (room, id, author, body, ts, ts_ms, day, edited, deleted,"
+            " reactions, home, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (room, id) DO UPDATE SET author = excluded.author,"
+            " body = excluded.body, ts = excluded.ts, ts_ms = excluded.ts_ms,"
+            " day = excluded.day, edited = excluded.edited, deleted = excluded.deleted,"
+            " reactions = excluded.reactions, home = excluded.home, seq = excluded.seq",
+            [(new.room, new.id, new.author, new.body, new.ts, new.ts_ms, new.day,
+              new.edited, int(new.deleted),
+              json.dumps([[e, list(u)] for e, u in new.reactions], ensure_ascii=False),
+              new.home, new.seq) for _old, new in p.changes],
+        )  # fmt: skip
+        reindex = p.reindex
+        # the row ids of the messages stored by this batch (an update keeps its row id)
+        rowids = {k: v[0] for k, v in stored.items() if v is not None}
+        fresh = [new.key for old, new in reindex if old is None]
+        if fresh:
+            for n, room, mid in c.execute(
+                "SELECT n, room, id FROM messages WHERE (room, id) IN"
+                " (SELECT value ->> 0, value ->> 1 FROM json_each(?))",
+                (json.dumps(fresh, ensure_ascii=False),),
+            ):
+                rowids[(room, mid)] = int(n)
+        c.executemany(
+            "DELETE FROM messages_fts WHERE rowid = ?",
+            [(rowids[new.key],) for old, new in reindex if old is not None and old.live],
+        )
+        c.executemany(
+            "INSERT INTO messages_fts (rowid, body, room) VALUES (?, ?, ?)",
+            [(rowids[new.key], index_text(new.body), new.room)
+             for _old, new in reindex if new.live],
+        )  # fmt: skip
         counts = p.counts
         c.executemany(
             "INSERT INTO room_counts (room, messages) VALUES (?, ?) ON CONFLICT (room)"
@@ -324,33 +324,46 @@ class ViewsDB:
     # ------------------------------------------------------------------ queries
 
     def search(
-        self, match: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
+        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
     ) -> tuple[list[dict[str, object]], str | None]:
-        """Up to ``limit`` live messages of ``rooms`` matching the FTS5 expression ``match``,
-        best first (bm25), after the cursor ``after``; and the cursor of the next page."""
+        """Up to ``limit`` live messages of ``rooms`` matching what the user typed
+        (:func:`chatnode.views.build_match`, a :class:`QueryError` if nothing), best first
+        (bm25), after the cursor ``after``; and the cursor of the next page."""
+        match = build_match(query)
         score, last = after if after is not None else (None, None)
-        rows = self.conn.execute(
-            "SELECT m.n, m.room, m.id, m.author, m.ts, m.ts_ms, m.edited, f.score, f.snip"
-            " FROM (SELECT rowid, bm25(messages_fts) AS score,"
-            "        snippet(messages_fts, 0, ?, ?, '…', ?) AS snip"
-            "       FROM messages_fts WHERE messages_fts MATCH ?) AS f"
-            " JOIN messages AS m ON m.n = f.rowid"
-            " WHERE m.room IN (SELECT value FROM json_each(?)) AND m.deleted = 0"
-            "  AND (? IS NULL OR f.score > ? OR (f.score = ? AND m.n > ?))"
-            " ORDER BY f.score, m.n LIMIT ?",
-            (MARK_START, MARK_END, _SNIPPET_TOKENS, match, json.dumps(sorted(set(rooms))),
-             score, score, score, last, limit + 1),
-        ).fetchall()  # fmt: skip
+        # rank and page inside the text index (its room column filters), then read the rows
+        # and cut the snippets of that page only
+        c = self.conn
+        top = c.execute(
+            "SELECT rowid, bm25(messages_fts) AS score FROM messages_fts"
+            " WHERE messages_fts MATCH ? AND room IN (SELECT value FROM json_each(?))"
+            "  AND (? IS NULL OR score > ? OR (score = ? AND rowid > ?))"
+            " ORDER BY score, rowid LIMIT ?",
+            (match, json.dumps(sorted(set(rooms))), score, score, score, last, limit + 1),
+        ).fetchall()
+        page = [int(n) for n, _ in top[:limit]]
+        ids = json.dumps(page)
+        found = {int(r[0]): r for r in c.execute(
+            "SELECT n, room, id, author, ts, ts_ms, edited FROM messages"
+            " WHERE n IN (SELECT value FROM json_each(?)) AND deleted = 0", (ids,))}
+        snips = dict(c.execute(
+            "SELECT rowid, snippet(messages_fts, 0, ?, ?, '…', ?) FROM messages_fts"
+            " WHERE messages_fts MATCH ? AND rowid IN (SELECT value FROM json_each(?))",
+            (MARK_START, MARK_END, _SNIPPET_TOKENS, match, ids)))  # fmt: skip
         out: list[dict[str, object]] = []
-        for _n, room, mid, author, ts, ts_ms, edited, _score, snip in rows[:limit]:
-            text, marks = highlights(snip or "")
+        for n in page:
+            if n not in found:  # deleted between the two reads
+                continue
+            _n, room, mid, author, ts, ts_ms, edited = found[n]
+            text, marks = highlights(snips.get(n) or "")
             out.append({
                 "room": room, "id": mid, "author": author, "ts": ts_ms, "cursor": ts,
                 "edited": edited is not None, "snippet": text, "highlights": marks,
             })  # fmt: skip
+        rows = top
         nxt = None
         if len(rows) > limit:
-            n, *_rest, score_last, _snip = rows[limit - 1]
+            n, score_last = rows[limit - 1]
             nxt = encode_cursor(float(score_last), int(n))
         return out, nxt
 

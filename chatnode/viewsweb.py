@@ -18,8 +18,7 @@ from chatnode import protocol as p
 from chatnode.errors import ClientError
 from chatnode.indexer import Indexer, Views
 from chatnode.service import Service
-from chatnode.views import CursorError, QueryError, build_match, days_back, decode_cursor
-from chatnode.viewsdb import ViewsError
+from chatnode.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
 
 __all__ = ["ViewsAPI"]
 
@@ -53,10 +52,6 @@ class ViewsAPI:
 
     async def search(self, req: p.Search, rooms: set[str]) -> dict[str, object]:
         """One page of results for ``req`` among ``rooms`` (those the user may read)."""
-        try:
-            match = build_match(req.query)
-        except QueryError as exc:
-            raise ClientError("invalid", f"search: {exc}", req.ref) from None
         after: tuple[float, int] | None = None
         if req.after is not None:
             try:
@@ -67,8 +62,10 @@ class ViewsAPI:
                 ) from None
         try:
             results, nxt = await self.views.read(
-                lambda db: db.search(match, rooms, after, req.limit)
+                lambda db: db.search(req.query, rooms, after, req.limit)
             )
+        except QueryError as exc:
+            raise ClientError("invalid", f"search: {exc}", req.ref) from None
         except ViewsError as exc:
             raise ClientError(
                 "unavailable", f"search is unavailable now ({exc})", req.ref

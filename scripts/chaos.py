@@ -94,6 +94,7 @@ class Run:
             "missed": [len(s.missed) for s in r.subscribers],
             "duplicated": [len(s.duplicated) for s in r.subscribers],
             "stale": sum(len(s.stale) for s in r.subscribers),
+            "orphans": sum(s.orphan_updates for s in r.subscribers),
         }
 
     def faults_text(self) -> str:
@@ -114,7 +115,8 @@ class Run:
         return (
             f"{head} acked={c['acked']} lost={c['lost']} doubled={c['doubled']} "
             f"divergent={'yes' if c['divergent'] else 'no'} missed/duplicated: {subs} "
-            f"stale={c['stale']} homes={len(self.homes)} {'OK' if self.ok else 'FAIL'}"
+            f"stale={c['stale']} orphan_updates={c['orphans']} homes={len(self.homes)} "
+            f"{'OK' if self.ok else 'FAIL'}"
             + (f" ERROR {self.error}" if self.error else "")
         )
 

@@ -211,8 +211,9 @@ class Connection {
       const timer = setTimeout(() => {
         this.waiting.delete(ref);
         reject(new ServerError("timeout", `no reply to ${op}`));
-        // A connection that stops answering is recycled; requests are replayed on reconnect.
-        this.close(4000);
+        // A connection that stops answering is recycled at once (a stopped node would not
+        // answer the close either); requests are replayed on reconnect, to another node.
+        this.abandon(4000);
       }, timeoutMs);
       this.waiting.set(ref, { resolve, reject, timer });
       this.ws.send(JSON.stringify({ ...fields, op, ref }));
@@ -228,7 +229,15 @@ class Connection {
     }
   }
 
+  // Gives the socket up now, even if the browser never reports its end: a WebSocket that the
+  // page's Content Security Policy refuses is CLOSED at once and fires no event at all.
+  abandon(code) {
+    this.close(code);
+    if (!this.closed) this.closedBy({ code, reason: "abandoned", wasClean: false });
+  }
+
   closedBy(ev) {
+    if (this.closed) return; // abandoned before the browser's own close event
     this.closed = true;
     for (const w of this.waiting.values()) {
       clearTimeout(w.timer);
@@ -280,6 +289,7 @@ const app = {
   nodeId: null, // its id (hello's `node`)
   movedFrom: null, // the node before it, when the page moved
   movedAt: 0, // when it moved (ms)
+  moves: 0, // how many times it moved
   reconnectAt: 0,
   reconnectTimer: null,
   countdownTimer: null,
@@ -404,7 +414,7 @@ function renderNodeLine(stateName) {
   line.textContent = text;
   line.title = stateName === "connected" && app.nodeId ? `node ${app.nodeId}, ${app.nodeUrl}` : "";
   line.dataset.node = stateName === "connected" && app.nodeUrl ? app.nodeUrl : "";
-  line.dataset.moves = String(app.moves || 0);
+  line.dataset.moves = String(app.moves);
 }
 
 // ---------------------------------------------------------------- session and auth screen
@@ -639,7 +649,7 @@ function nodeConnected(url, id) {
   if (app.nodeUrl && app.nodeUrl !== url) {
     app.movedFrom = app.nodeUrl;
     app.movedAt = Date.now();
-    app.moves = (app.moves || 0) + 1;
+    app.moves += 1;
   }
   app.nodeUrl = url;
   app.nodeId = typeof id === "string" ? id : null;
@@ -671,8 +681,11 @@ function connect() {
   try {
     conn = new Connection(wsUrl(node.url), onEvent, () => onConnectionClosed(conn));
   } catch {
-    // The browser refused at once (a node the page's Content Security Policy does not list,
-    // such as one that joined after the page was loaded): try another.
+    conn = null;
+  }
+  if (!conn || conn.ws.readyState === WebSocket.CLOSED) {
+    // The browser refused at once, without an event (a node the page's Content Security
+    // Policy does not list, such as one that joined after the page was loaded): try another.
     nodeFailed(node.url);
     scheduleReconnect();
     return;
@@ -680,7 +693,7 @@ function connect() {
   conn.nodeUrl = node.url;
   // A node that does not answer at all (a machine that is gone drops the packets) is given
   // up after CONNECT_TIMEOUT_MS, like one that refuses.
-  conn.connectTimer = setTimeout(() => conn.close(4000), CONNECT_TIMEOUT_MS);
+  conn.connectTimer = setTimeout(() => conn.abandon(4000), CONNECT_TIMEOUT_MS);
   app.conn = conn;
   setStatus("connecting");
   conn.opened.then(() => onConnectionOpen(conn), () => {});

@@ -103,7 +103,7 @@ async def shoot(page: Page, name: str, *, dark_too: bool = True) -> None:
     if SHOTS is None:
         return
     folder = Path(SHOTS)
-    folder.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
     await page.emulate_media(color_scheme="light")
     await page.screenshot(path=str(folder / f"{name}-light.png"))
     if dark_too:
@@ -159,6 +159,7 @@ async def test_page_moves_to_another_node_when_its_node_is_killed(
     await alice.press("#composer-input", "Enter")
     pending = alice.locator("#message-list li.msg", has_text="typed while offline")
     await expect(pending).to_have_attribute("data-state", "pending")
+    await shoot(alice, "offline", dark_too=False)
     saved = await alice.evaluate("() => JSON.parse(sessionStorage.getItem('chatnode.outbox'))")
     assert [it["body"] for it in saved["items"]] == ["typed while offline"], saved
     await asyncio.sleep(max(0.0, 2.0 - (time.monotonic() - killed_at)))

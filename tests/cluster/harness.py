@@ -950,7 +950,8 @@ class SubscriberReport:
 
     @property
     def ok(self) -> bool:
-        return not self.missed and not self.duplicated
+        # an update before its message breaks PROTOCOL.md's promise (a client cannot place it)
+        return not self.missed and not self.duplicated and not self.orphan_updates
 
 
 @dataclass
@@ -994,6 +995,9 @@ class Report:
                 parts.append(
                     f"subscriber {s.name} duplicated {len(s.duplicated)}: {s.duplicated[:limit]}"
                 )
+            if s.orphan_updates:
+                parts.append(f"subscriber {s.name} got {s.orphan_updates} updates before "
+                             "their message")  # fmt: skip
         return "; ".join(parts) or "ok"
 
 

@@ -40,10 +40,6 @@ NODE_ARGS = ["--rate-limit", "1000", "--rate-burst", "1000"]  # the checker page
 @pytest.mark.skipif(
     can_partition() is not None, reason=f"needs iptables partitions: {can_partition()}"
 )
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 8 open: in ~2 of 20 runs a subscriber never gets the update+replaces",
-)
 async def test_resend_across_a_partition_is_one_message(tmp_path: Path) -> None:
     """Node 0 is cut off from nodes 1 and 2; a message acknowledged by node 0 (``--replicas
     1``: durable there alone) is resent at once, same id and body, through node 1, which does
@@ -106,11 +102,6 @@ async def test_resend_across_a_partition_is_one_message(tmp_path: Path) -> None:
         h.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 8 open: live delivery can stall after partitions; resume after a kill "
-    "can repeat messages (see the closing note of the stop)",
-)
 async def test_random_faults_keep_the_promise(tmp_path: Path) -> None:
     """40 s of random faults on 3 nodes, one at a time: SIGKILL and restart, SIGSTOP, and (as
     root) partitions, with a failover writer (two sends in flight) and a pinned, resuming

@@ -19,7 +19,7 @@ import pytest
 
 from tests.cluster.harness import Harness, can_partition, new_account, session
 from tests.cluster.procs import all_alive, states_of, wait_until
-from tests.daemon import Daemon
+from tests.daemon import Daemon, admin_get
 from tests.integration.client import WS, Frame, new_user
 
 pytestmark = pytest.mark.slow
@@ -55,14 +55,17 @@ async def eventually(ws: WS, want: set[str], what: str, within: float = 30.0) ->
     raise AssertionError(f"{what}: presence {sorted(got)}, wanted {sorted(want)}")
 
 
+def drain(ws: WS) -> list[Frame]:
+    """The events ``ws`` has received and not yet taken."""
+    out = []
+    while not ws.events.empty():
+        out.append(ws.events.get_nowait())
+    return out
+
+
 def no_presence_events(ws: WS) -> bool:
     """Drain the events ``ws`` has received so far: True if none was a presence event."""
-    seen = []
-    while not ws.events.empty():
-        f = ws.events.get_nowait()
-        if f.get("op") == "presence":
-            seen.append(f)
-    return not seen
+    return not [f for f in drain(ws) if f.get("op") == "presence"]
 
 
 def presence_of(user: str, online: bool) -> Any:
@@ -101,8 +104,13 @@ async def test_presence_typing_and_read_cross_nodes(cluster: Harness) -> None:
         assert no_presence_events(far), "a second socket of an online user is no news"
         # typing crosses nodes, and not back to the typist
         await near.ok("typing", room=ROOM)
+        await near.ok("typing", room=ROOM)  # within a second of the first: dropped
         ev = await far.event(lambda f: f.get("op") == "typing")
         assert ev == {"op": "typing", "room": ROOM, "user": users[0]}
+        metrics = (await asyncio.to_thread(admin_get, h.nodes[0].url + "metrics")).decode()
+        assert 'chatnode_presence_notes_total{kind="typing_out"} 1.0' in metrics, metrics
+        await asyncio.sleep(0.3)
+        assert not [f for f in drain(far) if f.get("op") == "typing"], "typing twice in 1 s"
         # read markers too
         sent = await near.ok("send", room=ROOM, id="m1", body="hello across")
         await near.ok("read", room=ROOM, cursor=sent["cursor"])

@@ -18,6 +18,7 @@ OWNERS = {
     "cryptography": "chatnode/keyring.py",
     "prometheus_client": "chatnode/metrics.py",
     "sqlite3": "chatnode/viewsdb.py",
+    "psycopg": "chatnode/viewspg.py",
 }
 
 

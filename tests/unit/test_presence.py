@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -191,9 +193,6 @@ def test_ephemeral_messages_round_trip(items: list[r.PeerMsg]) -> None:
 
 
 def test_bad_ephemeral_messages_are_frame_errors() -> None:
-    import msgpack
-    import pytest
-
     for raw in (
         ["ws", -1, 0, {}],
         ["ws", 1, 0, {"r": "x"}],
@@ -224,12 +223,14 @@ class Node:
 
 class PresenceCluster(RuleBasedStateMachine):
     """Three nodes; every message goes through ``net`` (per directed link: the oldest
-    delivered, lost or duplicated, or the two oldest swapped). A node's membership view is its own: nodes are killed and restarted
-    (new incarnation), declared dead by some and not yet by others, falsely declared dead
-    and readmitted. Always: each node's events replay to exactly its view (an event only
-    when the cluster-wide state changes), its own users are in it, and it holds nothing of
-    a node it does not count. After ``settle`` (no loss, everyone's membership right,
-    versions exchanged), every node's view is the union of the live nodes' users."""
+    delivered, lost or duplicated, or the two oldest swapped). A node's membership view is
+    its own: nodes are killed and restarted (new incarnation), declared dead by some and
+    not yet by others, falsely declared dead and readmitted. Always: each node's events
+    replay to exactly its view (an event only when the cluster-wide state changes), its own
+    users are in it, it holds nothing of a node it does not count, and what it holds of
+    another never goes back to an older version. After ``settle`` (no loss, everyone's
+    membership right, versions exchanged; also at the end of every run), every node's view
+    is the union of the live nodes' users."""
 
     def __init__(self) -> None:
         super().__init__()

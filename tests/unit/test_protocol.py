@@ -94,6 +94,11 @@ VALID: list[tuple[dict[str, Any], p.Request]] = [
         {"op": "send", "room": "dm:alice:bob", "id": "x", "body": "hi"},
         p.Send(None, "dm:alice:bob", "x", "hi"),
     ),
+    ({"op": "search", "query": "hello"}, p.Search(None, "hello")),
+    (
+        {"op": "search", "query": "dep* now", "room": "ops", "after": "s1.WzEsMl0", "limit": 50},
+        p.Search(None, "dep* now", "ops", "s1.WzEsMl0", 50),
+    ),
 ]
 
 

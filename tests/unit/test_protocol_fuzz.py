@@ -62,6 +62,7 @@ FIELD_NAMES = [
     "token",
     "visibility",
     "title",
+    "query",
     "extra",
 ]
 frames = st.fixed_dictionaries(
@@ -93,13 +94,15 @@ def _check_accepted(req: p.Request) -> None:
         if f.name == "ref":
             assert value is None or (isinstance(value, str | int) and not isinstance(value, bool))
         if f.name == "room":
-            assert p.valid_room(value)
+            assert p.valid_room(value) or (isinstance(req, p.Search) and value is None)
         if f.name == "user":
             assert p.valid_user(value)
         if f.name == "id":
             assert p.valid_message_id(value)
-        if f.name in ("after", "before", "cursor"):
+        if f.name in ("after", "before", "cursor") and not isinstance(req, p.Search):
             assert value is None or isinstance(value, Timestamp)
+        if isinstance(req, p.Search) and f.name == "after":
+            assert value is None or (isinstance(value, str) and value.startswith("s1."))
         if f.name == "limit":
             assert type(value) is int and 1 <= value <= 200
         if f.name == "on":
@@ -257,6 +260,17 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
     st.builds(p.Typing, refs, rooms),
     st.builds(p.Read, refs, rooms, stamps),
     st.builds(p.Presence, refs, rooms),
+    st.builds(
+        p.Search,
+        refs,
+        # 1-16 words, each with a word character; at most MAX_SEARCH_QUERY characters
+        st.lists(st.from_regex(r"[^\s]*\w[^\s]*", fullmatch=True), min_size=1, max_size=16)
+        .map(" ".join)
+        .filter(lambda q: len(q) <= p.MAX_SEARCH_QUERY and p._utf8_ok(q)),
+        st.none() | rooms,
+        st.none() | st.from_regex(r"s1\.[A-Za-z0-9_-]{1,197}", fullmatch=True),
+        st.integers(1, p.MAX_SEARCH_LIMIT),
+    ),
 )
 
 _OP_OF = {
@@ -278,6 +292,7 @@ _OP_OF = {
     p.Typing: "typing",
     p.Read: "read",
     p.Presence: "presence",
+    p.Search: "search",
 }
 
 

@@ -1,10 +1,11 @@
 """The pure part of the views (chatnode/views.py): folding history records into message
 states, counting, search expressions and cursors. No database here (tests/integration/
-test_views_sqlite.py runs the same against SQLite on disk)."""
+test_views_db.py runs the views on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -21,13 +22,17 @@ from chatnode.views import (
     QueryError,
     ViewsURLError,
     build_match,
+    build_tsquery,
     contributions,
     decode_cursor,
     encode_cursor,
     fold,
     fold_all,
+    fold_text,
     highlights,
+    make_snippet,
     parse_views_url,
+    pg_index_text,
     plan,
     state_of,
 )
@@ -203,7 +208,7 @@ def test_plan_moves_a_message_between_days_and_authors_counts() -> None:
 def test_build_match_quotes_every_word(text: str) -> None:
     words = [
         w for w in text.split()
-        if re.search(r"\w", w.replace('"', "").replace(MARK_START, "").replace(MARK_END, ""))
+        if re.search(r"\w", "".join(c for c in w if unicodedata.category(c)[0] != "C"))
     ]  # fmt: skip
     try:
         expr = build_match(text)
@@ -254,6 +259,36 @@ def test_highlights() -> None:
 def test_views_url() -> None:
     assert str(parse_views_url("sqlite:///data/views.db")) == "sqlite:///data/views.db"
     assert str(parse_views_url("sqlite:////var/lib/v.db").path) == "/var/lib/v.db"
-    for bad in ("sqlite://", "mysql://x/y", "sqlite:///", "postgresql://u@h/db"):
+    assert parse_views_url("sqlite:///v.db").kind == "sqlite"
+    pg = parse_views_url("postgresql://ann:s3cret@db.example:5433/views?sslmode=require")
+    assert pg.kind == "postgresql" and pg.dsn is not None and "s3cret" in pg.dsn
+    assert str(pg) == "postgresql://ann@db.example:5433/views"  # no password in logs
+    for bad in ("sqlite://", "mysql://x/y", "sqlite:///", "postgresql://u@h", "postgres://h:x/d"):
         with pytest.raises(ViewsURLError):
             parse_views_url(bad)
+
+
+@given(st.text(max_size=120))
+def test_tsquery_holds_only_quoted_word_lexemes(text: str) -> None:
+    """PostgreSQL's query: the words build_match accepts, folded, quoted, joined by & (a
+    word's parts by <->), nothing a user could turn into tsquery syntax."""
+    try:
+        query, lexemes = build_tsquery(text)
+    except QueryError:
+        return
+    term = r"\('[^\W_]+'(:\*)?( <-> '[^\W_]+'(:\*)?)*\)"
+    assert re.fullmatch(rf"{term}( & {term})*", query), query
+    assert [lex for lex, _ in lexemes] == re.findall(r"'([^']+)'", query)
+
+
+def test_tsquery_and_snippet_examples() -> None:
+    query, lexemes = build_tsquery("Café don't roll*")
+    assert query == "('cafe') & ('don' <-> 't') & ('roll':*)"
+    assert fold_text("Ÿes ÇA") == "yes ca"
+    assert pg_index_text("Le café, prêt! a_b") == "le cafe pret a b"
+    body = " ".join(f"w{i}" for i in range(40)) + " the café rolls on"
+    text, marks = make_snippet(body, lexemes)
+    assert text.startswith("…") and "café" in text
+    assert sorted(text[s:e] for s, e in marks) == ["café", "rolls"]
+    short, short_marks = make_snippet("Café time", [("cafe", False)])
+    assert (short, short_marks) == ("Café time", [[0, 4]])

@@ -1,0 +1,165 @@
+"""A real PostgreSQL server for tests: Debian's ``postgresql`` binaries, a fresh cluster in a
+temporary directory, listening on a free loopback port, stopped by pid::
+
+    with PostgresServer.start() as pg:
+        url = pg.new_database()     # postgresql://chatnode@127.0.0.1:PORT/views_N
+
+As root the server runs as the ``postgres`` user (``initdb`` refuses root). Without the
+binaries or psycopg, :func:`postgres_missing` says why and the tests skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import itertools
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+from tests.kafka import free_port
+
+USER = "chatnode"
+
+
+def _bin_dir() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(os.path.realpath(found)).parent
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    return Path(dirs[-1]) if dirs else None
+
+
+def postgres_missing() -> str | None:
+    """Why PostgreSQL tests cannot run here, or None."""
+    try:
+        import psycopg  # noqa: F401, PLC0415
+    except ImportError:
+        return "psycopg not installed (pip install 'psycopg[binary]')"
+    bins = _bin_dir()
+    if bins is None or not (bins / "postgres").exists():
+        return "PostgreSQL server binaries not installed (apt-get install postgresql)"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run the server"
+    return None
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    root: Path
+    proc: subprocess.Popen[bytes]
+    _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
+
+    @classmethod
+    def start(cls, timeout: float = 60.0) -> PostgresServer:
+        bins = _bin_dir()
+        assert bins is not None
+        root = Path(tempfile.mkdtemp(prefix="chatnode-pg-"))
+        run_as: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(root, pw.pw_uid, pw.pw_gid)
+            run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        data = root / "data"
+        subprocess.run(
+            [str(bins / "initdb"), "-D", str(data), "-U", USER, "--auth=trust",
+             "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"],
+            check=True, capture_output=True, timeout=timeout, cwd=root, **run_as,
+        )  # fmt: skip
+        port = free_port("127.0.0.1")
+        with (root / "server.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [str(bins / "postgres"), "-D", str(data), "-p", str(port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
+                **run_as,
+            )  # fmt: skip
+        server = cls(port, root, proc)
+        server._wait_ready(timeout)
+        return server
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.log()}")
+            try:
+                psycopg.connect(self.admin_url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"postgres not ready: {self.log()}") from None
+                time.sleep(0.05)
+
+    def new_database(self) -> str:
+        """A new empty database; its URL."""
+        import psycopg  # noqa: PLC0415
+
+        name = f"views_{next(self._names)}"
+        with psycopg.connect(self.admin_url, autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')  # a name made here, not input
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{name}"
+
+    def log(self) -> str:
+        try:
+            return (self.root / "server.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown by pid (SIGINT), SIGKILL if it lingers; remove the directory."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.root)
+
+    def __enter__(self) -> PostgresServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (each test takes a new database)."""
+    why = postgres_missing()
+    if why is not None:
+        pytest.skip(why)
+    server = PostgresServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
