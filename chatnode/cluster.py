@@ -496,14 +496,6 @@ class Cluster:
     def _alive_ids(self) -> set[str]:
         return {self.node_id, *(m.id for m in self.alive_peers())}
 
-    def _placement_ids(self) -> set[str]:
-        """The members rooms are placed over: alive and suspected ones. A room moves only
-        once its home is declared dead (or leaves): two nodes that disagree for a moment on
-        whether a third is suspect would otherwise claim the room back and forth, each
-        claim overriding the other's (seen as dozens of epochs within a second)."""
-        keep = (MemberState.ALIVE, MemberState.SUSPECT)
-        return {self.node_id, *(m.id for m in self._members() if m.state in keep)}
-
     def homes(self) -> dict[str, reg.Home | None]:
         meta = self.service.meta
         return {
@@ -532,7 +524,7 @@ class Cluster:
             self._registry_wake.set()
             await asyncio.sleep(0.2)
             return
-        todo = reg.claims(self.node_id, homes, homes, self._placement_ids())
+        todo = reg.claims(self.node_id, homes, homes, self._alive_ids())
         if not todo:
             return
         await self.service.write_meta(*((reg.home_key(c.room), c.home.to_value()) for c in todo))

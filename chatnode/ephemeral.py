@@ -28,7 +28,7 @@ from typing import Final
 
 from chatnode.peers import PeerHub
 from chatnode.presence import Outcome, PresenceMsg, PresenceRequest
-from chatnode.replication import ReadNote, TypingNote
+from chatnode.replication import ReadNote, TypingNote, encode_frame
 from chatnode.service import Service
 from crdt.errors import CodecError
 
@@ -43,6 +43,7 @@ VERSION_EVERY: Final = 1.0  # seconds between two version notes to each peer
 @dataclass(slots=True)
 class EphemeralStats:
     deltas: int = 0  # presence deltas published (each sent to every connected peer)
+    delta_bytes: int = 0  # their encoded size (msgpack, once per delta, not per peer)
     fulls: int = 0  # full states sent to one peer
     requests: int = 0  # full states asked of a peer
     typing_out: int = 0
@@ -144,6 +145,7 @@ class Ephemeral:
             delta = self.presence.flush()
             if delta is not None:
                 self.stats.deltas += 1
+                self.stats.delta_bytes += len(encode_frame([delta]))
                 self._to_all(delta)
                 last = loop.time()
 

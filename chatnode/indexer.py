@@ -38,7 +38,7 @@ from chatnode.forwarding import (
     decode_record,
     encode_record,
 )
-from chatnode.views import Applied, ViewsStore, ViewsTarget
+from chatnode.views import Applied, ViewsError, ViewsStore, ViewsTarget
 from chatnode.viewsdb import ViewsDB
 
 __all__ = ["Batch", "Indexer", "KafkaSource", "LogSource", "Source", "Views", "open_store"]
@@ -68,7 +68,12 @@ def open_store(target: ViewsTarget, *, readonly: bool = False) -> ViewsStore:
     if target.kind == "sqlite":
         assert target.path is not None
         return ViewsDB.open(target.path, readonly=readonly)
-    from chatnode.viewspg import PgViewsDB  # noqa: PLC0415  (psycopg: only for PostgreSQL)
+    try:
+        from chatnode.viewspg import PgViewsDB  # noqa: PLC0415  (psycopg: only for PostgreSQL)
+    except ImportError as exc:
+        raise ViewsError(
+            f"PostgreSQL views need psycopg 3: pip install 'chatnode[postgresql]' ({exc})"
+        ) from None
 
     assert target.dsn is not None
     return PgViewsDB.open(target.dsn, readonly=readonly)
@@ -76,13 +81,15 @@ def open_store(target: ViewsTarget, *, readonly: bool = False) -> ViewsStore:
 
 class Views:
     """The views database for asyncio code: writes on one thread, queries on two others,
-    each thread with its own connection."""
+    each thread with its own connection. A connection that failed (the database server
+    restarted, the disk filled up) is closed and opened again by the next call."""
 
     def __init__(self, target: ViewsTarget) -> None:
         self.target = target
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="views-writer")
         self._reader_pool = ThreadPoolExecutor(2, thread_name_prefix="views-reader")
         self._writer: ViewsStore | None = None
+        self._writing = False  # open_writer was called
         self._local = threading.local()
         self._readers: list[ViewsStore] = []
         self._lock = threading.Lock()
@@ -94,15 +101,23 @@ class Views:
         """Open for writing and apply the migrations; returns the versions applied."""
         def go() -> list[int]:
             db = open_store(self.target)
-            self._writer = db
+            self._writer, self._writing = db, True
             return db.applied
 
         return await self._on(self._writer_pool, go)
 
-    def _w(self) -> ViewsStore:
-        if self._writer is None:
+    def _write(self, fn: Callable[[ViewsStore], _T]) -> _T:  # on the writer thread
+        if not self._writing:
             raise RuntimeError("views not opened for writing")
-        return self._writer
+        if self._writer is None:
+            self._writer = open_store(self.target)
+        try:
+            return self._writer.guard(fn)
+        except ViewsError:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
 
     def _reader(self) -> ViewsStore:
         db: ViewsStore | None = getattr(self._local, "db", None)
@@ -113,28 +128,40 @@ class Views:
                 self._readers.append(db)
         return db
 
+    def _read(self, fn: Callable[[ViewsStore], _T]) -> _T:  # on a reader thread
+        db = self._reader()
+        try:
+            return db.guard(fn)
+        except ViewsError:
+            self._local.db = None
+            with self._lock:
+                self._readers.remove(db)
+            with contextlib.suppress(Exception):
+                db.close()
+            raise
+
     async def read(self, fn: Callable[[ViewsStore], _T]) -> _T:
         """``fn(db)`` on a reader thread (:class:`chatnode.views.ViewsError` if the database
         cannot be opened or fails)."""
-        return await self._on(self._reader_pool, lambda: self._reader().guard(fn))
+        return await self._on(self._reader_pool, lambda: self._read(fn))
 
     async def positions(self, source: str) -> dict[str, int]:
-        return await self._on(
-            self._writer_pool, lambda: self._w().guard(lambda db: db.positions(source))
-        )
+        return await self._on(self._writer_pool, lambda: self._write(
+            lambda db: db.positions(source)
+        ))  # fmt: skip
 
     async def apply(
         self, source: str, records: Sequence[ForwardedMessage], positions: Mapping[str, int],
         highs: Mapping[str, int],
     ) -> Applied:  # fmt: skip
         now = _wall_ms()
-        return await self._on(self._writer_pool, lambda: self._w().guard(
+        return await self._on(self._writer_pool, lambda: self._write(
             lambda db: db.apply(source, records, positions, highs, now)
         ))  # fmt: skip
 
     async def heartbeat(self, source: str, highs: Mapping[str, int]) -> None:
         now = _wall_ms()
-        await self._on(self._writer_pool, lambda: self._w().guard(
+        await self._on(self._writer_pool, lambda: self._write(
             lambda db: db.heartbeat(source, highs, now)
         ))  # fmt: skip
 
@@ -188,6 +215,7 @@ class KafkaSource:
         self._reader: TopicReader | None = None
         self._positions: dict[int, int | None] = {}
         self._listed = 0.0
+        self._assigned = False
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
         assert self._pool is not None
@@ -223,8 +251,6 @@ class KafkaSource:
             self._assigned = True
             log.info("reading %s partitions %s", self.topic, parts)
         return True
-
-    _assigned = False
 
     async def fetch(self, max_records: int) -> Batch:
         reader = self._reader

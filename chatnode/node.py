@@ -548,6 +548,9 @@ class Node:
                       "typing_in": e.stats.typing_in, "read_out": e.stats.reads_out,
                       "read_in": e.stats.reads_in,
                   }), kind="counter")  # fmt: skip
+        m.value("chatnode_presence_delta_bytes_total",
+                "bytes of the presence deltas published (msgpack; each goes to every peer)",
+                _of(ephemeral, lambda e: e.stats.delta_bytes), kind="counter")  # fmt: skip
         m.value("chatnode_presence_online",
                 "(room, user) pairs online in the cluster, as seen here",
                 _of(service, lambda s: s.presence.count()))  # fmt: skip

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import math
 import re
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_QUERY",
     "MAX_SEARCH_LIMIT",
     "MAX_TERMS",
+    "SEARCH_WINDOW",
     "Applied",
     "Contribution",
     "CursorError",
@@ -67,11 +69,14 @@ __all__ = [
     "fold",
     "fold_all",
     "fold_text",
+    "fts_query",
     "highlights",
     "make_snippet",
     "parse_views_url",
     "pg_index_text",
     "plan",
+    "room_token",
+    "rooms_in_query",
     "state_of",
 ]
 
@@ -80,6 +85,9 @@ MAX_TERMS: Final = 16  # words of a search query
 MAX_SEARCH_LIMIT: Final = 50
 DEFAULT_SEARCH_LIMIT: Final = 20
 MAX_CURSOR: Final = 200  # characters of a search cursor
+#: A search ranks the newest this many matching messages (of the rooms searched), so a word
+#: found in most messages costs no more than a rarer one (docs/VIEWS.md).
+SEARCH_WINDOW: Final = 10_000
 #: Marks around the matched words of a snippet (control characters: never left in the
 #: indexed text, see :func:`index_text`).
 MARK_START: Final = "\x02"
@@ -139,8 +147,13 @@ class ViewsStore(Protocol):
     def heartbeat(self, source: str, highs: Mapping[str, int], now_ms: int) -> None: ...
 
     def search(
-        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
-    ) -> tuple[list[dict[str, object]], str | None]: ...
+        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int,
+        window: int = SEARCH_WINDOW,
+    ) -> tuple[list[dict[str, object]], str | None]:
+        """Up to ``limit`` live messages of ``rooms`` matching what the user typed, best
+        first among the newest ``window`` matches, after the cursor ``after``; and the
+        cursor of the next page."""
+        ...
 
     def room_stats(self, room: str, since_day: str, top: int) -> dict[str, object]: ...
 
@@ -370,6 +383,35 @@ def build_match(query: str) -> str:
     if len(terms) > MAX_TERMS:
         raise QueryError(f"a query has at most {MAX_TERMS} words")
     return " ".join(terms)
+
+
+#: Up to this many rooms may be matched inside the full-text query (each room a token of
+#: the index); see :func:`rooms_in_query`.
+MAX_ROOM_TOKENS: Final = 200
+
+
+def room_token(room: str) -> str:
+    """The token that stands for ``room`` in the full-text index: ``r`` and 24 hex digits of
+    its SHA-256 (one token for any room id, ``dm:a:b`` included)."""
+    return "r" + hashlib.sha256(room.encode()).hexdigest()[:24]
+
+
+def rooms_in_query(rooms: int, searched: int, total: int) -> bool:
+    """Whether to match the ``rooms`` searched inside the full-text query (their tokens
+    OR-ed: costs in proportion to their ``searched`` messages) rather than filter the matches
+    row by row (costs in proportion to the matches read until enough are of those rooms:
+    ``total / searched`` times the window): inside when they are few and hold under a tenth
+    of all ``total`` messages."""
+    return 0 < rooms <= MAX_ROOM_TOKENS and searched * 10 < total
+
+
+def fts_query(match: str, rooms: Iterable[str] | None) -> str:
+    """The FTS5 query of ``match`` (:func:`build_match`) over the ``body`` column, and with
+    ``rooms`` restricted to them through their tokens in the ``room`` column."""
+    if rooms is None:
+        return f"body : ({match})"
+    tokens = sorted({room_token(r) for r in rooms})
+    return f"body : ({match}) AND room : ({' OR '.join(tokens)})"
 
 
 def encode_cursor(score: float, rowid: int) -> str:

@@ -24,6 +24,7 @@ from chatnode.forwarding import ForwardedMessage
 from chatnode.views import (
     MARK_END,
     MARK_START,
+    SEARCH_WINDOW,
     Applied,
     MessageState,
     Plan,
@@ -31,9 +32,12 @@ from chatnode.views import (
     ViewsStore,
     build_match,
     encode_cursor,
+    fts_query,
     highlights,
     index_text,
     plan,
+    room_token,
+    rooms_in_query,
 )
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Applied", "ViewsDB", "ViewsError"]
@@ -63,7 +67,7 @@ MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
         )""",
         "CREATE INDEX messages_room_ts ON messages (room, ts)",
         "CREATE VIRTUAL TABLE messages_fts USING fts5("
-        "body, room UNINDEXED, tokenize = 'unicode61 remove_diacritics 2')",
+        "body, room, tokenize = 'unicode61 remove_diacritics 2')",
         "CREATE TABLE room_counts (room TEXT PRIMARY KEY, messages INTEGER NOT NULL)",
         """CREATE TABLE room_days (room TEXT NOT NULL, day TEXT NOT NULL,
             messages INTEGER NOT NULL, PRIMARY KEY (room, day))""",
@@ -261,7 +265,7 @@ class ViewsDB:
         )
         c.executemany(
             "INSERT INTO messages_fts (rowid, body, room) VALUES (?, ?, ?)",
-            [(rowids[new.key], index_text(new.body), new.room)
+            [(rowids[new.key], index_text(new.body), room_token(new.room))
              for _old, new in reindex if new.live],
         )  # fmt: skip
         counts = p.counts
@@ -324,8 +328,9 @@ class ViewsDB:
     # ------------------------------------------------------------------ queries
 
     def search(
-        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
-    ) -> tuple[list[dict[str, object]], str | None]:
+        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int,
+        window: int = SEARCH_WINDOW,
+    ) -> tuple[list[dict[str, object]], str | None]:  # fmt: skip
         """Up to ``limit`` live messages of ``rooms`` matching what the user typed
         (:func:`chatnode.views.build_match`, a :class:`QueryError` if nothing), best first
         (bm25), after the cursor ``after``; and the cursor of the next page."""
@@ -334,13 +339,31 @@ class ViewsDB:
         # rank and page inside the text index (its room column filters), then read the rows
         # and cut the snippets of that page only
         c = self.conn
+        # only the newest SEARCH_WINDOW matches are ranked (the index yields them newest first
+        # without ranking): a word found in half of all messages costs no more than that.
+        # The rooms are tokens of the index's room column: matched in the query itself (a
+        # few small rooms), else filtered row by row.
+        wanted = sorted(set(rooms))
+        searched, total = c.execute(
+            "SELECT coalesce(sum(messages) FILTER (WHERE room IN"
+            " (SELECT value FROM json_each(?))), 0), coalesce(sum(messages), 0)"
+            " FROM room_counts", (json.dumps(wanted),),
+        ).fetchone()  # fmt: skip
+        in_query = rooms_in_query(len(wanted), int(searched), int(total))
+        query = fts_query(match, wanted if in_query else None)
+        tokens = "[]" if in_query else json.dumps(sorted({room_token(r) for r in wanted}))
         top = c.execute(
-            "SELECT rowid, bm25(messages_fts) AS score FROM messages_fts"
-            " WHERE messages_fts MATCH ? AND room IN (SELECT value FROM json_each(?))"
-            "  AND (? IS NULL OR score > ? OR (score = ? AND rowid > ?))"
-            " ORDER BY score, rowid LIMIT ?",
-            (match, json.dumps(sorted(set(rooms))), score, score, score, last, limit + 1),
-        ).fetchall()
+            "SELECT rowid, bm25(messages_fts, 1.0, 0.0) AS score FROM messages_fts"
+            " WHERE messages_fts MATCH :q AND rowid >= (SELECT coalesce(min(rowid), 0)"
+            "  FROM (SELECT rowid FROM messages_fts WHERE messages_fts MATCH :q"
+            "   AND (:all OR room IN (SELECT value FROM json_each(:tokens)))"
+            "   ORDER BY rowid DESC LIMIT :window))"
+            " AND (:all OR room IN (SELECT value FROM json_each(:tokens)))"
+            " AND (:score IS NULL OR score > :score OR (score = :score AND rowid > :last))"
+            " ORDER BY score, rowid LIMIT :limit",
+            {"q": query, "all": in_query, "tokens": tokens, "window": window,
+             "score": score, "last": last, "limit": limit + 1},
+        ).fetchall()  # fmt: skip
         page = [int(n) for n, _ in top[:limit]]
         ids = json.dumps(page)
         found = {int(r[0]): r for r in c.execute(
@@ -349,7 +372,7 @@ class ViewsDB:
         snips = dict(c.execute(
             "SELECT rowid, snippet(messages_fts, 0, ?, ?, '…', ?) FROM messages_fts"
             " WHERE messages_fts MATCH ? AND rowid IN (SELECT value FROM json_each(?))",
-            (MARK_START, MARK_END, _SNIPPET_TOKENS, match, ids)))  # fmt: skip
+            (MARK_START, MARK_END, _SNIPPET_TOKENS, query, ids)))  # fmt: skip
         out: list[dict[str, object]] = []
         for n in page:
             if n not in found:  # deleted between the two reads

@@ -23,6 +23,7 @@ import psycopg
 
 from chatnode.forwarding import ForwardedMessage
 from chatnode.views import (
+    SEARCH_WINDOW,
     Applied,
     MessageState,
     Plan,
@@ -279,21 +280,25 @@ class PgViewsDB:
     # ------------------------------------------------------------------ queries
 
     def search(
-        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int
-    ) -> tuple[list[dict[str, object]], str | None]:
+        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int,
+        window: int = SEARCH_WINDOW,
+    ) -> tuple[list[dict[str, object]], str | None]:  # fmt: skip
         tsquery, lexemes = build_tsquery(query)
         score, last = after if after is not None else (None, None)
         rows = self.conn.execute(
-            "SELECT n, room, id, author, ts, ts_ms, edited, body, score FROM ("
+            "WITH q AS (SELECT to_tsquery('simple', %(q)s) AS q),"
+            " newest AS (SELECT m.n FROM messages AS m, q WHERE m.words @@ q.q"
+            "  AND NOT m.deleted AND m.room = ANY(%(rooms)s) ORDER BY m.n DESC"
+            "  LIMIT %(window)s)"
+            " SELECT n, room, id, author, ts, ts_ms, edited, body, score FROM ("
             " SELECT m.n, m.room, m.id, m.author, m.ts, m.ts_ms, m.edited, m.body,"
             "  (-ts_rank(m.words, q.q, 1))::float8 AS score"
-            " FROM messages AS m, to_tsquery('simple', %(q)s) AS q (q)"
-            " WHERE m.words @@ q.q AND NOT m.deleted AND m.room = ANY(%(rooms)s)) AS s"
+            " FROM newest JOIN messages AS m USING (n), q) AS s"
             " WHERE (%(score)s::float8 IS NULL OR score > %(score)s::float8"
             "  OR (score = %(score)s::float8 AND n > %(last)s::bigint))"
             " ORDER BY score, n LIMIT %(limit)s",
-            {"q": tsquery, "rooms": sorted(set(rooms)), "score": score, "last": last,
-             "limit": limit + 1},
+            {"q": tsquery, "rooms": sorted(set(rooms)), "window": window,
+             "score": score, "last": last, "limit": limit + 1},
         ).fetchall()  # fmt: skip
         out: list[dict[str, object]] = []
         for _n, room, mid, author, ts, ts_ms, edited, body, _score in rows[:limit]:

@@ -9,6 +9,7 @@ cluster-wide statistics to the operator only.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -16,16 +17,21 @@ from aiohttp import web
 
 from chatnode import protocol as p
 from chatnode.errors import ClientError
-from chatnode.indexer import Indexer, Views
+from chatnode.indexer import Views
 from chatnode.service import Service
 from chatnode.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
 
 __all__ = ["ViewsAPI"]
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
 DEFAULT_TOP = 10
 MAX_TOP = 100
+#: Searches and statistics queries running or waiting at once on a node; more are refused
+#: at once (``rate_limited``) rather than queued behind the others.
+MAX_QUEUED = 32
 
 
 def _now_ms() -> int:
@@ -37,21 +43,34 @@ class ViewsAPI:
 
     def __init__(
         self, views: Views, service: Service, is_operator: Callable[[web.Request], bool],
-        indexer: Indexer | None = None, now_ms: Callable[[], int] = _now_ms,
+        now_ms: Callable[[], int] = _now_ms, max_queued: int = MAX_QUEUED,
     ) -> None:  # fmt: skip
         self.views = views
         self.service = service
         self.is_operator = is_operator
-        self.indexer = indexer
         self.now_ms = now_ms
+        self.max_queued = max_queued
+        self.queued = 0  # searches and stats running or waiting for a reader thread
 
     def install(self, app: web.Application) -> None:
         """Route ``/v1/stats`` and answer the service's ``search`` requests."""
         app.router.add_get("/v1/stats", self._stats)
         self.service.search = self.search
 
+    def _admit(self, ref: p.Ref = None) -> None:
+        if self.queued >= self.max_queued:
+            raise ClientError("rate_limited", "too many searches in progress; retry shortly", ref)
+
     async def search(self, req: p.Search, rooms: set[str]) -> dict[str, object]:
         """One page of results for ``req`` among ``rooms`` (those the user may read)."""
+        self._admit(req.ref)
+        self.queued += 1
+        try:
+            return await self._search(req, rooms)
+        finally:
+            self.queued -= 1
+
+    async def _search(self, req: p.Search, rooms: set[str]) -> dict[str, object]:
         after: tuple[float, int] | None = None
         if req.after is not None:
             try:
@@ -67,9 +86,9 @@ class ViewsAPI:
         except QueryError as exc:
             raise ClientError("invalid", f"search: {exc}", req.ref) from None
         except ViewsError as exc:
-            raise ClientError(
-                "unavailable", f"search is unavailable now ({exc})", req.ref
-            ) from None
+            log.warning("search failed: %s", exc)  # the details for the operator only
+            raise ClientError("unavailable", "search is unavailable now; retry later",
+                              req.ref) from None  # fmt: skip
         return p.ok(req.ref, results=results, next=nxt)
 
     # ------------------------------------------------------------------ GET /v1/stats
@@ -96,6 +115,8 @@ class ViewsAPI:
             self._check_readable(user, room)
         since = days_back(self.now_ms(), days)
         now = self.now_ms()
+        self._admit()
+        self.queued += 1
         try:
             if room is None:
                 body = await self.views.read(lambda db: db.cluster_stats(since, top))
@@ -103,7 +124,12 @@ class ViewsAPI:
                 body = await self.views.read(lambda db: db.room_stats(room, since, top))
             body["lag"] = await self.views.read(lambda db: db.lag(now))
         except ViewsError as exc:
-            raise ClientError("unavailable", f"statistics are unavailable now ({exc})") from None
+            log.warning("statistics failed: %s", exc)
+            raise ClientError(
+                "unavailable", "statistics are unavailable now; retry later"
+            ) from None
+        finally:
+            self.queued -= 1
         body["since"] = since
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -183,6 +184,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-views-"))
+    try:
+        run(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
     with TansuBroker.start() as broker:
         ensure_topic(broker.bootstrap, TOPIC, PARTITIONS)
         recs = records(args.messages, rooms=50, seed=1)

@@ -63,6 +63,7 @@ class PostgresServer:
     port: int
     root: Path
     proc: subprocess.Popen[bytes]
+    run_as: dict[str, Any] = field(default_factory=dict)
     _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -86,18 +87,53 @@ class PostgresServer:
             check=True, capture_output=True, timeout=timeout, cwd=root, **run_as,
         )  # fmt: skip
         port = free_port("127.0.0.1")
-        with (root / "server.log").open("wb") as log:
-            proc = subprocess.Popen(
-                [str(bins / "postgres"), "-D", str(data), "-p", str(port),
+        server = cls(port, root, cls._launch(root, port, run_as), run_as)
+        server._wait_ready(timeout)
+        return server
+
+    @staticmethod
+    def _launch(root: Path, port: int, run_as: dict[str, Any]) -> subprocess.Popen[bytes]:
+        bins = _bin_dir()
+        assert bins is not None
+        with (root / "server.log").open("ab") as log:
+            return subprocess.Popen(
+                [str(bins / "postgres"), "-D", str(root / "data"), "-p", str(port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={root}",
-                 "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off"],
+                 # no fsync (a killed server keeps what it wrote: the OS has it; only a
+                 # machine crash would lose it), but every commit written at once
+                 "-c", "fsync=off", "-c", "full_page_writes=off"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root,
                 **run_as,
             )  # fmt: skip
-        server = cls(port, root, proc)
-        server._wait_ready(timeout)
-        return server
+
+    def _children(self) -> list[int]:
+        """The server's child processes (backends, workers), from /proc."""
+        out: list[int] = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.proc.pid:
+                    out.append(int(stat.parent.name))
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL the server and its backends, by pid (its data stays), as a machine losing
+        the processes would: no connection answers afterwards."""
+        if self.proc.poll() is None:
+            children = self._children()
+            os.kill(self.proc.pid, signal.SIGKILL)
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start again on the same port and data (after :meth:`kill`)."""
+        pid_file = self.root / "data" / "postmaster.pid"
+        with contextlib.suppress(OSError):
+            pid_file.unlink()  # left by the killed server
+        self.proc = self._launch(self.root, self.port, self.run_as)
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         import psycopg  # noqa: PLC0415

@@ -16,6 +16,7 @@ const USER_RE = /^[a-z0-9_][a-z0-9_.-]{1,31}$/;
 const ROOM_RE = /^[a-z0-9_][a-z0-9_-]{0,63}$/;
 const TYPING_SEND_EVERY_MS = 3000;
 const TYPING_SHOW_MS = 5000;
+const TYPING_MIN_GAP_MS = 1100; // between two typing frames (the cluster passes on one a second)
 const PING_EVERY_MS = 25000;
 const PING_TIMEOUT_MS = 10000;
 const REQUEST_TIMEOUT_MS = 30000;
@@ -297,6 +298,8 @@ const app = {
   listTimer: null,
   readTimer: null,
   lastTypingSent: 0,
+  lastTypingFrame: 0, // when the last `typing` frame went out
+  typingTimer: null,
   editing: null, // id of the message being edited
   liById: new Map(), // rendered <li> of the current room, by message id
 };
@@ -833,9 +836,11 @@ async function doSubscribe(conn, room) {
     if (room.resume) req.resume = room.resume;
     const res = await conn.request("subscribe", req);
     if (res && typeof res.resume === "string") room.resume = res.resume;
-    if (!after && !room.resume) {
-      // Nothing to resume from (an empty room): without `after` there is no catch-up, so
-      // read again what may have arrived before the subscription took effect.
+    if (!after) {
+      // No cursor to resume from (the room was empty): without `after` there is no catch-up
+      // (a token alone is only exact on the node that issued it), so read again what may
+      // have arrived before the subscription took effect; messages merge by id. Testing the
+      // token here instead missed such a message: the subscribe reply carries one.
       await loadLatest(conn, room, HISTORY_PAGE);
     }
     room.subscribed = true;
@@ -1752,7 +1757,15 @@ function onComposerInput() {
   const now = Date.now();
   if (room && area.value.trim() && app.connected && now - app.lastTypingSent > TYPING_SEND_EVERY_MS) {
     app.lastTypingSent = now;
-    app.conn.request("typing", { room: room.id }).catch(() => {});
+    // The cluster passes on at most one typing event a second per user and room (PROTOCOL.md):
+    // one right after the previous (a new message started just after sending one) waits.
+    const wait = Math.max(0, app.lastTypingFrame + TYPING_MIN_GAP_MS - now);
+    clearTimeout(app.typingTimer);
+    app.typingTimer = setTimeout(() => {
+      if (!app.connected || currentRoom() !== room || !$("composer-input").value.trim()) return;
+      app.lastTypingFrame = Date.now();
+      app.conn.request("typing", { room: room.id }).catch(() => {});
+    }, wait);
   }
 }
 

@@ -212,6 +212,50 @@ async def test_page_moves_to_another_node_when_its_node_is_killed(
                 assert sorted(stored) == sorted(expected), (i, stored)
 
 
+async def test_message_written_while_the_page_subscribes_to_an_empty_room_is_shown(
+    server: ChatServer, new_page: PageFactory
+) -> None:
+    """The page reads the (empty) room's history, then subscribes without a cursor: a message
+    stored between the two is in neither, so the page reads the history again after the
+    subscription (the frame is held here until that message is stored). It used to skip that
+    when the subscribe reply carried a resume token, and the message never showed."""
+    base = server.url
+    page = await new_page()
+    held: list[tuple[WebSocketRoute, str | bytes]] = []
+    holding = asyncio.Event()
+
+    def route(ws: WebSocketRoute) -> None:
+        to_server = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            frame = json.loads(message)
+            if frame.get("op") == "subscribe" and frame.get("room") == "race" and not held:
+                held.append((to_server, message))
+                holding.set()
+                return
+            to_server.send(message)
+
+        ws.on_message(from_page)
+
+    await page.route_web_socket(WS_PATH, route)
+    await sign_up(page, base, "gwen")
+    async with aiohttp.ClientSession() as http:
+        token = await account(http, base, "hugo")
+        async with WsClient.connect(http, base, token) as hugo:
+            await hugo.request("rooms.create", room="race", visibility="public")
+            await page.click("summary:has-text('Join a room')")
+            await page.fill("#join-id", "race")
+            await page.click("#join-form button[type=submit]")
+            await asyncio.wait_for(holding.wait(), 20)  # history read, subscribe held
+            await hugo.request("send", room="race", id="raced", body="written meanwhile")
+            to_server, message = held[0]
+            to_server.send(message)
+            await wait_for_body(page, "written meanwhile")
+            await hugo.request("send", room="race", id="live", body="and a live one")
+            await wait_for_body(page, "and a live one")
+            assert await bodies(page) == ["written meanwhile", "and a live one"]
+
+
 async def test_messages_typed_offline_survive_a_reload(
     server: ChatServer, new_page: PageFactory
 ) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,8 @@ HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None
 )
 SHIPPED = REPO / "deploy" / "haproxy.cfg"
+#: An HTTP log line whose retries field says "redispatched" (actconn/feconn/beconn/srv/+N).
+REDISPATCHED = re.compile(r" \d+/\d+/\d+/\d+/\+\d+ ")
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -70,6 +73,18 @@ def balancer_config(shipped: str, bind: str, servers: Sequence[tuple[str, str]])
             out.append(line)
     assert binds == 1 and servers_written, "deploy/haproxy.cfg: one bind line and server lines"
     return "\n".join(out) + "\n"
+
+
+def fresh_requests(url: str, n: int) -> list[int]:
+    """The statuses of ``n`` GETs of ``url``, each on a new connection."""
+    statuses: list[int] = []
+    for _ in range(n):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                statuses.append(r.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+    return statuses
 
 
 @contextmanager
@@ -148,6 +163,7 @@ async def test_client_behind_haproxy_carries_on_when_its_node_dies(tmp_path: Pat
                     writing = tg.create_task(writer.run(stop))
                     await poll(lambda: len(writer.acked) >= 20, 20)
                     h.kill(victim)
+                    statuses = await asyncio.to_thread(fresh_requests, lb_url + "/healthz", 12)
                     await poll(lambda: len(writer.acked) >= 80, 30)
                     stop.set()
                     await writing
@@ -171,6 +187,13 @@ async def test_client_behind_haproxy_carries_on_when_its_node_dies(tmp_path: Pat
         assert connected and all(c.url == lb_url for c in connected), what
         assert connected[-1].node != h.nodes[victim].node_id, what  # another node behind it
         assert nodes_seen == [lb_url], what  # it never learnt the nodes' own addresses
+        # Until the checks take the dead node out, some new connections are sent to it; the
+        # shipped retries + redispatch move them to another node (log retries "+N"), so
+        # neither the client nor the requests made right after the kill saw an error.
+        assert client.stats.connect_failures == 0, what
+        assert statuses == [200] * len(statuses), statuses
+        log = (tmp_path / "haproxy.log").read_text(errors="replace")
+        assert REDISPATCHED.search(log), log[-3000:]
         after_move = [m for m in messages if events.index(m) > events.index(lost[0])]
         assert after_move, f"nothing received after the move: {what}"
         problem = check_once_in_order(messages, acked, list(writer.unacked))

@@ -56,6 +56,8 @@ async def test_three_nodes_count_their_links_and_replication(tmp_path: Path) -> 
                 and all(x["chatnode_replication_updates_received_total"] >= 1 for x in m[1:])
                 and m[0]["chatnode_replication_acks_received_total"] >= 1
                 and sum(x["chatnode_registry_homes"] for x in m) == 1  # one home for the room
+                # one anti-entropy round everywhere (every second; later on a loaded machine)
+                and all(x["chatnode_replication_anti_entropy_rounds_total"] >= 1 for x in m)
             )
 
         await asyncio.to_thread(wait_until, moved, 60, "replication counters never moved")

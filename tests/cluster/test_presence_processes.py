@@ -171,8 +171,10 @@ async def test_sigkill_users_go_offline_everywhere(cluster: Harness) -> None:
             assert o - d <= 1.0, f"node {i + 1}: offline {o - t0:.2f}s, dead {d - t0:.2f}s"
         print(f"kill->dead {[round(d - t0, 2) for d in dead_t]}s, "
               f"kill->offline {[round(o - t0, 2) for o in off_t]}s")  # fmt: skip
+        for i, ws in enumerate(watchers):
+            got = set(await users_of(ws))
+            assert got == {users[1], users[2]}, (i, got, users)
         for ws in watchers:
-            assert set(await users_of(ws)) == {users[1], users[2]}
             await ws.close()
         await asyncio.wait([doomed.reader], timeout=5)  # its node is gone
 

@@ -232,7 +232,21 @@ async def test_search(target: ViewsTarget) -> None:
     assert (await search("rollback*", ["pub"]))[0][0]["edited"] is True
     assert (await search("pagers", ["pub"]))[0] == []  # the words before the edit: gone
     assert (await search("deleted", ["pub"]))[0] == []
+    # a small room among big ones is matched inside the full-text query (its token), a big
+    # one filtered row by row: the same answers either way
+    big = [replace(base[0], room="big", id=f"big{i}", seq=100 + i) for i in range(40)]
+    await views.apply("s", big, {"0": 48}, {"0": 48})
+    assert [r["id"] for r in (await search("deploy", ["priv"]))[0]] == ["c"]
+    assert [r["id"] for r in (await search("secret", ["priv", "pub"]))[0]] == ["c"]
+    assert len((await search("deploy", ["big"], limit=50))[0]) == 40
+    assert [r["id"] for r in (await search("deploy", ["pub"]))[0]] == ["b", "a"]
     # paging: every result once, in rank order
+    # only the newest matches are ranked: with a window of 2, "a" (the oldest) is left out
+    for window, want in ((2, ["b", "c"]), (1, ["c"])):
+        newest = await views.read(
+            lambda db, w=window: db.search("deploy", ["pub", "priv"], None, 10, w)  # type: ignore[misc]
+        )
+        assert [r["id"] for r in newest[0]] == want
     first, nxt = await search("deploy", ["pub", "priv"], limit=2)
     assert nxt is not None and len(first) == 2
     rest, end = await search("deploy", ["pub", "priv"], after=nxt, limit=2)
@@ -286,3 +300,29 @@ def test_any_user_text_is_a_valid_query(small_db: ViewsStore, text: str) -> None
         small_db.search(text, ["room-0", "room-1", "room-2"], None, 5)
     except QueryError:
         return
+
+
+async def test_views_come_back_after_the_postgresql_server_restarts(tmp_path: Path) -> None:
+    """A database server killed and restarted under the views: queries and writes fail
+    (unavailable) while it is down, and work again after, on new connections."""
+    from tests.pg import postgres_missing  # noqa: PLC0415
+
+    why = postgres_missing()
+    if why is not None:
+        pytest.skip(why)
+    with PostgresServer.start() as server:
+        views = Views(parse_views_url(server.new_database()))
+        await views.open_writer()
+        recs = records(300)
+        await views.apply("s", recs[:100], {"0": 100}, {"0": 300})
+        assert (await views.read(lambda db: db.lag(NOW_MS)))["records"] == 200
+        server.kill()
+        with pytest.raises(ViewsError):
+            await views.read(lambda db: db.lag(NOW_MS))
+        with pytest.raises(ViewsError):
+            await views.apply("s", recs[100:], {"0": 300}, {"0": 300})
+        server.restart()
+        await views.apply("s", recs[100:], {"0": 300}, {"0": 300})
+        assert (await views.read(lambda db: db.lag(NOW_MS)))["records"] == 0
+        await views.read(lambda db: check_counts(db, recs))
+        await views.close()

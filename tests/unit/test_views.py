@@ -17,6 +17,7 @@ from chatnode.forwarding import ForwardedMessage, dedupe
 from chatnode.views import (
     MARK_END,
     MARK_START,
+    MAX_ROOM_TOKENS,
     CursorError,
     MessageState,
     QueryError,
@@ -29,11 +30,14 @@ from chatnode.views import (
     fold,
     fold_all,
     fold_text,
+    fts_query,
     highlights,
     make_snippet,
     parse_views_url,
     pg_index_text,
     plan,
+    room_token,
+    rooms_in_query,
     state_of,
 )
 from crdt.clock import Timestamp
@@ -292,3 +296,16 @@ def test_tsquery_and_snippet_examples() -> None:
     assert sorted(text[s:e] for s, e in marks) == ["café", "rolls"]
     short, short_marks = make_snippet("Café time", [("cafe", False)])
     assert (short, short_marks) == ("Café time", [[0, 4]])
+
+
+def test_room_tokens_in_the_fts_query() -> None:
+    rooms = ["general", "dm:ann:bob", "dev"]
+    tokens = {room_token(r) for r in rooms}
+    assert len(tokens) == 3 and all(re.fullmatch(r"r[0-9a-f]{24}", t) for t in tokens)
+    query = fts_query('"deploy" "fri"*', rooms)
+    assert query == 'body : ("deploy" "fri"*) AND room : (' + " OR ".join(sorted(tokens)) + ")"
+    assert fts_query('"x"', None) == 'body : ("x")'
+    assert rooms_in_query(1, 50, 1000)  # one small room: in the query
+    assert not rooms_in_query(1, 500, 1000)  # half of everything: filtered row by row
+    assert not rooms_in_query(MAX_ROOM_TOKENS + 1, 1, 10**6)  # too many tokens
+    assert not rooms_in_query(0, 0, 0)
