@@ -782,27 +782,6 @@ class Service:
         """Own messages stamped but not yet committed (the oldest bounds the frontier)."""
         return len(self._inflight)
 
-    async def stable_after(self, room: str, after: str | None, limit: int) -> list[Message]:
-        """Up to ``limit`` committed messages of ``room`` after cursor ``after``, ascending,
-        stopping at the stable frontier: no message below the last one returned can still
-        appear here (the Kafka forwarder's ``read_after``). Without peers everything
-        committed is stable: commits are queued in stamp order."""
-        state = self.rooms.get(room)
-        if state is None:
-            return []
-        rows, _ = await self.store.read(
-            _history_page, self.store, room, after or "", None, max(1, limit)
-        )
-        cap = None if self.replicator is None else self._limit
-        out: list[Message] = []
-        for cursor, value in rows:
-            if cap is not None and cursor >= cap:
-                break
-            m = state.log.get(msgpack.unpackb(value, raw=False)[0])
-            if m is not None and m.ts.encode() == cursor:
-                out.append(m)
-        return out
-
     def _release(self) -> None:
         limit = self._peer_frontier
         if self._inflight:
