@@ -166,7 +166,15 @@ class Forwarder:
             asyncio.create_task(self._poll_loop(), name="forwarder-poll"),
             asyncio.create_task(self._save_loop(), name="forwarder-save"),
         ]
+        for task in self._tasks:  # owned and awaited by stop(); a loop that dies says so now
+            task.add_done_callback(self._loop_ended)
         log.info("forwarding to %s topic %s", self.brokers, self.topic)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self._closing:
+            self.errors += 1
+            log.error("%s stopped: %r; forwarding halts until restart", task.get_name(),
+                      task.exception())  # fmt: skip
 
     async def stop(self, flush_timeout: float = 10.0) -> None:
         """Stop reading, wait up to ``flush_timeout`` s for deliveries, save the frontiers."""

@@ -253,7 +253,8 @@ class RoomInfo:
 @dataclass(slots=True)
 class _Event:
     """A committed change of message ``msg_id`` waiting for its place in the room's release
-    order: ``new`` for its first ``message`` event, else an ``update`` (``replaces``: the
+    order: ``new`` for its first ``message`` event (``text`` empty: the frame is made at
+    release, from the state then), else an ``update`` (``text`` its frame; ``replaces``: the
     cursor a moved message had)."""
 
     state: _RoomState
@@ -456,11 +457,14 @@ class Service:
                     self.store.submit(Batch().delete(u.key))
                     continue
                 cursor, value = u.now
-                frame: dict[str, object] = {"op": "update" if u.update else "message"}
-                frame.update(_unpack_message(name, cursor, value))
-                if u.replaces is not None:
-                    frame["replaces"] = u.replaces
-                event = _Event(state, p.encode(frame), cursor, u.msg_id, not u.update)
+                text = ""  # a message's frame is made at release
+                if u.update:
+                    frame: dict[str, object] = {"op": "update"}
+                    frame.update(_unpack_message(name, cursor, value))
+                    if u.replaces is not None:
+                        frame["replaces"] = u.replaces
+                    text = p.encode(frame)
+                event = _Event(state, text, cursor, u.msg_id, not u.update)
                 event.replaces, event.marker = u.replaces, u.key
                 if event.new:
                     state.hold(u.msg_id)
@@ -729,9 +733,8 @@ class Service:
             batch.put(history_key(room, cursor), _pack_message(m))
             batch.put(id_key(room, m.id), msgpack.packb([cursor, m.author]))
             batch.put(unreleased_key(room, cursor), m.id.encode())
-            text = p.encode(p.message_frame("message", room, m))
-            state.hold(m.id)
-            out.append(_Event(state, text, cursor, m.id, True, None, unreleased_key(room, cursor)))
+            state.hold(m.id)  # its frame is made at release, from the state then
+            out.append(_Event(state, "", cursor, m.id, True, None, unreleased_key(room, cursor)))
             self._observe(m.ts)
         for m in applied.updated:
             cursor = m.ts.encode()
@@ -831,10 +834,13 @@ class Service:
         if event.new:
             state.unhold(event.msg_id)
             now = state.log.get(event.msg_id)
-            if now is not None:
-                # the state now: edits or a winning copy (lower cursor) may have come since
-                cursor = now.cursor
-                text = p.encode(p.message_frame("message", state.name, now))
+            if now is None:  # cannot happen: a committed message stays in the log
+                log.error("room %s: no message %s to release", state.name, event.msg_id)
+                self._schedule_flush()
+                return
+            # rendered here, once: edits or a winning copy (lower cursor) may have come since
+            cursor = now.cursor
+            text = p.encode(p.message_frame("message", state.name, now))
             late = cursor < state.max_released
             if not late:
                 state.max_released = cursor
@@ -1439,7 +1445,6 @@ class Service:
         self._room_batch(state, change, True, batch)
         event = asyncio.Event()
         state.inflight[req.id] = event
-        text = p.encode(p.message_frame("message", req.room, change.message))
         cursor = change.message.ts.encode()
         replicas: list[asyncio.Future[None]] = []
         ordered = self.replicator is not None
@@ -1454,7 +1459,7 @@ class Service:
             self.metrics.messages.inc()
             self.metrics.deliveries.inc(len(state.subscribers))
             marker = unreleased_key(req.room, cursor)
-            event = _Event(state, text, cursor, req.id, True, None, marker)
+            event = _Event(state, "", cursor, req.id, True, None, marker)
             if self.replicator is None:
                 self._release_event(event)
                 return
