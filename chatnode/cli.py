@@ -11,7 +11,7 @@
     chatnode search QUERY [--room ROOM] [--url URL]...   full-text search (docs/VIEWS.md)
     chatnode indexer [migrate] --views URL [--kafka-brokers HOSTS]   the views indexer
 
-``send`` and ``tail`` use :mod:`chatnode.client`; credentials come from ``--user`` and
+``send`` and ``tail`` use :mod:`chatnode.client.session`; credentials come from ``--user`` and
 ``--password`` or ``CHATNODE_USER`` and ``CHATNODE_PASSWORD``, nodes from ``--url``
 (repeatable) or ``CHATNODE_URL`` (comma-separated).
 
@@ -286,7 +286,7 @@ def _healthz(args: argparse.Namespace) -> int:
 
 
 def _keygen() -> int:
-    from chatnode.keyring import generate_key  # noqa: PLC0415  (cryptography: only here)
+    from chatnode.cluster.keyring import generate_key  # noqa: PLC0415  (cryptography: only here)
 
     sys.stdout.write(generate_key() + "\n")
     return 0
@@ -364,7 +364,7 @@ def _client_settings(args: argparse.Namespace) -> tuple[list[str], str, str]:
     password = args.password or os.environ.get("CHATNODE_PASSWORD", "")
     if not user or not password:
         raise _Usage("give --user and --password (or CHATNODE_USER and CHATNODE_PASSWORD)")
-    from chatnode.clientstate import normalize_url  # noqa: PLC0415
+    from chatnode.client.state import normalize_url  # noqa: PLC0415
 
     try:
         urls = [normalize_url(u) for u in urls]
@@ -374,7 +374,7 @@ def _client_settings(args: argparse.Namespace) -> tuple[list[str], str, str]:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from chatnode.client import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
+    from chatnode.client.session import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
 
     urls, user, password = _client_settings(args)
 
@@ -399,7 +399,7 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from chatnode import client as c  # noqa: PLC0415  (aiohttp: only here)
+    from chatnode.client import session as c  # noqa: PLC0415  (aiohttp: only here)
 
     urls, user, password = _client_settings(args)
     if args.count is not None and args.count < 1:
@@ -472,7 +472,7 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from chatnode.client import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
+    from chatnode.client.session import ChatError, Client  # noqa: PLC0415  (aiohttp: only here)
 
     urls, user, password = _client_settings(args)
     fields: dict[str, Any] = {"query": args.query}
@@ -511,8 +511,8 @@ def _indexer(args: argparse.Namespace) -> int:
     cfg = _resolve(args, ["views", "kafka_brokers", "kafka_topic", "log_level"])
     if cfg.views is None:
         raise _Usage("give --views sqlite:///PATH (or CHATNODE_VIEWS)")
-    from chatnode.indexer import open_store  # noqa: PLC0415
-    from chatnode.views import ViewsError, parse_views_url  # noqa: PLC0415
+    from chatnode.history.indexer import open_store  # noqa: PLC0415
+    from chatnode.history.views import ViewsError, parse_views_url  # noqa: PLC0415
 
     target = parse_views_url(cfg.views)
     _setup_logging(cfg.log_level)
@@ -530,7 +530,7 @@ def _indexer(args: argparse.Namespace) -> int:
     if not cfg.kafka_brokers:
         raise _Usage("give --kafka-brokers (a node without a broker indexes itself: "
                      "chatnode run --index)")  # fmt: skip
-    from chatnode.indexer import Indexer, KafkaSource, Views  # noqa: PLC0415
+    from chatnode.history.indexer import Indexer, KafkaSource, Views  # noqa: PLC0415
 
     async def go() -> int:
         views = Views(target)

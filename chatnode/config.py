@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from chatnode.views import ViewsURLError, parse_views_url
+from chatnode.history.views import ViewsURLError, parse_views_url
 
 __all__ = [
     "DEFAULTS",

@@ -9,10 +9,10 @@ SIGKILL at any point loses no acknowledged write: every acknowledgement follows 
 commit, and RocksDB replays its write-ahead log on the next open.
 
 Cluster membership (``docs/MEMBERSHIP.md``): with a cluster key the node starts a
-:class:`~chatnode.gossip_udp.GossipMembership` once its HTTP port is bound: gossip over UDP on
+:class:`~chatnode.cluster.gossip.GossipMembership` once its HTTP port is bound: gossip over UDP on
 the same port number (unless ``--gossip-port`` says otherwise), push-pull as a sealed
 ``POST /v1/gossip/push-pull`` to the gossip port number (this HTTP server, or a second
-listener of it when the gossip port differs; both halves in :mod:`chatnode.gossip_udp`),
+listener of it when the gossip port differs; both halves in :mod:`chatnode.cluster.gossip`),
 peers proposed by ``--join``, ``--dns-name`` and ``--mdns``. Without a key it runs
 standalone and says so. Other layers follow membership through :meth:`Node.on_member_event`
 and :meth:`Node.members`. On shutdown the node leaves the cluster gracefully after it has
@@ -45,35 +45,35 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
-from chatnode.auth import TokenSigner
-from chatnode.cluster import Cluster, ReplicationStats
-from chatnode.config import Config, public_url_for
-from chatnode.discovery import (
+from chatnode.chat.auth import TokenSigner
+from chatnode.chat.service import Limits, Service
+from chatnode.cluster.discovery import (
     ClusterOptions,
     build_membership,
     member_json,
     parse_hostport,
     primary_ipv4,
 )
-from chatnode.ephemeral import Ephemeral
-from chatnode.errors import ServerError
-from chatnode.forwarder import Forwarder
-from chatnode.gossip_udp import (
+from chatnode.cluster.ephemeral import Ephemeral
+from chatnode.cluster.gossip import (
     PUSH_PULL_PATH,
     GossipMembership,
     HttpPushPullClient,
     serve_push_pull,
 )
-from chatnode.indexer import Indexer, KafkaSource, LogSource, Views
-from chatnode.keyring import Keyring, parse_key
-from chatnode.membership import Addr, Member, MemberEvent, MemberState
+from chatnode.cluster.keyring import Keyring, parse_key
+from chatnode.cluster.membership import Addr, Member, MemberEvent, MemberState
+from chatnode.cluster.peers import PeerHub
+from chatnode.cluster.runtime import Cluster, ReplicationStats
+from chatnode.config import Config, public_url_for
+from chatnode.errors import ServerError
+from chatnode.history.forwarder import Forwarder
+from chatnode.history.indexer import Indexer, KafkaSource, LogSource, Views
+from chatnode.history.views import parse_views_url
 from chatnode.metrics import Metrics, Reading
-from chatnode.peers import PeerHub
-from chatnode.service import Limits, Service
-from chatnode.storage import Store, WriteStats
-from chatnode.views import parse_views_url
-from chatnode.viewsweb import ViewsAPI
-from chatnode.web import GatedSite, WebApp
+from chatnode.store.engine import Store, WriteStats
+from chatnode.web.app import GatedSite, WebApp
+from chatnode.web.views import ViewsAPI
 
 __all__ = [
     "IDENTITY_FILE",
@@ -383,7 +383,10 @@ class Node:
         app.router.add_post(PUSH_PULL_PATH, self._push_pull_in)
         self._register_metrics()
         self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=2.0,
+            app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
             keepalive_timeout=75.0,  # idle HTTP keep-alive connections (aiohttp's is an hour)
         )
         await self._runner.setup()

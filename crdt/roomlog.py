@@ -763,9 +763,7 @@ class RoomLog:
             self._head = number
             self._seal_old()
 
-    def _integrate(
-        self, ops: list[Any], number: int, view: _View, changed: _Delta
-    ) -> None:
+    def _integrate(self, ops: list[Any], number: int, view: _View, changed: _Delta) -> None:
         """Fold ops of segment ``number`` into its view and the overlay. Malformed ops (only
         a broken or hostile peer writes them) are skipped the same way on every replica."""
         for op in ops:
@@ -1083,10 +1081,7 @@ class RoomLog:
             picked = picked[-limit:] if backwards else picked[:limit]
         return picked
 
-
-    def _visible(
-        self, keys: list[str], i: int, j: int, limit: int, backwards: bool
-    ) -> list[str]:
+    def _visible(self, keys: list[str], i: int, j: int, limit: int, backwards: bool) -> list[str]:
         """Up to ``limit`` keys of ``keys[i:j]`` from the low (or high) end, skipping copies
         that lost to another segment's copy of the same id."""
         if not self._losers:

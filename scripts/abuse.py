@@ -154,8 +154,9 @@ async def _phases(http: aiohttp.ClientSession, node: Daemon) -> list[Phase]:
         sub.abort()
         for s in senders:
             await s.close()
-        ph.outcome = (f"a subscriber never reads: after {sent:,} messages of 4 KB "
-                      + ("it was closed (4008)" if closed else "it was still open"))
+        ph.outcome = f"a subscriber never reads: after {sent:,} messages of 4 KB " + (
+            "it was closed (4008)" if closed else "it was still open"
+        )
 
     async def junk_frames(ph: Phase) -> None:
         raw = await RawWS.connect(node.host, node.port, rcvbuf=1 << 20, source="127.0.3.3")
@@ -235,6 +236,7 @@ async def _phases(http: aiohttp.ClientSession, node: Daemon) -> list[Phase]:
         codes: dict[int, int] = {}
         slowest_owner = 0.0
         try:
+
             async def guess(s: aiohttp.ClientSession) -> None:
                 for _ in range(5):
                     guess = json.dumps({"user": victim, "password": "wrong guess"})
@@ -244,8 +246,11 @@ async def _phases(http: aiohttp.ClientSession, node: Daemon) -> list[Phase]:
             flood = asyncio.gather(*(guess(s) for s in sessions for _ in range(3)))
             for _ in range(10):
                 t0 = time.monotonic()
-                async with http.post(node.url + "v1/sessions", headers=JSON,
-                                     data=json.dumps({"user": owner, "password": PASSWORD})) as r:
+                async with http.post(
+                    node.url + "v1/sessions",
+                    headers=JSON,
+                    data=json.dumps({"user": owner, "password": PASSWORD}),
+                ) as r:
                     codes[-r.status] = codes.get(-r.status, 0) + 1
                 slowest_owner = max(slowest_owner, time.monotonic() - t0)
                 await asyncio.sleep(0.1)
@@ -266,8 +271,11 @@ async def _phases(http: aiohttp.ClientSession, node: Daemon) -> list[Phase]:
             for _ in range(40):
                 async with stranger.post(node.url + "v1/sessions", headers=JSON, data=guess) as r:
                     last = r.status
-        async with http.post(node.url + "v1/sessions", headers=JSON,
-                             data=json.dumps({"user": owner, "password": PASSWORD})) as r:
+        async with http.post(
+            node.url + "v1/sessions",
+            headers=JSON,
+            data=json.dumps({"user": owner, "password": PASSWORD}),
+        ) as r:
             mine = r.status
         ph.outcome = (f"a stranger tries 40 passwords for the owner: his last answer {last}; "
                       f"the owner, from his own address, logs in: {mine}")  # fmt: skip

@@ -7,7 +7,7 @@ Starts a Tansu broker (memory storage) on a free loopback port, then:
 
 1. raw: one idempotent ``acks=all`` producer sends the same records (same key, value and
    headers the forwarder would send), polling as it goes, then flushes;
-2. forwarder: a :class:`chatnode.forwarder.Forwarder` forwards the same number of messages
+2. forwarder: a :class:`chatnode.history.forwarder.Forwarder` forwards the same number of messages
    from an in-memory committed log, from ``own()`` until every room's frontier is saved.
 
 Prints messages/s of each and the ratio.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Producer
 
-from chatnode.forwarder import Forwarder
-from chatnode.forwarding import FeedEntry, Record, encode_record
+from chatnode.history.forwarder import Forwarder
+from chatnode.history.forwarding import FeedEntry, Record, encode_record
 from tests.integration.forwarder_child import LogMessage, make_log
 from tests.kafka import TansuBroker
 
@@ -34,10 +34,18 @@ from tests.kafka import TansuBroker
 def raw_produce(brokers: str, log: dict[str, list[LogMessage]]) -> float:
     records = [
         encode_record(Record(room, 1, 1, m), "bench")
-        for msgs in zip(*log.values(), strict=True) for room, m in zip(log, msgs, strict=True)
+        for msgs in zip(*log.values(), strict=True)
+        for room, m in zip(log, msgs, strict=True)
     ]
-    p = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "acks": "all",
-                  "linger.ms": 5, "partitioner": "murmur2_random"})
+    p = Producer(
+        {
+            "bootstrap.servers": brokers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "partitioner": "murmur2_random",
+        }
+    )
     p.list_topics("raw.messages", timeout=10)  # auto-creates; not timed
     delivered = 0
 
@@ -64,7 +72,7 @@ async def forward(brokers: str, log: dict[str, list[LogMessage]]) -> tuple[float
 
     async def read_feed(room: str, after: int, limit: int) -> list[FeedEntry]:
         # the feed of a room that only gets new messages: position i + 1 is message i
-        return [FeedEntry(after + 1 + i, m) for i, m in enumerate(log[room][after:after + limit])]
+        return [FeedEntry(after + 1 + i, m) for i, m in enumerate(log[room][after : after + limit])]
 
     async def save(room: str, _epoch: int, pos: int, _since_ms: float) -> bool:
         saved[room] = pos
@@ -72,8 +80,7 @@ async def forward(brokers: str, log: dict[str, list[LogMessage]]) -> tuple[float
             done.set()
         return True
 
-    fw = Forwarder(brokers, "fwd.messages", read_feed=read_feed, save_frontier=save,
-                   home="bench")
+    fw = Forwarder(brokers, "fwd.messages", read_feed=read_feed, save_frontier=save, home="bench")
     await fw.start()
     await asyncio.sleep(0.2)  # topic creation, not timed
     t0 = time.perf_counter()

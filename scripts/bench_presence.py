@@ -159,18 +159,26 @@ async def run(rooms_n: int, rounds: int) -> None:
             changes = 3 * rooms_n * 2 * rounds
             d = {k: b[k] - a[k] for k in a}
             cpu = d["cpu"] - idle["cpu"] * took
-            print(f"3 nodes, {rooms_n} rooms, {rounds} rounds: {changes} presence changes "
-                  f"in {took:.1f} s ({changes / took:.0f}/s)")
-            print(f"presence deltas published: {d['deltas']:.0f} "
-                  f"({d['deltas'] / changes:.4f} per change), each to 2 peers; "
-                  f"{d['bytes']:.0f} bytes ({d['bytes'] / changes:.1f} per change, "
-                  f"{2 * d['bytes'] / took:.0f} peer bytes/s)")
-            print(f"peer frames sent: {d['frames'] / took:.0f}/s (idle {idle['frames']:.0f}/s); "
-                  f"peer messages sent: {d['messages'] / took:.0f}/s "
-                  f"(idle {idle['messages']:.0f}/s)")
-            print(f"CPU, 3 processes: {cpu:.2f} s above idle, {cpu / changes * 1e6:.0f} us per "
-                  f"change (the subscribe/unsubscribe request included); idle "
-                  f"{idle['cpu']:.2f} s/s")
+            print(
+                f"3 nodes, {rooms_n} rooms, {rounds} rounds: {changes} presence changes "
+                f"in {took:.1f} s ({changes / took:.0f}/s)"
+            )
+            print(
+                f"presence deltas published: {d['deltas']:.0f} "
+                f"({d['deltas'] / changes:.4f} per change), each to 2 peers; "
+                f"{d['bytes']:.0f} bytes ({d['bytes'] / changes:.1f} per change, "
+                f"{2 * d['bytes'] / took:.0f} peer bytes/s)"
+            )
+            print(
+                f"peer frames sent: {d['frames'] / took:.0f}/s (idle {idle['frames']:.0f}/s); "
+                f"peer messages sent: {d['messages'] / took:.0f}/s "
+                f"(idle {idle['messages']:.0f}/s)"
+            )
+            print(
+                f"CPU, 3 processes: {cpu:.2f} s above idle, {cpu / changes * 1e6:.0f} us per "
+                f"change (the subscribe/unsubscribe request included); idle "
+                f"{idle['cpu']:.2f} s/s"
+            )
             for c in [creator, *conns]:
                 await c.ws.close()
     finally:

@@ -8,7 +8,7 @@ Starts a Tansu broker (memory storage) on a free loopback port, then:
 
 1. throughput: produces ``--messages`` history records (with edits, deletes, duplicates) to a
    12-partition topic; a raw ``assign()`` consumer reads them all (no decoding); then the
-   indexer (:class:`chatnode.indexer.Indexer`, Kafka source, SQLite views) indexes them all;
+   indexer (:class:`chatnode.history.indexer.Indexer`, Kafka source, SQLite views) indexes them all;
 2. freshness: a producer sends new messages at ``--rate`` per second for ``--seconds``; for
    each, the time from its creation (its stamp) to its batch being committed in the views;
 3. search: a views database of ``--search-messages`` messages (built directly, no broker),
@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from chatnode.forwarder import ensure_topic
-from chatnode.forwarding import ForwardedMessage, Record, encode_record
-from chatnode.indexer import Indexer, KafkaSource, Views
-from chatnode.views import Applied, ViewsTarget
-from chatnode.viewsdb import ViewsDB
+from chatnode.history.forwarder import ensure_topic
+from chatnode.history.forwarding import ForwardedMessage, Record, encode_record
+from chatnode.history.indexer import Indexer, KafkaSource, Views
+from chatnode.history.views import Applied, ViewsTarget
+from chatnode.history.viewsdb import ViewsDB
 from crdt.clock import Timestamp
 from tests.integration.test_views_db import WORDS, records
 from tests.kafka import TansuBroker
@@ -198,21 +198,27 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         total = len(recs)
         raw_s = raw_consume(broker.bootstrap, total)
         index_s = asyncio.run(index_all(broker.bootstrap, folder / "a.db", total))
-        print(f"throughput: {total} records; raw consumer {total / raw_s:,.0f}/s, "
-              f"indexer into SQLite {total / index_s:,.0f}/s, ratio {raw_s / index_s:.2f}")
+        print(
+            f"throughput: {total} records; raw consumer {total / raw_s:,.0f}/s, "
+            f"indexer into SQLite {total / index_s:,.0f}/s, ratio {raw_s / index_s:.2f}"
+        )
         delays = asyncio.run(freshness(broker.bootstrap, folder / "a.db", args.rate,
                                        args.seconds))  # fmt: skip
         if delays:
             p50 = statistics.median(delays)
             p99 = delays[int(len(delays) * 0.99)]
-            print(f"freshness at {args.rate}/s for {args.seconds:g} s: {len(delays)} records, "
-                  f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
-                  f"max {delays[-1] * 1000:.0f} ms")
+            print(
+                f"freshness at {args.rate}/s for {args.seconds:g} s: {len(delays)} records, "
+                f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+                f"max {delays[-1] * 1000:.0f} ms"
+            )
     if args.search_messages:
         build_s, p50, p99 = search_latency(folder / "s.db", args.search_messages, args.queries)
-        print(f"search over {args.search_messages:,} messages (built in {build_s:.0f} s, "
-              f"{args.search_messages / build_s:,.0f}/s): p50 {p50 * 1000:.1f} ms, "
-              f"p99 {p99 * 1000:.1f} ms")
+        print(
+            f"search over {args.search_messages:,} messages (built in {build_s:.0f} s, "
+            f"{args.search_messages / build_s:,.0f}/s): p50 {p50 * 1000:.1f} ms, "
+            f"p99 {p99 * 1000:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

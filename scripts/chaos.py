@@ -116,8 +116,7 @@ class Run:
             f"{head} acked={c['acked']} lost={c['lost']} doubled={c['doubled']} "
             f"divergent={'yes' if c['divergent'] else 'no'} missed/duplicated: {subs} "
             f"stale={c['stale']} orphan_updates={c['orphans']} homes={len(self.homes)} "
-            f"{'OK' if self.ok else 'FAIL'}"
-            + (f" ERROR {self.error}" if self.error else "")
+            f"{'OK' if self.ok else 'FAIL'}" + (f" ERROR {self.error}" if self.error else "")
         )
 
 

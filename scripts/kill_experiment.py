@@ -80,7 +80,7 @@ def main() -> int:
     if args.nodes < 3:
         ap.error("--nodes must be at least 3")
 
-    from chatnode.keyring import generate_key  # noqa: PLC0415
+    from chatnode.cluster.keyring import generate_key  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="kill-experiment-") as tmp:
         t_start = time.monotonic()

@@ -48,6 +48,7 @@ def admin_get(url: str, timeout: float = 5.0) -> bytes:
         body: bytes = resp.read()
         return body
 
+
 _hosts = itertools.cycle(random.Random(os.getpid()).sample(range(2, 255), 253))
 
 

@@ -68,9 +68,19 @@ class TansuBroker:
         fd, log_name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
         with os.fdopen(fd, "wb") as logf:
             proc = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    binary,
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
             )
         broker = cls(host, port, proc, Path(log_name))
         broker.wait_ready(timeout)
@@ -111,7 +121,9 @@ class TansuBroker:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()

@@ -155,9 +155,7 @@ def contexts() -> list[BrowserContext]:
 
 
 @pytest.fixture
-async def new_page(
-    browser: Browser, contexts: list[BrowserContext]
-) -> AsyncIterator[PageFactory]:
+async def new_page(browser: Browser, contexts: list[BrowserContext]) -> AsyncIterator[PageFactory]:
     """Opens a page in a fresh context (its own storage: another person). Uncaught errors in
     the page's JavaScript fail the test."""
     errors: list[str] = []

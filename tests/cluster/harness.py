@@ -57,7 +57,7 @@ from typing import Any
 
 import aiohttp
 
-from chatnode.keyring import generate_key
+from chatnode.cluster.keyring import generate_key
 from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
 from tests.daemon import ADMIN_HEADERS, Daemon
 from tests.integration.client import PASSWORD, WAIT, WS, Frame, login, new_user, signup

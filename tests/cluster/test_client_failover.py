@@ -1,4 +1,4 @@
-"""chatnode.client and ``chatnode tail`` against 3 real nodes, with the node behind them
+"""chatnode.client.session and ``chatnode tail`` against 3 real nodes, with the node behind them
 SIGKILLed: they move to another node by themselves and carry on, every message exactly once
 and no gap (checked against the acknowledgements a failover writer got), and a sender whose
 node dies mid-stream resends its unacknowledged messages through another node, stored once.
@@ -6,7 +6,7 @@ node dies mid-stream resends its unacknowledged messages through another node, s
 The independent observers are the harness's :class:`~tests.cluster.harness.Writer` (its
 ``acked`` ids are the truth) and :class:`~tests.cluster.harness.Subscriber` (pinned to one
 node; it counts every raw ``message`` event, so a duplicate the server sends shows there even
-though chatnode.client drops it).
+though chatnode.client.session drops it).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatnode.client import Client, Connected, Disconnected, Event, Message, Sent
-from chatnode.clientstate import normalize_url
+from chatnode.client.session import Client, Connected, Disconnected, Event, Message, Sent
+from chatnode.client.state import normalize_url
 from tests.cluster.harness import (
     Harness,
     Subscriber,
@@ -65,9 +65,7 @@ def check_once_in_order(messages: Sequence[Message], acked: dict[str, str],
     twice = sorted(i for i, n in ids.items() if n > 1)
     strangers = sorted(set(ids) - set(acked) - set(unacked))
     disorder = [
-        (a.id, b.id)
-        for a, b in itertools.pairwise(messages)
-        if not b.late and b.cursor <= a.cursor
+        (a.id, b.id) for a, b in itertools.pairwise(messages) if not b.late and b.cursor <= a.cursor
     ]
     if missing or twice or strangers or disorder:
         return (f"missing {len(missing)} {missing[:10]}, twice {twice[:10]}, "
@@ -167,9 +165,7 @@ async def test_subscriber_and_tail_fail_over_with_no_gap_and_no_repeat(tmp_path:
             assert lost and lost[0].url == normalize_url(urls[0]), what
             assert moved and moved[-1].url != normalize_url(urls[0]), what
             assert client.stats.failovers >= 1, what
-            after_move = [
-                m for m in messages if events.index(m) > events.index(lost[0])
-            ]
+            after_move = [m for m in messages if events.index(m) > events.index(lost[0])]
             assert after_move, f"nothing received after the move: {what}"
             problem = check_once_in_order(messages, acked, list(writer.unacked))
             assert problem is None, f"{problem}; {what}"

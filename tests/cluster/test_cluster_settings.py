@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from chatnode.auth import TokenSigner
+from chatnode.chat.auth import TokenSigner
 from chatnode.cli import _parser, format_members, main
+from chatnode.cluster.keyring import generate_key, parse_key
 from chatnode.config import ConfigError, describe, load_config
-from chatnode.keyring import generate_key, parse_key
 from chatnode.node import Identity, token_keys
 
 

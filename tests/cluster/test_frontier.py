@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.replication import (
+from chatnode.cluster.replication import (
     Frontier,
     FrontierTracker,
     PeerMsg,

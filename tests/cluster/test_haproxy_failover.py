@@ -1,7 +1,7 @@
 """HAProxy in front of 3 real nodes, with the shipped configuration (deploy/haproxy.cfg; only
 its bind address and server lines are rewritten for this test's 127.0.0.x addresses).
 
-A chatnode.client given the balancer's URL only follows a room; the node behind its
+A chatnode.client.session given the balancer's URL only follows a room; the node behind its
 connection is SIGKILLed while a failover writer sends through another node. The client
 reconnects through the balancer (to a surviving node: the balancer retries and redispatches
 a refused connection, then its health checks take the dead node out) and delivers every
@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatnode.client import Connected, Disconnected, Event, Message
+from chatnode.client.session import Connected, Disconnected, Event, Message
 from tests.cluster.harness import Harness, Writer, poll, setup_room
 from tests.cluster.test_client_failover import NODE_ARGS, check_once_in_order, collect, quick_client
 from tests.daemon import REPO, free_port, loopback_host

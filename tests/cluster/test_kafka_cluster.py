@@ -3,7 +3,7 @@ message of a room reaches the topic with its final state (edits, deletes and rea
 included) across a SIGKILL of the room's home, and across a partition with writes on both
 sides, then a heal (docs/KAFKA.md).
 
-The topic is read back with ``read_room`` and :func:`chatnode.forwarding.dedupe` (the last
+The topic is read back with ``read_room`` and :func:`chatnode.history.forwarding.dedupe` (the last
 record of each message id wins) and compared with a node's full history.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chatnode.forwarder import read_room
-from chatnode.forwarding import ForwardedMessage, dedupe
+from chatnode.history.forwarder import read_room
+from chatnode.history.forwarding import ForwardedMessage, dedupe
 from tests.cluster.harness import (
     Harness,
     Writer,

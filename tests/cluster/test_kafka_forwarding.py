@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from chatnode.forwarder import read_room
-from chatnode.forwarding import ForwardedMessage, partition_for
+from chatnode.history.forwarder import read_room
+from chatnode.history.forwarding import ForwardedMessage, partition_for
 from tests.daemon import Daemon
 from tests.integration.client import WS, login, new_user, signup
 from tests.kafka import TansuBroker, broker_binary, kafka_broker

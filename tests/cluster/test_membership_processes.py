@@ -213,10 +213,7 @@ def test_node_without_a_key_runs_standalone(tmp_path: Path) -> None:
         assert [m["id"] for m in view["members"]] == [node.node_id]
         log = node.log()
         assert "running STANDALONE" in log and "ignoring --join" in log
-        assert (
-            "chatnode_gossip_datagrams_total"
-            not in admin_get(node.url + "metrics").decode()
-        )
+        assert "chatnode_gossip_datagrams_total" not in admin_get(node.url + "metrics").decode()
 
 
 def test_three_nodes_form_one_cluster_over_mdns(tmp_path: Path) -> None:

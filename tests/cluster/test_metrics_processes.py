@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatnode.keyring import generate_key
+from chatnode.cluster.keyring import generate_key
 from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
 from tests.daemon import Daemon, admin_get
 from tests.integration.client import WS, new_user, signup

@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatnode.gossip_udp import BODY_TIMEOUT, MAX_PUSH_PULLS_IN, PUSH_PULL_PATH
-from chatnode.keyring import LINK_NONCE, DialerHandshake, Keyring, LinkSession, LinkStats
-from chatnode.peers import HELLO_TIMEOUT, LINK_HEADER, MAX_HELLOS, PEER_PATH
-from chatnode.replication import Ping, Pong, decode_frame, encode_frame
+from chatnode.cluster.gossip import BODY_TIMEOUT, MAX_PUSH_PULLS_IN, PUSH_PULL_PATH
+from chatnode.cluster.keyring import LINK_NONCE, DialerHandshake, Keyring, LinkSession, LinkStats
+from chatnode.cluster.peers import HELLO_TIMEOUT, LINK_HEADER, MAX_HELLOS, PEER_PATH
+from chatnode.cluster.replication import Ping, Pong, decode_frame, encode_frame
 from tests.cluster.procs import launch_cluster, stop_all, wait_until
 from tests.daemon import Daemon
 from tests.integration.client import WS, new_user, signup
@@ -180,13 +180,15 @@ async def test_big_unauthenticated_peer_frames_do_not_grow_memory(tmp_path: Path
                     for _ in range(3)
                 ),
                 *(
-                    _abuse_until(node, lambda: _post(node, PEER_PATH, BIG_FRAME), BIG_FRAME,
-                                 deadline)
+                    _abuse_until(
+                        node, lambda: _post(node, PEER_PATH, BIG_FRAME), BIG_FRAME, deadline
+                    )
                     for _ in range(6)
                 ),
                 *(
-                    _abuse_until(node, lambda: _post(node, PUSH_PULL_PATH, 8 << 20), 8 << 20,
-                                 deadline)
+                    _abuse_until(
+                        node, lambda: _post(node, PUSH_PULL_PATH, 8 << 20), 8 << 20, deadline
+                    )
                     for _ in range(6)
                 ),
             ]

@@ -1,5 +1,5 @@
 """Cluster-wide presence, typing and read events between three real chatnode processes
-(chatnode/presence.py, chatnode/ephemeral.py; docs/PROTOCOL.md "Presence across the
+(chatnode/chat/presence.py, chatnode/cluster/ephemeral.py; docs/PROTOCOL.md "Presence across the
 cluster").
 
 Waits poll with generous deadlines, except the one promise about time: the users of a

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatnode.web import connect_src, url_origin
+from chatnode.web.app import connect_src, url_origin
 from tests.cluster.harness import Harness
 from tests.daemon import loopback_host
 

@@ -162,9 +162,7 @@ class RoomLogMachine(RuleBasedStateMachine):
         origin = self.logs[self.acked[msg_id]].get(msg_id)
         assert origin is not None
         self.wall += advance
-        change = self.logs[i].append(
-            msg_id, origin.author, "resent", self.clocks[i].now(self.wall)
-        )
+        change = self.logs[i].append(msg_id, origin.author, "resent", self.clocks[i].now(self.wall))
         assert change.message.id == msg_id
         self._emit(i, change.update)
 

@@ -3,7 +3,7 @@
     python -m tests.integration.forwarder_child BROKERS FRONTIER_FILE ROOMS PER_ROOM CAP
 
 Commits the rooms' messages a few at a time (as a busy node would) up to CAP per room, forwards
-them with a :class:`chatnode.forwarder.Forwarder` at epoch 1 and persists every frontier to
+them with a :class:`chatnode.history.forwarder.Forwarder` at epoch 1 and persists every frontier to
 FRONTIER_FILE (written atomically, fsynced). Runs until killed.
 """
 
@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatnode.forwarder import Forwarder
-from chatnode.forwarding import FeedEntry
+from chatnode.history.forwarder import Forwarder
+from chatnode.history.forwarding import FeedEntry
 from crdt.clock import Timestamp
 
 
@@ -40,7 +40,9 @@ def make_log(rooms: int, per_room: int) -> dict[str, list[LogMessage]]:
         room = f"room-{r}"
         out[room] = [
             LogMessage(
-                f"{room}/m{i:05d}", f"user{i % 7}", f"message {i} of {room} — ✓",
+                f"{room}/m{i:05d}",
+                f"user{i % 7}",
+                f"message {i} of {room} — ✓",
                 Timestamp(1_700_000_000_000 + i * 10 + r, i % 3, f"n{i % 3}"),
                 reactions=((("👍", ("ann", "bob")),) if i % 50 == 0 else ()),
             )
@@ -80,8 +82,9 @@ async def main(brokers: str, path: Path, rooms: int, per_room: int, cap: int) ->
         await asyncio.to_thread(write_frontiers, path, dict(frontiers))
         return True
 
-    fw = Forwarder(brokers, read_feed=log.read_feed, save_frontier=save, home="child",
-                   batch_size=20)
+    fw = Forwarder(
+        brokers, read_feed=log.read_feed, save_frontier=save, home="child", batch_size=20
+    )
     await fw.start()
     for room in log.full:
         fw.own(room, 1)

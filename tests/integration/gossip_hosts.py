@@ -2,7 +2,7 @@
 
 Each :class:`GossipMembership` gets an aiohttp server on its gossip address (same host, same
 port number over TCP) answering ``POST /v1/gossip/push-pull`` with
-:func:`chatnode.gossip_udp.serve_push_pull`, and an :class:`HttpPushPullClient` for its own
+:func:`chatnode.cluster.gossip.serve_push_pull`, and an :class:`HttpPushPullClient` for its own
 exchanges: the transport code the node uses, without the rest of the node.
 """
 
@@ -13,14 +13,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from chatnode.gossip_udp import (
+from chatnode.cluster.gossip import (
     PUSH_PULL_PATH,
     GossipMembership,
     HttpPushPullClient,
     PushPullClient,
     serve_push_pull,
 )
-from chatnode.membership import Addr
+from chatnode.cluster.membership import Addr
 
 # builds a membership (not started) bound to the given address, carrying its push-pull
 # exchanges through the given client

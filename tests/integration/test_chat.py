@@ -200,7 +200,10 @@ async def test_resume_token_replays_changes_made_while_away(
             break
         got.append(frame)
     assert [(f["op"], f["id"]) for f in got] == [
-        ("update", "c0"), ("update", "c1"), ("update", "c2"), ("message", "c3")
+        ("update", "c0"),
+        ("update", "c1"),
+        ("update", "c2"),
+        ("message", "c3"),
     ]
     assert got[0]["body"] == "text 0, edited" and got[0]["edited"] is not False
     assert got[1]["deleted"] is True and got[1]["body"] == ""

@@ -1,4 +1,4 @@
-"""chatnode.client, ``chatnode send``/``tail`` and the node list (``GET /v1/nodes``,
+"""chatnode.client.session, ``chatnode send``/``tail`` and the node list (``GET /v1/nodes``,
 ``hello``'s ``nodes``) against one real daemon. The failover across nodes is in
 tests/cluster/test_client_failover.py."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from chatnode.client import (
+from chatnode.client.session import (
     ChatError,
     Client,
     Connected,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatnode.discovery import (
+from chatnode.cluster.discovery import (
     ClusterOptions,
     DnsPoller,
     MdnsDiscovery,
@@ -22,9 +22,9 @@ from chatnode.discovery import (
     parse_hostport,
     resolve_cluster_keys,
 )
-from chatnode.gossip_udp import GossipMembership, PushPullClient
-from chatnode.keyring import Keyring, generate_key
-from chatnode.membership import Addr, MembershipConfig, MemberState
+from chatnode.cluster.gossip import GossipMembership, PushPullClient
+from chatnode.cluster.keyring import Keyring, generate_key
+from chatnode.cluster.membership import Addr, MembershipConfig, MemberState
 from tests.integration.gossip_hosts import GossipHosts
 
 FAST = MembershipConfig(

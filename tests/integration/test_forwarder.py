@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chatnode.forwarder import Forwarder, read_room, read_topic
-from chatnode.forwarding import FeedEntry, ForwardedMessage, dedupe, partition_for
+from chatnode.history.forwarder import Forwarder, read_room, read_topic
+from chatnode.history.forwarding import FeedEntry, ForwardedMessage, dedupe, partition_for
 from tests.integration.forwarder_child import CommittedLog, LogMessage, make_log
 from tests.kafka import TansuBroker, broker_binary, free_port, kafka_broker
 
@@ -73,15 +73,25 @@ def assert_same(got: list[ForwardedMessage], want: list[LogMessage]) -> None:
     assert [m.id for m in got] == [m.id for m in want]
     for g, w in zip(got, want, strict=True):
         assert (g.author, g.body, g.ts, g.reactions, g.deleted) == (
-            w.author, w.body, w.ts, w.reactions, w.deleted)
+            w.author,
+            w.body,
+            w.ts,
+            w.reactions,
+            w.deleted,
+        )
 
 
 async def test_forwards_rooms_in_order(kafka_broker: TansuBroker) -> None:
     log = make_log(rooms=4, per_room=250)
     reg = Registry(log)
     source = CommittedLog(log, 250)
-    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
-                   save_frontier=reg.save, home="node-a", batch_size=64)
+    fw = Forwarder(
+        kafka_broker.bootstrap,
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="node-a",
+        batch_size=64,
+    )
     await fw.start()
     try:
         for room in log:
@@ -103,8 +113,13 @@ async def test_graceful_restart_resumes_without_duplicates(kafka_broker: TansuBr
     log = make_log(rooms=3, per_room=200)
     reg = Registry(log)
     source = CommittedLog(log, 120)
-    a = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed, save_frontier=reg.save,
-                  home="a", batch_size=50)
+    a = Forwarder(
+        kafka_broker.bootstrap,
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="a",
+        batch_size=50,
+    )
     await a.start()
     for room in log:
         a.own(room, 1)
@@ -112,8 +127,13 @@ async def test_graceful_restart_resumes_without_duplicates(kafka_broker: TansuBr
     await a.stop()
 
     source.committed = dict.fromkeys(log, 200)
-    b = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed, save_frontier=reg.save,
-                  home="b", batch_size=50)
+    b = Forwarder(
+        kafka_broker.bootstrap,
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="b",
+        batch_size=50,
+    )
     await b.start()
     try:
         for room in log:
@@ -133,9 +153,16 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
     rooms, per_room, cap = 4, 250, 150
     path = tmp_path / "frontiers.json"
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.integration.forwarder_child", kafka_broker.bootstrap,
-        str(path), str(rooms), str(per_room), str(cap),
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        sys.executable,
+        "-m",
+        "tests.integration.forwarder_child",
+        kafka_broker.bootstrap,
+        str(path),
+        str(rooms),
+        str(per_room),
+        str(cap),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         deadline = time.monotonic() + WAIT_S
@@ -157,8 +184,13 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
 
     reg = Registry(log)
     source = CommittedLog(log, per_room)
-    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
-                   save_frontier=reg.save, home="b", batch_size=64)
+    fw = Forwarder(
+        kafka_broker.bootstrap,
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="b",
+        batch_size=64,
+    )
     await fw.start()
     try:
         for room in log:
@@ -183,24 +215,38 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
     print(f"kill -9 mid-stream: {duplicates} duplicate records (above the saved frontier)")
 
 
-@pytest.mark.parametrize("create_topic", [
-    pytest.param(False, marks=pytest.mark.skipif(
-        os.environ.get("CI") == "true",
-        reason="Tansu 0.6 can ack-and-drop records after an idempotent epoch bump caused by a "
-               "300 ms delivery timeout on a loaded machine (docs/KAFKA.md); run it locally")),
-    True,
-])
+@pytest.mark.parametrize(
+    "create_topic",
+    [
+        pytest.param(
+            False,
+            marks=pytest.mark.skipif(
+                os.environ.get("CI") == "true",
+                reason="Tansu 0.6 can ack-and-drop records after an idempotent epoch bump "
+                "caused by a "
+                "300 ms delivery timeout on a loaded machine (docs/KAFKA.md); run it locally",
+            ),
+        ),
+        True,
+    ],
+)
 async def test_broker_down_at_start_then_up(create_topic: bool) -> None:
     port = free_port()
     log = make_log(rooms=3, per_room=100)
     reg = Registry(log)
     source = CommittedLog(log, 100)
-    fw = Forwarder(f"127.0.0.1:{port}", read_feed=source.read_feed, save_frontier=reg.save,
-                   home="a", batch_size=40, create_topic=create_topic,
-                   # Without topic creation, let produce attempts time out while the broker
-                   # is down: the rewind path. (Timeouts once the broker is up make librdkafka
-                   # bump the idempotent epoch, which Tansu 0.6 mishandles; see docs/KAFKA.md.)
-                   message_timeout_ms=60_000 if create_topic else 300)
+    fw = Forwarder(
+        f"127.0.0.1:{port}",
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="a",
+        batch_size=40,
+        create_topic=create_topic,
+        # Without topic creation, let produce attempts time out while the broker
+        # is down: the rewind path. (Timeouts once the broker is up make librdkafka
+        # bump the idempotent epoch, which Tansu 0.6 mishandles; see docs/KAFKA.md.)
+        message_timeout_ms=60_000 if create_topic else 300,
+    )
     brokers: list[TansuBroker] = []
     await fw.start()
     try:
@@ -231,8 +277,13 @@ async def test_stale_epoch_stops_forwarding(kafka_broker: TansuBroker) -> None:
     (room,) = log
     reg = Registry(log)
     source = CommittedLog(log, 100)
-    fw = Forwarder(kafka_broker.bootstrap, read_feed=source.read_feed,
-                   save_frontier=reg.save, home="old", batch_size=25)
+    fw = Forwarder(
+        kafka_broker.bootstrap,
+        read_feed=source.read_feed,
+        save_frontier=reg.save,
+        home="old",
+        batch_size=25,
+    )
     await fw.start()
     try:
         fw.own(room, 1)
@@ -264,8 +315,9 @@ def test_partitioner_agrees_with_librdkafka(kafka_broker: TansuBroker) -> None:
         async def read_feed(room: str, after: int, limit: int) -> list[FeedEntry]:
             return [] if after else [FeedEntry(1, m) for m in log[room][:limit]]
 
-        fw = Forwarder(kafka_broker.bootstrap, read_feed=read_feed, save_frontier=reg.save,
-                       partitions=7)
+        fw = Forwarder(
+            kafka_broker.bootstrap, read_feed=read_feed, save_frontier=reg.save, partitions=7
+        )
         await fw.start()
         try:
             for r in rooms:
@@ -277,8 +329,9 @@ def test_partitioner_agrees_with_librdkafka(kafka_broker: TansuBroker) -> None:
     asyncio.run(run())
     from confluent_kafka import Consumer, TopicPartition  # noqa: PLC0415
 
-    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": "t",
-                  "enable.partition.eof": True})
+    c = Consumer(
+        {"bootstrap.servers": kafka_broker.bootstrap, "group.id": "t", "enable.partition.eof": True}
+    )
     try:
         seen: dict[str, int] = {}
         c.assign([TopicPartition("chat.messages", p, 0) for p in range(7)])

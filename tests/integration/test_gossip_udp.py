@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from chatnode.gossip_udp import GossipMembership, PushPullClient
-from chatnode.keyring import Keyring
-from chatnode.membership import Addr, MemberEvent, MembershipConfig, MemberState
+from chatnode.cluster.gossip import GossipMembership, PushPullClient
+from chatnode.cluster.keyring import Keyring
+from chatnode.cluster.membership import Addr, MemberEvent, MembershipConfig, MemberState
 from tests.integration.gossip_hosts import GossipHosts
 
 # faster than the LAN defaults so the test is quick; generous waits keep it steady under load

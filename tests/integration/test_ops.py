@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatnode.keyring import generate_key
+from chatnode.cluster.keyring import generate_key
 from tests.daemon import ADMIN_HEADERS, REPO, Daemon, loopback_host
 from tests.integration.client import WS, new_user, signup
 

@@ -557,7 +557,6 @@ async def test_titles_with_bidi_or_invisible_characters_are_refused(
     await ws.close()
 
 
-
 async def test_garbage_after_a_request_is_answered_short_and_logged_once(
     http: aiohttp.ClientSession, tmp_path: Path, started: list[Daemon]
 ) -> None:

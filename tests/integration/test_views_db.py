@@ -1,6 +1,6 @@
-"""The views database, the same tests on SQLite on disk (chatnode/viewsdb.py) and on a real
-PostgreSQL server (chatnode/viewspg.py, tests/pg.py; skipped with the reason where there is
-none), through chatnode.indexer.Views: migrations, exact counts across batches, replays and
+"""The views database, the same tests on SQLite on disk (chatnode/history/viewsdb.py) and on a real
+PostgreSQL server (chatnode/history/viewspg.py, tests/pg.py; skipped with the reason where there is
+none), through chatnode.history.indexer.Views: migrations, exact counts across batches, replays and
 reopening, search (ranking, snippets, paging, edits, deletes, rooms), statistics and lag."""
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatnode.forwarding import ForwardedMessage
-from chatnode.indexer import Views, open_store
-from chatnode.views import (
+from chatnode.history.forwarding import ForwardedMessage
+from chatnode.history.indexer import Views, open_store
+from chatnode.history.views import (
     QueryError,
     ViewsError,
     ViewsStore,
@@ -32,7 +32,7 @@ from chatnode.views import (
     fold_all,
     parse_views_url,
 )
-from chatnode.viewsdb import SCHEMA_VERSION, ViewsDB
+from chatnode.history.viewsdb import SCHEMA_VERSION, ViewsDB
 from crdt.clock import Timestamp
 from tests.pg import PostgresServer, postgres_server
 
@@ -52,6 +52,8 @@ def make_target(request: pytest.FixtureRequest, kind: str, folder: Path) -> View
 @pytest.fixture(params=BACKENDS)
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> ViewsTarget:
     return make_target(request, request.param, tmp_path)
+
+
 NOW_MS = int(time.time() * 1000)
 DAY_MS = 86_400_000
 WORDS = ["deploy", "friday", "lunch", "café", "rollback", "pager", "coffee", "release"]
@@ -102,11 +104,16 @@ def check_counts(db: ViewsStore, recs: list[ForwardedMessage]) -> None:
     assert dict(c.execute("SELECT room, messages FROM room_counts WHERE messages != 0")) == dict(
         want.rooms
     )
-    assert {(r, d): n for r, d, n in c.execute(
-        "SELECT room, day, messages FROM room_days WHERE messages != 0")} == dict(want.room_days)
-    assert {(r, a): n for r, a, n in c.execute(
-        "SELECT room, author, messages FROM room_users WHERE messages != 0"
-    )} == dict(want.room_users)
+    assert {
+        (r, d): n
+        for r, d, n in c.execute("SELECT room, day, messages FROM room_days WHERE messages != 0")
+    } == dict(want.room_days)
+    assert {
+        (r, a): n
+        for r, a, n in c.execute(
+            "SELECT room, author, messages FROM room_users WHERE messages != 0"
+        )
+    } == dict(want.room_users)
     assert {(r, d, a): n for r, d, a, n in c.execute(
         "SELECT room, day, author, messages FROM room_user_days WHERE messages != 0"
     )} == dict(want.room_user_days)  # fmt: skip
@@ -114,7 +121,8 @@ def check_counts(db: ViewsStore, recs: list[ForwardedMessage]) -> None:
     assert check["stored"] == check["computed"]
     # the full-text index holds exactly the live messages
     fts = c.execute(
-        "SELECT count(*) FROM messages_fts" if isinstance(db, ViewsDB)
+        "SELECT count(*) FROM messages_fts"
+        if isinstance(db, ViewsDB)
         else "SELECT count(*) FROM messages WHERE words IS NOT NULL"
     ).fetchone()[0]
     assert fts == sum(want.rooms.values())
@@ -178,7 +186,7 @@ async def test_batches_replays_and_reopen_count_once(target: ViewsTarget) -> Non
     pos = 0
     while pos < len(recs):
         n = rng.randrange(1, 400)
-        batch = recs[pos:pos + n]
+        batch = recs[pos : pos + n]
         await views.apply("src", batch, {"0": pos + len(batch)}, {"0": len(recs)})
         if rng.random() < 0.3:  # a restart that re-reads the batch: changes nothing
             again = await views.apply("src", batch, {"0": pos + len(batch)}, {"0": len(recs)})
@@ -198,17 +206,29 @@ async def test_batches_replays_and_reopen_count_once(target: ViewsTarget) -> Non
 
 async def test_search(target: ViewsTarget) -> None:
     base = [
-        ForwardedMessage(room=room, epoch=1, home="n1", id=mid, author="ann", body=body,
-                         ts=Timestamp(NOW_MS + i, 0, "n1"), edited=None, deleted=False,
-                         reactions=(), seq=i + 1)
-        for i, (room, mid, body) in enumerate([
-            ("pub", "a", "we deploy on friday after lunch"),
-            ("pub", "b", "deploy deploy deploy"),
-            ("priv", "c", "secret deploy plans"),
-            ("pub", "d", "Le café est prêt"),
-            ("pub", "e", "an old text about pagers"),
-            ("pub", "f", "this will be deleted: deploy"),
-        ])
+        ForwardedMessage(
+            room=room,
+            epoch=1,
+            home="n1",
+            id=mid,
+            author="ann",
+            body=body,
+            ts=Timestamp(NOW_MS + i, 0, "n1"),
+            edited=None,
+            deleted=False,
+            reactions=(),
+            seq=i + 1,
+        )
+        for i, (room, mid, body) in enumerate(
+            [
+                ("pub", "a", "we deploy on friday after lunch"),
+                ("pub", "b", "deploy deploy deploy"),
+                ("priv", "c", "secret deploy plans"),
+                ("pub", "d", "Le café est prêt"),
+                ("pub", "e", "an old text about pagers"),
+                ("pub", "f", "this will be deleted: deploy"),
+            ]
+        )
     ]
     edit = replace(base[4], body="a new text about rollbacks", seq=10,
                    edited=Timestamp(NOW_MS + 100, 0, "n1"))  # fmt: skip

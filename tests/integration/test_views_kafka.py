@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from chatnode.forwarder import ensure_topic
-from chatnode.forwarding import ForwardedMessage, Record, decode_record, encode_record
-from chatnode.indexer import open_store
-from chatnode.views import ViewsError, contributions, fold_all, parse_views_url
+from chatnode.history.forwarder import ensure_topic
+from chatnode.history.forwarding import ForwardedMessage, Record, decode_record, encode_record
+from chatnode.history.indexer import open_store
+from chatnode.history.views import ViewsError, contributions, fold_all, parse_views_url
 from tests.daemon import Daemon
 from tests.integration.client import WS, new_user, signup
 from tests.integration.test_views_db import records

@@ -1,4 +1,4 @@
-"""The WebSocket send path of chatnode/web.py: frames written straight to the transport while
+"""The WebSocket send path of chatnode/web/app.py: frames written straight to the transport while
 the queue is empty, through the queue when the client's socket is backed up; in order, every
 length encoding, under a real aiohttp server and client on loopback."""
 
@@ -12,7 +12,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from chatnode.metrics import Metrics
-from chatnode.web import DIRECT_WRITE_LIMIT, Connection
+from chatnode.web.app import DIRECT_WRITE_LIMIT, Connection
 
 HOST = "127.0.0.61"
 

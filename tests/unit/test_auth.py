@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
+from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
 from chatnode.errors import ClientError
 
 SALT = bytes(range(16))

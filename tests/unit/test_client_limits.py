@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode import protocol as p
+from chatnode.chat import protocol as p
 from chatnode.errors import ClientError
-from chatnode.ratelimit import (
+from chatnode.web.ratelimit import (
     CountLimiter,
     LoginLimiter,
     address_group,
@@ -23,9 +23,7 @@ from chatnode.ratelimit import (
 )
 
 ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
-ipv6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(
-    lambda a: a.ipv4_mapped is None
-)
+ipv6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(lambda a: a.ipv4_mapped is None)
 
 
 # --------------------------------------------------------------------------- address groups

@@ -1,4 +1,4 @@
-"""The pure half of chatnode.client (chatnode/clientstate.py): event parsing, per-room
+"""The pure half of chatnode.client.session (chatnode/client/state.py): event parsing, per-room
 dedupe and resume bookkeeping, the outbox, node choice and backoff (time passed in)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from chatnode.clientstate import (
+from chatnode.client.state import (
     MAX_NODES,
     CaughtUp,
     Message,
@@ -70,8 +70,13 @@ def test_parse_every_event() -> None:
 
 @given(
     field=st.sampled_from(["room", "id", "author", "body", "ts", "cursor", "reactions"]),
-    value=st.one_of(st.none(), st.booleans(), st.floats(), st.lists(st.integers(), max_size=2),
-                    st.just({"x": "not a list"})),
+    value=st.one_of(
+        st.none(),
+        st.booleans(),
+        st.floats(),
+        st.lists(st.integers(), max_size=2),
+        st.just({"x": "not a list"}),
+    ),
     op=st.sampled_from(["message", "update"]),
 )
 def test_malformed_messages_are_unknown(field: str, value: object, op: str) -> None:
@@ -81,8 +86,12 @@ def test_malformed_messages_are_unknown(field: str, value: object, op: str) -> N
     assert isinstance(parse_event(frame), Unknown)
 
 
-@given(st.dictionaries(st.sampled_from(["op", "room", "user", "online", "cursor", "resume"]),
-                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["op", "room", "user", "online", "cursor", "resume"]),
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
+    )
+)
 def test_parse_event_never_raises(frame: dict[str, object]) -> None:
     parse_event(frame)
 
@@ -249,7 +258,14 @@ def test_urls() -> None:
     assert normalize_url("https://chat.example.com/base/") == "https://chat.example.com/base"
     assert ws_url("http://127.0.0.2:8080") == "ws://127.0.0.2:8080/v1/ws"
     assert ws_url("https://chat.example.com/base") == "wss://chat.example.com/base/v1/ws"
-    for bad in ["ftp://x", "127.0.0.1:8080", "http://", "http://u:p@h", "http://h/?q", "http://h:x"]:
+    for bad in [
+        "ftp://x",
+        "127.0.0.1:8080",
+        "http://",
+        "http://u:p@h",
+        "http://h/?q",
+        "http://h:x",
+    ]:
         with pytest.raises(ValueError):
             normalize_url(bad)
 
@@ -274,8 +290,9 @@ OTHERS = ["http://127.0.0.5:8080", "http://127.0.0.6:8080"]
 step = st.one_of(
     st.tuples(st.just("fail"), st.sampled_from(SEEDS + OTHERS)),
     st.tuples(st.just("connect"), st.sampled_from(SEEDS + OTHERS)),
-    st.tuples(st.just("report"), st.lists(st.sampled_from(SEEDS + OTHERS + ["junk", 7]),
-                                          max_size=5)),
+    st.tuples(
+        st.just("report"), st.lists(st.sampled_from(SEEDS + OTHERS + ["junk", 7]), max_size=5)
+    ),
     st.tuples(st.just("wait"), st.floats(0, 20)),
 )
 

@@ -1,4 +1,4 @@
-"""The presence adapter (chatnode/ephemeral.py) over a recording hub: local changes are
+"""The presence adapter (chatnode/cluster/ephemeral.py) over a recording hub: local changes are
 published coalesced, link up sends the full state, notes reach the service."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from chatnode import ephemeral as eph
-from chatnode.presence import (
+from chatnode.chat.presence import (
     Change,
     Presence,
     PresenceDelta,
@@ -15,7 +14,8 @@ from chatnode.presence import (
     PresenceRequest,
     PresenceVersion,
 )
-from chatnode.replication import PeerMsg, ReadNote, TypingNote
+from chatnode.cluster import ephemeral as eph
+from chatnode.cluster.replication import PeerMsg, ReadNote, TypingNote
 
 
 class Hub:

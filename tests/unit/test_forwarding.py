@@ -1,4 +1,4 @@
-"""The forwarding state machine (chatnode.forwarding) against a model of Kafka and the node.
+"""The forwarding state machine (chatnode.history.forwarding) against a model of Kafka and the node.
 
 The model keeps each room's change feed (the node's release log: new messages and changes of
 earlier ones, each position naming a message whose state is read as it stands), the producer's
@@ -31,7 +31,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from chatnode.forwarding import (
+from chatnode.history.forwarding import (
     DeliveryReport,
     FeedEntry,
     Forwarding,
@@ -146,8 +146,14 @@ class ForwardingMachine(RuleBasedStateMachine):
         mid = data.draw(st.sampled_from(ids))
         m = self.msgs[mid]
         version = int(m.body[1:]) + 1 if m.body else 1
-        self.msgs[mid] = Msg(mid, m.author, "" if delete else f"v{version}", m.ts,
-                             edited=Timestamp(5_000 + version, 0, "w1"), deleted=delete)
+        self.msgs[mid] = Msg(
+            mid,
+            m.author,
+            "" if delete else f"v{version}",
+            m.ts,
+            edited=Timestamp(5_000 + version, 0, "w1"),
+            deleted=delete,
+        )
         self._release(room, mid)
         self.fw.notify(room)
 
@@ -474,8 +480,15 @@ def test_reown_never_resumes_below_what_it_delivered() -> None:
 
 
 def test_record_roundtrip() -> None:
-    m = Msg("id-1", "ann", "héllo ✓", _ts(5), edited=_ts(9), deleted=False,
-            reactions=(("👍", ("bob", "cy")),))
+    m = Msg(
+        "id-1",
+        "ann",
+        "héllo ✓",
+        _ts(5),
+        edited=_ts(9),
+        deleted=False,
+        reactions=(("👍", ("bob", "cy")),),
+    )
     key, value, headers = encode_record(Record("room-1", 7, 1, m), "node-a")
     assert key == b"room-1"
     hs = dict(headers)
@@ -487,14 +500,20 @@ def test_record_roundtrip() -> None:
     assert fields == (m.id, m.author, m.body, m.ts, m.edited, m.deleted, m.reactions)
 
 
-@pytest.mark.parametrize("value", [
-    b"", b"not json", b"[]", b'{"schema":"other"}',
-    b'{"schema":"chatnode.message/1","room":"r","epoch":1,"home":"h","id":"i","author":"a",'
-    b'"body":"b","ts":"bad","edited":null,"deleted":false,"reactions":[]}',
-    b'{"schema":"chatnode.message/1","room":"other","epoch":1,"home":"h","id":"i",'
-    b'"author":"a","body":"b","ts":"0000000003e8000000w1","edited":null,"deleted":false,'
-    b'"reactions":[]}',
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"schema":"other"}',
+        b'{"schema":"chatnode.message/1","room":"r","epoch":1,"home":"h","id":"i","author":"a",'
+        b'"body":"b","ts":"bad","edited":null,"deleted":false,"reactions":[]}',
+        b'{"schema":"chatnode.message/1","room":"other","epoch":1,"home":"h","id":"i",'
+        b'"author":"a","body":"b","ts":"0000000003e8000000w1","edited":null,"deleted":false,'
+        b'"reactions":[]}',
+    ],
+)
 def test_decode_rejects_garbage(value: bytes) -> None:
     with pytest.raises(RecordError):
         decode_record(b"r", value, [])
@@ -510,13 +529,24 @@ def test_codec_roundtrip_any_text(room: str, body: str, deleted: bool, epoch: in
 
 
 def test_dedupe_keeps_the_last_state_in_cursor_order() -> None:
-    recs = [decode_record(*encode_record(Record(room, e, 1, Msg(i, "a", body, _ts(n))), "h"))
-            for room, e, i, n, body in [
-                ("r", 1, "b", 2, "b1"), ("s", 1, "x", 1, "x1"), ("r", 1, "a", 1, "a1"),
-                ("r", 2, "b", 2, "b2"), ("r", 2, "c", 3, "c1"), ("r", 2, "a", 1, "a2")]]
+    recs = [
+        decode_record(*encode_record(Record(room, e, 1, Msg(i, "a", body, _ts(n))), "h"))
+        for room, e, i, n, body in [
+            ("r", 1, "b", 2, "b1"),
+            ("s", 1, "x", 1, "x1"),
+            ("r", 1, "a", 1, "a1"),
+            ("r", 2, "b", 2, "b2"),
+            ("r", 2, "c", 3, "c1"),
+            ("r", 2, "a", 1, "a2"),
+        ]
+    ]
     got = [(m.room, m.id, m.body, m.epoch) for m in dedupe(recs)]
-    assert got == [("r", "a", "a2", 2), ("r", "b", "b2", 2), ("r", "c", "c1", 2),
-                   ("s", "x", "x1", 1)]
+    assert got == [
+        ("r", "a", "a2", 2),
+        ("r", "b", "b2", 2),
+        ("r", "c", "c1", 2),
+        ("s", "x", "x1", 1),
+    ]
 
 
 def test_a_deleted_message_record_has_no_text() -> None:
@@ -566,14 +596,17 @@ def test_since_never_after_an_unsent_release(steps: list[tuple[int, int]]) -> No
             fw.on_saved(s, True)
 
 
-@pytest.mark.parametrize(("key", "signed"), [
-    (b"21", -973932308),
-    (b"foobar", -790332482),
-    (b"a-little-bit-long-string", -985981536),
-    (b"a-little-bit-longer-string", -1486304829),
-    (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
-    (b"abc", 479470107),
-])
+@pytest.mark.parametrize(
+    ("key", "signed"),
+    [
+        (b"21", -973932308),
+        (b"foobar", -790332482),
+        (b"a-little-bit-long-string", -985981536),
+        (b"a-little-bit-longer-string", -1486304829),
+        (b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+        (b"abc", 479470107),
+    ],
+)
 def test_murmur2_matches_kafka(key: bytes, signed: int) -> None:
     # Reference values of Kafka's Java Utils.murmur2 (a signed 32-bit int there).
     assert murmur2(key) == signed & 0xFFFFFFFF

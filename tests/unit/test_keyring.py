@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.keyring import (
+from chatnode.cluster.keyring import (
     KIND_DATAGRAM,
     KIND_STREAM,
     AuthError,

@@ -12,13 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNERS = {
-    "rocksdict": "chatnode/storage.py",
-    "confluent_kafka": "chatnode/forwarder.py",
-    "zeroconf": "chatnode/discovery.py",
-    "cryptography": "chatnode/keyring.py",
+    "rocksdict": "chatnode/store/engine.py",
+    "confluent_kafka": "chatnode/history/forwarder.py",
+    "zeroconf": "chatnode/cluster/discovery.py",
+    "cryptography": "chatnode/cluster/keyring.py",
     "prometheus_client": "chatnode/metrics.py",
-    "sqlite3": "chatnode/viewsdb.py",
-    "psycopg": "chatnode/viewspg.py",
+    "sqlite3": "chatnode/history/viewsdb.py",
+    "psycopg": "chatnode/history/viewspg.py",
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.membership import (
+from chatnode.cluster.membership import (
     Ack,
     Addr,
     Alive,

@@ -20,7 +20,7 @@ import heapq
 import random
 from dataclasses import dataclass, field
 
-from chatnode.membership import (
+from chatnode.cluster.membership import (
     Addr,
     MemberEvent,
     Membership,

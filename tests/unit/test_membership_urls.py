@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.membership import (
+from chatnode.cluster.membership import (
     Alive,
     CodecError,
     Membership,

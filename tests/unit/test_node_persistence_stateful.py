@@ -1,6 +1,7 @@
 """A whole node's persistence path as a hypothesis state machine, against an in-memory model.
 
-One :class:`~chatnode.service.Service` on a real :class:`~chatnode.storage.Store` (RocksDB in
+One :class:`~chatnode.chat.service.Service` on a real :class:`~chatnode.store.engine.Store`
+(RocksDB in
 a temporary directory, on ``/dev/shm`` when there is one) with tiny segments and frequent
 snapshots, driven in-process on an event loop owned by the machine. Two rooms (``r1`` public,
 ``r2`` private) and three local users; ``carol`` joins, leaves and is invited, so metadata
@@ -65,12 +66,12 @@ from hypothesis.stateful import (
     rule,
 )
 
-from chatnode import protocol as p
-from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner
+from chatnode.chat import protocol as p
+from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner
+from chatnode.chat.service import Service, Session, _history_page, _released_page
 from chatnode.errors import ClientError
 from chatnode.metrics import Metrics
-from chatnode.service import Service, Session, _history_page, _released_page
-from chatnode.storage import Batch, Store, prefix_end, release_prefix, room_snapshot_key
+from chatnode.store.engine import Batch, Store, prefix_end, release_prefix, room_snapshot_key
 from crdt.clock import HybridClock, Timestamp
 from crdt.roomlog import MemorySegmentStore, RoomLog
 from crdt.segments import decode_envelope
@@ -266,7 +267,7 @@ class Model:
 
 
 class FakeOutbox:
-    """An :class:`~chatnode.service.Outbox` that keeps every frame, decoded."""
+    """An :class:`~chatnode.chat.service.Outbox` that keeps every frame, decoded."""
 
     def __init__(self, capacity: int = 8) -> None:
         self.frames: list[dict[str, Any]] = []
@@ -406,7 +407,10 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             assert {"op": "ok", "ref": room, "resume": f"{NODE}:{seq}"} in self.watcher.frames
             rm = self.model.rooms[room]
             self.watch_from[room] = (
-                len(self.watcher.frames), len(rm.released), seq, self._released_view(room)
+                len(self.watcher.frames),
+                len(rm.released),
+                seq,
+                self._released_view(room),
             )
 
     async def _settle(self) -> None:
@@ -717,9 +721,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
 
     @rule(room=st.sampled_from(ROOMS))
     def carol_leaves(self, room: str) -> None:
-        visible = (
-            "carol" in self.model.members[room] or room == "r1" or room in self.model.invited
-        )
+        visible = "carol" in self.model.members[room] or room == "r1" or room in self.model.invited
         reply = self.call("carol", p.RoomsLeave(ref="l", room=room))
         self._expect(reply, "ok" if visible else "not_found")
         self.model.members[room].discard("carol")

@@ -1,5 +1,6 @@
-"""The peer-link handshake and the sealed link frames, as pure functions (chatnode/keyring.py),
-and the push-pull exchange body (chatnode/gossip_udp.py): random, truncated, replayed,
+"""The peer-link handshake and the sealed link frames, as pure functions
+(chatnode/cluster/keyring.py),
+and the push-pull exchange body (chatnode/cluster/gossip.py): random, truncated, replayed,
 reflected, cross-link and cross-node input is refused and counted, never accepted, never a
 crash; the genuine exchange goes on working after every refusal."""
 
@@ -12,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnode.gossip_udp import (
+from chatnode.cluster.gossip import (
     PREAMBLE_MAX,
     open_exchange,
     open_preamble,
     seal_exchange,
     split_exchange,
 )
-from chatnode.keyring import (
+from chatnode.cluster.keyring import (
     LINK_NONCE,
     MAX_HANDSHAKE,
     AuthError,
@@ -29,7 +30,7 @@ from chatnode.keyring import (
     LinkSession,
     LinkStats,
 )
-from chatnode.membership import CodecError
+from chatnode.cluster.membership import CodecError
 
 K1, K2 = os.urandom(32), os.urandom(32)
 T = 1_700_000_000.0
@@ -310,9 +311,7 @@ def test_frame_refusal_reasons() -> None:
     with pytest.raises(AuthError, match="auth"):
         sb.open(second[:-1] + bytes([second[-1] ^ 1]))
     assert sb.open(second) == b"2"
-    assert b.stats.frames_refused == Counter(
-        out_of_order=1, replay=1, short=1, version=1, auth=1
-    )
+    assert b.stats.frames_refused == Counter(out_of_order=1, replay=1, short=1, version=1, auth=1)
 
 
 # -- push-pull exchange bodies ---------------------------------------------------------------

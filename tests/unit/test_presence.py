@@ -1,4 +1,4 @@
-"""Cluster-wide presence (chatnode/presence.py, pure): examples, the peer codec of its
+"""Cluster-wide presence (chatnode/chat/presence.py, pure): examples, the peer codec of its
 messages, and a state machine of nodes exchanging presence over a network that loses,
 reorders and duplicates messages while nodes die, restart and are falsely declared dead."""
 
@@ -18,8 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from chatnode import replication as r
-from chatnode.presence import (
+from chatnode.chat.presence import (
     Change,
     Outcome,
     Presence,
@@ -30,6 +29,7 @@ from chatnode.presence import (
     PresenceVersion,
     TypingLimiter,
 )
+from chatnode.cluster import replication as r
 
 # -- examples ---------------------------------------------------------------------------------
 
@@ -168,8 +168,9 @@ ephemeral_msgs = st.one_of(
         PresenceFull,
         versions,
         versions,
-        st.dictionaries(names, st.lists(names, max_size=3, unique=True).map(tuple), max_size=3)
-        .map(lambda d: tuple(d.items())),
+        st.dictionaries(names, st.lists(names, max_size=3, unique=True).map(tuple), max_size=3).map(
+            lambda d: tuple(d.items())
+        ),
     ),
     st.builds(
         PresenceDelta,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from chatnode import protocol as p
+from chatnode.chat import protocol as p
 from chatnode.errors import ERROR_CODES, HTTP_STATUS, ClientError
 from crdt.clock import Timestamp
 

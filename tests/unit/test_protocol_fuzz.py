@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from chatnode import protocol as p
+from chatnode.chat import protocol as p
 from chatnode.errors import ClientError
 from crdt.clock import Timestamp
 
@@ -240,8 +240,10 @@ requests: st.SearchStrategy[p.Request] = st.one_of(
         # emoji: no control character, no bidi control (joiners and tags are fine)
         st.text(
             st.characters(codec="utf-8", exclude_categories=["Cc"]).filter(
-                lambda c: c not in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                "\u2066\u2067\u2068\u2069"
+                lambda c: (
+                    c not in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                    "\u2066\u2067\u2068\u2069"
+                )
             ),
             min_size=1,
             max_size=p.MAX_EMOJI,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.ratelimit import KeyedLimiter, TokenBucket
+from chatnode.web.ratelimit import KeyedLimiter, TokenBucket
 
 
 def test_burst_then_refill() -> None:

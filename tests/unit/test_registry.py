@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnode import registry as reg
+from chatnode.cluster import registry as reg
 
 nodes = st.lists(st.from_regex(r"n[0-9a-f]{4}", fullmatch=True), min_size=1, max_size=6,
                  unique=True)  # fmt: skip

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from chatnode import replication as r
+from chatnode.cluster import replication as r
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
 tokens = st.integers(-1, 2**40)

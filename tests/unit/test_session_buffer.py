@@ -7,8 +7,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.auth import Claims
-from chatnode.service import MAX_CATCHUP_BUFFER_BYTES, Session, _Sub
+from chatnode.chat.auth import Claims
+from chatnode.chat.service import MAX_CATCHUP_BUFFER_BYTES, Session, _Sub
 
 
 class Outbox:

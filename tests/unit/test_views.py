@@ -1,4 +1,4 @@
-"""The pure part of the views (chatnode/views.py): folding history records into message
+"""The pure part of the views (chatnode/history/views.py): folding history records into message
 states, counting, search expressions and cursors. No database here (tests/integration/
 test_views_db.py runs the views on SQLite and PostgreSQL)."""
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chatnode.forwarding import ForwardedMessage, dedupe
-from chatnode.views import (
+from chatnode.history.forwarding import ForwardedMessage, dedupe
+from chatnode.history.views import (
     MARK_END,
     MARK_START,
     MAX_ROOM_TOKENS,

@@ -1,8 +1,8 @@
-"""The gossip adapter: runs :class:`chatnode.membership.Membership` over encrypted UDP, and
+"""The gossip adapter: runs :class:`chatnode.cluster.membership.Membership` over encrypted UDP, and
 carries its push-pull exchanges over HTTP.
 
 * One UDP socket (``asyncio.DatagramProtocol``) carries pings, acks, ping-reqs, nacks and the
-  piggybacked gossip. Every datagram is sealed by the :class:`~chatnode.keyring.Keyring`
+  piggybacked gossip. Every datagram is sealed by the :class:`~chatnode.cluster.keyring.Keyring`
   (kind "datagram") and is at most :data:`MAX_DATAGRAM` (1,400) bytes sealed: the state
   machine is given the budget that remains after the seal overhead.
 * Push-pull (full state, every 30 s and on join) is one HTTP exchange with the member's gossip
@@ -21,7 +21,7 @@ carries its push-pull exchanges over HTTP.
   awaited on :meth:`GossipMembership.stop`.
 * Every drop is counted in :class:`GossipStats` (bad seal, bad msgpack, oversized, failed
   exchange), never raised.
-* Peer sources (:mod:`chatnode.discovery`) only *propose* addresses; membership decides.
+* Peer sources (:mod:`chatnode.cluster.discovery`) only *propose* addresses; membership decides.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Final, Protocol
 import aiohttp
 from aiohttp import web
 
-from chatnode.keyring import KIND_DATAGRAM, KIND_PREAMBLE, KIND_STREAM, AuthError, Keyring
-from chatnode.membership import (
+from chatnode.cluster.keyring import KIND_DATAGRAM, KIND_PREAMBLE, KIND_STREAM, AuthError, Keyring
+from chatnode.cluster.membership import (
     Addr,
     CodecError,
     Member,

@@ -6,7 +6,7 @@ delete, reaction change or move of a message), in the order of the node's releas
 (``n`` rows, docs/REPLICATION.md), each as a record carrying the message's full state as it
 stands when read, so the last record of a message id is the truth. A *position* is a release
 number of the home node (1, 2, ...; 0 is "before the first"). This module decides *what* to
-read and produce next and what a delivery report means; :mod:`chatnode.forwarder` does the
+read and produce next and what a delivery report means; :mod:`chatnode.history.forwarder` does the
 producing.
 
 Rules, per room:
@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from chatnode.protocol import MessageLike
+from chatnode.chat.protocol import MessageLike
 from crdt.clock import Timestamp
 from crdt.errors import CodecError
 
@@ -69,7 +69,7 @@ class RecordError(ValueError):
 
 
 class Phase(enum.Enum):
-    ACTIVE = "active"      # this node is home: read, produce, save
+    ACTIVE = "active"  # this node is home: read, produce, save
     DRAINING = "draining"  # disowned: no reads; in-flight reports and one last save still apply
 
 
@@ -229,7 +229,10 @@ class Forwarding:
     """Forwarding state of every room this node is home of. See the module rules."""
 
     def __init__(
-        self, *, batch_size: int = 500, max_room_in_flight: int = 2_000,
+        self,
+        *,
+        batch_size: int = 500,
+        max_room_in_flight: int = 2_000,
         max_in_flight: int = 20_000,
     ) -> None:
         if batch_size < 1 or max_room_in_flight < 1 or max_in_flight < 1:
@@ -442,15 +445,19 @@ class Forwarding:
 
     def _maybe_forget(self, r: _Room) -> None:
         if (
-            r.phase is Phase.DRAINING and not r.in_flight and r.reading is None
-            and r.saving is None and (r.saved or 0) == r.frontier
+            r.phase is Phase.DRAINING
+            and not r.in_flight
+            and r.reading is None
+            and r.saving is None
+            and (r.saved or 0) == r.frontier
         ):
             del self._rooms[r.room]
 
     def next_deadline(self) -> float | None:
         """The earliest time a backed-off room may read again, if any is waiting."""
         times = [
-            r.retry_at for r in self._rooms.values()
+            r.retry_at
+            for r in self._rooms.values()
             if r.phase is Phase.ACTIVE and r.dirty and r.reading is None
         ]
         return min(times) if times else None
@@ -470,7 +477,9 @@ class Forwarding:
     def idle(self) -> bool:
         """Nothing outstanding, being read, or waiting to be saved."""
         return self.outstanding == 0 and all(
-            r.reading is None and not r.in_flight and r.saving is None
+            r.reading is None
+            and not r.in_flight
+            and r.saving is None
             and r.frontier == (r.saved or 0)
             for r in self._rooms.values()
         )
@@ -535,7 +544,8 @@ def _str(d: dict[str, object], k: str) -> str:
 
 
 def decode_record(
-    key: bytes | None, value: bytes | None,
+    key: bytes | None,
+    value: bytes | None,
     headers: Iterable[tuple[str, str | bytes | None]] | None = None,
 ) -> ForwardedMessage:
     """Inverse of :func:`encode_record`; raises :class:`RecordError` on anything else."""
@@ -567,17 +577,26 @@ def decode_record(
         reactions: list[tuple[str, tuple[str, ...]]] = []
         for item in raw_reactions:
             if (
-                not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not isinstance(item[1], list) or not all(isinstance(u, str) for u in item[1])
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], list)
+                or not all(isinstance(u, str) for u in item[1])
             ):
                 raise RecordError("malformed reaction")
             reactions.append((item[0], tuple(item[1])))
         msg = ForwardedMessage(
-            room=room, epoch=epoch, home=_str(d, "home"), id=_str(d, "id"),
-            author=_str(d, "author"), body=_str(d, "body"),
+            room=room,
+            epoch=epoch,
+            home=_str(d, "home"),
+            id=_str(d, "id"),
+            author=_str(d, "author"),
+            body=_str(d, "body"),
             ts=Timestamp.decode(_str(d, "ts")),
             edited=None if edited is None else Timestamp.decode(edited),
-            deleted=deleted, reactions=tuple(reactions), seq=seq,
+            deleted=deleted,
+            reactions=tuple(reactions),
+            seq=seq,
         )
     except (CodecError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, RecordError):
@@ -617,7 +636,7 @@ def murmur2(data: bytes) -> int:
     h = (0x9747B28C ^ n) & mask
     whole = n - n % 4
     for i in range(0, whole, 4):
-        k = int.from_bytes(data[i:i + 4], "little")
+        k = int.from_bytes(data[i : i + 4], "little")
         k = (k * mult) & mask
         k ^= k >> 24
         k = (k * mult) & mask

@@ -1,4 +1,4 @@
-"""The pure half of :mod:`chatnode.client`: typed events, per-room resume and dedupe
+"""The pure half of :mod:`chatnode.client.session`: typed events, per-room resume and dedupe
 bookkeeping, the outbox of unacknowledged sends, and the choice of the next node with
 backoff. No I/O, no event loop, no clock: time (``now``, seconds on any monotonic clock) and
 randomness (a ``random.Random``) are arguments.

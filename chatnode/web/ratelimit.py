@@ -124,7 +124,6 @@ class KeyedLimiter(Generic[K]):
             self._buckets.move_to_end(key)
         return bucket.allow(now, cost)
 
-
     def retry_after(self, key: K, now: float, cost: float = 1.0) -> float:
         """Seconds until ``cost`` would be allowed for ``key`` (0 for an unknown key)."""
         bucket = self._buckets.get(key)

@@ -3,7 +3,7 @@
 Endpoints (``docs/PROTOCOL.md``): ``POST /v1/accounts``, ``POST /v1/sessions``,
 ``DELETE /v1/sessions``, ``GET /v1/ws``, ``GET /healthz``, ``GET /metrics``, the operator's
 ``GET /v1/cluster`` (``docs/MEMBERSHIP.md``), and the web client's files from
-``chatnode/static/`` at ``/``. The node adds the cluster's routes (peer links, registry, the
+``chatnode/web/static/`` at ``/``. The node adds the cluster's routes (peer links, registry, the
 members' sealed ``POST /v1/gossip/push-pull``) next to these.
 
 Each WebSocket connection has a bounded send queue drained by one writer task that the
@@ -42,12 +42,13 @@ from typing import Any, Final
 from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
 
-from chatnode import protocol as p
+from chatnode.chat import protocol as p
+from chatnode.chat.service import Busy, Service, Session
 from chatnode.config import Config
 from chatnode.errors import ClientError
 from chatnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatnode.metrics import Metrics
-from chatnode.ratelimit import (
+from chatnode.web.ratelimit import (
     CountLimiter,
     LoginLimiter,
     Network,
@@ -57,7 +58,6 @@ from chatnode.ratelimit import (
     parse_networks,
     trusted_peer,
 )
-from chatnode.service import Busy, Service, Session
 
 __all__ = [
     "CLOSE_LOGGED_OUT",
@@ -359,6 +359,7 @@ class GatedSite(web.TCPSite):
         )
         sockets = self._server.sockets
         self._bound_port = int(sockets[0].getsockname()[1]) if sockets else self._port
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]

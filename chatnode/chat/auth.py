@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from chatnode.chat.protocol import MAX_TOKEN, valid_user
 from chatnode.errors import ClientError
-from chatnode.protocol import MAX_TOKEN, valid_user
 
 __all__ = [
     "UNUSABLE_HASH",

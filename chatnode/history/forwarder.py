@@ -1,4 +1,4 @@
-"""Kafka/Redpanda forwarder: the adapter around :mod:`chatnode.forwarding`.
+"""Kafka/Redpanda forwarder: the adapter around :mod:`chatnode.history.forwarding`.
 
 The only module that imports ``confluent_kafka``. Every call into it runs on a small thread
 pool owned by the :class:`Forwarder`, never on the event loop. The forwarder owns three tasks:
@@ -40,7 +40,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from chatnode.forwarding import (
+from chatnode.history.forwarding import (
     BACKOFF_MAX_S,
     DeliveryReport,
     FeedEntry,
@@ -68,14 +68,16 @@ _TOPIC_TIMEOUT_S = 3.0
 # Errors after which the idempotent producer's session (producer id, epoch, sequence numbers)
 # is unusable: retrying with it fails forever (Tansu answers PRODUCER_FENCED after librdkafka
 # bumps the epoch following a timeout), so the producer is replaced.
-_SESSION_ERRORS = frozenset({
-    KafkaError.PRODUCER_FENCED,
-    KafkaError.INVALID_PRODUCER_EPOCH,
-    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
-    KafkaError.UNKNOWN_PRODUCER_ID,
-    KafkaError.INVALID_PRODUCER_ID_MAPPING,
-    KafkaError._FATAL,
-})
+_SESSION_ERRORS = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        KafkaError._FATAL,
+    }
+)
 
 # (producer incarnation, room, generation, feed position) carried by each delivery callback
 _Token = tuple[int, str, int, int]
@@ -125,7 +127,8 @@ class Forwarder:
         self._create_topic = create_topic
         self._clock = clock
         self._state = Forwarding(
-            batch_size=batch_size, max_room_in_flight=max_room_in_flight,
+            batch_size=batch_size,
+            max_room_in_flight=max_room_in_flight,
             max_in_flight=max_in_flight,
         )
         self._conf: dict[str, object] = {
@@ -286,7 +289,10 @@ class Forwarder:
             token = (incarnation, rec.room, rec.gen, rec.pos)
             try:
                 producer.produce(
-                    self.topic, value=value, key=key, headers=headers,
+                    self.topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
                     on_delivery=functools.partial(self._on_delivery, token),
                 )
             except (BufferError, KafkaException) as e:
@@ -337,8 +343,13 @@ class Forwarder:
         while not self._closing:
             try:
                 await loop.run_in_executor(
-                    self._pool, ensure_topic, self.brokers, self.topic, self._partitions,
-                    self._replication, _TOPIC_TIMEOUT_S,
+                    self._pool,
+                    ensure_topic,
+                    self.brokers,
+                    self.topic,
+                    self._partitions,
+                    self._replication,
+                    _TOPIC_TIMEOUT_S,
                 )
                 return
             except (KafkaException, TimeoutError) as e:
@@ -415,7 +426,10 @@ _REFUSED = KafkaError(KafkaError._QUEUE_FULL, "refused by the producer")
 
 
 def ensure_topic(
-    brokers: str, topic: str, partitions: int = 12, replication_factor: int = -1,
+    brokers: str,
+    topic: str,
+    partitions: int = 12,
+    replication_factor: int = -1,
     timeout: float = 10.0,
 ) -> None:
     """Create ``topic`` unless it exists. Raises ``KafkaException`` or ``TimeoutError``."""
@@ -425,7 +439,8 @@ def ensure_topic(
         return
     fut = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor)],
-        request_timeout=timeout, operation_timeout=timeout,
+        request_timeout=timeout,
+        operation_timeout=timeout,
     )[topic]
     try:
         fut.result(timeout)
@@ -437,15 +452,17 @@ def ensure_topic(
 
 
 def _consumer(brokers: str) -> Any:
-    return Consumer({
-        "bootstrap.servers": brokers,
-        "group.id": "chatnode-reader",  # required by the client; assign() never joins it
-        "enable.auto.commit": False,
-        "enable.partition.eof": True,
-        "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": 50,
-        "logger": _rdlog,
-    })
+    return Consumer(
+        {
+            "bootstrap.servers": brokers,
+            "group.id": "chatnode-reader",  # required by the client; assign() never joins it
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 50,
+            "logger": _rdlog,
+        }
+    )
 
 
 def _read_partitions(

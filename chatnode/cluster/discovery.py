@@ -8,8 +8,8 @@
   ``<node id>._chatnode._tcp.local.`` with the gossip port in SRV and ``id``/``gossip`` in TXT,
   and browses the same type. The only module importing zeroconf.
 
-Each implements :class:`chatnode.gossip_udp.PeerSource`: ``await start(propose, local)`` and
-``await stop()``, a ``name`` and its :class:`~chatnode.gossip_udp.SourceStats`; each owns its
+Each implements :class:`chatnode.cluster.gossip.PeerSource`: ``await start(propose, local)`` and
+``await stop()``, a ``name`` and its :class:`~chatnode.cluster.gossip.SourceStats`; each owns its
 tasks and cancels them on stop. Membership decides what a
 proposal is worth (it skips itself and addresses of live members, then runs a push-pull).
 """
@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from chatnode.gossip_udp import (
+from chatnode.cluster.gossip import (
     GossipMembership,
     PeerSource,
     Propose,
     PushPullClient,
     SourceStats,
 )
-from chatnode.keyring import Keyring, parse_key, read_key_file
-from chatnode.membership import Addr, Member, MemberEvent, MembershipConfig
+from chatnode.cluster.keyring import Keyring, parse_key, read_key_file
+from chatnode.cluster.membership import Addr, Member, MemberEvent, MembershipConfig
 
 __all__ = [
     "DEFAULT_PORT",
@@ -367,8 +367,8 @@ def build_membership(
 ) -> GossipMembership:
     """A ready :class:`GossipMembership` (not started) with the configured peer sources.
     ``push_pull_client`` carries its push-pull exchanges (an
-    :class:`~chatnode.gossip_udp.HttpPushPullClient`); the caller serves incoming ones at
-    the gossip address with :func:`~chatnode.gossip_udp.serve_push_pull`."""
+    :class:`~chatnode.cluster.gossip.HttpPushPullClient`); the caller serves incoming ones at
+    the gossip address with :func:`~chatnode.cluster.gossip.serve_push_pull`."""
     advertise = opts.advertise
     if advertise is None and opts.gossip_host in ("0.0.0.0", ""):
         advertise = (primary_ipv4(), opts.gossip_port)

@@ -1,15 +1,16 @@
 """The views database on PostgreSQL (psycopg 3, ``tsvector`` + GIN): the only module that
 imports ``psycopg``.
 
-The same views as :mod:`chatnode.viewsdb` (docs/VIEWS.md), folded by the same pure code
-(:func:`chatnode.views.plan`); what differs is the full-text search: each message row holds a
+The same views as :mod:`chatnode.history.viewsdb` (docs/VIEWS.md), folded by the same pure code
+(:func:`chatnode.history.views.plan`); what differs is the full-text search: each message row
+holds a
 ``tsvector`` of its words (``to_tsvector('simple', …)`` of the body's words with case and
-accents folded by :func:`chatnode.views.pg_index_text`, so both databases find the same
+accents folded by :func:`chatnode.history.views.pg_index_text`, so both databases find the same
 words), indexed with GIN, queried with ``to_tsquery('simple', …)`` of
-:func:`chatnode.views.build_tsquery`, ranked by ``ts_rank``; snippets are cut in Python
-(:func:`chatnode.views.make_snippet`). Every value is a bound parameter.
+:func:`chatnode.history.views.build_tsquery`, ranked by ``ts_rank``; snippets are cut in Python
+(:func:`chatnode.history.views.make_snippet`). Every value is a bound parameter.
 
-Blocking: run on the caller's threads (:class:`chatnode.indexer.Views`). One
+Blocking: run on the caller's threads (:class:`chatnode.history.indexer.Views`). One
 :class:`PgViewsDB` is one connection, used by one thread at a time.
 """
 
@@ -21,8 +22,8 @@ from typing import Any, Final, TypeVar
 
 import psycopg
 
-from chatnode.forwarding import ForwardedMessage
-from chatnode.views import (
+from chatnode.history.forwarding import ForwardedMessage
+from chatnode.history.views import (
     SEARCH_WINDOW,
     Applied,
     MessageState,
@@ -41,7 +42,7 @@ __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PgViewsDB"]
 
 _T = TypeVar("_T")
 
-#: (version, what it does, statements), as :data:`chatnode.viewsdb.MIGRATIONS`; the version
+#: (version, what it does, statements), as :data:`chatnode.history.viewsdb.MIGRATIONS`; the version
 #: is kept in ``views_schema`` (one row).
 MIGRATIONS: Final[tuple[tuple[int, str, tuple[str, ...]], ...]] = (
     (1, "messages with tsvector and GIN, counters, source positions", (
@@ -386,8 +387,14 @@ class PgViewsDB:
 
     def counts_check(self) -> dict[str, object]:
         c = self.conn
-        stored = {r: int(n) for r, n in c.execute(
-            "SELECT room, messages FROM room_counts WHERE messages != 0")}
-        computed = {r: int(n) for r, n in c.execute(
-            "SELECT room, count(*) FROM messages WHERE NOT deleted GROUP BY room")}
+        stored = {
+            r: int(n)
+            for r, n in c.execute("SELECT room, messages FROM room_counts WHERE messages != 0")
+        }
+        computed = {
+            r: int(n)
+            for r, n in c.execute(
+                "SELECT room, count(*) FROM messages WHERE NOT deleted GROUP BY room"
+            )
+        }
         return {"stored": stored, "computed": computed}  # fmt: skip

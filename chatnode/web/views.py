@@ -15,11 +15,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from chatnode import protocol as p
+from chatnode.chat import protocol as p
+from chatnode.chat.service import Service
 from chatnode.errors import ClientError
-from chatnode.indexer import Views
-from chatnode.service import Service
-from chatnode.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
+from chatnode.history.indexer import Views
+from chatnode.history.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
 
 __all__ = ["ViewsAPI"]
 
@@ -109,9 +109,7 @@ class ViewsAPI:
         if not self.is_operator(request):
             user = self._user(request)
             if room is None:
-                raise ClientError(
-                    "forbidden", "stats: give ?room=ROOM (every room: operator only)"
-                )
+                raise ClientError("forbidden", "stats: give ?room=ROOM (every room: operator only)")
             self._check_readable(user, room)
         since = days_back(self.now_ms(), days)
         now = self.now_ms()

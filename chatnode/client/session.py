@@ -16,7 +16,7 @@ What it does for you:
   HTTP, says ``hello`` and learns from the reply the public URLs of the alive members. When
   the connection breaks, stalls (no answer to a ``ping``) or the node shuts down, it
   reconnects to another node with backoff and jitter, preferring the nodes the cluster
-  reported alive (:class:`~chatnode.clientstate.NodePicker`).
+  reported alive (:class:`~chatnode.client.state.NodePicker`).
 - **Subscriptions.** Per room it keeps the last ``resume`` token and cursor and resubscribes
   with them after every reconnect, so that nothing is missed; every message id reaches
   :meth:`Client.events` once (duplicates from overlapping catch-ups are dropped by id;
@@ -50,7 +50,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from chatnode.clientstate import (
+from chatnode.client.state import (
     RETRY_SAME,
     CaughtUp,
     Connected,

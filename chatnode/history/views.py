@@ -1,8 +1,8 @@
 """Views derived from the history records: the pure part (no I/O, no clock, no database).
 
-The indexer (:mod:`chatnode.indexer`) reads history records — the records of the Kafka topic
+The indexer (:mod:`chatnode.history.indexer`) reads history records — the records of the Kafka topic
 (docs/KAFKA.md), or the same records built from the node's own release log — and keeps a
-views database current (:mod:`chatnode.viewsdb`). This module decides *what* changes:
+views database current (:mod:`chatnode.history.viewsdb`). This module decides *what* changes:
 
 - **Folding** (:func:`fold`): a record carries a message's full state; the message's stored
   state is replaced by it, refined so that neither a duplicate nor a reordered record can
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
 from chatnode.errors import ServerError
-from chatnode.forwarding import ForwardedMessage
+from chatnode.history.forwarding import ForwardedMessage
 
 __all__ = [
     "MARK_END",
@@ -124,8 +124,8 @@ _R = TypeVar("_R")
 
 
 class ViewsStore(Protocol):
-    """One connection to a views database (:mod:`chatnode.viewsdb` on SQLite,
-    :mod:`chatnode.viewspg` on PostgreSQL). Blocking; one thread at a time."""
+    """One connection to a views database (:mod:`chatnode.history.viewsdb` on SQLite,
+    :mod:`chatnode.history.viewspg` on PostgreSQL). Blocking; one thread at a time."""
 
     applied: list[int]  # the migrations applied when it was opened
 
@@ -147,7 +147,11 @@ class ViewsStore(Protocol):
     def heartbeat(self, source: str, highs: Mapping[str, int], now_ms: int) -> None: ...
 
     def search(
-        self, query: str, rooms: Iterable[str], after: tuple[float, int] | None, limit: int,
+        self,
+        query: str,
+        rooms: Iterable[str],
+        after: tuple[float, int] | None,
+        limit: int,
         window: int = SEARCH_WINDOW,
     ) -> tuple[list[dict[str, object]], str | None]:
         """Up to ``limit`` live messages of ``rooms`` matching what the user typed, best
@@ -425,7 +429,7 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
     """Inverse of :func:`encode_cursor`; :class:`CursorError` for anything else."""
     if len(cursor) > MAX_CURSOR or not cursor.startswith(_CURSOR_PREFIX):
         raise CursorError("not a search cursor")
-    body = cursor[len(_CURSOR_PREFIX):]
+    body = cursor[len(_CURSOR_PREFIX) :]
     try:
         raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
         value = json.loads(raw)
@@ -493,7 +497,7 @@ def parse_views_url(url: str) -> ViewsTarget:
     (``postgresql://user:password@host:port/database``, ``postgres://…``)."""
     url = url.strip()
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if not path or "?" in path or "#" in path:
             raise ViewsURLError("expected sqlite:///PATH to a database file")
         return ViewsTarget("sqlite", path=Path(path))

@@ -2,10 +2,11 @@
 imports ``sqlite3``.
 
 Blocking: every call runs on a thread the caller owns, never on the event loop
-(:class:`chatnode.indexer.Views` does that). One :class:`ViewsDB` is one connection; SQLite
+(:class:`chatnode.history.indexer.Views` does that). One :class:`ViewsDB` is one connection; SQLite
 connections are used by one thread at a time. docs/VIEWS.md describes the schema.
 
-Writes: :meth:`ViewsDB.apply` folds a batch of records into the rows (:func:`chatnode.views.plan`)
+Writes: :meth:`ViewsDB.apply` folds a batch of records into the rows
+(:func:`chatnode.history.views.plan`)
 and stores the source positions the batch reached **in the same transaction**, so a restart
 resumes exactly after what is in the views: nothing skipped, nothing counted twice.
 Queries bind every value as a parameter (the FTS5 query expression too).
@@ -20,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from chatnode.forwarding import ForwardedMessage
-from chatnode.views import (
+from chatnode.history.forwarding import ForwardedMessage
+from chatnode.history.views import (
     MARK_END,
     MARK_START,
     SEARCH_WINDOW,
@@ -332,7 +333,7 @@ class ViewsDB:
         window: int = SEARCH_WINDOW,
     ) -> tuple[list[dict[str, object]], str | None]:  # fmt: skip
         """Up to ``limit`` live messages of ``rooms`` matching what the user typed
-        (:func:`chatnode.views.build_match`, a :class:`QueryError` if nothing), best first
+        (:func:`chatnode.history.views.build_match`, a :class:`QueryError` if nothing), best first
         (bm25), after the cursor ``after``; and the cursor of the next page."""
         match = build_match(query)
         score, last = after if after is not None else (None, None)
@@ -366,9 +367,14 @@ class ViewsDB:
         ).fetchall()  # fmt: skip
         page = [int(n) for n, _ in top[:limit]]
         ids = json.dumps(page)
-        found = {int(r[0]): r for r in c.execute(
-            "SELECT n, room, id, author, ts, ts_ms, edited FROM messages"
-            " WHERE n IN (SELECT value FROM json_each(?)) AND deleted = 0", (ids,))}
+        found = {
+            int(r[0]): r
+            for r in c.execute(
+                "SELECT n, room, id, author, ts, ts_ms, edited FROM messages"
+                " WHERE n IN (SELECT value FROM json_each(?)) AND deleted = 0",
+                (ids,),
+            )
+        }
         snips = dict(c.execute(
             "SELECT rowid, snippet(messages_fts, 0, ?, ?, '…', ?) FROM messages_fts"
             " WHERE messages_fts MATCH ? AND rowid IN (SELECT value FROM json_each(?))",

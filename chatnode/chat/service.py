@@ -46,13 +46,13 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
 import msgpack
 
-from chatnode import protocol as p
-from chatnode.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
+from chatnode.chat import protocol as p
+from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
+from chatnode.chat.presence import Change as PresenceChange
+from chatnode.chat.presence import Presence, TypingLimiter
 from chatnode.errors import ClientError
 from chatnode.metrics import Metrics
-from chatnode.presence import Change as PresenceChange
-from chatnode.presence import Presence, TypingLimiter
-from chatnode.storage import (
+from chatnode.store.engine import (
     NS_CLOCK,
     NS_META_DELTA,
     NS_META_SNAPSHOT,
@@ -127,7 +127,8 @@ class Outbox(Protocol):
 
 
 class EphemeralLink(Protocol):
-    """Where presence, typing and read events go to the other nodes (chatnode/ephemeral.py)."""
+    """Where presence, typing and read events go to the other nodes
+    (chatnode/cluster/ephemeral.py)."""
 
     def presence_changed(self) -> None:
         """``presence`` has pending local changes to publish."""
@@ -138,7 +139,7 @@ class EphemeralLink(Protocol):
 
 
 class Replicator(Protocol):
-    """The cluster side of writes (``chatnode.cluster``); absent on a standalone node."""
+    """The cluster side of writes (``chatnode.cluster.runtime``); absent on a standalone node."""
 
     ack_timeout: float
 
@@ -221,10 +222,7 @@ class Session:
             self.outbox.push(text)
             return
         size = len(text)
-        if (
-            len(sub.buffer) >= sub.limit
-            or self.buffered_bytes + size > MAX_CATCHUP_BUFFER_BYTES
-        ):
+        if len(sub.buffer) >= sub.limit or self.buffered_bytes + size > MAX_CATCHUP_BUFFER_BYTES:
             # The client cannot keep up even with its own catch-up: treat it as too slow.
             self.end_buffering(sub)
             self.outbox.too_slow()
@@ -394,7 +392,7 @@ class Service:
         self._hashing = asyncio.Semaphore(MAX_INFLIGHT_HASHES)
         self.on_revoke: Callable[[str], None] | None = None
         self.replicator: Replicator | None = None
-        # Cluster-wide presence (chatnode/presence.py; ephemeral, never stored) and the link
+        # Cluster-wide presence (chatnode/chat/presence.py; ephemeral, never stored) and the link
         # that carries it, typing and read events to the peers (None: standalone).
         self.presence = Presence(node_id, time.time_ns() // 1000)
         self.typing_limit = TypingLimiter()
@@ -411,7 +409,7 @@ class Service:
         self._peer_frontier: str | None = None
         self._limit: str | None = None
         self.on_release: Callable[[str], None] | None = None  # a message event went out
-        # Answers ``search`` over the views (chatnode.viewsweb; None: search is off here).
+        # Answers ``search`` over the views (chatnode.web.views; None: search is off here).
         self.search: Callable[[p.Search, set[str]], Awaitable[dict[str, object]]] | None = None
         # Released events wait here for their release-log rows to be durable, then go out
         # in release order (one batch per loop iteration).
@@ -812,7 +810,8 @@ class Service:
             if self.held_overflow % 10_000 == 0:
                 log.warning(
                     "stable frontier stuck at %s: %d events held; releasing out of order",
-                    self._limit, len(self._held),
+                    self._limit,
+                    len(self._held),
                 )
             self.held_overflow += 1
             self._release_event(event)
@@ -1268,9 +1267,7 @@ class Service:
             done = await self._catch_up_after(s, sub, state, req.after.encode())
         if not done:
             return
-        s.outbox.push(
-            p.encode({"op": "caught_up", "room": req.room, "resume": self._token(upto)})
-        )
+        s.outbox.push(p.encode({"op": "caught_up", "room": req.room, "resume": self._token(upto)}))
         buffered = s.end_buffering(sub)
         for text in buffered:
             if text is not None:
@@ -1310,9 +1307,7 @@ class Service:
             since = min(upto, since + page_size)
         return True
 
-    async def _catch_up_after(
-        self, s: Session, sub: _Sub, state: _RoomState, cursor: str
-    ) -> bool:
+    async def _catch_up_after(self, s: Session, sub: _Sub, state: _RoomState, cursor: str) -> bool:
         """Send the committed messages after ``cursor`` that were released already, skipping
         those not yet sent live (they reach the subscription's buffer). False if the session
         left."""
@@ -1713,9 +1708,7 @@ class _Unreleased(NamedTuple):
     now: tuple[str, bytes] | None  # the message's cursor and history row now (None: gone)
 
 
-def _load_releases(
-    store: Store, rooms: list[str]
-) -> dict[str, tuple[int, str, list[_Unreleased]]]:
+def _load_releases(store: Store, rooms: list[str]) -> dict[str, tuple[int, str, list[_Unreleased]]]:
     """Per room: the last release number, the highest cursor released, and the events
     committed but never released (``q`` rows: messages and updates) in cursor order, each
     with its message's current history row."""

@@ -22,7 +22,7 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
 ``["p", nonce]``                                ping: answer ``o`` after everything before it
 ``["o", nonce]``                                pong
 ``["ws", inc, seq, {room: [users]}]``           presence: my whole published state
-                                                (:mod:`chatnode.presence`)
+                                                (:mod:`chatnode.chat.presence`)
 ``["wd", inc, base, seq, {room: {user: on}}]``  presence: my changes from ``base`` to ``seq``
 ``["wv", inc, seq]``                            presence: the version of my state
 ``["wr"]``                                      presence: send me your whole state
@@ -40,7 +40,7 @@ from typing import Final
 
 import msgpack
 
-from chatnode.presence import (
+from chatnode.chat.presence import (
     PresenceDelta,
     PresenceFull,
     PresenceRequest,
@@ -146,8 +146,21 @@ class ReadNote:
 
 
 PeerMsg = (
-    Update | Ack | MetaPayload | Digests | StateVector | SvRequest | Frontier | Ping | Pong
-    | PresenceFull | PresenceDelta | PresenceVersion | PresenceRequest | TypingNote | ReadNote
+    Update
+    | Ack
+    | MetaPayload
+    | Digests
+    | StateVector
+    | SvRequest
+    | Frontier
+    | Ping
+    | Pong
+    | PresenceFull
+    | PresenceDelta
+    | PresenceVersion
+    | PresenceRequest
+    | TypingNote
+    | ReadNote
 )
 
 
@@ -256,7 +269,7 @@ def _map(v: object) -> dict[object, object]:
 
 
 def _ephemeral(tag: str, args: list[object]) -> PeerMsg:
-    """Presence, typing and read notes (never stored; see chatnode/presence.py)."""
+    """Presence, typing and read notes (never stored; see chatnode/chat/presence.py)."""
     if tag == "ws" and len(args) == 3:
         rooms: list[tuple[str, tuple[str, ...]]] = []
         for r, users in _map(args[2]).items():

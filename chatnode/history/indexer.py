@@ -4,7 +4,7 @@ current (docs/VIEWS.md).
 Two sources of the same records (``chatnode.message/1``, docs/KAFKA.md):
 
 - :class:`KafkaSource`: every partition of the topic, ``assign()``ed from the offsets stored
-  in the views database (:class:`chatnode.forwarder.TopicReader`); what ``chatnode indexer``
+  in the views database (:class:`chatnode.history.forwarder.TopicReader`); what ``chatnode indexer``
   and ``chatnode run --index --kafka-brokers …`` read.
 - :class:`LogSource`: the node's own release log, read through the same change feed the
   forwarder reads (``Cluster.read_feed``), one position per room; what ``chatnode run
@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from chatnode.forwarder import TopicReader
-from chatnode.forwarding import (
+from chatnode.history.forwarder import TopicReader
+from chatnode.history.forwarding import (
     BACKOFF_MAX_S,
     FeedEntry,
     ForwardedMessage,
@@ -38,8 +38,8 @@ from chatnode.forwarding import (
     decode_record,
     encode_record,
 )
-from chatnode.views import Applied, ViewsError, ViewsStore, ViewsTarget
-from chatnode.viewsdb import ViewsDB
+from chatnode.history.views import Applied, ViewsError, ViewsStore, ViewsTarget
+from chatnode.history.viewsdb import ViewsDB
 
 __all__ = ["Batch", "Indexer", "KafkaSource", "LogSource", "Source", "Views", "open_store"]
 
@@ -64,12 +64,12 @@ def _wall_ms() -> int:
 
 def open_store(target: ViewsTarget, *, readonly: bool = False) -> ViewsStore:
     """Open the views database ``target`` names (blocking); migrated unless ``readonly``.
-    Raises :class:`chatnode.views.ViewsError`."""
+    Raises :class:`chatnode.history.views.ViewsError`."""
     if target.kind == "sqlite":
         assert target.path is not None
         return ViewsDB.open(target.path, readonly=readonly)
     try:
-        from chatnode.viewspg import PgViewsDB  # noqa: PLC0415  (psycopg: only for PostgreSQL)
+        from chatnode.history.viewspg import PgViewsDB  # noqa: PLC0415  (psycopg: only for PostgreSQL)
     except ImportError as exc:
         raise ViewsError(
             f"PostgreSQL views need psycopg 3: pip install 'chatnode[postgresql]' ({exc})"
@@ -99,6 +99,7 @@ class Views:
 
     async def open_writer(self) -> list[int]:
         """Open for writing and apply the migrations; returns the versions applied."""
+
         def go() -> list[int]:
             db = open_store(self.target)
             self._writer, self._writing = db, True
@@ -141,7 +142,7 @@ class Views:
             raise
 
     async def read(self, fn: Callable[[ViewsStore], _T]) -> _T:
-        """``fn(db)`` on a reader thread (:class:`chatnode.views.ViewsError` if the database
+        """``fn(db)`` on a reader thread (:class:`chatnode.history.views.ViewsError` if the database
         cannot be opened or fails)."""
         return await self._on(self._reader_pool, lambda: self._read(fn))
 

@@ -5,15 +5,17 @@
   a capped backoff while the other is a member; the other accepts. One link per pair.
 * **Handshake** (before any WebSocket exists, so nothing unauthenticated is ever read as a
   frame): the dialer sends a hello (``POST``) to :data:`PEER_PATH` (at most
-  :data:`~chatnode.keyring.MAX_HANDSHAKE` bytes, read within :data:`HELLO_TIMEOUT`, at most
+  :data:`~chatnode.cluster.keyring.MAX_HANDSHAKE` bytes, read within :data:`HELLO_TIMEOUT`, at most
   :data:`MAX_HELLOS` answered at once, 503 beyond), the acceptor answers a challenge (kept at
   most :data:`HELLO_TIMEOUT`, at most :data:`MAX_PENDING` at once), and the dialer opens the
   WebSocket with its response in the :data:`LINK_HEADER` request header. The acceptor checks
   the response before it upgrades; only then does the socket exist, with the large frame
-  limit of a trusted peer. The protocol itself (pure) is in :mod:`chatnode.keyring`:
-  :class:`~chatnode.keyring.DialerHandshake`, :class:`~chatnode.keyring.LinkAcceptor`.
+  limit of a trusted peer. The protocol itself (pure) is in :mod:`chatnode.cluster.keyring`:
+  :class:`~chatnode.cluster.keyring.DialerHandshake`,
+  :class:`~chatnode.cluster.keyring.LinkAcceptor`.
 * **Frames** are binary WebSocket messages: a msgpack array of peer messages
-  (:mod:`chatnode.replication`) sealed by the link's :class:`~chatnode.keyring.LinkSession`
+  (:mod:`chatnode.cluster.replication`) sealed by the link's
+  :class:`~chatnode.cluster.keyring.LinkSession`
   (AES-256-GCM under keys of this link and direction, with a counter that must be exactly
   the next one). A frame that does not open or decode closes the link and is counted.
 * **Bounded send buffers**: each link queues at most ``max_queue`` messages; its writer task
@@ -45,7 +47,7 @@ from typing import Any, Final, cast
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from chatnode.keyring import (
+from chatnode.cluster.keyring import (
     LINK_NONCE,
     MAX_HANDSHAKE,
     AuthError,
@@ -55,7 +57,7 @@ from chatnode.keyring import (
     LinkSession,
     LinkStats,
 )
-from chatnode.replication import FrameError, PeerMsg, decode_frame, encode_frame
+from chatnode.cluster.replication import FrameError, PeerMsg, decode_frame, encode_frame
 
 __all__ = ["LINK_HEADER", "PEER_PATH", "PeerHub", "PeerStats"]
 
@@ -286,7 +288,7 @@ class PeerHub:
 
     async def handle_hello(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/cluster/peer``: answer a dialer's hello with a challenge. The body is
-        read only up to :data:`~chatnode.keyring.MAX_HANDSHAKE` bytes and within
+        read only up to :data:`~chatnode.cluster.keyring.MAX_HANDSHAKE` bytes and within
         :data:`HELLO_TIMEOUT`; beyond :data:`MAX_HELLOS` at once the answer is 503 at once."""
         if self._closing:
             raise web.HTTPServiceUnavailable(text="closing")

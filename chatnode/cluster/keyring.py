@@ -28,11 +28,11 @@ and the plaintext inside is::
 Keys are given as strings: 64 hexadecimal digits or the base64 (standard or URL-safe, padded
 or not) of exactly 32 bytes.
 
-Peer links (replication, :mod:`chatnode.peers`) do not use :meth:`Keyring.seal`: they run a
+Peer links (replication, :mod:`chatnode.cluster.peers`) do not use :meth:`Keyring.seal`: they run a
 challenge-response handshake (:class:`DialerHandshake`, :class:`LinkAcceptor`) and seal their
 frames with per-link, per-direction keys and counters (:class:`LinkSession`), below; the
 layout is in docs/REPLICATION.md ("Peer channels"). Push-pull bodies add a sealed
-:data:`KIND_PREAMBLE` (:mod:`chatnode.gossip_udp`).
+:data:`KIND_PREAMBLE` (:mod:`chatnode.cluster.gossip`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ __all__ = [
 VERSION = 1
 KIND_DATAGRAM = 1
 KIND_STREAM = 2
-KIND_PREAMBLE = 3  # the authenticated head of a push-pull exchange (chatnode.gossip_udp)
+KIND_PREAMBLE = 3  # the authenticated head of a push-pull exchange (chatnode.cluster.gossip)
 _KINDS = (KIND_DATAGRAM, KIND_STREAM, KIND_PREAMBLE)
 NONCE_LEN = 12
 TAG_LEN = 16

@@ -1,9 +1,10 @@
 """The cluster runtime of a node: replication of room logs and metadata over the peer
 channels, durable-ack quorums, anti-entropy, and the room registry with handover.
 
-It owns the :class:`~chatnode.peers.PeerHub` and three background tasks (metadata shipping,
+It owns the :class:`~chatnode.cluster.peers.PeerHub` and three background tasks (metadata shipping,
 anti-entropy, registry), which :meth:`Cluster.stop` cancels and awaits. Decisions come from
-the pure modules :mod:`chatnode.replication` and :mod:`chatnode.registry`; this module moves
+the pure modules :mod:`chatnode.cluster.replication` and :mod:`chatnode.cluster.registry`; this
+module moves
 bytes and waits. See ``docs/REPLICATION.md``.
 """
 
@@ -21,16 +22,14 @@ from typing import Final
 import msgpack
 from aiohttp import web
 
-from chatnode import registry as reg
-from chatnode.ephemeral import Ephemeral
-from chatnode.errors import ClientError
-from chatnode.forwarder import Forwarder
-from chatnode.forwarding import FeedEntry
-from chatnode.keyring import Keyring
-from chatnode.membership import Member, MemberEvent, MemberState
-from chatnode.peers import PeerHub
-from chatnode.presence import PresenceDelta, PresenceFull, PresenceRequest, PresenceVersion
-from chatnode.replication import (
+from chatnode.chat.presence import PresenceDelta, PresenceFull, PresenceRequest, PresenceVersion
+from chatnode.chat.service import Service
+from chatnode.cluster import registry as reg
+from chatnode.cluster.ephemeral import Ephemeral
+from chatnode.cluster.keyring import Keyring
+from chatnode.cluster.membership import Member, MemberEvent, MemberState
+from chatnode.cluster.peers import PeerHub
+from chatnode.cluster.replication import (
     NO_TOKEN,
     Ack,
     AckTracker,
@@ -50,8 +49,10 @@ from chatnode.replication import (
     digest,
     required_acks,
 )
-from chatnode.service import Service
-from chatnode.storage import Batch, StorageError, Store, release_key
+from chatnode.errors import ClientError
+from chatnode.history.forwarder import Forwarder
+from chatnode.history.forwarding import FeedEntry
+from chatnode.store.engine import Batch, StorageError, Store, release_key
 from crdt.errors import CodecError
 from crdt.segments import encode_envelope
 
@@ -746,7 +747,7 @@ class Cluster:
 
 def _release_rows(store: Store, room: str, after: int, upto: int) -> list[tuple[int, str]]:
     """``(release number, message id)`` of ``room``'s release log rows ``after+1 .. upto``
-    (blocking; runs on the store's reader threads). Row layout: chatnode/storage.py."""
+    (blocking; runs on the store's reader threads). Row layout: chatnode/store/engine.py."""
     out: list[tuple[int, str]] = []
     for key, value in store.iter_range(release_key(room, after + 1), release_key(room, upto + 1)):
         row = msgpack.unpackb(value, raw=False)

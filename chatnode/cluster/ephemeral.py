@@ -1,6 +1,6 @@
 """Presence, typing and read events between nodes: the thin adapter between the pure
-presence table (:mod:`chatnode.presence`, held by the service) and the peer links
-(:class:`~chatnode.peers.PeerHub`). Owned by :class:`~chatnode.cluster.Cluster`.
+presence table (:mod:`chatnode.chat.presence`, held by the service) and the peer links
+(:class:`~chatnode.cluster.peers.PeerHub`). Owned by :class:`~chatnode.cluster.runtime.Cluster`.
 
 * Local presence changes are published to every connected peer as one delta per
   :data:`COALESCE` seconds at most: a change after a quiet spell goes out at once (with
@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from chatnode.peers import PeerHub
-from chatnode.presence import Outcome, PresenceMsg, PresenceRequest
-from chatnode.replication import ReadNote, TypingNote, encode_frame
-from chatnode.service import Service
+from chatnode.chat.presence import Outcome, PresenceMsg, PresenceRequest
+from chatnode.chat.service import Service
+from chatnode.cluster.peers import PeerHub
+from chatnode.cluster.replication import ReadNote, TypingNote, encode_frame
 from crdt.errors import CodecError
 
 __all__ = ["COALESCE", "VERSION_EVERY", "Ephemeral", "EphemeralStats"]
@@ -53,7 +53,7 @@ class EphemeralStats:
 
 
 class Ephemeral:
-    """Implements the service's :class:`~chatnode.service.EphemeralLink`."""
+    """Implements the service's :class:`~chatnode.chat.service.EphemeralLink`."""
 
     def __init__(self, service: Service, hub: PeerHub) -> None:
         self.service = service

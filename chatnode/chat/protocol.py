@@ -640,9 +640,7 @@ _OPS: Final[dict[str, tuple[frozenset[str], _Parser]]] = {
     "dm.open": (frozenset({"user"}), lambda f: DmOpen(f.ref, f.user())),
     "subscribe": (
         frozenset({"room", "after", "resume"}),
-        lambda f: Subscribe(
-            f.ref, f.room(), f.cursor("after", required=False), f.resume_token()
-        ),
+        lambda f: Subscribe(f.ref, f.room(), f.cursor("after", required=False), f.resume_token()),
     ),
     "unsubscribe": (frozenset({"room"}), lambda f: Unsubscribe(f.ref, f.room())),
     "send": (

@@ -1,0 +1,1 @@
+"""The Python client library: a connection that survives its node, and its pure state."""

@@ -1,0 +1,2 @@
+"""The cluster: membership and its gossip transport, discovery, keyring, peer links,
+replication, registry, runtime."""

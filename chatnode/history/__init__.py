@@ -1,0 +1,1 @@
+"""History beyond the node: Kafka forwarding, the indexer and the views databases."""

@@ -1,0 +1,1 @@
+"""Storage: the RocksDB engine (group commit) and the room/history layout."""
