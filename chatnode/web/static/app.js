@@ -26,6 +26,13 @@ const BACKOFF_MAX_MS = 15000;
 const LIST_REFRESH_MS = 15000;
 const SEND_RETRIES = 5;
 const RATE_RETRIES = 6;
+const SEARCH_PAGE = 20;
+const JUMP_PAGE = 200; // history page size while reading back to a search result
+const JUMP_PAGES = 50; // at most this many such pages (10,000 messages) per jump
+const STATS_DAYS = 30;
+const STATS_TOP = 10;
+const STATS_ROOMS = 30; // rooms compared in "most active rooms" (one request each)
+const SVG_NS = "http://www.w3.org/2000/svg";
 
 const ERROR_TEXT = {
   network: "Cannot reach the server",
@@ -94,6 +101,24 @@ function describe(err) {
   if (known) return `${known} (${code})`;
   if (code && detail) return `${code}: ${detail}`;
   return detail || String(err);
+}
+
+// Builds an SVG element, like `h`: attributes set one by one, strings as text nodes.
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    node.setAttribute(key, String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return node;
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function newId() {
@@ -302,6 +327,10 @@ const app = {
   typingTimer: null,
   editing: null, // id of the message being edited
   liById: new Map(), // rendered <li> of the current room, by message id
+  panel: null, // "search" or "stats" when that view replaces the room, else null
+  search: null, // {query, room, next, count, loading}: the search on screen
+  found: null, // {room, id}: the search result opened last (highlighted in its room)
+  statsSeq: 0, // bumped by each statistics load; an older load's answer is dropped
 };
 
 function me() {
@@ -516,6 +545,12 @@ function resetState() {
   app.current = null;
   app.editing = null;
   app.liById = new Map();
+  app.panel = null;
+  app.search = null;
+  app.found = null;
+  $("search-view").hidden = true;
+  $("stats-view").hidden = true;
+  $("search-results").replaceChildren();
   for (const node of app.nodes.values()) node.notBefore = 0;
   sessionStorage.removeItem(SESSION_KEY);
   sessionStorage.removeItem(ROOM_KEY);
@@ -1249,6 +1284,8 @@ function stopEditing() {
 async function openRoom(id) {
   let room = app.rooms.get(id);
   if (!room) return;
+  if (app.found && app.found.room !== id) app.found = null;
+  if (app.panel) showPanel(null);
   if (!room.member) {
     const res = await call("rooms.join", { room: id }, `Could not join ${displayName(room)}`);
     if (!res) return;
@@ -1365,7 +1402,7 @@ function isAtBottom() {
 }
 
 function isSeeingBottom() {
-  return document.visibilityState === "visible" && !$("main").hidden && isAtBottom();
+  return document.visibilityState === "visible" && !$("main").hidden && !$("room-view").hidden && isAtBottom();
 }
 
 function scrollToBottom() {
@@ -1373,12 +1410,12 @@ function scrollToBottom() {
   box.scrollTop = box.scrollHeight;
 }
 
-async function loadOlder(room) {
+async function loadOlder(room, limit = HISTORY_PAGE) {
   if (room.loadingOlder || !room.more || !app.connected || !room.primed) return false;
   room.loadingOlder = true;
   renderHistoryStatus();
   const first = room.order.length ? room.messages.get(room.order[0]).cursor : null;
-  const req = { room: room.id, limit: HISTORY_PAGE };
+  const req = { room: room.id, limit };
   if (first) req.before = first;
   let loaded = false;
   try {
@@ -1497,8 +1534,8 @@ function roomItem(room) {
 
 function renderRoomView() {
   const room = currentRoom();
-  $("no-room").hidden = Boolean(room);
-  $("room-view").hidden = !room;
+  $("no-room").hidden = Boolean(room) || Boolean(app.panel);
+  $("room-view").hidden = !room || Boolean(app.panel);
   app.liById = new Map();
   const list = $("message-list");
   if (!room) {
@@ -1557,7 +1594,8 @@ function renderMessage(msg) {
 function fillMessage(li, room, msg) {
   const own = msg.author === me();
   const state = msg.local || "confirmed";
-  li.className = `msg${own ? " own" : ""}${msg.deleted ? " deleted" : ""}`;
+  const found = app.found !== null && app.found.room === room.id && app.found.id === msg.id;
+  li.className = `msg${own ? " own" : ""}${msg.deleted ? " deleted" : ""}${found ? " found" : ""}`;
   li.dataset.id = msg.id;
   li.dataset.state = state;
   li.dataset.author = msg.author;
@@ -1748,6 +1786,344 @@ function autosize(area) {
   area.style.height = `${Math.min(area.scrollHeight, 200)}px`;
 }
 
+// ---------------------------------------------------------------- search and statistics
+//
+// Both replace the room view while open (`app.panel`); opening a room closes them. Search
+// runs the `search` operation; statistics come from GET /v1/stats (docs/VIEWS.md) and are
+// drawn as inline SVG built element by element, like the rest of the page.
+
+function showPanel(name) {
+  app.panel = name;
+  $("search-view").hidden = name !== "search";
+  $("stats-view").hidden = name !== "stats";
+  $("stats-btn").setAttribute("aria-pressed", name === "stats" ? "true" : "false");
+  renderRoomView();
+  if (!name) scrollToBottom();
+}
+
+function startSearch(ev) {
+  ev.preventDefault();
+  const query = $("search-input").value.trim();
+  if (!query) {
+    $("search-input").focus();
+    return;
+  }
+  const room = currentRoom();
+  const only = $("search-here").checked && room ? room.id : null;
+  app.search = { query, room: only, next: null, count: 0, loading: false };
+  $("search-results").replaceChildren();
+  renderSearchScope();
+  showPanel("search");
+  searchPage();
+}
+
+function renderSearchScope() {
+  const room = currentRoom();
+  $("search-here").disabled = !room;
+  $("search-here-name").textContent = room ? displayName(room) : "the open room";
+}
+
+async function searchPage() {
+  const s = app.search;
+  if (!s || s.loading) return;
+  const status = $("search-status");
+  $("search-title").textContent = `Search: “${s.query}”`;
+  if (!app.connected) {
+    status.textContent = "Not connected; search again when the connection is back.";
+    return;
+  }
+  s.loading = true;
+  status.textContent = "Searching…";
+  $("search-more").hidden = true;
+  const req = { query: s.query, limit: SEARCH_PAGE };
+  if (s.room) req.room = s.room;
+  if (s.next) req.after = s.next;
+  try {
+    const res = await app.conn.request("search", req);
+    if (app.search !== s) return;
+    const results = Array.isArray(res.results) ? res.results.filter((r) => r && typeof r.room === "string" && typeof r.id === "string") : [];
+    s.next = typeof res.next === "string" ? res.next : null;
+    s.count += results.length;
+    $("search-results").append(...results.map(searchItem));
+    const where = s.room ? ` in ${displayName(app.rooms.get(s.room) || new Room(s.room))}` : "";
+    if (!s.count) status.textContent = `No messages match “${s.query}”${where}.`;
+    else status.textContent = `${s.count}${s.next ? "+" : ""} message${s.count === 1 ? "" : "s"} found${where}, best match first.`;
+    $("search-more").hidden = !s.next;
+  } catch (e) {
+    if (app.search !== s) return;
+    status.textContent = e.code === "unavailable" ? "Search is not available on this server right now." : describe(e);
+  } finally {
+    s.loading = false;
+  }
+}
+
+function searchItem(r) {
+  const room = app.rooms.get(r.room) || new Room(r.room);
+  const when = new Date(Number.isFinite(r.ts) ? r.ts : 0);
+  return h(
+    "li",
+    {},
+    h(
+      "button",
+      { type: "button", class: "hit", dataset: { room: r.room, id: r.id }, onclick: () => jumpTo(r.room, r.id) },
+      h(
+        "span",
+        { class: "meta" },
+        h("span", { class: "hit-room", text: displayName(room) }),
+        h("span", { class: "author", text: typeof r.author === "string" ? r.author : "" }),
+        h("time", { datetime: when.toISOString(), title: when.toLocaleString() }, formatTime(when.getTime())),
+        r.edited ? h("span", { class: "edited", text: "(edited)" }) : null,
+      ),
+      h("span", { class: "snippet" }, ...snippetNodes(r.snippet, r.highlights)),
+    ),
+  );
+}
+
+// The snippet as text nodes with <mark> elements around the matched ranges. The server counts
+// the ranges in characters (code points), not in JavaScript's UTF-16 units.
+function snippetNodes(text, ranges) {
+  if (typeof text !== "string") return [];
+  const chars = Array.from(text);
+  const valid = (Array.isArray(ranges) ? ranges : []).filter(
+    (r) => Array.isArray(r) && Number.isInteger(r[0]) && Number.isInteger(r[1]),
+  );
+  valid.sort((a, b) => a[0] - b[0]);
+  const out = [];
+  let at = 0;
+  for (const [from, to] of valid) {
+    const start = Math.max(at, Math.min(from, chars.length));
+    const end = Math.min(to, chars.length);
+    if (end <= start) continue;
+    if (start > at) out.push(chars.slice(at, start).join(""));
+    out.push(h("mark", { text: chars.slice(start, end).join("") }));
+    at = end;
+  }
+  if (at < chars.length) out.push(chars.slice(at).join(""));
+  return out;
+}
+
+// Opens the room of a search result and reads its history back, page by page, until the
+// message is loaded (the room's messages stay one unbroken stretch up to the newest), then
+// scrolls to it and highlights it.
+async function jumpTo(roomId, id) {
+  const target = { room: roomId, id };
+  app.found = target;
+  if (!app.rooms.has(roomId)) upsertRoom(roomId);
+  await openRoom(roomId);
+  const room = app.rooms.get(roomId);
+  if (!room || app.found !== target) return;
+  let pages = 0;
+  for (let waits = 0; waits < 300 && !room.messages.has(id); ) {
+    if (!isCurrent(room) || app.found !== target) return;
+    if (room.primed && !room.more) break;
+    if (!app.connected || !room.primed || room.loadingOlder) {
+      waits += 1;
+      await sleep(100);
+      continue;
+    }
+    if (pages >= JUMP_PAGES || !(await loadOlder(room, JUMP_PAGE))) break;
+    pages += 1;
+  }
+  if (!isCurrent(room) || app.found !== target) return;
+  if (!room.messages.has(id)) {
+    showInfo("That message could not be loaded: it may have been deleted, or it is too far back.");
+    return;
+  }
+  // some context above it too
+  if (room.order.indexOf(id) < 10 && room.more) await loadOlder(room);
+  if (!isCurrent(room) || app.found !== target) return;
+  const li = app.liById.get(id);
+  if (!li) return;
+  renderMessage(room.messages.get(id));
+  li.scrollIntoView({ block: "center" });
+  li.focus({ preventScroll: true });
+}
+
+function readableRooms() {
+  return [...app.rooms.values()]
+    .filter((r) => r.member || (!isDm(r) && r.visibility === "public"))
+    .sort((a, b) => Number(b.member) - Number(a.member) || displayName(a).localeCompare(displayName(b)));
+}
+
+function openStats() {
+  const select = $("stats-room");
+  const rooms = readableRooms();
+  const wanted = select.value || app.current;
+  select.replaceChildren(...rooms.map((r) => h("option", { value: r.id }, displayName(r))));
+  if (rooms.some((r) => r.id === wanted)) select.value = wanted;
+  showPanel("stats");
+  loadStats();
+}
+
+function statsPath(room, days, top) {
+  return `v1/stats?room=${encodeURIComponent(room)}&days=${days}&top=${top}`;
+}
+
+// Loads the selected room's statistics, then every readable room's message count (at most
+// STATS_ROOMS of them, one request each) for "most active rooms".
+async function loadStats() {
+  const seq = ++app.statsSeq;
+  const roomId = $("stats-room").value;
+  const token = app.session ? app.session.token : null;
+  const lag = $("stats-lag");
+  const charts = ["chart-days", "chart-users", "chart-rooms"];
+  if (!roomId) {
+    lag.textContent = "Join a room to see its statistics.";
+    for (const id of charts) $(id).replaceChildren();
+    return;
+  }
+  const room = app.rooms.get(roomId) || new Room(roomId);
+  lag.textContent = "Loading…";
+  $("chart-days-title").textContent = `Messages per day in ${displayName(room)}, last ${STATS_DAYS} days (UTC)`;
+  $("chart-users-title").textContent = `Most active people in ${displayName(room)}`;
+  let one;
+  try {
+    one = await api("GET", statsPath(roomId, STATS_DAYS, STATS_TOP), undefined, token);
+  } catch (e) {
+    if (seq !== app.statsSeq) return;
+    if (e.code === "http_404") lag.textContent = "Statistics are not enabled on this server.";
+    else if (e.code === "unavailable") lag.textContent = "Statistics are not available right now; try Refresh in a moment.";
+    else lag.textContent = describe(e);
+    for (const id of charts) $(id).replaceChildren();
+    return;
+  }
+  if (seq !== app.statsSeq) return;
+  renderLag(one.lag);
+  const days = dayRange(one.since, STATS_DAYS);
+  const perDay = new Map((Array.isArray(one.days) ? one.days : []).map((d) => [d.day, d]));
+  $("chart-days").replaceChildren(
+    columnChart(
+      days.map((day) => ({
+        label: day,
+        short: day.slice(5),
+        value: perDay.has(day) ? Number(perDay.get(day).messages) || 0 : 0,
+        note: perDay.has(day) ? `, ${perDay.get(day).users} active` : "",
+      })),
+      `Messages per day in ${displayName(room)}`,
+    ),
+  );
+  const users = (Array.isArray(one.top_users) ? one.top_users : []).map((u) => ({ label: String(u.user), value: Number(u.messages) || 0 }));
+  $("chart-users").replaceChildren(barChart(users, `Most active people in ${displayName(room)}`, "No messages yet."));
+
+  const rooms = readableRooms().slice(0, STATS_ROOMS);
+  const counts = [];
+  let unread = 0; // rooms whose count could not be read (other than left or not readable)
+  $("chart-rooms").replaceChildren(h("p", { class: "muted", text: "Loading…" }));
+  for (const r of rooms) {
+    let n = null;
+    if (r.id === roomId) n = Number(one.messages) || 0;
+    else {
+      try {
+        const res = await api("GET", statsPath(r.id, 1, 1), undefined, token);
+        n = Number(res.messages) || 0;
+      } catch (e) {
+        n = null; // left since, or not readable: leave it out
+        if (e.code !== "not_found" && e.code !== "forbidden") unread += 1;
+      }
+    }
+    if (seq !== app.statsSeq) return;
+    if (n) counts.push({ label: displayName(r), value: n });
+  }
+  counts.sort((a, b) => b.value - a.value || a.label.localeCompare(b.label));
+  const parts = [barChart(counts.slice(0, STATS_TOP), "Most active rooms", "No messages in your rooms yet.")];
+  if (unread) parts.push(h("p", { class: "muted", text: `${unread} room${unread === 1 ? "" : "s"} could not be read; try Refresh.` }));
+  $("chart-rooms").replaceChildren(...parts);
+}
+
+function renderLag(lag) {
+  const box = $("stats-lag");
+  if (!lag || typeof lag !== "object") {
+    box.textContent = "";
+    return;
+  }
+  const records = Number(lag.records) || 0;
+  const updated = Number.isFinite(lag.updated_ms) ? ` Last indexed ${formatTime(lag.updated_ms)}.` : "";
+  box.dataset.behind = String(records);
+  box.textContent = records
+    ? `Indexer catching up: ${records} record${records === 1 ? "" : "s"} behind (${Number(lag.seconds) || 0} s).${updated}`
+    : `Indexer up to date: ${Number(lag.applied) || 0} records applied.${updated}`;
+}
+
+// The `count` UTC days (YYYY-MM-DD) from `since` on.
+function dayRange(since, count) {
+  const start = typeof since === "string" ? Date.parse(`${since}T00:00:00Z`) : NaN;
+  const first = Number.isFinite(start) ? start : Date.now() - (count - 1) * 86400000;
+  const days = [];
+  for (let i = 0; i < count; i += 1) days.push(new Date(first + i * 86400000).toISOString().slice(0, 10));
+  return days;
+}
+
+function clip(text, n) {
+  const chars = Array.from(text);
+  return chars.length > n ? `${chars.slice(0, n - 1).join("")}…` : text;
+}
+
+// A column per item ({label, short, value, note}), value above the nonzero ones, a tick label
+// under every few.
+function columnChart(items, caption) {
+  const W = 720;
+  const H = 220;
+  const left = 8;
+  const top = 20;
+  const bottom = 26;
+  const plot = H - top - bottom;
+  const max = Math.max(1, ...items.map((i) => i.value));
+  const step = (W - 2 * left) / Math.max(1, items.length);
+  const width = Math.max(2, step * 0.72);
+  const every = Math.max(1, Math.ceil(items.length / 10));
+  const chart = svg("svg", { class: "chart-svg", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": caption }, svg("title", {}, caption));
+  chart.append(svg("line", { class: "axis", x1: left, x2: W - left, y1: top + plot + 0.5, y2: top + plot + 0.5 }));
+  items.forEach((item, i) => {
+    const hgt = Math.round((item.value / max) * plot);
+    const x = left + i * step + (step - width) / 2;
+    const y = top + plot - hgt;
+    const g = svg("g", { class: "column" });
+    g.append(
+      svg(
+        "rect",
+        { class: "bar", x: x.toFixed(1), y, width: width.toFixed(1), height: hgt, "data-label": item.label, "data-value": item.value },
+        svg("title", {}, `${item.label}: ${item.value} message${item.value === 1 ? "" : "s"}${item.note || ""}`),
+      ),
+    );
+    if (item.value) g.append(svg("text", { class: "value", x: (x + width / 2).toFixed(1), y: y - 5, "text-anchor": "middle" }, String(item.value)));
+    if (i % every === 0 || i === items.length - 1) {
+      g.append(svg("text", { class: "tick", x: (x + width / 2).toFixed(1), y: H - 8, "text-anchor": "middle" }, item.short || item.label));
+    }
+    chart.append(g);
+  });
+  return chart;
+}
+
+// A horizontal bar per item ({label, value}), largest first as given.
+function barChart(items, caption, empty) {
+  if (!items.length) return h("p", { class: "muted", text: empty });
+  const W = 720;
+  const row = 28;
+  const labelW = 190;
+  const H = items.length * row + 6;
+  const max = Math.max(1, ...items.map((i) => i.value));
+  const room = W - labelW - 70;
+  const chart = svg("svg", { class: "chart-svg", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": caption }, svg("title", {}, caption));
+  items.forEach((item, i) => {
+    const y = i * row + 4;
+    const width = Math.max(2, Math.round((item.value / max) * room));
+    chart.append(
+      svg(
+        "g",
+        { class: "row" },
+        svg("text", { class: "label", x: labelW - 10, y: y + 15, "text-anchor": "end" }, clip(item.label, 26)),
+        svg(
+          "rect",
+          { class: "bar", x: labelW, y, width, height: 20, rx: 3, "data-label": item.label, "data-value": item.value },
+          svg("title", {}, `${item.label}: ${item.value} message${item.value === 1 ? "" : "s"}`),
+        ),
+        svg("text", { class: "value", x: labelW + width + 8, y: y + 15 }, String(item.value)),
+      ),
+    );
+  });
+  return chart;
+}
+
 // ---------------------------------------------------------------- wiring
 
 function onComposerInput() {
@@ -1797,6 +2173,20 @@ function init() {
     }
   });
   area.addEventListener("input", onComposerInput);
+  $("search-form").addEventListener("submit", startSearch);
+  $("search-more").addEventListener("click", searchPage);
+  $("search-close").addEventListener("click", () => showPanel(null));
+  $("stats-btn").addEventListener("click", () => (app.panel === "stats" ? showPanel(null) : openStats()));
+  $("stats-close").addEventListener("click", () => showPanel(null));
+  $("stats-refresh").addEventListener("click", loadStats);
+  $("stats-room").addEventListener("change", loadStats);
+  $("search-input").addEventListener("focus", renderSearchScope);
+  $("search-here").addEventListener("change", () => {
+    if (app.search && $("search-input").value.trim()) startSearch(new Event("submit"));
+  });
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape" && app.panel && !ev.defaultPrevented) showPanel(null);
+  });
   $("messages").addEventListener("scroll", onScroll, { passive: true });
   document.addEventListener("visibilitychange", scheduleRead);
   window.addEventListener("focus", scheduleRead);
