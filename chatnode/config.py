@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from chatnode.history.retention import RetentionError, parse_retain
 from chatnode.history.views import ViewsURLError, parse_views_url
 
 __all__ = [
@@ -84,6 +85,9 @@ class Config:
     replicas: int = 2
     kafka_brokers: str | None = None
     kafka_topic: str = "chat.messages"
+    # Local retention (docs/KAFKA.md): keep this much of each room, e.g. "7d", "100000",
+    # "30d,1000000"; older pages come back from the topic. None: keep everything.
+    retain: str | None = None
     # Views (docs/VIEWS.md): run the indexer in the node; the views database.
     index: bool = False
     views: str | None = None  # sqlite:///PATH, postgresql://…; --index default: <data-dir>/views.db
@@ -239,6 +243,17 @@ def _optional_text(value: object) -> str | None:
         raise ValueError("expected a string")
     value = value.strip()
     return value or None
+
+
+def _retain(value: object) -> str | None:
+    text = _optional_text(value)
+    if text is None:
+        return None
+    try:
+        policy = parse_retain(text)
+    except RetentionError as exc:
+        raise ValueError(str(exc)) from None
+    return text if policy.active else None
 
 
 def _text(value: object) -> str:
@@ -615,6 +630,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("kafka_topic", "kafka_topic", _text, "topic of the forwarded history", "TOPIC"),
     Setting(
+        "retain",
+        "retain",
+        _retain,
+        "with --kafka-brokers: keep this much of each room locally (an age like 7d, a "
+        "message count, or both: 30d,100000); older pages are read back from the topic",
+        "AGE[,COUNT]",
+    ),
+    Setting(
         "index",
         "index",
         _bool,
@@ -778,6 +801,11 @@ def load_config(
 
 
 def _check_whole(cfg: Config) -> Config:
+    if cfg.retain is not None and not cfg.kafka_brokers:
+        raise ConfigError(
+            f"--retain {cfg.retain}: needs --kafka-brokers (messages are dropped locally only "
+            "once they are in the topic; without a broker nothing would ever be dropped)"
+        )
     if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
         raise ConfigError(f"--data-dir {cfg.data_dir}: exists and is not a directory")
     if not cfg.cluster_keys and cfg.cluster_key_file is not None:

@@ -18,6 +18,13 @@ standalone and says so. Other layers follow membership through :meth:`Node.on_me
 and :meth:`Node.members`. On shutdown the node leaves the cluster gracefully after it has
 stopped serving clients.
 
+Wiring: every component gets what it needs through its constructor. The one cycle (the
+service is built first, yet calls the cluster runtime, the web app, the views and the
+archive) goes through one :class:`~chatnode.chat.service.ServiceHooks` created here and
+handed to each side. Every background loop runs under the node's
+:class:`~chatnode.supervise.Supervisor` (logged, counted, restarted or failing ``/healthz``);
+shutdown steps each run even when an earlier one failed, and the store is closed last.
+
 Metrics: besides what the web layer and the service count themselves, the node registers
 readings of every component's typed stats (peer links, replication, the stable frontier,
 gossip, discovery, the Kafka forwarder) on its :class:`~chatnode.metrics.Metrics`, read when
@@ -30,6 +37,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -38,7 +46,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
@@ -46,7 +54,7 @@ from typing import Final, TypeVar
 from aiohttp import web
 
 from chatnode.chat.auth import TokenSigner
-from chatnode.chat.service import Limits, Service
+from chatnode.chat.service import Limits, Service, ServiceHooks
 from chatnode.cluster.discovery import (
     ClusterOptions,
     build_membership,
@@ -64,14 +72,17 @@ from chatnode.cluster.gossip import (
 from chatnode.cluster.keyring import Keyring, parse_key
 from chatnode.cluster.membership import Addr, Member, MemberEvent, MemberState
 from chatnode.cluster.peers import PeerHub
-from chatnode.cluster.runtime import Cluster, ReplicationStats
+from chatnode.cluster.runtime import FRONTIER_PREFIX, Cluster, ReplicationStats
 from chatnode.config import Config, public_url_for
 from chatnode.errors import ServerError
+from chatnode.history.archive import Archive, ArchiveReader
 from chatnode.history.forwarder import Forwarder
 from chatnode.history.indexer import Indexer, KafkaSource, LogSource, Views
+from chatnode.history.retention import parse_retain
 from chatnode.history.views import parse_views_url
 from chatnode.metrics import Metrics, Reading
 from chatnode.store.engine import Store, WriteStats
+from chatnode.supervise import Supervisor, Task
 from chatnode.web.app import GatedSite, WebApp
 from chatnode.web.views import ViewsAPI
 
@@ -165,14 +176,22 @@ class Node:
         self.cfg = cfg
         self.on_listening = on_listening
         self.metrics = Metrics()
+        # every background loop of this node runs under it (chatnode/supervise.py)
+        self.supervisor = Supervisor(self.metrics)
+        # how the service reaches the components built after it (chatnode/chat/hooks.py):
+        # handed to each of them by its constructor
+        self.hooks = ServiceHooks()
+        self._maintenance_task: Task | None = None
+        self._retention: Task | None = None  # --retain (chatnode/history/archive.py)
         self.identity: Identity | None = None
         self.store: Store | None = None
         self.service: Service | None = None
         self.webapp: WebApp | None = None
         self.cluster: Cluster | None = None  # replication and registry (docs/REPLICATION.md)
         self.views: Views | None = None  # search and statistics (docs/VIEWS.md)
+        self.archive: Archive | None = None  # with a broker: old pages, --retain (KAFKA.md)
         self.indexer: Indexer | None = None  # --index
-        self._indexing: asyncio.Task[None] | None = None
+        self._indexing: Task | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._stop = asyncio.Event()
@@ -231,6 +250,10 @@ class Node:
         )
         own = [] if draining or not self.public_url else [self.public_url]
         return own + [u for u in others if u not in own]
+
+    def member_urls(self) -> list[str]:
+        """The public URLs of every member known, in any state."""
+        return [m.url for m in self.members() if m.url]
 
     def cluster_view(self) -> dict[str, object]:
         """The body of ``GET /v1/cluster``."""
@@ -308,6 +331,7 @@ class Node:
             opts,
             on_event=self._dispatch_member_event,
             push_pull_client=self._push_pull_client,
+            supervisor=self.supervisor,
         )
         await gossip.start()
         self.gossip = gossip
@@ -327,7 +351,10 @@ class Node:
     async def _stop_membership(self, *, leave: bool) -> None:
         gossip, self.gossip = self.gossip, None
         if gossip is not None:
-            await gossip.stop(leave=leave)
+            if leave:
+                await gossip.stop(leave=True)
+            else:
+                await gossip.aclose()
         site, self._gossip_site = self._gossip_site, None
         if site is not None and self._runner is not None:
             with contextlib.suppress(RuntimeError):  # already stopped with the runner
@@ -340,23 +367,27 @@ class Node:
         """Start, serve until :meth:`stop`, then shut down cleanly."""
         try:
             await self._start()
-            async with asyncio.TaskGroup() as tasks:
-                maintenance = tasks.create_task(self._maintenance(), name="maintenance")
-                await self._stop.wait()
-                log.info("shutting down")
-                await self._stop_serving()
-                await self._stop_membership(leave=True)
-                maintenance.cancel()
+            self._maintenance_task = self.supervisor.spawn("revocation-expiry", self._maintenance)
+            await self._stop.wait()
+            log.info("shutting down")
+            await self._stop_serving()
+            await self._stop_membership(leave=True)
         finally:
             await self._close()
 
     async def _start(self) -> None:
         cfg = self.cfg
         self.identity = await asyncio.to_thread(load_identity, cfg.data_dir)
-        self.store = await asyncio.to_thread(Store.open, cfg.db_path, max_pending=cfg.commit_queue)
+        self.store = await asyncio.to_thread(
+            functools.partial(
+                Store.open,
+                cfg.db_path,
+                max_pending=cfg.commit_queue,
+                on_commit=self.metrics.commit_seconds.observe,
+                on_write=self._observe_write,
+            )
+        )
         self.store.start()
-        self.store.on_commit = self.metrics.commit_seconds.observe
-        self.store.on_write = self._observe_write
         self.service = await Service.load(
             node_id=self.identity.node_id,
             store=self.store,
@@ -371,15 +402,28 @@ class Node:
                 max_reactions_per_user=cfg.max_reactions_per_user,
                 hash_queue=cfg.hash_queue,
             ),
+            hooks=self.hooks,
         )
-        self.webapp = WebApp(cfg, self.service, self.metrics)
+        self.webapp = WebApp(
+            cfg,
+            self.service,
+            self.metrics,
+            hooks=self.hooks,
+            supervisor=self.supervisor,
+            cluster_view=self.cluster_view,
+            public_nodes=self.public_nodes,
+            member_urls=self.member_urls,
+        )
         keyring = Keyring.from_strings(cfg.cluster_keys) if cfg.cluster_keys else None
-        self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas)
+        self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas,
+                               hooks=self.hooks, supervisor=self.supervisor)  # fmt: skip
         app = self.webapp.make_app()
         self.cluster.add_routes(app)
         if cfg.views_url is not None:
             self.views = Views(parse_views_url(cfg.views_url))
-            ViewsAPI(self.views, self.service, self.webapp.is_operator).install(app)
+            views_api = ViewsAPI(self.views, self.service, self.webapp.is_operator,
+                                 hooks=self.hooks)  # fmt: skip
+            views_api.install(app)
         app.router.add_post(PUSH_PULL_PATH, self._push_pull_in)
         self._register_metrics()
         self._runner = web.AppRunner(
@@ -405,14 +449,17 @@ class Node:
         self.public_url = self._default_public_url()
         log.info("node %s listening on %s (data in %s), public URL %s",
                  self.node_id, self.url, cfg.data_dir, self.public_url)  # fmt: skip
-        self.webapp.cluster_view = self.cluster_view
-        self.webapp.public_nodes = self.public_nodes
-        self.webapp.member_urls = lambda: [m.url for m in self.members() if m.url]
         await self._start_membership()
         self.on_member_event(self.cluster.on_member_event)
         self.cluster.start()
         if cfg.kafka_brokers:  # the home of each room forwards it (docs/KAFKA.md)
-            await self.cluster.start_forwarding(cfg.kafka_brokers, cfg.kafka_topic)
+            archive = await self._start_archive(cfg.kafka_brokers, cfg.kafka_topic)
+            await self.cluster.start_forwarding(cfg.kafka_brokers, cfg.kafka_topic,
+                                                on_delivered=archive.on_delivered,
+                                                on_own=archive.on_own)  # fmt: skip
+            if archive.policy.active and self.service is not None:
+                self._retention = self.supervisor.spawn("retention", functools.partial(
+                    archive.run, self.service, self._own_frontier))  # fmt: skip
         if cfg.index:
             await self._start_indexer()
         if self.on_listening is not None:
@@ -459,17 +506,22 @@ class Node:
         m.labeled("chatnode_peer_frames_total", "peer link frames", "direction",
                   _of(hub, lambda h: {"in": h.stats.frames_in, "out": h.stats.frames_out}),
                   kind="counter")  # fmt: skip
+        m.labeled("chatnode_peer_bytes_total", "sealed peer link frame bytes", "direction",
+                  _of(hub, lambda h: {"in": h.stats.bytes_in, "out": h.stats.bytes_out}),
+                  kind="counter")  # fmt: skip
         m.labeled("chatnode_peer_messages_total", "replication messages over peer links",
                   "direction",
                   _of(hub, lambda h: {"in": h.stats.messages_in, "out": h.stats.messages_out}),
                   kind="counter")  # fmt: skip
         m.labeled(
             "chatnode_peer_link_events_total",
-            "peer link events: up, reset (after a dropped message), dial_failed, "
-            "accept_refused, bad_frame (the link is closed)",
+            "peer link events: up, reconnect (up again to a peer that had a link), reset "
+            "(after a dropped message), dial_failed, accept_refused, bad_frame (the link is "
+            "closed)",
             "event",
             _of(hub, lambda h: {
                 "up": h.stats.links_up,
+                "reconnect": h.stats.reconnects,
                 "reset": h.stats.links_reset,
                 "dial_failed": h.stats.dial_failed,
                 "accept_refused": h.stats.accept_refused,
@@ -680,22 +732,68 @@ class Node:
                 _of(forwarder, lambda f: f.load().outstanding))  # fmt: skip
         m.value("chatnode_forwarder_backlog_rooms", "rooms with messages not yet read",
                 _of(forwarder, lambda f: f.load().backlog_rooms))  # fmt: skip
+        m.value("chatnode_forwarder_lag_records",
+                "release-log entries of the rooms forwarded here not yet delivered to Kafka",
+                _of(cluster, lambda c: c.forward_lag() if c.forwarder else None))  # fmt: skip
+
+        # the archive and --retain (docs/KAFKA.md)
+        def archive() -> Archive | None:
+            return self.archive
+
+        for name, help_, read in (
+            ("retention_dropped_messages", "messages dropped locally by --retain (forwarded)",
+             lambda a: a.dropped),
+            ("retention_dropped_segments", "sealed room-log segments dropped by --retain",
+             lambda a: a.segments_dropped),
+            ("archive_pages", "history pages read back from the topic",
+             lambda a: a.reader.pages if a.reader else 0),
+            ("archive_busy", "archive reads refused (rate_limited): too many at once",
+             lambda a: a.reader.busy if a.reader else 0),
+            ("archive_unavailable", "archive reads the broker did not answer in time",
+             lambda a: a.reader.unavailable if a.reader else 0),
+        ):  # fmt: skip
+            m.value(f"chatnode_{name}_total", help_, _of(archive, read), kind="counter")
 
     def _observe_write(self, stats: WriteStats) -> None:
         self.metrics.write_seconds.observe(stats.write_seconds)
         self.metrics.write_batches.observe(stats.batches)
 
     async def _maintenance(self) -> None:
-        while True:
+        while True:  # a failure is logged, counted and restarted by the supervisor
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             if self.service is None:
                 continue
-            try:
-                dropped = await self.service.expire_revocations()
-                if dropped:
-                    log.info("forgot %d expired token revocations", dropped)
-            except Exception:
-                log.exception("maintenance failed")
+            dropped = await self.service.expire_revocations()
+            if dropped:
+                log.info("forgot %d expired token revocations", dropped)
+
+    async def _start_archive(self, brokers: str, topic: str) -> Archive:
+        """The offset index of what this node forwards, the reader of pages below a room's
+        retention cut, and ``--retain`` (docs/KAFKA.md, "The archive")."""
+        assert self.store is not None and self.service is not None
+        reader = ArchiveReader(brokers, self.store, topic)
+        archive = Archive(self.store, reader, parse_retain(self.cfg.retain or "off"))
+        await archive.load()
+        self.archive = archive
+        self.hooks.archive_page.bind(archive.merge_page)
+        self.hooks.archived.bind(archive.archived)
+        return archive
+
+    def _own_frontier(self, room: str) -> int | None:
+        """The room's persisted forwarding frontier if this node saved it (else None)."""
+        v = self.service.meta.get(FRONTIER_PREFIX + room) if self.service is not None else None
+        if not isinstance(v, dict) or v.get("node") != self.node_id:
+            return None
+        seq = v.get("seq")
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+    async def _stop_archive(self) -> None:
+        retention, self._retention = self._retention, None
+        if retention is not None:  # before the archive it uses is closed
+            await retention.aclose()
+        archive, self.archive = self.archive, None
+        if archive is not None:
+            await archive.close()
 
     async def _stop_serving(self) -> None:
         if self._site is not None:
@@ -733,30 +831,52 @@ class Node:
         self.metrics.value("chatnode_views_behind_records",
                            "history records known and not yet in the views",
                            lambda: indexer.behind)  # fmt: skip
-        self._indexing = asyncio.create_task(indexer.run(), name="indexer")
+        self._indexing = self.supervisor.spawn("indexer", indexer.run)
 
     async def _stop_views(self) -> None:
         indexing, self._indexing = self._indexing, None
         if indexing is not None and self.indexer is not None:
-            self.indexer.stop()
-            with contextlib.suppress(Exception):
-                await indexing
+            self.indexer.stop()  # it ends by itself; cancelled if it does not in time
+            await indexing.wait(DRAIN_TIMEOUT)
+            await indexing.aclose()
         views, self.views = self.views, None
         if views is not None:
             await views.close()
 
-    async def _close(self) -> None:
-        await self._stop_views()
-        await self._stop_membership(leave=False)
+    async def _stop_maintenance(self) -> None:
+        task, self._maintenance_task = self._maintenance_task, None
+        if task is not None:
+            await task.aclose()
+
+    async def _stop_cluster(self) -> None:
         if self.cluster is not None:
-            await self.cluster.stop()
-        if self._runner is not None:
-            with contextlib.suppress(Exception):
-                await self._runner.cleanup()
-            self._runner = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
+            await self.cluster.aclose()
+
+    async def _stop_runner(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _close(self) -> None:
+        """Shutdown, in order: each step runs even when an earlier one failed (logged), and
+        the store is always closed last, after every task that could write to it ended."""
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("maintenance", self._stop_maintenance),
+            ("views", self._stop_views),
+            ("membership", functools.partial(self._stop_membership, leave=False)),
+            ("cluster", self._stop_cluster),
+            ("archive", self._stop_archive),
+            ("web server", self._stop_runner),
+            ("background tasks", self.supervisor.aclose),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("stopping the %s failed", what)
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
         log.info("stopped")
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "Message",
     "RoomLog",
     "SegmentStore",
+    "segment_store_keys",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,10 @@ class Change:
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What a remote update changed, each list in log order.
+    """What :meth:`RoomLog.apply` took in, each list in log order.
 
-    - ``new``: messages this replica did not have before (first copy of their id);
-    - ``updated``: known messages whose edit, tombstone or reactions changed;
+    - ``appended``: messages this replica did not have before (first copy of their id);
+    - ``changed``: known messages whose edit, tombstone or reactions changed;
     - ``moved``: a second copy of a known id arrived and won (the smallest
       ``(ts, author, body)`` stands on every replica): ``(message now, replaced cursor)``.
       A copy that loses changes nothing visible and is not reported.
@@ -128,17 +129,17 @@ class Applied:
     changed: such an update must still be persisted, or a restart would forget it.
     """
 
-    new: list[Message]
-    updated: list[Message]
+    appended: list[Message]
+    changed: list[Message]
     moved: list[tuple[Message, str]]
     grew: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.new or self.updated or self.moved)
+        return bool(self.appended or self.changed or self.moved)
 
     def messages(self) -> list[Message]:
-        """Every changed message, in log order."""
-        out = [*self.new, *self.updated, *(m for m, _ in self.moved)]
+        """Every message whose visible state changed, in log order."""
+        out = [*self.appended, *self.changed, *(m for m, _ in self.moved)]
         out.sort(key=lambda m: (m.ts, m.id))
         return out
 
@@ -383,6 +384,15 @@ class _IdIndex:
             i += 1
         return out
 
+    def drop(self, segments: set[int]) -> None:
+        """Forget every entry of ``segments``."""
+        for key in list(self.buckets):
+            kept = array("Q", (e for e in self.buckets[key] if e & _MASK24 not in segments))
+            if kept:
+                self.buckets[key] = kept
+            else:
+                del self.buckets[key]
+
     def entries_of(self, segment: int) -> list[int]:
         """Stand-in hashes of the entries for ``segment`` (``add`` of each gives back the same
         entry); a full scan, used only to upgrade a version-1 snapshot."""
@@ -449,6 +459,10 @@ class RoomLog:
         self._index = _IdIndex()
         self._losers: set[str] = set()  # order keys of copies that lost to another segment's
         self._head = 0
+        # Sealed segments whose blobs were dropped (their history lives in an archive, the
+        # node's Kafka topic): still announced in the state vector so that peers do not send
+        # them again, but never read, served to peers, or searched for ids.
+        self._archived: set[int] = set()
 
     # ------------------------------------------------------------------ local operations
 
@@ -522,7 +536,7 @@ class RoomLog:
     def __len__(self) -> int:
         """Number of distinct (segment, id) appends known."""
         return sum(len(s.view.base) for s in self._live.values()) + sum(
-            s.count for s in self._sealed.values()
+            s.count for n, s in self._sealed.items() if n not in self._archived
         )
 
     @property
@@ -532,18 +546,54 @@ class RoomLog:
 
     def sealed_segments(self) -> list[int]:
         """Numbers of the segments kept as blobs in the store."""
-        return sorted(self._sealed)
+        return sorted(n for n in self._sealed if n not in self._archived)
+
+    def sealed_ranges(self) -> list[tuple[int, str, str]]:
+        """``(number, oldest cursor, newest cursor)`` of each sealed, not archived, segment
+        ("" for a segment without messages)."""
+        return [
+            (n, s.min_key.split(_SEP, 1)[0], s.max_key.split(_SEP, 1)[0])
+            for n, s in sorted(self._sealed.items())
+            if n not in self._archived
+        ]
+
+    @property
+    def archived_segments(self) -> list[int]:
+        return sorted(self._archived)
+
+    def archive(self, numbers: list[int]) -> list[int]:
+        """Forget sealed segments ``numbers`` (their messages are kept in an archive): they
+        are no longer read, searched for ids, or sent to peers; their state vectors are still
+        announced, so peers do not send them back. The overlay entries of their messages go
+        too (unless another kept segment has a copy). Returns the numbers archived now; the
+        caller deletes their store keys (:func:`segment_store_keys`) and persists a fresh
+        :meth:`snapshot` in one atomic write (a restore of an older snapshot would look for
+        the blobs). An update that later arrives for an archived segment and is not covered
+        by it is ignored here (see docs/KAFKA.md, "Local retention")."""
+        now = [n for n in sorted(set(numbers)) if n in self._sealed and n not in self._archived]
+        if not now:
+            return []
+        ids: set[str] = set()
+        for n in now:
+            ids.update(self._sealed_view(n).base)
+        self._archived.update(now)
+        for n in now:
+            self._lru.pop(n, None)
+        self._index.drop(set(now))
+        for msg_id in ids:
+            if self._find_where(msg_id) is None:
+                self._overlay.pop(msg_id, None)
+        if self._losers:
+            self._losers = {k for k in self._losers if k.split(_SEP, 1)[1] not in ids}
+        return now
 
     # ------------------------------------------------------------------ remote updates
 
-    def apply(self, update: bytes) -> list[Message]:
+    def apply(self, update: bytes) -> Applied:
         """Integrate an envelope from :meth:`Change.update` or :meth:`diff` (any order,
-        duplicates welcome). Returns the messages whose state changed, in log order.
-        ``CodecError`` if the bytes are not a well-formed envelope of pycrdt updates."""
-        return self.apply_update(update).messages()
-
-    def apply_update(self, update: bytes) -> Applied:
-        """:meth:`apply`, telling new messages, changed ones and moved ones apart."""
+        duplicates welcome). Returns what was appended, what changed and what moved
+        (:class:`Applied`). ``CodecError`` if the bytes are not a well-formed envelope of
+        pycrdt updates (nothing is applied then)."""
         parts = decode_envelope(update)
         if len(parts) > 1:
             for _, payload in parts:
@@ -599,6 +649,8 @@ class RoomLog:
             if upd != EMPTY_UPDATE:
                 parts.append((number, upd))
         for number, sealed in sorted(self._sealed.items()):
+            if number in self._archived:
+                continue  # not here any more: peers that lack it read the archive
             have = remote.get(number)
             if have is None:
                 parts.append((number, self._blob(number)))
@@ -632,6 +684,7 @@ class RoomLog:
             ],
             "overlay": [ov.to_wire(i) for i, ov in sorted(self._overlay.items())],
             "losers": sorted(self._losers),
+            "archived": sorted(self._archived),
         }
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
@@ -654,13 +707,16 @@ class RoomLog:
             self._head = int(body["head"])
             for number, state, count, min_key, max_key, gapped in body["sealed"]:
                 self._sealed[number] = _Sealed(number, state, count, min_key, max_key, gapped)
+            self._archived = {int(n) for n in body.get("archived", ()) if n in self._sealed}
             if version == 1:
                 self._index = _IdIndex.from_wire(body["index"])
                 for number in self._sealed:
                     hashes = array("Q", self._index.entries_of(number))
                     self.store.put(self.room, _INDEX_KEY_BASE + number, hashes.tobytes())
             else:
-                self._index = _IdIndex.build([(n, self._index_hashes(n)) for n in self._sealed])
+                self._index = _IdIndex.build(
+                    [(n, self._index_hashes(n)) for n in self._sealed if n not in self._archived]
+                )
             self._losers = {str(k) for k in body.get("losers", ())}
             for msg_id, edit_ts, edit_body, deleted, reactions in body["overlay"]:
                 ov = self._ov(msg_id)
@@ -676,6 +732,8 @@ class RoomLog:
             # the store, or the overlay would lack them for good (the state vector says the
             # update is here, so neither the journal nor anti-entropy would bring it again).
             for number in sorted(self._sealed):
+                if number in self._archived:
+                    continue
                 if self._stored_state(number) not in (None, self._sealed[number].state):
                     self._seal(self._load_stored(number, sink))
             for number, update, *rest in body["live"]:
@@ -831,6 +889,9 @@ class RoomLog:
         _check_update(payload)
         sealed = self._sealed.get(number)
         if sealed is not None and _covered(payload, sealed):
+            return
+        if number in self._archived:
+            log.debug("room %s: ignoring an update of archived segment %d", self.room, number)
             return
         live = self._load_stored(number, changed)
         before = live.doc.get_state()
@@ -1007,7 +1068,7 @@ class RoomLog:
                 best = (base, number)
         if self._sealed:
             for number in self._index.segments(_id_hash(msg_id)):
-                if number in self._sealed and number != exclude:
+                if number in self._sealed and number != exclude and number not in self._archived:
                     base = self._sealed_view(number).base.get(msg_id)
                     if base is not None and (best is None or base < best[0]):
                         best = (base, number)
@@ -1059,7 +1120,7 @@ class RoomLog:
             if live.view.keys:
                 ranges.append((live.view.keys[0], live.view.keys[-1], number))
         for number, sealed in self._sealed.items():
-            if sealed.count:
+            if sealed.count and number not in self._archived:
                 ranges.append((sealed.min_key, sealed.max_key, number))
         ranges = [r for r in ranges if (lo is None or r[1] >= lo) and (hi is None or r[0] < hi)]
         picked: list[tuple[str, tuple[str, str, str]]] = []
@@ -1099,6 +1160,17 @@ class RoomLog:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def segment_store_keys(number: int) -> list[int]:
+    """The :class:`SegmentStore` keys sealed segment ``number`` occupies: its blob, pending
+    parts, id-index blob and seal record (what :meth:`RoomLog.archive` lets go)."""
+    return [
+        number,
+        _PENDING_KEY_BASE + number,
+        _INDEX_KEY_BASE + number,
+        _SEAL_KEY_BASE + number,
+    ]
 
 
 def _check_update(payload: bytes) -> None:

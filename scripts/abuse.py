@@ -4,7 +4,7 @@ file descriptors, and the latency a legitimate client sees meanwhile.
     .venv/bin/python scripts/abuse.py            # about a minute; prints a Markdown table
 
 Loopback only: the node is started on a 127.0.0.x address with its own data directory and
-stopped by pid at the end (tests/daemon.py); attackers and the legitimate client use other
+stopped by pid at the end (tests/support/daemon.py); attackers and the legitimate client use other
 127.x addresses as their source. Every phase is bounded in time (the whole run by
 ``--budget``). The recorded output is in docs/SECURITY.md.
 """
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -26,10 +25,13 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests.daemon import ADMIN_HEADERS, Daemon
-from tests.integration.client import PASSWORD, WS, new_user, signup
-from tests.integration.rawws import RawWS, open_fds, rss_mb
+from _stats import percentile
+
+from tests.support.daemon import ADMIN_HEADERS, Daemon
+from tests.support.rawws import RawWS, open_fds, rss_mb
+from tests.support.ws import PASSWORD, WS, new_user, signup
 
 JSON = {"Content-Type": "application/json"}
 
@@ -328,7 +330,7 @@ def table(phases: list[Phase]) -> str:
     for ph in phases:
         pings = [p for p in ph.pings if p != float("inf")]
         lost = len(ph.pings) - len(pings)
-        p50 = statistics.median(pings) * 1000 if pings else float("nan")
+        p50 = percentile(pings, 50) * 1000
         mx = max(pings) * 1000 if pings else float("nan")
         rows.append(
             f"| {ph.name} | {ph.rss[0]:.0f} / {max(ph.rss):.0f} / {ph.rss[-1]:.0f} | "

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _stats import percentile
 
-from tests.cluster.harness import Harness, can_partition, new_account
-from tests.cluster.procs import states_of
-from tests.daemon import Daemon, admin_get
-from tests.integration.client import WS, login, new_user
+from tests.support.cluster import states_of
+from tests.support.daemon import Daemon
+from tests.support.harness import Harness, can_partition, new_account
+from tests.support.ws import WS, login, new_user
 
 ARGS = ["--rate-limit", "100000", "--rate-burst", "100000"]
 
@@ -150,12 +150,10 @@ async def bench_latency(h: Harness, rate: int, seconds: float) -> dict[str, floa
 
 
 def _home(node: Daemon, room: str) -> str | None:
-    try:
-        for x in json.loads(admin_get(node.url + "v1/registry", 2))["rooms"]:
-            if x["room"] == room:
-                return str(x["home"]) if x["home"] else None
-    except OSError:
-        return None
+    registry = node.get_json("v1/registry", 2)
+    for x in registry["rooms"] if registry else ():
+        if x["room"] == room:
+            return str(x["home"]) if x["home"] else None
     return None
 
 

@@ -27,8 +27,8 @@ from confluent_kafka import Producer
 
 from chatnode.history.forwarder import Forwarder
 from chatnode.history.forwarding import FeedEntry, Record, encode_record
-from tests.integration.forwarder_child import LogMessage, make_log
-from tests.kafka import TansuBroker
+from tests.support.forwarder_child import LogMessage, make_log
+from tests.support.kafka import TansuBroker
 
 
 def raw_produce(brokers: str, log: dict[str, list[LogMessage]]) -> float:

@@ -61,7 +61,10 @@ sys.path.insert(0, str(REPO))
 
 from _stats import percentile  # noqa: E402
 
-from tests.daemon import ADMIN_HEADERS, Daemon, free_port, loopback_host  # noqa: E402
+from tests.support.daemon import ADMIN_HEADERS, Daemon  # noqa: E402
+from tests.support.net import free_port, loopback_host  # noqa: E402
+from tests.support.poll import wait_until  # noqa: E402
+from tests.support.procs import stop_process  # noqa: E402
 
 ROOM = "bench"
 PASSWORD = "bench password 1"
@@ -406,11 +409,8 @@ class Server:
 
     def wait_quiet(self, timeout: float = 120.0) -> None:
         """Wait until the server has no connection left (the previous phase's are gone)."""
-        deadline = time.monotonic() + timeout
-        while self.health()["connections"] != 0:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{self.kind}: connections still open after {timeout}s")
-            time.sleep(0.2)
+        wait_until(lambda: self.health()["connections"] == 0, timeout,
+                   f"{self.kind}: no connection left open", 0.2)  # fmt: skip
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -461,26 +461,22 @@ def start_raw(tmp: Path) -> tuple[Server, subprocess.Popen[bytes]]:
     )  # fmt: skip
     logf.close()
     server = Server("raw", host, port, proc.pid, f"ws://{host}:{port}/ws")
-    deadline = time.monotonic() + 30
-    while True:
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise BenchError(f"raw server exited: {(tmp / 'raw.log').read_text()}")
         try:
             server.health()
-            return server, proc
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (tmp / "raw.log").read_text()
-                raise BenchError(f"raw server did not start: {log}") from None
-            time.sleep(0.05)
+            return False
+        return True
+
+    wait_until(answers, 30, f"the raw server on {host}:{port}", 0.05)
+    return server, proc
 
 
 def stop_raw(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(20)
+    stop_process(proc, 20)
 
 
 async def _setup_chatnode(server: Server, users: int) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _stats import percentile
 
-from tests.daemon import Daemon
+from tests.support.daemon import Daemon
 
 PASSWORD = "bench-password-1"
 ROOM = "resume-bench"

@@ -40,8 +40,8 @@ from chatnode.history.indexer import Indexer, KafkaSource, Views
 from chatnode.history.views import Applied, ViewsTarget
 from chatnode.history.viewsdb import ViewsDB
 from crdt.clock import Timestamp
-from tests.integration.test_views_db import WORDS, records
-from tests.kafka import TansuBroker
+from tests.support.kafka import TansuBroker
+from tests.support.views_data import WORDS, records
 
 TOPIC = "chat.messages"
 PARTITIONS = 12

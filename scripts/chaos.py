@@ -1,4 +1,4 @@
-"""Randomized fault runs over the cluster harness (tests/cluster/harness.py), checking the
+"""Randomized fault runs over the cluster harness (tests/support/harness.py), checking the
 promise of issue 8: no acknowledged message is lost; one message id is one message on every
 node; a subscriber that resumes after every reconnect receives every message exactly once.
 
@@ -46,7 +46,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.cluster.harness import (
+from tests.support.harness import (
     FAULT_KINDS,
     Clients,
     Harness,
@@ -56,7 +56,6 @@ from tests.cluster.harness import (
     random_faults,
     setup_room,
 )
-from tests.daemon import admin_get
 
 ROOM = "chaos"
 NODE_ARGS = ["--rate-limit", "1000", "--rate-burst", "1000"]  # the checker pages histories
@@ -151,11 +150,11 @@ def table_row(run: Run) -> str:
 def homes(h: Harness) -> set[str]:
     out: set[str] = set()
     for i in h.running():
-        try:
-            rooms = json.loads(admin_get(h.nodes[i].url + "v1/registry", 3))["rooms"]
-            out |= {str(x["home"]) for x in rooms if x["room"] == ROOM}
-        except OSError:
+        registry = h.nodes[i].get_json("v1/registry")
+        if registry is None:
             out.add("?")
+        else:
+            out |= {str(x["home"]) for x in registry["rooms"] if x["room"] == ROOM}
     return out
 
 

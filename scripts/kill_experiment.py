@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _stats import percentile
 
-from tests.cluster.procs import MemberView, launch_cluster, states_of, stop_all, wait_until
-from tests.daemon import Daemon
+from tests.support.cluster import MemberView, launch_cluster, states_of, stop_all
+from tests.support.daemon import Daemon
+from tests.support.poll import wait_until
 
 POLL = 0.05  # seconds between polling rounds
 TIMEOUT = 120.0

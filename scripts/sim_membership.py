@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Membership figures over many seeds, from the pure state machine on a simulated network.
 
-Runs the harness of tests/unit/test_membership_sim.py (fake clock, 1 % loss, 0.5-5 ms
+Runs the simulation of tests/support/membership_sim.py (fake clock, 1 % loss, 0.5-5 ms
 latency, 25 members, memberlist LAN defaults) and prints:
 
 * detection time of a crashed member: p50 / p99 / max over (seed, observer) of the time from
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _stats import percentile
 
-from tests.unit.test_membership_sim import SimParams, Simulation
+from tests.support.membership_sim import SimParams, Simulation
 
 
 def detection(seeds: int, n: int) -> None:

@@ -36,6 +36,7 @@ from chatnode.cluster.gossip import (
 )
 from chatnode.cluster.keyring import Keyring, parse_key, read_key_file
 from chatnode.cluster.membership import Addr, Member, MemberEvent, MembershipConfig
+from chatnode.supervise import Supervisor, Task
 
 __all__ = [
     "DEFAULT_PORT",
@@ -102,24 +103,23 @@ class _Poller:
 
     name = "poller"
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, *, supervisor: Supervisor | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._task: Task | None = None
         self._propose: Propose | None = None
         self.stats = SourceStats()
 
     async def start(self, propose: Propose, local: Addr) -> None:
         self._propose = propose
-        self._task = asyncio.create_task(self._run(), name=type(self).__name__)
+        self._task = self._supervisor.spawn(f"discovery-{self.name}", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await task.aclose()
 
     async def _run(self) -> None:
         while True:
@@ -149,8 +149,14 @@ class StaticSeeds(_Poller):
 
     name = "join"
 
-    def __init__(self, seeds: Sequence[tuple[str, int]], *, interval: float = 2.0) -> None:
-        super().__init__(interval)
+    def __init__(
+        self,
+        seeds: Sequence[tuple[str, int]],
+        *,
+        interval: float = 2.0,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        super().__init__(interval, supervisor=supervisor)
         self.seeds = list(seeds)
 
     async def _poll(self) -> list[Addr]:
@@ -168,8 +174,10 @@ class DnsPoller(_Poller):
 
     name = "dns"
 
-    def __init__(self, host: str, port: int, *, interval: float = 5.0) -> None:
-        super().__init__(interval)
+    def __init__(
+        self, host: str, port: int, *, interval: float = 5.0, supervisor: Supervisor | None = None
+    ) -> None:
+        super().__init__(interval, supervisor=supervisor)
         self.host = host
         self.port = port
 
@@ -290,14 +298,16 @@ def build_sources(
     dns_interval: float = 5.0,
     mdns: bool = False,
     mdns_interfaces: Sequence[str] = ("0.0.0.0",),
+    supervisor: Supervisor | None = None,
 ) -> list[PeerSource]:
     """The peer sources for the CLI flags ``--join``, ``--dns-name`` and ``--mdns``."""
     sources: list[PeerSource] = []
     if seeds:
-        sources.append(StaticSeeds([parse_hostport(s, default_port) for s in seeds]))
+        sources.append(StaticSeeds([parse_hostport(s, default_port) for s in seeds],
+                                   supervisor=supervisor))  # fmt: skip
     if dns_name:
         host, port = parse_hostport(dns_name, default_port)
-        sources.append(DnsPoller(host, port, interval=dns_interval))
+        sources.append(DnsPoller(host, port, interval=dns_interval, supervisor=supervisor))
     if mdns:
         sources.append(MdnsDiscovery(node_id, interfaces=mdns_interfaces))
     return sources
@@ -364,6 +374,7 @@ def build_membership(
     on_event: Callable[[MemberEvent], None] | None = None,
     config: MembershipConfig | None = None,
     push_pull_client: PushPullClient,
+    supervisor: Supervisor | None = None,
 ) -> GossipMembership:
     """A ready :class:`GossipMembership` (not started) with the configured peer sources.
     ``push_pull_client`` carries its push-pull exchanges (an
@@ -381,6 +392,7 @@ def build_membership(
         dns_interval=opts.dns_interval,
         mdns=opts.mdns,
         mdns_interfaces=opts.mdns_interfaces or (adv_host,),
+        supervisor=supervisor,
     )
     return GossipMembership(
         node_id,
@@ -393,6 +405,7 @@ def build_membership(
         sources=sources,
         on_event=on_event,
         push_pull_client=push_pull_client,
+        supervisor=supervisor,
     )
 
 

@@ -19,7 +19,6 @@ a link's queue is dropped).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -27,9 +26,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from chatnode.chat.presence import Outcome, PresenceMsg, PresenceRequest
-from chatnode.chat.service import Service
+from chatnode.chat.service import Service, ServiceHooks
 from chatnode.cluster.peers import PeerHub
 from chatnode.cluster.replication import ReadNote, TypingNote, encode_frame
+from chatnode.supervise import Supervisor, Task
 from crdt.errors import CodecError
 
 __all__ = ["COALESCE", "VERSION_EVERY", "Ephemeral", "EphemeralStats"]
@@ -55,30 +55,37 @@ class EphemeralStats:
 class Ephemeral:
     """Implements the service's :class:`~chatnode.chat.service.EphemeralLink`."""
 
-    def __init__(self, service: Service, hub: PeerHub) -> None:
+    def __init__(
+        self,
+        service: Service,
+        hub: PeerHub,
+        *,
+        hooks: ServiceHooks,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self.service = service
+        self._hooks = hooks  # binds itself as the service's ``ephemeral`` while running
         self.hub = hub
         self.presence = service.presence
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._tasks: list[Task] = []
         self.stats = EphemeralStats()
 
     def start(self) -> None:
-        self.service.ephemeral = self
-        self._tasks.append(asyncio.create_task(self._flush_loop(), name="presence-flush"))
-        self._tasks.append(asyncio.create_task(self._version_loop(), name="presence-version"))
+        self._hooks.ephemeral.bind(self)
+        spawn = self._supervisor.spawn
+        self._tasks.append(spawn("presence-flush", self._flush_loop))
+        self._tasks.append(spawn("presence-version", self._version_loop))
         if self.presence.pending:
             self._wake.set()
 
-    async def stop(self) -> None:
-        if self.service.ephemeral is self:
-            self.service.ephemeral = None
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks.clear()
+    async def aclose(self) -> None:
+        """Stop publishing (idempotent)."""
+        self._hooks.ephemeral.unbind(self)
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            await t.aclose()
 
     # -- EphemeralLink (called by the service) -------------------------------------------------
 

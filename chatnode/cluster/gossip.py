@@ -16,9 +16,10 @@ carries its push-pull exchanges over HTTP.
   sends (it is the ``push_pull_client`` of :class:`GossipMembership`),
   :func:`serve_push_pull` answers through :meth:`GossipMembership.answer_push_pull` (the node
   routes the path to it).
-* A ticker task, owned by this object, calls ``tick`` whenever the machine has something due
-  (at least every 50 ms); push-pull exchanges are tasks owned here too and are cancelled and
-  awaited on :meth:`GossipMembership.stop`.
+* A ticker task, started through the node's :class:`~chatnode.supervise.Supervisor` (logged,
+  counted and restarted if it raises), calls ``tick`` whenever the machine has something due
+  (at least every 50 ms); push-pull exchanges are tasks owned here and are cancelled and
+  awaited on :meth:`GossipMembership.stop` (``aclose``: stop without leaving).
 * Every drop is counted in :class:`GossipStats` (bad seal, bad msgpack, oversized, failed
   exchange), never raised.
 * Peer sources (:mod:`chatnode.cluster.discovery`) only *propose* addresses; membership decides.
@@ -27,7 +28,6 @@ carries its push-pull exchanges over HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -57,6 +57,7 @@ from chatnode.cluster.membership import (
     decode_message,
     encode_message,
 )
+from chatnode.supervise import Supervisor, Task
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -280,8 +281,10 @@ class GossipMembership:
         max_push_pulls: int = 8,
         max_push_pulls_in: int = MAX_PUSH_PULLS_IN,
         leave_grace: float = 0.5,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.node_id = node_id
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._bind = bind
         self.bound: Addr = bind
         self._advertise = advertise
@@ -303,7 +306,7 @@ class GossipMembership:
         self._answering = 0
         self._machine: Membership | None = None
         self._transport: asyncio.DatagramTransport | None = None
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker: Task | None = None
         self._exchanges: set[asyncio.Task[None]] = set()
         self._started_sources: list[PeerSource] = []
         self._closing = False
@@ -331,7 +334,7 @@ class GossipMembership:
             url=self._url,
         )
         log.info("gossip %s listening on %s:%d (incarnation %d)", self.node_id, host, port, inc)
-        self._ticker = asyncio.create_task(self._tick_loop(), name=f"gossip-tick-{self.node_id}")
+        self._ticker = self._supervisor.spawn("gossip-tick", self._tick_loop)
         if self._seeds:
             self.propose(self._seeds)
         for source in self._sources:
@@ -352,16 +355,22 @@ class GossipMembership:
             self._handle(self._machine.leave(asyncio.get_running_loop().time()))
             await asyncio.sleep(self._leave_grace)  # the ticker keeps gossiping the leave
         self._closing = True
-        tasks = [t for t in (self._ticker, *self._exchanges) if t is not None]
-        for t in tasks:
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            await ticker.aclose()
+        exchanges = list(self._exchanges)
+        for t in exchanges:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._ticker = None
+        for result in await asyncio.gather(*exchanges, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("a push-pull exchange failed while stopping: %r", result)
         if self._transport is not None:
             self._transport.close()
         log.info("gossip %s stopped", self.node_id)
+
+    async def aclose(self) -> None:
+        """Stop without leaving (idempotent); :meth:`stop` leaves gracefully first."""
+        await self.stop(leave=False)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -399,12 +408,9 @@ class GossipMembership:
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
         m = self.machine
-        while True:
+        while True:  # a failure is logged, counted and restarted by the supervisor
             now = loop.time()
-            try:
-                self._handle(m.tick(now))
-            except Exception:  # a bug must not silently stop failure detection
-                log.exception("membership tick failed")
+            self._handle(m.tick(now))
             delay = min(max(m.next_deadline() - loop.time(), 0.001), _TICK_CAP)
             await asyncio.sleep(delay)
 

@@ -614,9 +614,6 @@ class Membership:
         node = self._nodes.get(node_id)
         return node.snapshot() if node else None
 
-    def alive_count(self) -> int:
-        return sum(1 for n in self._nodes.values() if n.state is MemberState.ALIVE)
-
     def pending_broadcasts(self) -> int:
         return len(self._broadcasts)
 

@@ -36,6 +36,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -58,6 +59,7 @@ from chatnode.cluster.keyring import (
     LinkStats,
 )
 from chatnode.cluster.replication import FrameError, PeerMsg, decode_frame, encode_frame
+from chatnode.supervise import Supervisor, Task
 
 __all__ = ["LINK_HEADER", "PEER_PATH", "PeerHub", "PeerStats"]
 
@@ -83,9 +85,12 @@ class PeerStats:
 
     frames_in: int = 0
     frames_out: int = 0
+    bytes_in: int = 0  # sealed frame bytes received
+    bytes_out: int = 0  # sealed frame bytes sent
     messages_in: int = 0
     messages_out: int = 0
     links_up: int = 0
+    reconnects: int = 0  # links up to a peer that had one before (a redial or its restart)
     links_reset: int = 0  # closed by us after a message for the peer had to be dropped
     dial_failed: int = 0
     accept_refused: int = 0  # handshakes refused here as acceptor (by reason: LinkStats)
@@ -133,7 +138,10 @@ class PeerHub:
         max_queue: int = 20_000,
         max_frame: int = 64 * 1024 * 1024,
         trailer: Callable[[], PeerMsg] | None = None,
+        local_host: Callable[[], str | None] = lambda: None,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self.node_id = node_id
         self.keyring = keyring
         self.on_message = on_message
@@ -143,10 +151,11 @@ class PeerHub:
         self.trailer = trailer
         # source address of the links we dial (this node's own address, so that per-address
         # firewall rules apply to them); None: the kernel picks
-        self.local_host: str | None = None
+        self._local_host = local_host
+        self._seen: set[str] = set()  # peers that had a link (reconnects)
         self.links: dict[str, _Link] = {}
         self._targets: dict[str, str] = {}  # peer id -> base URL, for peers we dial
-        self._dialers: dict[str, asyncio.Task[None]] = {}
+        self._dialers: dict[str, Task] = {}
         self._accepted: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
@@ -218,8 +227,8 @@ class PeerHub:
         self._targets = wanted
         for peer, url in wanted.items():
             if peer not in self._dialers:
-                self._dialers[peer] = asyncio.create_task(
-                    self._dial_loop(peer, url), name=f"peer-dial-{peer}"
+                self._dialers[peer] = self._supervisor.spawn(
+                    "peer-dial", functools.partial(self._dial_loop, peer, url)
                 )
 
     # -- dialing ------------------------------------------------------------------------------
@@ -235,8 +244,8 @@ class PeerHub:
             except (aiohttp.ClientError, OSError, EOFError, TimeoutError, AuthError) as exc:
                 log.debug("link to %s (%s): %s", peer, url, exc)
                 self.stats.dial_failed += 1
-            except Exception:
-                log.exception("link to %s failed", peer)
+            # anything else (a bug, here or in a message handler) ends the loop: the
+            # supervisor logs and counts it and dials again after its backoff
             if time.monotonic() - started > 5.0:
                 backoff = BACKOFF_MIN
             await asyncio.sleep(backoff)
@@ -244,7 +253,7 @@ class PeerHub:
 
     async def _dial_once(self, peer: str, url: str) -> None:
         if self._session is None:
-            host = self.local_host
+            host = self._local_host()
             connector = None
             if host and host not in ("0.0.0.0", "::"):
                 connector = aiohttp.TCPConnector(local_addr=(host, 0))
@@ -381,6 +390,9 @@ class PeerHub:
         self.links[peer] = link
         log.info("peer link to %s up", peer)
         self.stats.links_up += 1
+        if peer in self._seen:
+            self.stats.reconnects += 1
+        self._seen.add(peer)
         self.on_link(peer, True)
         writer = asyncio.create_task(self._writer(link), name=f"peer-write-{peer}")
         try:
@@ -417,6 +429,7 @@ class PeerHub:
                 self.stats.bad_frames += 1
                 return
             self.stats.frames_in += 1
+            self.stats.bytes_in += len(msg.data)
             self.stats.messages_in += len(msgs)
             for m in msgs:
                 await self.on_message(peer, m)
@@ -434,8 +447,10 @@ class PeerHub:
                 link.below_low.set()
                 if self.trailer is not None:
                     batch.append(self.trailer())
-                await link.ws.send_bytes(link.session.seal(encode_frame(batch)))
+                sealed = link.session.seal(encode_frame(batch))
+                await link.ws.send_bytes(sealed)
                 self.stats.frames_out += 1
+                self.stats.bytes_out += len(sealed)
                 self.stats.messages_out += len(batch)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send to peer %s failed: %s", link.peer, exc)
@@ -446,15 +461,13 @@ class PeerHub:
 
     # -- shutdown -----------------------------------------------------------------------------
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
+        """Stop dialing and close every link (idempotent)."""
         self._closing = True
         tasks = list(self._dialers.values())
         self._dialers.clear()
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            await t.aclose()
         for link in list(self.links.values()):
             link.closed = True
             link.wake.set()

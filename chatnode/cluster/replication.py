@@ -12,7 +12,13 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
                                                 durable ack; ``ids``: message ids it appends
 ``["a", token]``                                durable ack of the update tagged ``token``
 ``["m", payload]``                              a metadata delta-interval or ack (Algorithm 2)
-``["d", {room: digest}]``                       anti-entropy: digests of my room state vectors
+``["d", {room: digest}]``                       anti-entropy (old, still understood): digests
+                                                of all my rooms' state vectors
+``["t", level, first, [hashes]]``               anti-entropy: my digest-tree hashes of the
+                                                nodes ``first ..`` at ``level`` (the root, or
+                                                the 16 children of one node)
+``["l", bucket, reply, {room: digest}]``        anti-entropy: the rooms of one leaf bucket of
+                                                my tree; ``reply``: answer with yours
 ``["s", room, state_vector, token]``            my state vector: send me what I lack (as ``u``
                                                 carrying ``token``)
 ``["q", room, token]``                          send me your state vector (``s`` with
@@ -28,13 +34,22 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
 ``["wr"]``                                      presence: send me your whole state
 ``["y", room, user]``                           ``user`` (on my node) is typing in ``room``
 ``["r", room, user, cursor]``                   ``user`` moved their read marker in ``room``
+``["cp", name, round, proposer]``               claim (:mod:`chatnode.cluster.claims`):
+                                                prepare ballot ``(round, proposer)``
+``["cr", name, round, proposer, around,         claim: promise, with what I accepted before
+aproposer, value]``                             (``0, "", ""``: nothing)
+``["ca", name, round, proposer, value]``        claim: accept ``value`` under the ballot
+``["cb", name, round, proposer]``               claim: accepted
+``["cn", name, round, proposer, pround,         claim: refused, I promised the higher ballot
+pproposer]``                                    ``(pround, pproposer)``
+``["ct", name, round, proposer]``               claim: the name already exists here
 ==============================================  ==============================================
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,12 +61,31 @@ from chatnode.chat.presence import (
     PresenceRequest,
     PresenceVersion,
 )
+from chatnode.cluster.claims import MAX_NAME as MAX_CLAIM_NAME
+from chatnode.cluster.claims import (
+    NO_BALLOT,
+    Accept,
+    Accepted,
+    Ballot,
+    ClaimMsg,
+    Nack,
+    Prepare,
+    Promise,
+    Taken,
+)
+from crdt.segments import (
+    decode_envelope,
+    decode_state_vector,
+    encode_envelope,
+    encode_state_vector,
+)
 
 __all__ = [
     "NO_TOKEN",
     "Ack",
     "AckTracker",
     "AntiEntropySchedule",
+    "DigestTree",
     "Digests",
     "FrameError",
     "Frontier",
@@ -63,12 +97,18 @@ __all__ = [
     "ReadNote",
     "StateVector",
     "SvRequest",
+    "TreeAnswer",
+    "TreeHashes",
+    "TreeLeaf",
     "TypingNote",
     "Update",
+    "answer_tree",
+    "bucket_of",
     "decode_frame",
     "digest",
     "encode_frame",
     "required_acks",
+    "room_digest",
 ]
 
 NO_TOKEN: Final = -1
@@ -101,6 +141,24 @@ class MetaPayload:
 
 @dataclass(frozen=True, slots=True)
 class Digests:
+    rooms: tuple[tuple[str, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TreeHashes:
+    """The sender's digest-tree hashes of the nodes ``first, first + 1, ...`` at ``level``."""
+
+    level: int
+    first: int
+    hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TreeLeaf:
+    """The sender's rooms (and their digests) in leaf bucket ``bucket``."""
+
+    bucket: int
+    reply: bool
     rooms: tuple[tuple[str, bytes], ...]
 
 
@@ -150,6 +208,8 @@ PeerMsg = (
     | Ack
     | MetaPayload
     | Digests
+    | TreeHashes
+    | TreeLeaf
     | StateVector
     | SvRequest
     | Frontier
@@ -161,6 +221,12 @@ PeerMsg = (
     | PresenceRequest
     | TypingNote
     | ReadNote
+    | Prepare
+    | Promise
+    | Accept
+    | Accepted
+    | Nack
+    | Taken
 )
 
 
@@ -174,6 +240,10 @@ def _wire(m: PeerMsg) -> list[object]:
             return ["m", m.payload]
         case Digests():
             return ["d", dict(m.rooms)]
+        case TreeHashes():
+            return ["t", m.level, m.first, list(m.hashes)]
+        case TreeLeaf():
+            return ["l", m.bucket, m.reply, dict(m.rooms)]
         case StateVector():
             return ["s", m.room, m.sv, m.token]
         case SvRequest():
@@ -199,6 +269,25 @@ def _wire(m: PeerMsg) -> list[object]:
             return ["y", m.room, m.user]
         case ReadNote():
             return ["r", m.room, m.user, m.cursor]
+        case Prepare() | Promise() | Accept() | Accepted() | Nack() | Taken():
+            return _claim_wire(m)
+
+
+def _claim_wire(m: ClaimMsg) -> list[object]:
+    b = [m.name, m.ballot[0], m.ballot[1]]
+    match m:
+        case Prepare():
+            return ["cp", *b]
+        case Promise():
+            return ["cr", *b, m.accepted[0], m.accepted[1], m.value]
+        case Accept():
+            return ["ca", *b, m.value]
+        case Accepted():
+            return ["cb", *b]
+        case Nack():
+            return ["cn", *b, m.promised[0], m.promised[1]]
+        case Taken():
+            return ["ct", *b]
 
 
 def encode_frame(msgs: Iterable[PeerMsg]) -> bytes:
@@ -243,6 +332,10 @@ def _one(raw: object) -> PeerMsg:
         if not isinstance(rooms, dict):
             raise FrameError("digests must be a map")
         return Digests(tuple((_str(k), _bytes(v)) for k, v in rooms.items()))
+    if tag == "t" and len(args) == 3:
+        return _tree_hashes(args)
+    if tag == "l" and len(args) == 3:
+        return _tree_leaf(args)
     if tag == "s" and len(args) == 3:
         return StateVector(_str(args[0]), _bytes(args[1]), _token(args[2]))
     if tag == "q" and len(args) == 2:
@@ -293,6 +386,63 @@ def _ephemeral(tag: str, args: list[object]) -> PeerMsg:
         return TypingNote(_str(args[0]), _str(args[1]))
     if tag == "r" and len(args) == 3:
         return ReadNote(_str(args[0]), _str(args[1]), _str(args[2]))
+    if tag.startswith("c"):
+        return _claim(tag, args)
+    raise FrameError(f"unknown peer message {tag!r} with {len(args)} fields")
+
+
+_MAX_PROPOSER: Final = 128
+_MAX_ROUND: Final = 2**62
+
+
+def _claim_name(v: object) -> str:
+    name = _str(v)
+    if len(name) > MAX_CLAIM_NAME:
+        raise FrameError("claim name too long")
+    return name
+
+
+def _ballot(rnd: object, proposer: object, *, none_ok: bool = False) -> Ballot:
+    """A ballot ``(round >= 1, proposer)``; with ``none_ok`` also ``(0, "")`` (none)."""
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or not isinstance(proposer, str):
+        raise FrameError("bad ballot")
+    if none_ok and (rnd, proposer) == NO_BALLOT:
+        return NO_BALLOT
+    if not 1 <= rnd < _MAX_ROUND or not proposer or len(proposer) > _MAX_PROPOSER:
+        raise FrameError("bad ballot")
+    if "\x00" in proposer:
+        raise FrameError("bad ballot")
+    return (rnd, proposer)
+
+
+def _claim_value(v: object) -> str:
+    if not isinstance(v, str) or not v or len(v) > _MAX_PROPOSER + 24 or "\x00" in v:
+        raise FrameError("bad claim value")
+    return v
+
+
+def _claim(tag: str, args: list[object]) -> PeerMsg:
+    """Claim messages (chatnode/cluster/claims.py): every field checked, nothing lenient."""
+    if len(args) < 3:
+        raise FrameError(f"unknown peer message {tag!r} with {len(args)} fields")
+    name, ballot, rest = _claim_name(args[0]), _ballot(args[1], args[2]), args[3:]
+    if tag == "cp" and not rest:
+        return Prepare(name, ballot)
+    if tag == "cr" and len(rest) == 3:
+        accepted = _ballot(rest[0], rest[1], none_ok=True)
+        if accepted == NO_BALLOT:
+            if rest[2] != "":
+                raise FrameError("a promise with nothing accepted carries no value")
+            return Promise(name, ballot, NO_BALLOT, "")
+        return Promise(name, ballot, accepted, _claim_value(rest[2]))
+    if tag == "ca" and len(rest) == 1:
+        return Accept(name, ballot, _claim_value(rest[0]))
+    if tag == "cb" and not rest:
+        return Accepted(name, ballot)
+    if tag == "cn" and len(rest) == 2:
+        return Nack(name, ballot, _ballot(rest[0], rest[1]))
+    if tag == "ct" and not rest:
+        return Taken(name, ballot)
     raise FrameError(f"unknown peer message {tag!r} with {len(args)} fields")
 
 
@@ -315,6 +465,198 @@ def decode_frame(data: bytes) -> list[PeerMsg]:
 def digest(state_vector: bytes) -> bytes:
     """A short digest of a room's state vector (equal vectors, equal digests)."""
     return hashlib.blake2b(state_vector, digest_size=8).digest()
+
+
+# -- anti-entropy over a digest tree ----------------------------------------------------------
+#
+# Every room with content contributes a leaf hash, ``BLAKE2b-128(room, digest(state
+# vector))``, to one of ``FANOUT ** DEPTH`` leaf buckets picked by the hash of its name (not
+# of its state, so a room stays in its bucket). A tree node's hash is the XOR of the leaf
+# hashes below it, so changing one room updates ``DEPTH + 1`` nodes in place. Two replicas
+# whose rooms agree have equal roots: a round between quiet nodes is one 16-byte root, whatever
+# the number of rooms. Where roots differ, the peers walk down only the differing children,
+# then compare the rooms of the differing leaf buckets and pull the rooms that differ (``s``).
+# Empty rooms (an empty state vector) hold nothing to repair and are left out of the tree.
+
+FANOUT: Final = 16
+DEPTH: Final = 3  # levels below the root; 4,096 leaf buckets
+BUCKETS: Final = FANOUT**DEPTH
+HASH_SIZE: Final = 16
+DIGEST_SIZE: Final = 8
+_BUCKET_BITS: Final = 12  # log2(BUCKETS)
+
+
+def bucket_of(room: str) -> int:
+    """The leaf bucket of ``room`` (from its name only)."""
+    h = hashlib.blake2b(room.encode(), digest_size=4, person=b"chatnode-bucket").digest()
+    return int.from_bytes(h, "big") >> (32 - _BUCKET_BITS)
+
+
+def _leaf(room: str, room_digest: bytes) -> int:
+    h = hashlib.blake2b(room.encode() + b"\x00" + room_digest, digest_size=HASH_SIZE,
+                        person=b"chatnode-leaf")  # fmt: skip
+    return int.from_bytes(h.digest(), "big")
+
+
+def _tree_hashes(args: list[object]) -> TreeHashes:
+    level, first, hashes = args
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= DEPTH:
+        raise FrameError("bad tree level")
+    if isinstance(first, bool) or not isinstance(first, int):
+        raise FrameError("bad tree index")
+    if not isinstance(hashes, list):
+        raise FrameError("tree hashes must be an array")
+    if level == 0:
+        if first != 0 or len(hashes) != 1:
+            raise FrameError("the root is one hash")
+    elif len(hashes) != FANOUT or not 0 <= first < FANOUT**level or first % FANOUT:
+        raise FrameError("tree hashes are the children of one node")
+    out = tuple(_bytes(h) for h in hashes)
+    if any(len(h) != HASH_SIZE for h in out):
+        raise FrameError("bad tree hash size")
+    return TreeHashes(level, first, out)
+
+
+def _tree_leaf(args: list[object]) -> TreeLeaf:
+    bucket, reply, rooms = args
+    if isinstance(bucket, bool) or not isinstance(bucket, int) or not 0 <= bucket < BUCKETS:
+        raise FrameError("bad bucket")
+    if not isinstance(reply, bool):
+        raise FrameError("reply must be a boolean")
+    out: list[tuple[str, bytes]] = []
+    for k, v in _map(rooms).items():
+        room, d = _str(k), _bytes(v)
+        if len(d) != DIGEST_SIZE or bucket_of(room) != bucket:
+            raise FrameError("a leaf lists rooms of its bucket with their digests")
+        out.append((room, d))
+    return TreeLeaf(bucket, reply, tuple(out))
+
+
+class DigestTree:
+    """One node's digest tree over its rooms (see above). ``touch(room)`` marks a room whose
+    state vector may have changed; ``refresh(digest_of)`` recomputes only the touched rooms,
+    so the periodic work follows activity, not the number of rooms."""
+
+    def __init__(self) -> None:
+        self._levels: list[list[int]] = [[0] * (FANOUT**k) for k in range(DEPTH + 1)]
+        self._buckets: dict[int, dict[str, bytes]] = {}
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())
+
+    def touch(self, room: str) -> None:
+        self._dirty.add(room)
+
+    def dirty(self) -> int:
+        return len(self._dirty)
+
+    def refresh(self, digest_of: Callable[[str], bytes | None]) -> int:
+        """Recompute the touched rooms (``digest_of(room)``: its digest, None when empty);
+        returns how many were recomputed."""
+        dirty, self._dirty = self._dirty, set()
+        for room in dirty:
+            self.set(room, digest_of(room))
+        return len(dirty)
+
+    def set(self, room: str, room_digest: bytes | None) -> None:
+        """``room`` now has ``room_digest`` (None: empty or gone)."""
+        b = bucket_of(room)
+        rooms = self._buckets.get(b)
+        old = None if rooms is None else rooms.get(room)
+        if old == room_digest:
+            return
+        x = 0
+        if old is not None:
+            x ^= _leaf(room, old)
+        if room_digest is not None:
+            if len(room_digest) != DIGEST_SIZE:
+                raise ValueError("a room digest has 8 bytes")
+            x ^= _leaf(room, room_digest)
+            if rooms is None:
+                rooms = self._buckets[b] = {}
+            rooms[room] = room_digest
+        elif rooms is not None:
+            del rooms[room]
+            if not rooms:
+                del self._buckets[b]
+        for level in range(DEPTH, -1, -1):
+            self._levels[level][b] ^= x
+            b //= FANOUT
+
+    def get(self, room: str) -> bytes | None:
+        return self._buckets.get(bucket_of(room), {}).get(room)
+
+    def bucket(self, bucket: int) -> dict[str, bytes]:
+        """The rooms of leaf ``bucket`` and their digests (do not modify)."""
+        return self._buckets.get(bucket, {})
+
+    def node(self, level: int, index: int) -> bytes:
+        return self._levels[level][index].to_bytes(HASH_SIZE, "big")
+
+    def root(self) -> TreeHashes:
+        """The message that starts a round: my root."""
+        return TreeHashes(0, 0, (self.node(0, 0),))
+
+    def children(self, level: int, index: int) -> TreeHashes:
+        first = index * FANOUT
+        return TreeHashes(
+            level + 1, first, tuple(self.node(level + 1, first + i) for i in range(FANOUT))
+        )
+
+    def leaf(self, bucket: int, reply: bool) -> TreeLeaf:
+        return TreeLeaf(bucket, reply, tuple(sorted(self._buckets.get(bucket, {}).items())))
+
+
+@dataclass(frozen=True, slots=True)
+class TreeAnswer:
+    """What a node does with a peer's tree message: ``send`` back to it, and ``pull`` these
+    rooms (send the peer my state vector of each: it answers with what I lack)."""
+
+    send: tuple[TreeHashes | TreeLeaf, ...] = ()
+    pull: tuple[str, ...] = ()
+
+
+def answer_tree(tree: DigestTree, msg: TreeHashes | TreeLeaf) -> TreeAnswer:
+    """Compare a peer's tree message with my tree (refreshed by the caller first).
+
+    Hashes: for each node that differs, my children's hashes (one level down), or at the
+    leaf level my listing of that bucket (asking for the peer's). A listing: pull the rooms
+    whose digest differs from mine or that I lack, and if asked and my listing differs, send
+    it back so the peer pulls what it lacks. Every answer goes one step further down or ends
+    the walk, so a round ends after at most ``DEPTH + 2`` messages per differing path."""
+    if isinstance(msg, TreeHashes):
+        out: list[TreeHashes | TreeLeaf] = []
+        for i, h in enumerate(msg.hashes):
+            index = msg.first + i
+            if tree.node(msg.level, index) == h:
+                continue
+            if msg.level < DEPTH:
+                out.append(tree.children(msg.level, index))
+            else:
+                out.append(tree.leaf(index, True))
+        return TreeAnswer(tuple(out))
+    mine = tree.bucket(msg.bucket)
+    theirs = dict(msg.rooms)
+    pull = tuple(room for room, d in msg.rooms if mine.get(room) != d)
+    send: tuple[TreeHashes | TreeLeaf, ...] = ()
+    if msg.reply and theirs != mine:
+        send = (tree.leaf(msg.bucket, False),)
+    return TreeAnswer(send, pull)
+
+
+def room_digest(state_vector: bytes) -> bytes | None:
+    """The digest a room has in the tree: of its state vector in canonical form (segments
+    in order, clients in order, empty segments left out); None for a room with nothing in it.
+    Raises ``CodecError`` on a malformed vector."""
+    parts = []
+    for number, sv in decode_envelope(state_vector):
+        clocks = decode_state_vector(sv)
+        if clocks:
+            parts.append((number, encode_state_vector(clocks)))
+    if not parts:
+        return None
+    return digest(encode_envelope(sorted(parts)))
 
 
 def required_acks(replicas: int, alive: int) -> int:

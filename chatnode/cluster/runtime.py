@@ -1,29 +1,31 @@
 """The cluster runtime of a node: replication of room logs and metadata over the peer
 channels, durable-ack quorums, anti-entropy, and the room registry with handover.
 
-It owns the :class:`~chatnode.cluster.peers.PeerHub` and three background tasks (metadata shipping,
-anti-entropy, registry), which :meth:`Cluster.stop` cancels and awaits. Decisions come from
-the pure modules :mod:`chatnode.cluster.replication` and :mod:`chatnode.cluster.registry`; this
-module moves
-bytes and waits. See ``docs/REPLICATION.md``.
+It owns the :class:`~chatnode.cluster.peers.PeerHub` and its background loops (metadata
+shipping, anti-entropy, registry, frontier heartbeats, forwarding ownership), all started
+through the node's :class:`~chatnode.supervise.Supervisor` (a loop that raises is logged,
+counted and restarted) and closed by :meth:`Cluster.aclose`. Decisions come from the pure
+modules :mod:`chatnode.cluster.replication` and :mod:`chatnode.cluster.registry`; this module
+moves bytes and waits. See ``docs/REPLICATION.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import msgpack
 from aiohttp import web
 
 from chatnode.chat.presence import PresenceDelta, PresenceFull, PresenceRequest, PresenceVersion
-from chatnode.chat.service import Service
+from chatnode.chat.service import Service, ServiceHooks
+from chatnode.cluster import claims as cl
 from chatnode.cluster import registry as reg
 from chatnode.cluster.ephemeral import Ephemeral
 from chatnode.cluster.keyring import Keyring
@@ -35,6 +37,7 @@ from chatnode.cluster.replication import (
     AckTracker,
     AntiEntropySchedule,
     Digests,
+    DigestTree,
     Frontier,
     FrontierTracker,
     MetaPayload,
@@ -44,15 +47,21 @@ from chatnode.cluster.replication import (
     ReadNote,
     StateVector,
     SvRequest,
+    TreeHashes,
+    TreeLeaf,
     TypingNote,
     Update,
+    answer_tree,
     digest,
     required_acks,
+    room_digest,
 )
 from chatnode.errors import ClientError
-from chatnode.history.forwarder import Forwarder
+from chatnode.history.forwarder import Forwarder, OnDelivered, OnOwn
 from chatnode.history.forwarding import FeedEntry
-from chatnode.store.engine import Batch, StorageError, Store, release_key
+from chatnode.store.engine import Batch, StorageError
+from chatnode.store.layout import release_rows
+from chatnode.supervise import Supervisor, Task
 from crdt.errors import CodecError
 from crdt.segments import encode_envelope
 
@@ -61,6 +70,7 @@ __all__ = ["Cluster", "ReplicationStats"]
 log = logging.getLogger(__name__)
 
 ANTI_ENTROPY_INTERVAL: Final = 1.0
+TREE_BUILD_SLICE: Final = 2_000  # rooms digested per event-loop turn while the tree is built
 META_INTERVAL: Final = 1.0
 REGISTRY_INTERVAL: Final = 1.0
 SETTLE: Final = 2.0
@@ -70,6 +80,15 @@ DRAIN_TIMEOUT: Final = 3.0  # how long a dead peer's last messages are looked fo
 FORWARD_INTERVAL: Final = 0.5  # how often ownership of forwarded rooms is re-checked
 # f/<room> -> {"epoch", "node", "seq", "since_ms"}: the Kafka forwarding frontier (KAFKA.md)
 FRONTIER_PREFIX: Final = "f/"
+# n/<node> -> {"at": ms}: the node votes on unique names (docs/SECURITY.md, "Unique names")
+VOTER_PREFIX: Final = "n/"
+VOTER_INTERVAL: Final = 1.0  # how often this node's voter entry and the forgotten are checked
+# A voter that membership no longer lists is dropped from the voters only by a node up for
+# this long (longer than membership's dead retention, 60 s) that reaches a majority.
+FORGET_VOTER_AFTER: Final = 90.0
+# For this long after the node starts a claim waits (at most claims.TIMEOUT) for the peer
+# links a majority needs to come up, instead of answering ``unavailable`` at once.
+CLAIM_STARTUP_GRACE: Final = 15.0
 FEED_SAMPLE_S: Final = 2.0  # how often each room's release position is sampled (takeovers)
 FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 # A takeover re-forwards what this node released from this long before the old home's
@@ -91,8 +110,8 @@ class ReplicationStats:
     updates_received: int = 0  # room updates from peers (pushes and anti-entropy diffs)
     acks_received: int = 0
     waits_expired: int = 0  # durable-ack waits given up (after twice the ack timeout)
-    anti_entropy_rounds: int = 0  # room digests sent to one peer
-    anti_entropy_mismatches: int = 0  # rooms whose digest differed from a peer's
+    anti_entropy_rounds: int = 0  # digest-tree roots sent to one peer
+    anti_entropy_mismatches: int = 0  # rooms whose digest differed from a peer's (pulled)
     anti_entropy_diffs: int = 0  # non-empty diffs sent in answer to a peer's state vector
     meta_shipped: int = 0  # metadata deltas shipped to one peer
     claims: int = 0  # rooms this node became home of
@@ -109,8 +128,13 @@ class Cluster:
         *,
         replicas: int = 2,
         ack_timeout: float = 10.0,
+        hooks: ServiceHooks,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.service = service
+        self._hooks = hooks  # binds itself as the service's replicator while running
+        self._unlisten: Callable[[], None] | None = None  # release-feed listener (forwarding)
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self.node_id = service.node_id
         self._members = members
         self.replicas = replicas
@@ -119,15 +143,24 @@ class Cluster:
         self.ephemeral: Ephemeral | None = None  # presence, typing, read events (peers)
         if keyring is not None:
             self.hub = PeerHub(
-                self.node_id, keyring, self._on_message, self._on_link, trailer=self._trailer
+                self.node_id,
+                keyring,
+                self._on_message,
+                self._on_link,
+                trailer=self._trailer,
+                local_host=self._local_host,
+                supervisor=self._supervisor,
             )
-            self.ephemeral = Ephemeral(service, self.hub)
+            self.ephemeral = Ephemeral(service, self.hub, hooks=hooks, supervisor=self._supervisor)
         self._tracker = AckTracker()
         self._waits: dict[int, tuple[asyncio.Future[None], float]] = {}
         self._schedule = AntiEntropySchedule(ANTI_ENTROPY_INTERVAL)
+        self._tree = DigestTree()  # anti-entropy: digests of the rooms, kept up to date
+        self._tree_built = False  # every room digested once (at the first round)
         self._meta_wake = asyncio.Event()
         self._registry_wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[Task] = []
+        self._closed = False
         self._started = time.monotonic()
         self._homes: set[str] = set()  # rooms this node acts as home of
         self._leaving = False  # handed over: claim nothing any more
@@ -146,6 +179,12 @@ class Cluster:
         self._prev_home: dict[str, str] = {}  # room -> the last other node seen as its home
         self._home_since: dict[tuple[str, str], float] = {}  # (room, node) -> its last since
         self.stats = ReplicationStats()
+        # unique names (chatnode/cluster/claims.py): this node's claims and acceptor state
+        self.claims = cl.ClaimBook(self.node_id, time.time_ns() // 1000, self._name_taken)
+        self._claim_futs: dict[int, asyncio.Future[str]] = {}
+        self._claim_wake = asyncio.Event()
+        self._links_changed = asyncio.Event()  # a peer link came up or went down
+        self._voter_check = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -157,39 +196,60 @@ class Cluster:
     def start(self) -> None:
         self._started = time.monotonic()
         if self.hub is not None:
-            self.service.replicator = self
-            self._tasks.append(asyncio.create_task(self._meta_loop(), name="meta-ship"))
-            self._tasks.append(asyncio.create_task(self._anti_entropy_loop(), name="anti-entropy"))
-            self._tasks.append(asyncio.create_task(self._registry_loop(), name="registry"))
-            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+            self._hooks.replicator.bind(self)
+            spawn = self._supervisor.spawn
+            self._tasks.append(spawn("meta-ship", self._meta_loop))
+            self._tasks.append(spawn("anti-entropy", self._anti_entropy_loop))
+            self._tasks.append(spawn("registry", self._registry_loop))
+            self._tasks.append(spawn("heartbeat", self._heartbeat_loop))
+            self._tasks.append(spawn("claims", self._claims_loop))
             if self.ephemeral is not None:
                 self.ephemeral.start()
             self.on_member_event(None)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
+        """Stop forwarding, the loops, presence and the peer links; fail the writes still
+        waiting for acks. Idempotent, and every step runs even when an earlier one raised
+        (each such error is logged): the node closes the store after this."""
+        if self._closed:
+            return
+        self._closed = True
         self._stopping = True  # no new drains from links going down
-        await self.stop_forwarding()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks.clear()
-        for t in list(self._drains):
-            t.cancel()
-        for t in list(self._drains):
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._drains.clear()
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("forwarder", self.stop_forwarding),
+            ("loops", self._close_tasks),
+        ]
         if self.ephemeral is not None:
-            await self.ephemeral.stop()
+            steps.append(("presence", self.ephemeral.aclose))
         if self.hub is not None:
-            await self.hub.stop()
+            steps.append(("peer links", self.hub.aclose))
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("closing the cluster's %s failed", what)
         for fut, _ in self._waits.values():
             if not fut.done():
                 fut.cancel()
         self._waits.clear()
-        self.service.replicator = None
+        for cfut in self._claim_futs.values():
+            if not cfut.done():
+                cfut.set_result(cl.Outcome.UNAVAILABLE.value)
+        self._hooks.replicator.unbind(self)
+
+    async def _close_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            await t.aclose()
+        drains = list(self._drains)
+        for d in drains:
+            d.cancel()
+        for d, result in zip(
+            drains, await asyncio.gather(*drains, return_exceptions=True), strict=True
+        ):
+            if isinstance(result, Exception):
+                log.error("%s failed: %r", d.get_name(), result)
+        self._drains.clear()
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -200,10 +260,6 @@ class Cluster:
         """Membership changed: dial the members, re-check waiting writes, re-place rooms."""
         if self.hub is None:
             return
-        if self.hub.local_host is None:
-            me = [m for m in self._members() if m.id == self.node_id]
-            if me:
-                self.hub.local_host = me[0].addr[0]
         targets = {
             m.id: f"http://{m.addr[0]}:{m.addr[1]}"
             for m in self._members()
@@ -215,6 +271,12 @@ class Cluster:
         self._recompute_blocking()
         self._check_waits()
         self._registry_wake.set()
+
+    def _local_host(self) -> str | None:
+        """This node's gossip host, the address peer links are dialed from (so per-address
+        firewall rules, as in the partition tests, apply to them); None before it is known."""
+        me = [m for m in self._members() if m.id == self.node_id]
+        return me[0].addr[0] if me else None
 
     def _recompute_blocking(self) -> None:
         """The peers that hold live delivery back: ALIVE members, and SUSPECT members whose
@@ -247,6 +309,7 @@ class Cluster:
         self._refresh()
 
     def _on_link(self, peer: str, up: bool) -> None:
+        self._links_changed.set()
         if up:
             self._schedule.connected(peer, time.monotonic())
             self._meta_wake.set()
@@ -325,6 +388,7 @@ class Cluster:
 
     def push(self, room: str, update: bytes, ids: Sequence[str]) -> asyncio.Future[None]:
         token, fut = self._wait()
+        self._tree.touch(room)
         msg = Update(room, update, token, tuple(ids))
         assert self.hub is not None
         self.stats.pushes += 1
@@ -384,10 +448,12 @@ class Cluster:
 
                     self._frontier.applying(peer)
                     try:
-                        self.service.apply_remote(msg.room, msg.update, msg.ids, durable)
+                        self.service.apply_remote(msg.room, msg.update, durable)
                     except BaseException:
                         self._pong(self._frontier.applied(peer))
                         raise
+                    finally:
+                        self._tree.touch(msg.room)
                     if msg.ids:
                         hub.poke()  # our clock passed its stamp: tell the others soon
                 case Frontier():
@@ -410,6 +476,8 @@ class Cluster:
                         if digest(sv) != d:
                             self.stats.anti_entropy_mismatches += 1
                             hub.send(peer, StateVector(room, sv))
+                case TreeHashes() | TreeLeaf():
+                    self._tree_message(peer, msg)
                 case StateVector():
                     diff = self.service.room_diff(msg.room, msg.sv)
                     if diff is None:
@@ -427,12 +495,111 @@ class Cluster:
                 ):  # fmt: skip
                     if self.ephemeral is not None:
                         self.ephemeral.receive(peer, msg)
+                case (
+                    cl.Prepare() | cl.Promise() | cl.Accept() | cl.Accepted() | cl.Nack()
+                    | cl.Taken()
+                ):  # fmt: skip
+                    self._claim_step(self.claims.receive(peer, msg, time.monotonic()))
+                    self._claim_wake.set()  # a backoff or a resend may be due sooner now
         except CodecError as exc:
             log.warning("malformed payload from peer %s: %s", peer, exc)
         except StorageError as exc:
             log.debug("cannot store what peer %s sent: %s", peer, exc)
         except ClientError as exc:  # the service refusing a write (storage unavailable)
             log.debug("cannot store what peer %s sent: %s", peer, exc)
+
+    # -- unique names (docs/SECURITY.md, "Unique names") ---------------------------------------
+
+    def _name_taken(self, key: str) -> bool:
+        return key in self.service.meta
+
+    def voters(self) -> set[str]:
+        """The nodes whose majority decides a claim: this node, every member in any state
+        but ``left`` (the dead included: a node cut off from the others must not count
+        itself a majority once it has declared them dead), and every node registered as a
+        voter in the metadata (so a node restarted inside a minority still knows them)."""
+        members = self._members()
+        left = {m.id for m in members if m.state is MemberState.LEFT}
+        out = {m.id for m in members if m.state is not MemberState.LEFT}
+        for key in self.service.meta.keys_with_prefix(VOTER_PREFIX):
+            out.add(key[len(VOTER_PREFIX) :])
+        return (out - left) | {self.node_id}
+
+    async def claim(self, key: str) -> str:
+        """Claim the metadata key ``key`` with a majority of the voters: ``"won"``,
+        ``"taken"`` or ``"unavailable"`` (decided within ``claims.TIMEOUT``)."""
+        if self.hub is None:
+            return cl.Outcome.WON.value
+        loop = asyncio.get_running_loop()
+        if time.monotonic() - self._started < CLAIM_STARTUP_GRACE:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.claims.timeout):
+                    while not self._majority_linked():
+                        self._links_changed.clear()
+                        await self._links_changed.wait()
+        fut: asyncio.Future[str] = loop.create_future()
+        handle, step = self.claims.start(key, self.voters(), self.hub.connected(),
+                                         time.monotonic())  # fmt: skip
+        self._claim_futs[handle] = fut
+        try:
+            self._claim_step(step)
+            self._claim_wake.set()
+            return await fut
+        finally:
+            self._claim_futs.pop(handle, None)
+
+    def _majority_linked(self) -> bool:
+        """This node has peer links to a majority of the voters (itself included)."""
+        assert self.hub is not None
+        voters = self.voters()
+        return len((set(self.hub.connected()) & voters) | {self.node_id}) >= cl.quorum(
+            len(voters)
+        )
+
+    def _claim_step(self, step: cl.Step) -> None:
+        assert self.hub is not None
+        for peer, msg in step.out:
+            self.hub.send(peer, msg)
+        for handle, outcome in step.done:
+            fut = self._claim_futs.get(handle)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome.value)
+
+    async def _claims_loop(self) -> None:
+        """Resend, back off and time out claims; keep this node's voter entry; drop voters
+        membership has forgotten (only with a majority, after ``FORGET_VOTER_AFTER``)."""
+        while True:
+            nxt = self.claims.next_time()
+            delay = VOTER_INTERVAL if nxt is None else max(0.01, nxt - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(delay, VOTER_INTERVAL)):
+                    await self._claim_wake.wait()
+            self._claim_wake.clear()
+            now = time.monotonic()
+            self._claim_step(self.claims.tick(now))
+            if now >= self._voter_check:
+                self._voter_check = now + VOTER_INTERVAL
+                try:
+                    await self._tend_voters(now)
+                except (ClientError, StorageError) as exc:
+                    log.debug("voter entries not written: %s", exc)
+
+    async def _tend_voters(self, now: float) -> None:
+        assert self.hub is not None
+        meta = self.service.meta
+        mine = VOTER_PREFIX + self.node_id
+        changes: list[tuple[str, object]] = []
+        if not self._leaving and mine not in meta:
+            changes.append((mine, {"at": int(time.time() * 1000)}))
+        if now - self._started >= FORGET_VOTER_AFTER and self._majority_linked():
+            known = {m.id for m in self._members()}
+            for key in list(meta.keys_with_prefix(VOTER_PREFIX)):
+                node = key[len(VOTER_PREFIX) :]
+                if node != self.node_id and node not in known:
+                    log.info("node %s is no longer a voter (membership forgot it)", node)
+                    changes.append((key, None))
+        if changes:
+            await self.service.write_meta(*changes)
 
     def _pong(self, nonces: list[int]) -> None:
         for nonce in nonces:
@@ -463,19 +630,46 @@ class Cluster:
                     self.hub.send(peer, MetaPayload(payload))
             rep.gc(peers)
 
+    def _room_digest(self, room: str) -> bytes | None:
+        return room_digest(self.service.room_state_vector(room))
+
+    async def _build_tree(self) -> None:
+        """Digest every room once (in slices, yielding between them); from then on only the
+        rooms that changed are digested again (``touch``: local writes and remote updates)."""
+        for room in self.service.room_names():
+            self._tree.touch(room)
+            if self._tree.dirty() >= TREE_BUILD_SLICE:
+                self._tree.refresh(self._room_digest)
+                await asyncio.sleep(0)
+        self._tree.refresh(self._room_digest)
+        self._tree_built = True
+
+    def _tree_message(self, peer: str, msg: TreeHashes | TreeLeaf) -> None:
+        """A step of a peer's walk down our digest trees: answer it, pull differing rooms."""
+        assert self.hub is not None
+        if not self._tree_built:
+            return  # the peer's next round finds us ready
+        self._tree.refresh(self._room_digest)
+        ans = answer_tree(self._tree, msg)
+        for m in ans.send:
+            self.hub.send(peer, m)
+        for room in ans.pull:
+            self.stats.anti_entropy_mismatches += 1
+            self.hub.send(peer, StateVector(room, self.service.room_state_vector(room)))
+
     async def _anti_entropy_loop(self) -> None:
         assert self.hub is not None
         while True:
+            if not self._tree_built:
+                await self._build_tree()
             now = time.monotonic()
             due = self._schedule.due(now)
             if due:
-                rooms = tuple(
-                    (room, digest(self.service.room_state_vector(room)))
-                    for room in self.service.room_names()
-                )
+                self._tree.refresh(self._room_digest)
+                root = self._tree.root()
                 for peer in due:
                     self.stats.anti_entropy_rounds += 1
-                    self.hub.send(peer, Digests(rooms))
+                    self.hub.send(peer, root)
             self._expire_waits(now)
             nxt = self._schedule.next_time()
             delay = ANTI_ENTROPY_INTERVAL if nxt is None else max(0.05, nxt - now)
@@ -509,12 +703,7 @@ class Cluster:
                 async with asyncio.timeout(REGISTRY_INTERVAL):
                     await self._registry_wake.wait()
             self._registry_wake.clear()
-            try:
-                await self._registry_round()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("registry round failed")
+            await self._registry_round()  # a failure is logged and counted by the supervisor
 
     async def _registry_round(self) -> None:
         homes = self.homes()
@@ -557,6 +746,10 @@ class Cluster:
         if self.hub is None:
             return
         self._leaving = True
+        try:  # a node leaving gracefully stops voting on names
+            await self.service.write_meta((VOTER_PREFIX + self.node_id, None))
+        except (ClientError, StorageError) as exc:
+            log.warning("voter entry not removed: %s", exc)
         homes = self.homes()
         alive = self._alive_ids()
         todo = reg.handover(self.node_id, homes, homes, alive)
@@ -585,16 +778,26 @@ class Cluster:
 
     # -- Kafka forwarding (docs/KAFKA.md) -----------------------------------------------------
 
-    async def start_forwarding(self, brokers: str, topic: str) -> None:
-        """Forward the rooms this node is home of (every room when standalone) to Kafka."""
+    async def start_forwarding(
+        self,
+        brokers: str,
+        topic: str,
+        *,
+        on_delivered: OnDelivered | None = None,
+        on_own: OnOwn | None = None,
+    ) -> None:
+        """Forward the rooms this node is home of (every room when standalone) to Kafka
+        (``on_delivered``/``on_own``: the archive's offset index, chatnode/history/archive.py)."""
         fwd = Forwarder(brokers, topic, read_feed=self.read_feed,
-                        save_frontier=self.save_frontier, home=self.node_id)  # fmt: skip
+                        save_frontier=self.save_frontier, home=self.node_id,
+                        supervisor=self._supervisor, on_delivered=on_delivered,
+                        on_own=on_own)  # fmt: skip
         await fwd.start()
         self.forwarder = fwd
-        self.service.on_release = self._released
+        self._unlisten = self._hooks.released.connect(self._released)
         self._sample_feeds(force=True)
         self._sync_forwarder()
-        self._tasks.append(asyncio.create_task(self._forward_loop(), name="forward-owner"))
+        self._tasks.append(self._supervisor.spawn("forward-owner", self._forward_loop))
 
     async def stop_forwarding(self) -> None:
         """Flush and stop the forwarder (before a handover, so the next home resumes after
@@ -602,7 +805,9 @@ class Cluster:
         fwd, self.forwarder = self.forwarder, None
         if fwd is None:
             return
-        self.service.on_release = None
+        unlisten, self._unlisten = self._unlisten, None
+        if unlisten is not None:
+            unlisten()
         self._forwarded.clear()
         await fwd.stop()  # flushes and saves every room's frontier
 
@@ -619,7 +824,7 @@ class Cluster:
         end = self._feed_end(room)
         if state is None or end <= after:
             return []
-        rows = await self.service.store.read(_release_rows, self.service.store, room, after,
+        rows = await self.service.store.read(release_rows, self.service.store, room, after,
                                              min(end, after + limit))  # fmt: skip
         last = {msg_id: seq for seq, msg_id in rows}
         out: list[FeedEntry] = []
@@ -686,6 +891,19 @@ class Cluster:
             if saved is not None and saved[0] != self.node_id:
                 self._home_since[(room, saved[0])] = saved[2]
 
+    def forward_lag(self) -> int:
+        """Release-log entries of the rooms forwarded by this node that went out to
+        subscribers and are not yet delivered to Kafka (0 without a forwarder)."""
+        fwd = self.forwarder
+        if fwd is None:
+            return 0
+        lag = 0
+        for room in self._forwarded:
+            frontier = fwd.frontier(room)
+            if frontier is not None:
+                lag += max(0, self._feed_end(room) - frontier)
+        return lag
+
     def _released(self, room: str) -> None:
         if self.forwarder is not None and room in self._forwarded:
             self.forwarder.notify(room)
@@ -739,17 +957,13 @@ class Cluster:
             "replicas": self.replicas,
             "peers": [] if self.hub is None else self.hub.connected(),
             "rooms": rooms,
+            "voters": sorted(self.voters()),
+            "claims": {
+                **dataclasses.asdict(self.claims.stats),
+                "pending": self.claims.pending(),
+                "names_tracked": self.claims.slots(),
+            },
         }
 
     async def _registry_http(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.registry_view())
-
-
-def _release_rows(store: Store, room: str, after: int, upto: int) -> list[tuple[int, str]]:
-    """``(release number, message id)`` of ``room``'s release log rows ``after+1 .. upto``
-    (blocking; runs on the store's reader threads). Row layout: chatnode/store/engine.py."""
-    out: list[tuple[int, str]] = []
-    for key, value in store.iter_range(release_key(room, after + 1), release_key(room, upto + 1)):
-        row = msgpack.unpackb(value, raw=False)
-        out.append((int.from_bytes(key[-8:], "big"), str(row[1])))
-    return out

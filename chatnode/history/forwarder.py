@@ -1,7 +1,9 @@
 """Kafka/Redpanda forwarder: the adapter around :mod:`chatnode.history.forwarding`.
 
 The only module that imports ``confluent_kafka``. Every call into it runs on a small thread
-pool owned by the :class:`Forwarder`, never on the event loop. The forwarder owns three tasks:
+pool owned by the :class:`Forwarder`, never on the event loop. The forwarder owns three loops,
+started through the node's :class:`~chatnode.supervise.Supervisor` with the ``FAIL`` policy
+(one that raises is logged, counted, and the node reports failed on ``/healthz``):
 
 - the *pump* asks the node for the next entries of a room's change feed (``read_feed``: the
   node's release log, each entry with the message as it stands) and hands them to the
@@ -14,7 +16,8 @@ Records are keyed by room id and partitioned with murmur2 (Kafka's default), so 
 in one partition, in order. See docs/KAFKA.md for the record layout.
 
 Also here, blocking helpers for tools and tests: :func:`ensure_topic`, :func:`read_room` and
-:func:`read_topic` (readers use ``assign()``, never a consumer group).
+:func:`read_topic`, the views indexer's :class:`TopicReader` and the archive's
+:class:`RangeReader` (readers use ``assign()``, never a consumer group).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import (
@@ -54,12 +58,34 @@ from chatnode.history.forwarding import (
     encode_record,
     partition_for,
 )
+from chatnode.supervise import Policy, Supervisor, Task
 
 log = logging.getLogger(__name__)
 _rdlog = logging.getLogger(__name__ + ".librdkafka")
 
 ReadFeed = Callable[[str, int, int], Awaitable[Sequence[FeedEntry]]]
 SaveFrontier = Callable[[str, int, int, float], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A record the broker acknowledged: feed position ``pos`` of ``room`` carrying the state
+    of message ``msg_id`` at ``cursor``, stored at ``partition``/``offset`` (for the archive's
+    offset index, chatnode/history/archive.py)."""
+
+    room: str
+    pos: int
+    cursor: str
+    msg_id: str
+    partition: int
+    offset: int
+
+
+# Called on the event loop with the records acknowledged since the last call (offset order per
+# partition), before the frontier they advance is handed to ``save_frontier``.
+OnDelivered = Callable[[list[Delivered]], None]
+# Called by ``own(room, epoch, frontier)`` with the room and the position forwarding resumes at.
+OnOwn = Callable[[str, int], None]
 
 DEFAULT_TOPIC = "chat.messages"
 _POLL_S = 0.1
@@ -81,6 +107,8 @@ _SESSION_ERRORS = frozenset(
 
 # (producer incarnation, room, generation, feed position) carried by each delivery callback
 _Token = tuple[int, str, int, int]
+# a report: token, error, and for a success (partition, offset, cursor, message id)
+_Report = tuple[_Token, "KafkaError | None", "tuple[int, int, str, str] | None"]
 
 
 class Forwarder:
@@ -115,8 +143,14 @@ class Forwarder:
         producer_config: Mapping[str, object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000,
+        supervisor: Supervisor | None = None,
+        on_delivered: OnDelivered | None = None,
+        on_own: OnOwn | None = None,
     ) -> None:
         self.brokers = brokers
+        self._on_delivered = on_delivered
+        self._on_own = on_own
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
         self.topic = topic
         self.home = home
         self._read_feed = read_feed
@@ -148,13 +182,13 @@ class Forwarder:
         self._producer: Any = None
         self._incarnation = 0
         self._fatal = False
-        self._reports: deque[tuple[_Token, KafkaError | None]] = deque()
+        self._reports: deque[_Report] = deque()
         self._producer_lock = asyncio.Lock()
         self._wake_pump = asyncio.Event()
         self._wake_saver = asyncio.Event()
         self._closing = False
         self._final_saves = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[Task] = []
         self.errors = 0  # producer errors reported by librdkafka
 
     # ------------------------------------------------------------------- lifecycle
@@ -164,20 +198,19 @@ class Forwarder:
             raise RuntimeError("forwarder already started")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kafka-forwarder")
         await self._new_producer()
+        # A loop that raises leaves the state machine in a state nobody checked: it is not
+        # restarted, the node reports failed (/healthz) and says which loop died.
+        spawn = functools.partial(self._supervisor.spawn, policy=Policy.FAIL)
         self._tasks = [
-            asyncio.create_task(self._pump_loop(), name="forwarder-pump"),
-            asyncio.create_task(self._poll_loop(), name="forwarder-poll"),
-            asyncio.create_task(self._save_loop(), name="forwarder-save"),
+            spawn("forwarder-pump", self._pump_loop),
+            spawn("forwarder-poll", self._poll_loop),
+            spawn("forwarder-save", self._save_loop),
         ]
-        for task in self._tasks:  # owned and awaited by stop(); a loop that dies says so now
-            task.add_done_callback(self._loop_ended)
         log.info("forwarding to %s topic %s", self.brokers, self.topic)
 
-    def _loop_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and not self._closing:
-            self.errors += 1
-            log.error("%s stopped: %r; forwarding halts until restart", task.get_name(),
-                      task.exception())  # fmt: skip
+    async def aclose(self) -> None:
+        """:meth:`stop` with the default flush timeout (idempotent)."""
+        await self.stop()
 
     async def stop(self, flush_timeout: float = 10.0) -> None:
         """Stop reading, wait up to ``flush_timeout`` s for deliveries, save the frontiers."""
@@ -204,13 +237,10 @@ class Forwarder:
         log.info("forwarder stopped: %s", self.stats())
 
     @staticmethod
-    async def _finish(task: asyncio.Task[None], wait_s: float) -> None:
+    async def _finish(task: Task, wait_s: float) -> None:
         if wait_s > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), wait_s)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await task.wait(wait_s)
+        await task.aclose()
 
     # -------------------------------------------------------------------- node API
 
@@ -220,6 +250,8 @@ class Forwarder:
         ok = self._state.own(room, epoch, frontier, since_ms)
         if not ok:
             log.warning("refused to own %s at stale epoch %d", room, epoch)
+        elif self._on_own is not None:
+            self._on_own(room, self._state.frontier(room) or 0)
         self._wake_pump.set()
         return ok
 
@@ -276,9 +308,14 @@ class Forwarder:
         else:
             _rdlog.info("producer error: %s", err)
 
-    def _on_delivery(self, token: _Token, err: KafkaError | None, _msg: object) -> None:
+    def _on_delivery(
+        self, token: _Token, what: tuple[str, str], err: KafkaError | None, msg: Any
+    ) -> None:
         # runs in whichever pool thread polls or flushes; deque appends are atomic
-        self._reports.append((token, err))
+        where = None
+        if err is None and msg is not None:
+            where = (int(msg.partition()), int(msg.offset()), what[0], what[1])
+        self._reports.append((token, err, where))
         if err is not None and (err.fatal() or err.code() in _SESSION_ERRORS):
             self._fatal = True
 
@@ -293,26 +330,36 @@ class Forwarder:
                     value=value,
                     key=key,
                     headers=headers,
-                    on_delivery=functools.partial(self._on_delivery, token),
+                    on_delivery=functools.partial(
+                        self._on_delivery, token, (rec.message.ts.encode(), rec.message.id)
+                    ),
                 )
             except (BufferError, KafkaException) as e:
                 log.warning("produce refused (%s): %d records to retry", e, len(records) - i)
                 for r in records[i:]:
-                    self._reports.append(((incarnation, r.room, r.gen, r.pos), _REFUSED))
+                    self._reports.append(((incarnation, r.room, r.gen, r.pos), _REFUSED, None))
                 return
 
     def _drain_reports(self) -> None:
         now = self._clock()
         n = 0
         first_err: KafkaError | None = None
+        stored: list[Delivered] = []
         while self._reports:
-            (inc, room, gen, pos), err = self._reports.popleft()
+            (inc, room, gen, pos), err, where = self._reports.popleft()
+            if where is not None:  # in the topic, whatever generation it was sent in
+                stored.append(Delivered(room, pos, where[2], where[3], where[0], where[1]))
             if inc != self._incarnation:
                 continue
             n += 1
             if err is not None and first_err is None:
                 first_err = err
             self._state.on_report(DeliveryReport(room, gen, pos, err is None), now)
+        if stored and self._on_delivered is not None:
+            try:
+                self._on_delivered(stored)
+            except Exception:
+                log.exception("indexing delivered records failed")
         if first_err is not None:
             log.warning("delivery failed (%s): rewinding to the frontier", first_err)
         if n:
@@ -521,6 +568,74 @@ def read_topic(
         return _read_partitions(c, topic, sorted(t.partitions), timeout, None)
     finally:
         c.close()
+
+
+class RangeTimeout(TimeoutError):
+    """A :class:`RangeReader` read did not complete by its deadline (broker down or slow)."""
+
+
+class RangeReader:
+    """A blocking reader of offset ranges of one topic, for the archive
+    (chatnode/history/archive.py): ``assign()`` at an offset (a seek), then records up to a
+    last offset. No consumer group. Use from one thread at a time."""
+
+    def __init__(self, brokers: str, topic: str = DEFAULT_TOPIC, timeout_s: float = 5.0) -> None:
+        self.topic = topic
+        self._c: Any = Consumer({
+            "bootstrap.servers": brokers,
+            "group.id": "chatnode-archive",  # required by the client; assign() never joins it
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+            "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
+            "logger": _rdlog,
+        })  # fmt: skip
+
+    def read(
+        self, part: int, first: int, last: int, room: str, deadline: float
+    ) -> list[tuple[int, ForwardedMessage]]:
+        """``(offset, message)`` of the records of ``room`` at offsets ``first..last`` of
+        partition ``part``; :class:`RangeTimeout` once ``time.monotonic()`` passes
+        ``deadline``. A range the broker no longer has (topic retention) ends early, logged."""
+        self._c.assign([TopicPartition(self.topic, part, first)])
+        out: list[tuple[int, ForwardedMessage]] = []
+        key = room.encode()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RangeTimeout(f"{self.topic}/{part}@{first}..{last}: no answer in time")
+            for m in self._c.consume(min(500, last - first + 1), min(left, 0.5)):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        # the range was acknowledged, so it existed: an end below it means
+                        # records were deleted since (topic retention)
+                        if m.offset() <= last:
+                            log.warning("%s/%d ends at %d, below %d", self.topic, part,
+                                        m.offset(), last)  # fmt: skip
+                            return out
+                        continue
+                    if err.code() == KafkaError.OFFSET_OUT_OF_RANGE:
+                        log.warning("%s/%d@%d out of range (retention?)", self.topic, part,
+                                    first)  # fmt: skip
+                        return out
+                    if err.fatal():
+                        raise RangeTimeout(str(err))
+                    continue  # transient: the client retries
+                off = m.offset()
+                if off > last:
+                    return out
+                if m.key() == key:
+                    try:
+                        out.append((off, decode_record(m.key(), m.value(), m.headers())))
+                    except RecordError as e:
+                        log.warning("skipping record %s/%d@%d: %s", self.topic, part, off, e)
+                if off >= last:
+                    return out
+
+    def close(self) -> None:
+        self._c.close()
 
 
 class TopicReader:

@@ -1,32 +1,8 @@
 """RocksDB storage of a node (the only module importing :mod:`rocksdict`).
 
-One database under ``<data-dir>/db``. Keys are bytes with a one-letter namespace; values are
-msgpack or the opaque bytes of a CRDT payload:
-
-==========================================  ================================================
-key                                          value
-==========================================  ================================================
-``M``                                        metadata map snapshot: msgpack ``[seq, map]``
-``m`` + seq (8 bytes, big endian)            one metadata delta (``AWLWWMap.to_bytes()``)
-``P`` + room                                 room-log snapshot: msgpack ``[seq, snapshot]``
-``u`` + room + NUL + seq (8 bytes, BE)       one room-log update (a pycrdt update envelope)
-``g`` + room + NUL + segment (8 bytes, BE)   a sealed room-log segment blob
-``h`` + room + NUL + cursor                  history index: msgpack of the message as it stands
-``k`` + room + NUL + message id              id index: msgpack ``[cursor, author]``
-``n`` + room + NUL + seq (8 bytes, BE)       release log: msgpack ``[cursor, message id, late]``
-``q`` + room + NUL + cursor                  a committed message not yet released: its id
-``q`` + room + NUL + cursor + NUL + n (8 B)  a committed update of it not yet released:
-                                             msgpack ``[id, replaced cursor or None]``
-``c``                                        clock high-water mark: msgpack ``[wall, logical]``
-==========================================  ================================================
-
-The release log numbers the ``message`` events of a room in the order this node sent them to
-subscribers (its resume tokens, docs/PROTOCOL.md); a ``q`` row is written with the message and
-removed in the batch that appends it to the release log, so a message committed before a crash
-and never released is released at the next start.
-
-Room ids and cursors never contain NUL, and cursors sort like the messages, so a page of
-history is one iterator range read over ``h`` + room + NUL, with no document decoded.
+One database under ``<data-dir>/db``: keys and values are bytes. What the keys and rows
+are (namespaces, row codecs, the blocking reads over them) is chatnode/store/layout.py; this
+module knows nothing of rooms or messages.
 
 Writes go through a group commit: :meth:`Store.commit` queues a :class:`Batch` and waits; one
 writer thread takes every queued batch, writes them as one ``WriteBatch`` with ``sync=True`` and
@@ -46,7 +22,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
@@ -55,109 +30,18 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from chatnode.errors import ServerError
 
-__all__ = [
-    "Batch",
-    "RocksSegmentStore",
-    "StorageError",
-    "Store",
-    "history_key",
-    "history_prefix",
-    "id_key",
-    "meta_delta_key",
-    "prefix_end",
-    "release_key",
-    "release_prefix",
-    "room_snapshot_key",
-    "segment_key",
-    "unreleased_key",
-    "unreleased_prefix",
-    "update_key",
-    "update_prefix",
-]
+__all__ = ["Batch", "StorageError", "Store", "WriteStats", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-NS_META_SNAPSHOT: Final = b"M"
-NS_META_DELTA: Final = b"m"
-NS_ROOM_SNAPSHOT: Final = b"P"
-NS_UPDATE: Final = b"u"
-NS_SEGMENT: Final = b"g"
-NS_HISTORY: Final = b"h"
-NS_ID: Final = b"k"
-NS_RELEASE: Final = b"n"
-NS_UNRELEASED: Final = b"q"
-NS_CLOCK: Final = b"c"
-_SEP: Final = b"\x00"
 MAX_BATCHES_PER_WRITE: Final = 1024
 
 
 class StorageError(ServerError):
     """The database failed or is closed; writes cannot be made durable now."""
-
-
-def _u64(n: int) -> bytes:
-    return n.to_bytes(8, "big")
-
-
-def _room(room: str) -> bytes:
-    return room.encode("utf-8")
-
-
-def meta_delta_key(seq: int) -> bytes:
-    return NS_META_DELTA + _u64(seq)
-
-
-def room_snapshot_key(room: str) -> bytes:
-    return NS_ROOM_SNAPSHOT + _room(room)
-
-
-def update_prefix(room: str) -> bytes:
-    return NS_UPDATE + _room(room) + _SEP
-
-
-def update_key(room: str, seq: int) -> bytes:
-    return update_prefix(room) + _u64(seq)
-
-
-def segment_key(room: str, segment: int) -> bytes:
-    return NS_SEGMENT + _room(room) + _SEP + _u64(segment)
-
-
-def history_prefix(room: str) -> bytes:
-    return NS_HISTORY + _room(room) + _SEP
-
-
-def history_key(room: str, cursor: str) -> bytes:
-    return history_prefix(room) + cursor.encode("ascii")
-
-
-def id_key(room: str, msg_id: str) -> bytes:
-    return NS_ID + _room(room) + _SEP + msg_id.encode("utf-8")
-
-
-def release_prefix(room: str) -> bytes:
-    return NS_RELEASE + _room(room) + _SEP
-
-
-def release_key(room: str, seq: int) -> bytes:
-    return release_prefix(room) + _u64(seq)
-
-
-def unreleased_prefix(room: str) -> bytes:
-    return NS_UNRELEASED + _room(room) + _SEP
-
-
-def unreleased_key(room: str, cursor: str) -> bytes:
-    return unreleased_prefix(room) + cursor.encode("ascii")
-
-
-def unreleased_update_key(room: str, cursor: str, n: int) -> bytes:
-    """A committed update (number ``n`` of the room's updates) of the message at ``cursor``
-    not yet released; sorts right after the message's own ``q`` row."""
-    return unreleased_key(room, cursor) + _SEP + _u64(n)
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -217,7 +101,15 @@ class Store:
     """The node's RocksDB with a group-commit writer thread. Open with :meth:`open` (blocking:
     call it in a thread), then :meth:`start` on the event loop."""
 
-    def __init__(self, db: Rdict, path: Path, max_pending: int) -> None:
+    def __init__(
+        self,
+        db: Rdict,
+        path: Path,
+        max_pending: int,
+        *,
+        on_commit: Callable[[float], None] | None = None,
+        on_write: Callable[[WriteStats], None] | None = None,
+    ) -> None:
         self._db = db
         self.path = path
         self._max_pending = max_pending
@@ -233,12 +125,22 @@ class Store:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatnode-read")
         self._sync = WriteOptions()
         self._sync.sync = True
-        self.on_write: Callable[[WriteStats], None] | None = None
-        self.on_commit: Callable[[float], None] | None = None
+        # observers (the node's metrics): each commit's latency, each group write's stats
+        self._on_commit = on_commit
+        self._on_write = on_write
 
     @classmethod
-    def open(cls, path: Path, *, max_pending: int = 4096) -> Store:
-        """Open (or create) the database at ``path``. Blocking."""
+    def open(
+        cls,
+        path: Path,
+        *,
+        max_pending: int = 4096,
+        on_commit: Callable[[float], None] | None = None,
+        on_write: Callable[[WriteStats], None] | None = None,
+    ) -> Store:
+        """Open (or create) the database at ``path``. Blocking. ``on_commit`` is called (on
+        the event loop) with the latency of each durable commit, ``on_write`` (on the writer
+        thread) with the statistics of each synced group write."""
         path.mkdir(parents=True, exist_ok=True)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
@@ -248,7 +150,7 @@ class Store:
             db = Rdict(str(path), options=opts)
         except Exception as exc:
             raise StorageError(f"cannot open database {path}: {exc}") from exc
-        return cls(db, path, max_pending)
+        return cls(db, path, max_pending, on_commit=on_commit, on_write=on_write)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -269,7 +171,7 @@ class Store:
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        self._readers.shutdown(wait=True)
+        await asyncio.to_thread(self._readers.shutdown, True)
         await asyncio.to_thread(self._close_db)
         self._closed = True
 
@@ -309,8 +211,8 @@ class Store:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._enqueue(_Pending(batch, fut, started, done))
         await fut
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started)
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
 
     def submit(
         self, batch: Batch, done: Callable[[BaseException | None], None] | None = None
@@ -397,8 +299,8 @@ class Store:
                 fut.set_result(None)
             else:
                 fut.set_exception(StorageError(f"write failed: {error}"))
-        if self.on_write is not None:
-            self.on_write(stats)
+        if self._on_write is not None:
+            self._on_write(stats)
 
     # ------------------------------------------------------------------ reads
 
@@ -463,63 +365,3 @@ class Store:
         for key, _ in self.iter_range(prefix, prefix_end(prefix), reverse=True, limit=1):
             return key
         return None
-
-
-class RocksSegmentStore:
-    """The :class:`crdt.segments.SegmentStore` of every room log, backed by the store.
-
-    ``put`` is called synchronously by the room log when it seals a segment: the blob is kept
-    in memory and queued for the writer (:meth:`Store.submit`); it leaves memory once written.
-    ``get`` answers from that memory, or with a point read of the database (one key, served
-    from RocksDB's block cache in the common case; the room log calls it only for segments it
-    has sealed, and keeps decoded segments in its own cache).
-    """
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._lock = threading.Lock()
-        self._unwritten: dict[tuple[str, int], bytes] = {}
-        self._into: Batch | None = None
-
-    @contextmanager
-    def into(self, batch: Batch) -> Iterator[None]:
-        """Segments sealed inside this block are written by ``batch`` (atomically with the
-        rows the caller puts in it) instead of by a batch of their own. Without it a crash
-        between the two writes could leave a sealed blob holding a message whose history and
-        id rows were never written."""
-        outer, self._into = self._into, batch
-        try:
-            yield
-        finally:
-            self._into = outer
-
-    def get(self, room: str, segment: int) -> bytes | None:
-        with self._lock:
-            blob = self._unwritten.get((room, segment))
-        if blob is not None:
-            return blob
-        return self._store.get(segment_key(room, segment))
-
-    def put(self, room: str, segment: int, blob: bytes) -> None:
-        self.put_many(room, [(segment, blob)])
-
-    def put_many(self, room: str, items: list[tuple[int, bytes]]) -> None:
-        """Queue every ``(segment, blob)`` of ``room`` as one batch (atomic on disk)."""
-        owned = [((room, segment), bytes(blob)) for segment, blob in items]
-        batch = Batch() if self._into is None else self._into
-        with self._lock:
-            for key, blob in owned:
-                self._unwritten[key] = blob
-                batch.put(segment_key(*key), blob)
-
-        def written(error: BaseException | None) -> None:
-            if error is not None:
-                return  # keep serving them from memory; the store is now failed anyway
-            with self._lock:
-                for key, blob in owned:
-                    if self._unwritten.get(key) is blob:
-                        del self._unwritten[key]
-
-        batch.after.append(written)
-        if self._into is None:
-            self._store.submit(batch)

@@ -43,11 +43,12 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
 
 from chatnode.chat import protocol as p
-from chatnode.chat.service import Busy, Service, Session
+from chatnode.chat.service import Busy, Service, ServiceHooks, Session
 from chatnode.config import Config
 from chatnode.errors import ClientError
 from chatnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatnode.metrics import Metrics
+from chatnode.supervise import Supervisor
 from chatnode.web.ratelimit import (
     CountLimiter,
     LoginLimiter,
@@ -569,8 +570,26 @@ def _http_error(code: str, message: str) -> web.Response:
 class WebApp:
     """The aiohttp application of a node, with its connection registry."""
 
-    def __init__(self, cfg: Config, service: Service, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        service: Service,
+        metrics: Metrics,
+        *,
+        hooks: ServiceHooks,
+        supervisor: Supervisor | None = None,
+        cluster_view: Callable[[], Mapping[str, object]] | None = None,
+        public_nodes: Callable[[], list[str]] = lambda: [],
+        member_urls: Callable[[], list[str]] = lambda: [],
+    ) -> None:
+        """``hooks``: the web app listens to revoked tokens there (it closes their sockets).
+        ``supervisor``: its failed tasks make ``/healthz`` answer 503. ``cluster_view``:
+        the body of ``GET /v1/cluster`` (default: this node alone). ``public_nodes``: the
+        public URLs of the alive members (hello's ``nodes``, ``GET /v1/nodes``).
+        ``member_urls``: the public URLs of every member known, in any state (their origins
+        may open /v1/ws here and the web client may connect to them)."""
         self.cfg = cfg
+        self._supervisor = supervisor
         self.service = service
         self.metrics = metrics
         self.connections: set[Connection] = set()
@@ -586,20 +605,13 @@ class WebApp:
         self.proxied = CountLimiter[str](1 << 30, cfg.max_connections_per_address)
         self.refused: dict[str, int] = {"origin": 0, "hello_timeout": 0}  # WebSockets
         self._previous_handler: _ExceptionHandler | None = None
-        # The body of GET /v1/cluster; the node replaces it with its membership view.
-        # The public URLs of the alive members (hello's ``nodes``, GET /v1/nodes); the node
-        # replaces it with its membership view.
-        self.public_nodes: Callable[[], list[str]] = lambda: []
-        # The public URLs of every member the node knows, in any state (the node replaces
-        # it): their origins may open /v1/ws here and the web client may connect to them.
-        self.member_urls: Callable[[], list[str]] = lambda: []
+        self.public_nodes = public_nodes
+        self.member_urls = member_urls
         self._cluster_origins: dict[str, None] = {}  # the most recently seen last
-        self.cluster_view: Callable[[], Mapping[str, object]] = lambda: {
-            "self": service.node_id,
-            "standalone": True,
-            "members": [],
-        }
-        service.on_revoke = self._revoked
+        self.cluster_view: Callable[[], Mapping[str, object]] = cluster_view or (
+            lambda: {"self": service.node_id, "standalone": True, "members": []}
+        )
+        hooks.revoked.connect(self._revoked)
         metrics.gauge("chatnode_connections", "open WebSocket connections",
                       lambda: float(len(self.connections)))  # fmt: skip
         metrics.gauge("chatnode_rooms", "rooms known", lambda: float(len(service.room_info)))
@@ -726,15 +738,21 @@ class WebApp:
                 conn.close(CLOSE_LOGGED_OUT, b"logged out")
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
-        """Open to all: the status, the node id (which ``hello`` tells every user anyway) and
-        whether storage works. With the operator's token, also the load."""
+        """Open to all: the status, the node id (which ``hello`` tells every user anyway),
+        whether storage works and which background tasks died (``failed_tasks``: a task of
+        the ``FAIL`` policy, see :mod:`chatnode.supervise`). With the operator's token, also
+        the load."""
         storage_ok = self.service.store.healthy
-        status = "draining" if self.draining else ("ok" if storage_ok else "failed")
+        failures = self._supervisor.failures() if self._supervisor is not None else []
+        healthy = storage_ok and not failures
+        status = "draining" if self.draining else ("ok" if healthy else "failed")
         body: dict[str, object] = {
             "status": status,
             "node": self.service.node_id,
             "storage": "ok" if storage_ok else "failed",
         }
+        if failures:
+            body["failed_tasks"] = [f.task for f in failures]
         if self.cfg.admin_token is not None and self._operator_denied(request) is None:
             body["uptime_s"] = round(time.monotonic() - self.started, 3)
             body["connections"] = len(self.connections)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from chatnode.chat import protocol as p
-from chatnode.chat.service import Service
+from chatnode.chat.service import Service, ServiceHooks
 from chatnode.errors import ClientError
 from chatnode.history.indexer import Views
 from chatnode.history.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
@@ -43,10 +43,13 @@ class ViewsAPI:
 
     def __init__(
         self, views: Views, service: Service, is_operator: Callable[[web.Request], bool],
-        now_ms: Callable[[], int] = _now_ms, max_queued: int = MAX_QUEUED,
+        now_ms: Callable[[], int] = _now_ms, max_queued: int = MAX_QUEUED, *,
+        hooks: ServiceHooks,
     ) -> None:  # fmt: skip
+        """``hooks``: :meth:`install` binds :meth:`search` there as the service's search."""
         self.views = views
         self.service = service
+        self.hooks = hooks
         self.is_operator = is_operator
         self.now_ms = now_ms
         self.max_queued = max_queued
@@ -55,7 +58,7 @@ class ViewsAPI:
     def install(self, app: web.Application) -> None:
         """Route ``/v1/stats`` and answer the service's ``search`` requests."""
         app.router.add_get("/v1/stats", self._stats)
-        self.service.search = self.search
+        self.hooks.search.bind(self.search)
 
     def _admit(self, ref: p.Ref = None) -> None:
         if self.queued >= self.max_queued:

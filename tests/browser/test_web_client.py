@@ -15,14 +15,8 @@ import aiohttp
 import pytest
 from playwright.async_api import BrowserContext, Page, WebSocketRoute, expect
 
-from tests.browser.conftest import (
-    CHROMIUM,
-    PASSWORD,
-    ChatServer,
-    PageFactory,
-    WsClient,
-    account,
-)
+from tests.browser.conftest import CHROMIUM, ChatServer, PageFactory
+from tests.support.ws import PASSWORD, WS, login, signup
 
 pytestmark = [
     pytest.mark.browser,
@@ -220,8 +214,8 @@ async def test_two_people_chat_live(server: ChatServer, new_page: PageFactory) -
 async def test_scroll_back_loads_older_history(server: ChatServer, new_page: PageFactory) -> None:
     base = server.url
     async with aiohttp.ClientSession() as http:
-        token = await account(http, base, "seeder")
-        async with WsClient.connect(http, base, token) as seeder:
+        token = await signup(http, base, "seeder")
+        async with WS.connected(http, base, token) as seeder:
             await seeder.request("rooms.create", room="archive", visibility="public")
             for i in range(120):
                 await seeder.request(
@@ -255,8 +249,8 @@ async def test_reconnect_resumes_exactly_once(
     page = await new_page()
     await sign_up(page, base, "dave")
     async with aiohttp.ClientSession() as http:
-        carol_token = await account(http, base, "carol")
-        async with WsClient.connect(http, base, carol_token) as carol:
+        carol_token = await signup(http, base, "carol")
+        async with WS.connected(http, base, carol_token) as carol:
             await carol.request("rooms.create", room="resume", visibility="public")
             await join_room(page, "resume")
             for i in range(3):
@@ -276,8 +270,8 @@ async def test_reconnect_resumes_exactly_once(
         await expect(pending).to_have_attribute("data-state", "pending")
 
         await server.start()
-        carol_token = await account(http, base, "carol", create=False)
-        async with WsClient.connect(http, base, carol_token) as carol:
+        carol_token = await login(http, base, "carol")
+        async with WS.connected(http, base, carol_token) as carol:
             for i in range(5):
                 await carol.request("send", room="resume", id=f"away{i}", body=f"while away {i}")
             assert "while away 0" not in await bodies(page)
@@ -359,8 +353,8 @@ async def test_unacknowledged_send_is_resent_with_its_id(
     assert (await bodies(page)).count("lost in transit") == 1
 
     async with aiohttp.ClientSession() as http:
-        token = await account(http, base, "ivy")
-        async with WsClient.connect(http, base, token) as ivy:
+        token = await signup(http, base, "ivy")
+        async with WS.connected(http, base, token) as ivy:
             reply = await ivy.request("history", room="resend")
             assert [(m["id"], m["body"]) for m in reply["messages"]][1:] == [
                 (lost[0], "lost in transit")

@@ -25,9 +25,10 @@ import aiohttp
 import pytest
 from playwright.async_api import Page, WebSocketRoute, expect
 
-from tests.browser.conftest import CHROMIUM, ChatServer, PageFactory, WsClient, account
+from tests.browser.conftest import CHROMIUM, ChatServer, PageFactory
 from tests.browser.test_web_client import bodies, create_room, say, sign_up, wait_for_body
-from tests.cluster.harness import Harness
+from tests.support.harness import Harness
+from tests.support.ws import WS, login, signup
 
 pytestmark = [
     pytest.mark.browser,
@@ -201,8 +202,8 @@ async def test_page_moves_to_another_node_when_its_node_is_killed(
     assert await alice.evaluate("() => sessionStorage.getItem('chatnode.outbox')") is None
     async with aiohttp.ClientSession() as http:
         for i in (1, 2):
-            token = await account(http, urls[i], "bob", create=False)
-            async with WsClient.connect(http, urls[i], token) as ws:
+            token = await login(http, urls[i], "bob")
+            async with WS.connected(http, urls[i], token) as ws:
                 for _ in range(50):
                     stored = [m["body"] for m in (await ws.request("history", room="lobby"))
                               ["messages"]]  # fmt: skip
@@ -240,8 +241,8 @@ async def test_message_written_while_the_page_subscribes_to_an_empty_room_is_sho
     await page.route_web_socket(WS_PATH, route)
     await sign_up(page, base, "gwen")
     async with aiohttp.ClientSession() as http:
-        token = await account(http, base, "hugo")
-        async with WsClient.connect(http, base, token) as hugo:
+        token = await signup(http, base, "hugo")
+        async with WS.connected(http, base, token) as hugo:
             await hugo.request("rooms.create", room="race", visibility="public")
             await page.click("summary:has-text('Join a room')")
             await page.fill("#join-id", "race")
@@ -293,7 +294,7 @@ async def test_messages_typed_offline_survive_a_reload(
     assert [gate.sends.count(str(i)) for i in ids] == [1, 1]
     assert await page.evaluate("() => sessionStorage.getItem('chatnode.outbox')") is None
     async with aiohttp.ClientSession() as http:
-        token = await account(http, base, "erin", create=False)
-        async with WsClient.connect(http, base, token) as ws:
+        token = await login(http, base, "erin")
+        async with WS.connected(http, base, token) as ws:
             reply = await ws.request("history", room="notes")
             assert [m["body"] for m in reply["messages"]] == ["first", "kept one", "kept two"]

@@ -3,8 +3,8 @@ SIGKILLed: they move to another node by themselves and carry on, every message e
 and no gap (checked against the acknowledgements a failover writer got), and a sender whose
 node dies mid-stream resends its unacknowledged messages through another node, stored once.
 
-The independent observers are the harness's :class:`~tests.cluster.harness.Writer` (its
-``acked`` ids are the truth) and :class:`~tests.cluster.harness.Subscriber` (pinned to one
+The independent observers are the harness's :class:`~tests.support.harness.Writer` (its
+``acked`` ids are the truth) and :class:`~tests.support.harness.Subscriber` (pinned to one
 node; it counts every raw ``message`` event, so a duplicate the server sends shows there even
 though chatnode.client.session drops it).
 """
@@ -27,17 +27,10 @@ import pytest
 
 from chatnode.client.session import Client, Connected, Disconnected, Event, Message, Sent
 from chatnode.client.state import normalize_url
-from tests.cluster.harness import (
-    Harness,
-    Subscriber,
-    Writer,
-    caught_up,
-    converged,
-    poll,
-    setup_room,
-)
-from tests.daemon import REPO, Daemon
-from tests.integration.client import PASSWORD
+from tests.support.daemon import REPO, Daemon
+from tests.support.harness import Harness, Subscriber, Writer, caught_up, converged, setup_room
+from tests.support.poll import poll
+from tests.support.ws import PASSWORD
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,7 +118,7 @@ async def test_subscriber_and_tail_fail_over_with_no_gap_and_no_repeat(tmp_path:
     failover writer sends through node 1; node 0 is SIGKILLed. Both move to another node by
     themselves and deliver every acknowledged message exactly once, in cursor order."""
     room = "failover"
-    h = Harness.start(tmp_path, 3, extra_args=NODE_ARGS)
+    h = await Harness.open(tmp_path, 3, extra_args=NODE_ARGS)
     try:
         async with aiohttp.ClientSession() as http:
             users = await setup_room(http, h, room)
@@ -190,7 +183,7 @@ async def test_sender_killed_mid_stream_resends_through_another_node_once(
     every send is acknowledged, the surviving nodes hold each id once (and agree), and a
     subscriber pinned to node 2 got each exactly once as a ``message`` event."""
     room, total, window = "resend", 60, 4
-    h = Harness.start(tmp_path, 3, extra_args=NODE_ARGS)
+    h = await Harness.open(tmp_path, 3, extra_args=NODE_ARGS)
     try:
         async with aiohttp.ClientSession() as http:
             users = await setup_room(http, h, room)

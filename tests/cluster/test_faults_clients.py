@@ -1,5 +1,5 @@
 """The promise of issue 8 under faults, checked with clients that behave like real ones (see
-tests/cluster/harness.py): no acknowledged message is lost; one message id is one message on
+tests/support/harness.py): no acknowledged message is lost; one message id is one message on
 every node; a subscriber that resumes after every reconnect receives every message exactly
 once.
 
@@ -17,19 +17,20 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.cluster.harness import (
+from tests.support.cluster import states_of
+from tests.support.daemon import Daemon
+from tests.support.harness import (
     Clients,
     Harness,
     Subscriber,
     can_partition,
     caught_up,
     converged,
-    poll,
     random_faults,
     session,
     setup_room,
 )
-from tests.daemon import ADMIN_HEADERS, Daemon
+from tests.support.poll import poll
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ async def test_resend_across_a_partition_is_one_message(tmp_path: Path) -> None:
     ``message`` exactly once, an ``update`` with ``replaces`` moving it if they saw the copy
     that lost."""
     room, mid, body = "ident", "x-1", "one message, two copies"
-    h = Harness.start(tmp_path, 3, extra_args=["--replicas", "1", *NODE_ARGS])
+    h = await Harness.open(tmp_path, 3, extra_args=["--replicas", "1", *NODE_ARGS])
     try:
         async with aiohttp.ClientSession() as http:
             users = await setup_room(http, h, room)
@@ -109,7 +110,7 @@ async def test_random_faults_keep_the_promise(tmp_path: Path) -> None:
     agree, and every subscriber got every acknowledged message exactly once."""
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     print(f"CHAOS_SEED={seed}")
-    h = Harness.start(tmp_path, 3, extra_args=NODE_ARGS)
+    h = await Harness.open(tmp_path, 3, extra_args=NODE_ARGS)
     try:
         async with aiohttp.ClientSession() as http:
             users = await setup_room(http, h, "chaos")
@@ -135,13 +136,9 @@ async def test_random_faults_keep_the_promise(tmp_path: Path) -> None:
         h.stop()
 
 
-async def _state_of(http: aiohttp.ClientSession, viewer: Daemon, member: str) -> str | None:
-    async with http.get(viewer.url + "v1/cluster", headers=ADMIN_HEADERS) as r:
-        body = await r.json()
-    for m in body["members"]:
-        if m["id"] == member:
-            return str(m["state"])
-    return None
+async def _state_of(viewer: Daemon, member: str) -> str | None:
+    view = await asyncio.to_thread(states_of, viewer)
+    return view[member][0] if view and member in view else None
 
 
 async def test_live_delivery_goes_on_after_a_peer_was_dead_with_its_link_up(
@@ -154,7 +151,7 @@ async def test_live_delivery_goes_on_after_a_peer_was_dead_with_its_link_up(
     frontier at all: every later live event there was held for good (the chaos runs saw
     thousands of messages never delivered). Now a peer that becomes blocking again is
     re-synced on its open link, and a subscriber on the viewer keeps receiving."""
-    h = Harness.start(tmp_path, 3, extra_args=NODE_ARGS)
+    h = await Harness.open(tmp_path, 3, extra_args=NODE_ARGS)
     try:
         order = sorted(range(3), key=lambda i: str(h.nodes[i].node_id))
         paused, writer, viewer = order  # the paused node dials the viewer
@@ -175,7 +172,7 @@ async def test_live_delivery_goes_on_after_a_peer_was_dead_with_its_link_up(
                 try:
                     dead = False
                     for _ in range(150):
-                        if await _state_of(http, h.nodes[viewer], target) == "dead":
+                        if await _state_of(h.nodes[viewer], target) == "dead":
                             dead = True
                             break
                         await asyncio.sleep(0.1)

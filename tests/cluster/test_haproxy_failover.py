@@ -18,22 +18,23 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from chatnode.client.session import Connected, Disconnected, Event, Message
-from tests.cluster.harness import Harness, Writer, poll, setup_room
 from tests.cluster.test_client_failover import NODE_ARGS, check_once_in_order, collect, quick_client
-from tests.daemon import REPO, free_port, loopback_host
+from tests.support.daemon import REPO
+from tests.support.harness import Harness, Writer, setup_room
+from tests.support.net import free_port, loopback_host
+from tests.support.poll import poll, until_blocking
+from tests.support.procs import stop_process
 
 HAPROXY = shutil.which("haproxy") or next(
     (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if os.access(p, os.X_OK)), None
@@ -87,37 +88,36 @@ def fresh_requests(url: str, n: int) -> list[int]:
     return statuses
 
 
-@contextmanager
-def haproxy(config: Path, log: Path, url: str) -> Iterator[subprocess.Popen[bytes]]:
+def _launch_haproxy(binary: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([binary, "-db", "-f", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@asynccontextmanager
+async def haproxy(config: Path, log: Path, url: str) -> AsyncIterator[subprocess.Popen[bytes]]:
     """HAProxy in the foreground on ``config``; waits until ``url``/healthz answers through
     it; stopped by pid at the end (SIGTERM, SIGKILL after 10 s)."""
     assert HAPROXY is not None
-    check = subprocess.run([HAPROXY, "-c", "-f", str(config)], capture_output=True, check=False)
+    check = await asyncio.to_thread(
+        subprocess.run, [HAPROXY, "-c", "-f", str(config)], capture_output=True, check=False
+    )
     assert check.returncode == 0, check.stderr.decode(errors="replace")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    proc = await asyncio.to_thread(_launch_haproxy, HAPROXY, config, log)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text(errors="replace")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert time.monotonic() < deadline, log.read_text(errors="replace")
-            time.sleep(0.1)
+        await until_blocking(healthy, 20, f"{url}/healthz through HAProxy")
         yield proc
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        await asyncio.to_thread(stop_process, proc, 10)
 
 
 def test_shipped_config_is_valid(tmp_path: Path) -> None:
@@ -140,41 +140,43 @@ async def test_client_behind_haproxy_carries_on_when_its_node_dies(tmp_path: Pat
     lb_host = loopback_host()
     lb_port = free_port(lb_host)
     lb_url = f"http://{lb_host}:{lb_port}"
-    h = Harness.start(tmp_path, 3, extra_args=[*NODE_ARGS, "--public-url", lb_url])
+    h = await Harness.open(tmp_path, 3, extra_args=[*NODE_ARGS, "--public-url", lb_url])
     try:
         config = tmp_path / "haproxy.cfg"
         servers = [(f"n{i}", f"{d.host}:{d.port}") for i, d in enumerate(h.nodes)]
         config.write_text(balancer_config(SHIPPED.read_text(), f"{lb_host}:{lb_port}", servers))
-        with haproxy(config, tmp_path / "haproxy.log", lb_url):
-            async with aiohttp.ClientSession() as http:
-                async with http.get(lb_url + "/v1/nodes") as r:
-                    assert (await r.json())["nodes"] == [lb_url]  # --public-url everywhere
-                users = await setup_room(http, h, room)
-                events: list[Event] = []
-                client = quick_client([lb_url], users[0], http)
-                stop = asyncio.Event()
-                async with client, asyncio.TaskGroup() as tg:
-                    await client.subscribe(room)
-                    assert client.url == lb_url and client.nodes == [lb_url]
-                    victim = next(i for i, d in enumerate(h.nodes) if d.node_id == client.node)
-                    writer = Writer(h, http, users[1], room, node=(victim + 1) % 3, prefix="w",
-                                    interval=0.05)  # fmt: skip
-                    collector = tg.create_task(collect(client, events))
-                    writing = tg.create_task(writer.run(stop))
-                    await poll(lambda: len(writer.acked) >= 20, 20)
-                    h.kill(victim)
-                    statuses = await asyncio.to_thread(fresh_requests, lb_url + "/healthz", 12)
-                    await poll(lambda: len(writer.acked) >= 80, 30)
-                    stop.set()
-                    await writing
-                    acked = dict(writer.acked)
-                    received = await poll(
-                        lambda: set(acked) <= {e.id for e in events if isinstance(e, Message)},
-                        30,
-                    )
-                    await asyncio.sleep(1.0)  # a late repeat would show now
-                    collector.cancel()
-                    nodes_seen = client.nodes
+        async with (
+            haproxy(config, tmp_path / "haproxy.log", lb_url),
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.get(lb_url + "/v1/nodes") as r:
+                assert (await r.json())["nodes"] == [lb_url]  # --public-url everywhere
+            users = await setup_room(http, h, room)
+            events: list[Event] = []
+            client = quick_client([lb_url], users[0], http)
+            stop = asyncio.Event()
+            async with client, asyncio.TaskGroup() as tg:
+                await client.subscribe(room)
+                assert client.url == lb_url and client.nodes == [lb_url]
+                victim = next(i for i, d in enumerate(h.nodes) if d.node_id == client.node)
+                writer = Writer(h, http, users[1], room, node=(victim + 1) % 3, prefix="w",
+                                interval=0.05)  # fmt: skip
+                collector = tg.create_task(collect(client, events))
+                writing = tg.create_task(writer.run(stop))
+                await poll(lambda: len(writer.acked) >= 20, 20)
+                h.kill(victim)
+                statuses = await asyncio.to_thread(fresh_requests, lb_url + "/healthz", 12)
+                await poll(lambda: len(writer.acked) >= 80, 30)
+                stop.set()
+                await writing
+                acked = dict(writer.acked)
+                received = await poll(
+                    lambda: set(acked) <= {e.id for e in events if isinstance(e, Message)},
+                    30,
+                )
+                await asyncio.sleep(1.0)  # a late repeat would show now
+                collector.cancel()
+                nodes_seen = client.nodes
         messages = [e for e in events if isinstance(e, Message)]
         connected = [e for e in events if isinstance(e, Connected)]
         lost = [e for e in events if isinstance(e, Disconnected)]

@@ -21,7 +21,9 @@ import pytest
 
 from chatnode.history.forwarder import read_room
 from chatnode.history.forwarding import ForwardedMessage, dedupe
-from tests.cluster.harness import (
+from tests.cluster.test_replication_processes import one_home
+from tests.support.daemon import Daemon
+from tests.support.harness import (
     Harness,
     Writer,
     can_partition,
@@ -30,11 +32,9 @@ from tests.cluster.harness import (
     session,
     setup_room,
 )
-from tests.cluster.procs import wait_until
-from tests.cluster.test_replication_processes import one_home
-from tests.daemon import Daemon
-from tests.integration.client import WS
-from tests.kafka import TansuBroker, broker_binary
+from tests.support.kafka import TansuBroker, broker_binary
+from tests.support.poll import until_blocking
+from tests.support.ws import WS
 
 pytestmark = [
     pytest.mark.kafka,
@@ -150,7 +150,7 @@ async def test_sigkill_of_the_home_mid_stream(
     h, broker = kafka_cluster
     async with aiohttp.ClientSession() as http:
         users = await setup_room(http, h, ROOM, prefix="k")
-        home = wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
+        home = await until_blocking(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
         victim = next(i for i, d in enumerate(h.nodes) if d.node_id == home[0])
         others = [i for i in range(3) if i != victim]
         stop, stop_changes = asyncio.Event(), asyncio.Event()
@@ -167,7 +167,7 @@ async def test_sigkill_of_the_home_mid_stream(
             stop.set()
             stop_changes.set()
             await asyncio.gather(*tasks)
-        new_home = wait_until(
+        new_home = await until_blocking(
             lambda: one_home([h.nodes[i] for i in others], ROOM), 30, "a new home"
         )
         assert new_home[0] != home[0] and new_home[1] > home[1]
@@ -192,7 +192,7 @@ async def test_partition_with_writes_on_both_sides_then_heal(
     h, broker = kafka_cluster
     async with aiohttp.ClientSession() as http:
         users = await setup_room(http, h, ROOM, prefix="q")
-        wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
+        await until_blocking(lambda: one_home(h.nodes, ROOM), 30, "one home for the room")
         stop, stop_changes = asyncio.Event(), asyncio.Event()
         writers = [Writer(h, http, users[i], ROOM, node=i, prefix=f"q{i}", interval=0.05,
                           drain_s=15) for i in range(3)]  # fmt: skip
@@ -211,10 +211,10 @@ async def test_partition_with_writes_on_both_sides_then_heal(
         stop.set()
         await asyncio.gather(*tasks)
         acked = {i for w in writers for i in w.acked}
-        h.wait_members(60)
+        await h.members(60)
         report = await converged(http, h, users[1], ROOM, acked, deadline_s=60)
         assert report.ok, (report.lost, report.duplicated, report.divergent)
-        wait_until(lambda: one_home(h.nodes, ROOM), 30, "one home after the heal")
+        await until_blocking(lambda: one_home(h.nodes, ROOM), 30, "one home after the heal")
         sides = {side: {i for i in acked if i.startswith(tuple(f"q{n}-" for n in nodes))}
                  for side, nodes in (("alone", (0,)), ("pair", (1, 2)))}  # fmt: skip
         assert all(len(ids) > 50 for ids in sides.values()), {k: len(v) for k, v in sides.items()}

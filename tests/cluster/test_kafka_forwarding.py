@@ -15,9 +15,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from chatnode.history.forwarder import read_room
 from chatnode.history.forwarding import ForwardedMessage, partition_for
-from tests.daemon import Daemon
-from tests.integration.client import WS, login, new_user, signup
-from tests.kafka import TansuBroker, broker_binary, kafka_broker
+from tests.support.daemon import Daemon
+from tests.support.kafka import TansuBroker, broker_binary, kafka_broker
+from tests.support.ws import WS, login, new_user, signup
 
 pytestmark = [
     pytest.mark.kafka,

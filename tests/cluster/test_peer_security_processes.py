@@ -11,21 +11,20 @@ import base64
 import os
 import secrets
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from chatnode.cluster.gossip import BODY_TIMEOUT, MAX_PUSH_PULLS_IN, PUSH_PULL_PATH
 from chatnode.cluster.keyring import LINK_NONCE, DialerHandshake, Keyring, LinkSession, LinkStats
 from chatnode.cluster.peers import HELLO_TIMEOUT, LINK_HEADER, MAX_HELLOS, PEER_PATH
 from chatnode.cluster.replication import Ping, Pong, decode_frame, encode_frame
-from tests.cluster.procs import launch_cluster, stop_all, wait_until
-from tests.daemon import Daemon
-from tests.integration.client import WS, new_user, signup
+from tests.support.cluster import launch_cluster, stop_all
+from tests.support.daemon import Daemon
+from tests.support.poll import wait_until
+from tests.support.ws import WS, new_user, signup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -44,16 +43,8 @@ def rss(pid: int) -> int:
 
 
 def scrape(node: Daemon) -> dict[str, float]:
-    """``name`` or ``name{k=v,...}`` (labels sorted) -> value."""
-    req = urllib.request.Request(node.url + "metrics", headers={"Authorization": f"Bearer {ADMIN}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    """``/metrics`` of a node started with ``--admin-token ADMIN``, parsed."""
+    return node.metrics(token=ADMIN)
 
 
 def linked(*nodes: Daemon) -> bool:
@@ -328,7 +319,9 @@ async def _closed(ws: aiohttp.ClientWebSocketResponse) -> bool:
 
 async def test_captured_handshake_and_frames_are_refused_elsewhere(tmp_path: Path) -> None:
     key = secrets.token_hex(32)
-    a, b = launch_cluster(tmp_path, 2, key, extra_args=["--admin-token", ADMIN])
+    a, b = await asyncio.to_thread(
+        launch_cluster, tmp_path, 2, key, extra_args=["--admin-token", ADMIN]
+    )
     try:
         await asyncio.to_thread(wait_until, lambda: linked(a, b), 30, "the a-b link")
         ups = {d.node_id: scrape(d)["chatnode_peer_link_events_total{event=up}"] for d in (a, b)}

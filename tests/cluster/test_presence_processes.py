@@ -17,10 +17,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cluster.harness import Harness, can_partition, new_account, session
-from tests.cluster.procs import all_alive, states_of, wait_until
-from tests.daemon import Daemon, admin_get
-from tests.integration.client import WS, Frame, new_user
+from tests.support.cluster import all_alive, states_of
+from tests.support.daemon import Daemon, admin_get
+from tests.support.harness import Harness, can_partition, new_account, session
+from tests.support.poll import wait_until
+from tests.support.ws import WS, Frame, new_user
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ Nothing is asserted on time: every wait polls with a generous deadline.
 from __future__ import annotations
 
 import asyncio
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -14,33 +13,18 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.cluster.harness import (
-    Harness,
-    Writer,
-    can_partition,
-    converged,
-    new_account,
-    session,
-)
-from tests.cluster.procs import wait_until
-from tests.daemon import Daemon, admin_get
-from tests.integration.client import new_user
+from tests.support.daemon import Daemon
+from tests.support.harness import Harness, Writer, can_partition, converged, new_account, session
+from tests.support.poll import until_blocking
+from tests.support.ws import new_user
 
 pytestmark = pytest.mark.slow
 
 ROOM = "lobby"
 
 
-def registry(node: Daemon) -> dict[str, Any] | None:
-    try:
-        data: dict[str, Any] = json.loads(admin_get(node.url + "v1/registry", 3))
-        return data
-    except OSError:
-        return None
-
-
 def home_of(node: Daemon, room: str) -> tuple[str, int] | None:
-    view = registry(node)
+    view = node.get_json("v1/registry")
     if view is None:
         return None
     for r in view["rooms"]:
@@ -85,7 +69,7 @@ async def test_chat_kill_home_resume_restart(cluster: Harness) -> None:
         await a.close()
         await b.close()
 
-        home = wait_until(lambda: one_home(h.nodes, ROOM), 60, "one home for the room")
+        home = await until_blocking(lambda: one_home(h.nodes, ROOM), 60, "one home for the room")
         victim = next(i for i, d in enumerate(h.nodes) if d.node_id == home[0])
         others = [i for i in range(3) if i != victim]
 
@@ -112,7 +96,7 @@ async def test_chat_kill_home_resume_restart(cluster: Harness) -> None:
             sub2 = await session(http, h.nodes[others[1]], users[others[1]], ROOM)
             await sub2.ok("subscribe", room=ROOM, after=last)
             # the room's new home appears (survivors re-home it after the dead declaration)
-            new_home = wait_until(
+            new_home = await until_blocking(
                 lambda: one_home([h.nodes[i] for i in others], ROOM), 90, "a new home"
             )
             assert new_home[0] != home[0] and new_home[1] > home[1]
@@ -145,11 +129,11 @@ async def test_chat_kill_home_resume_restart(cluster: Harness) -> None:
         await sub2.close()
 
         # the killed node restarts and catches up
-        h.restart(victim)
-        h.wait_members(90)
+        await asyncio.to_thread(h.restart, victim)
+        await h.members(90)
         report = await converged(http, h, users[others[0]], ROOM, acked, deadline_s=90)
         assert report.ok, (report.lost, report.duplicated, report.divergent)
-        wait_until(lambda: one_home(h.nodes, ROOM), 60, "one home after the restart")
+        await until_blocking(lambda: one_home(h.nodes, ROOM), 60, "one home after the restart")
 
 
 async def test_sigterm_hands_rooms_over(cluster: Harness) -> None:
@@ -162,7 +146,7 @@ async def test_sigterm_hands_rooms_over(cluster: Harness) -> None:
         for r in rooms[1:]:
             await ws.ok("rooms.create", room=r, title=r, visibility="public")
         await ws.close()
-        homes = wait_until(
+        homes = await until_blocking(
             lambda: all(one_home(h.nodes, r) for r in rooms) and {r: one_home(h.nodes, r)
                                                                   for r in rooms},
             60, "a home for every room",
@@ -176,7 +160,9 @@ async def test_sigterm_hands_rooms_over(cluster: Harness) -> None:
         assert h.nodes[li].stop() == 0
         rest = [d for i, d in enumerate(h.nodes) if i != li]
         for r in rooms:
-            new = wait_until(partial(one_home, rest, r), 60, f"a home for {r} after SIGTERM")
+            new = await until_blocking(
+                partial(one_home, rest, r), 60, f"a home for {r} after SIGTERM"
+            )
             if homes[r][0] == leaving:
                 assert new[1] > homes[r][1]
         assert "handed over" in h.nodes[li].log()
@@ -210,7 +196,7 @@ async def test_partition_then_heal(cluster: Harness) -> None:
         stop.set()
         await asyncio.gather(*tasks)
         acked = {i for w in writers for i in w.acked}
-        h.wait_members(90)
+        await h.members(90)
         report = await converged(http, h, users[1], ROOM, acked, deadline_s=90)
         assert report.ok, (report.lost, report.duplicated, report.divergent)
-        wait_until(lambda: one_home(h.nodes, ROOM), 60, "one home after the heal")
+        await until_blocking(lambda: one_home(h.nodes, ROOM), 60, "one home after the heal")

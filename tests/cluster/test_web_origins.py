@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from chatnode.web.app import connect_src, url_origin
-from tests.cluster.harness import Harness
-from tests.daemon import loopback_host
+from tests.support.harness import Harness
+from tests.support.net import loopback_host
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ def origin_of(url: str) -> str:
 
 
 async def test_pages_of_every_member_may_move_between_nodes(tmp_path: Path) -> None:
-    h = Harness.start(tmp_path, 2)
+    h = await Harness.open(tmp_path, 2)
     try:
         a, b = h.nodes
         oa, ob = origin_of(a.url), origin_of(b.url)

@@ -186,8 +186,21 @@ class RoomLogMachine(RuleBasedStateMachine):
     @rule(k=st.integers(0, 10**6))
     def deliver(self, k: int) -> None:
         dst, update = self.in_flight.pop(k % len(self.in_flight))
-        changed = self.logs[dst].apply(update)
-        assert all(isinstance(m, Message) for m in changed)
+        log = self.logs[dst]
+        before = {m.id: m for m in log.page(limit=10**9)}
+        got = log.apply(update)
+        assert all(isinstance(m, Message) for m in got.messages())
+        # what apply reports is what happened: appended ids are new here, changed and moved
+        # ones were known (a moved one at the cursor it reports), and every message that
+        # looks different now is reported
+        assert all(m.id not in before for m in got.appended)
+        assert all(m.id in before for m in got.changed)
+        assert all(m.id in before and before[m.id].cursor == old for m, old in got.moved)
+        after = {m.id: m for m in log.page(limit=10**9)}
+        differs = {i for i, m in after.items() if before.get(i) != m}
+        assert differs <= {m.id for m in got.messages()}
+        if got.messages():
+            assert got.grew
         self.disks[dst].journal.append(update)
 
     @precondition(lambda self: bool(self.in_flight))

@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.daemon import Daemon
 from tests.integration.gossip_hosts import GossipHosts
+from tests.support.daemon import Daemon
 
 
 @pytest.fixture(scope="module")

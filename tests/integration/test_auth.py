@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.daemon import Daemon
-from tests.integration.client import PASSWORD, WS, login, new_user, signup
+from tests.support.daemon import Daemon
+from tests.support.ws import PASSWORD, WS, login, new_user, signup
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.daemon import Daemon
-from tests.integration.client import WS, new_user, signup
+from tests.support.daemon import Daemon
+from tests.support.ws import WS, new_user, signup
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import asyncio
 
 import aiohttp
 
-from tests.daemon import Daemon
-from tests.integration.client import WS, login, new_user, signup
+from tests.support.daemon import Daemon
+from tests.support.ws import WS, login, new_user, signup
 
 
 async def _pair(http: aiohttp.ClientSession, node: Daemon) -> tuple[str, WS, str, WS]:

@@ -20,8 +20,8 @@ from chatnode.client.session import (
     Message,
     SubscriptionLost,
 )
-from tests.daemon import REPO, Daemon
-from tests.integration.client import PASSWORD, WS, new_user, signup
+from tests.support.daemon import REPO, Daemon
+from tests.support.ws import PASSWORD, WS, new_user, signup
 
 
 async def account(http: aiohttp.ClientSession, node: Daemon) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import struct
@@ -26,21 +25,11 @@ from chatnode.cluster.gossip import GossipMembership, PushPullClient
 from chatnode.cluster.keyring import Keyring, generate_key
 from chatnode.cluster.membership import Addr, MembershipConfig, MemberState
 from tests.integration.gossip_hosts import GossipHosts
+from tests.support.poll import until
 
 FAST = MembershipConfig(
     probe_interval=0.3, probe_timeout=0.15, gossip_interval=0.05, push_pull_interval=3.0
 )
-
-
-async def wait_for(cond: Callable[[], bool], limit: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while True:
-        if cond():
-            return
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 class Recorder:
@@ -104,7 +93,7 @@ async def test_static_seeds_resolve_and_repeat() -> None:
     seeds = StaticSeeds([("127.0.0.2", 9000), ("localhost", 9001)], interval=0.05)
     await seeds.start(rec, ("127.0.0.9", 1))
     try:
-        await wait_for(lambda: len(rec.calls) >= 3)
+        await until(lambda: len(rec.calls) >= 3, 30)
     finally:
         await seeds.stop()
     assert rec.calls[0] == [("127.0.0.2", 9000), ("127.0.0.1", 9001)]
@@ -116,7 +105,7 @@ async def test_dns_poller_proposes_a_records_every_interval() -> None:
     poller = DnsPoller("localhost", 7946, interval=0.05)
     await poller.start(rec, ("127.0.0.9", 1))
     try:
-        await wait_for(lambda: len(rec.calls) >= 3)
+        await until(lambda: len(rec.calls) >= 3, 30)
     finally:
         await poller.stop()
     assert rec.calls[0] == [("127.0.0.1", 7946)]
@@ -129,7 +118,7 @@ async def test_dns_poller_survives_a_name_that_does_not_resolve() -> None:
     poller = DnsPoller("no-such-host.invalid", 7946, interval=0.05)
     await poller.start(rec, ("127.0.0.9", 1))
     try:
-        await wait_for(lambda: poller.stats.failures >= 2)
+        await until(lambda: poller.stats.failures >= 2, 30)
     finally:
         await poller.stop()
     assert rec.calls == []
@@ -152,11 +141,12 @@ async def test_cluster_forms_through_the_dns_poller(gossip_hosts: GossipHosts) -
             sources=[poller],
         ),
     )  # fmt: skip
-    await wait_for(
+    await until(
         lambda: all(
             {m.id: m.state for m in n.members()}.get(other) is MemberState.ALIVE
             for n, other in ((a, "dns-b"), (b, "dns-a"))
-        )
+        ),
+        30,
     )
     assert b.sources == (poller,) and poller.stats.proposed >= 1
 
@@ -176,8 +166,9 @@ async def test_mdns_two_instances_on_loopback_find_each_other() -> None:
     await a.start(ra, ("127.0.0.1", 40001))
     await b.start(rb, ("127.0.0.1", 40002))
     try:
-        await wait_for(
-            lambda: [("127.0.0.1", 40002)] in ra.calls and [("127.0.0.1", 40001)] in rb.calls
+        await until(
+            lambda: [("127.0.0.1", 40002)] in ra.calls and [("127.0.0.1", 40001)] in rb.calls,
+            30,
         )
     finally:
         await a.stop()
@@ -203,10 +194,11 @@ async def test_cluster_forms_over_mdns_without_seeds(gossip_hosts: GossipHosts) 
 
     nodes = [await gossip_hosts.start("127.0.0.1", build(i)) for i in range(3)]
     ids = {n.node_id for n in nodes}
-    await wait_for(
+    await until(
         lambda: all(
             {m.id for m in n.members() if m.state is MemberState.ALIVE} == ids for n in nodes
-        )
+        ),
+        30,
     )
 
 
@@ -241,11 +233,12 @@ async def test_build_membership_joins_through_the_join_flag(gossip_hosts: Gossip
             push_pull_client=client,
         ),
     )  # fmt: skip
-    await wait_for(
+    await until(
         lambda: (
             [member_json(m)["state"] for m in a.members()] == ["alive", "alive"]
             and [member_json(m)["state"] for m in b.members()] == ["alive", "alive"]
-        )
+        ),
+        30,
     )
     assert member_json(b.members()[0]) == {
         "id": "wire-a",

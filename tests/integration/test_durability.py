@@ -8,8 +8,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.daemon import Daemon
-from tests.integration.client import WS, login, new_user, signup
+from tests.support.daemon import Daemon
+from tests.support.ws import WS, login, new_user, signup
 
 SENDERS = 4
 THRESHOLD = 150  # acknowledged messages before the node is stopped
@@ -76,7 +76,7 @@ async def test_sigkill_loses_no_acked_message(http: aiohttp.ClientSession, data_
         await asyncio.gather(*tasks)
         stop.set()
         assert len(acked) >= THRESHOLD
-        node.restart()
+        await asyncio.to_thread(node.restart)
         ws = await WS.connect(http, node, await login(http, node, user))
         stored = await _all_history(ws, room)
         ids = [m["id"] for m in stored]
@@ -112,7 +112,7 @@ async def test_sigterm_drains_and_reopens(http: aiohttp.ClientSession, data_dir:
         codes = {await s.wait_closed() for s in [admin, *socks]}
         assert codes == {1001}, codes
         assert "Traceback" not in node.log()
-        node.restart()
+        await asyncio.to_thread(node.restart)
         ws = await WS.connect(http, node, await login(http, node, user))
         ids = {m["id"] for m in await _all_history(ws, room)}
         assert set(acked) <= ids
@@ -153,7 +153,7 @@ async def test_restart_with_sealed_segments_and_snapshots(
                 node.kill()
             else:
                 assert node.stop() == 0
-            node.restart()
+            await asyncio.to_thread(node.restart)
             wa = await WS.connect(http, node, await login(http, node, a))
             wb = await WS.connect(http, node, await login(http, node, b))
             assert await _all_history(wa, room) == before

@@ -17,8 +17,9 @@ import pytest
 
 from chatnode.history.forwarder import Forwarder, read_room, read_topic
 from chatnode.history.forwarding import FeedEntry, ForwardedMessage, dedupe, partition_for
-from tests.integration.forwarder_child import CommittedLog, LogMessage, make_log
-from tests.kafka import TansuBroker, broker_binary, free_port, kafka_broker
+from tests.support.forwarder_child import CommittedLog, LogMessage, make_log
+from tests.support.kafka import TansuBroker, broker_binary, kafka_broker
+from tests.support.net import free_port
 
 pytestmark = [
     pytest.mark.kafka,
@@ -155,7 +156,7 @@ async def test_killed_forwarder_resumes_from_persisted_frontier(
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.integration.forwarder_child",
+        "tests.support.forwarder_child",
         kafka_broker.bootstrap,
         str(path),
         str(rooms),

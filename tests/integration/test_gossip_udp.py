@@ -15,6 +15,7 @@ from chatnode.cluster.gossip import GossipMembership, PushPullClient
 from chatnode.cluster.keyring import Keyring
 from chatnode.cluster.membership import Addr, MemberEvent, MembershipConfig, MemberState
 from tests.integration.gossip_hosts import GossipHosts
+from tests.support.poll import until
 
 # faster than the LAN defaults so the test is quick; generous waits keep it steady under load
 FAST = MembershipConfig(
@@ -26,18 +27,6 @@ FAST = MembershipConfig(
 )
 KEY = os.urandom(32)
 HOSTS = [f"127.0.0.{i}" for i in range(2, 7)]
-
-
-async def wait_for(cond: Callable[[], bool], limit: float = 30.0) -> None:
-    """Poll ``cond`` until true; a generous limit, since the machine may be loaded."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + limit
-    while True:
-        if cond():
-            return
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def view(node: GossipMembership) -> dict[str, MemberState]:
@@ -100,11 +89,11 @@ def all_alive(nodes: list[GossipMembership]) -> bool:
 async def test_cluster_forms_from_a_seed_and_detects_a_crash(
     cluster: list[GossipMembership],
 ) -> None:
-    await wait_for(lambda: all_alive(cluster))
+    await until(lambda: all_alive(cluster), 30)
     victim = cluster[3]
     await victim.stop(leave=False)  # a crash: no goodbye
     rest = [n for n in cluster if n is not victim]
-    await wait_for(lambda: all(view(n).get("node-3") is MemberState.DEAD for n in rest))
+    await until(lambda: all(view(n).get("node-3") is MemberState.DEAD for n in rest), 30)
     for n in rest:
         assert n.stats.dropped_oversize == 0 and n.stats.dropped_auth == 0
         assert n.stats.udp_out > 10 and n.keyring.stats.opened > 10
@@ -114,25 +103,25 @@ async def test_cluster_forms_from_a_seed_and_detects_a_crash(
 
 
 async def test_graceful_leave_is_left_everywhere(cluster: list[GossipMembership]) -> None:
-    await wait_for(lambda: all_alive(cluster))
+    await until(lambda: all_alive(cluster), 30)
     await cluster[1].stop()
     rest = [n for n in cluster if n is not cluster[1]]
-    await wait_for(lambda: all(view(n).get("node-1") is MemberState.LEFT for n in rest))
+    await until(lambda: all(view(n).get("node-1") is MemberState.LEFT for n in rest), 30)
 
 
 async def test_restarted_node_is_alive_again_with_a_higher_incarnation(
     cluster: list[GossipMembership], gossip_hosts: GossipHosts
 ) -> None:
-    await wait_for(lambda: all_alive(cluster))
+    await until(lambda: all_alive(cluster), 30)
     old = cluster[4]
     old_inc = old.machine.incarnation
     await old.stop(leave=False)
     rest = cluster[:4]
-    await wait_for(lambda: all(view(n).get("node-4") is MemberState.DEAD for n in rest))
+    await until(lambda: all(view(n).get("node-4") is MemberState.DEAD for n in rest), 30)
     reborn = await start(gossip_hosts, "node-4", HOSTS[4], seeds=[cluster[0].address])
     cluster[4] = reborn
     assert reborn.machine.incarnation > old_inc
-    await wait_for(lambda: all_alive(cluster))
+    await until(lambda: all_alive(cluster), 30)
 
 
 async def test_events_report_joins_and_deaths(
@@ -142,9 +131,9 @@ async def test_events_report_joins_and_deaths(
     watcher = await start(
         gossip_hosts, "watcher", HOSTS[0], seeds=[cluster[0].address], on_event=seen.append
     )
-    await wait_for(lambda: all_alive([*cluster, watcher]))
+    await until(lambda: all_alive([*cluster, watcher]), 30)
     await cluster[2].stop(leave=False)
-    await wait_for(lambda: view(watcher).get("node-2") is MemberState.DEAD)
+    await until(lambda: view(watcher).get("node-2") is MemberState.DEAD, 30)
     joined = {e.member.id for e in seen if e.old_state is None}
     assert joined >= {f"node-{i}" for i in range(5)}
     assert [e.new_state for e in seen if e.member.id == "node-2"][-1] is MemberState.DEAD
@@ -153,7 +142,7 @@ async def test_events_report_joins_and_deaths(
 async def test_wrong_key_never_joins(
     cluster: list[GossipMembership], gossip_hosts: GossipHosts
 ) -> None:
-    await wait_for(lambda: all_alive(cluster))
+    await until(lambda: all_alive(cluster), 30)
     intruder = await start(
         gossip_hosts,
         "intruder",
@@ -162,8 +151,8 @@ async def test_wrong_key_never_joins(
         seeds=[cluster[0].address, cluster[1].address],
     )
     # its join attempts fail on the seal, on both sides (answered 403) ...
-    await wait_for(lambda: intruder.stats.push_pull_failed >= 2)
-    await wait_for(lambda: sum(n.keyring.stats.dropped["unknown_key"] for n in cluster[:2]) >= 2)
+    await until(lambda: intruder.stats.push_pull_failed >= 2, 30)
+    await until(lambda: sum(n.keyring.stats.dropped["unknown_key"] for n in cluster[:2]) >= 2, 30)
     assert sum(n.stats.push_pull_in_failed for n in cluster[:2]) >= 2
     # ... and keep failing: it never appears anywhere, and sees nobody
     await asyncio.sleep(2 * FAST.push_pull_interval)

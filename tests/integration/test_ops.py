@@ -11,8 +11,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatnode.cluster.keyring import generate_key
-from tests.daemon import ADMIN_HEADERS, REPO, Daemon, loopback_host
-from tests.integration.client import WS, new_user, signup
+from tests.support.daemon import ADMIN_HEADERS, REPO, Daemon
+from tests.support.net import loopback_host
+from tests.support.ws import WS, new_user, signup
 
 
 def samples(text: str) -> dict[str, float]:

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.daemon import ADMIN_HEADERS, ADMIN_TOKEN, REPO, Daemon
-from tests.integration.client import PASSWORD, WS, new_user, signup
-from tests.integration.rawws import RawWS, open_fds, rss_mb
+from tests.support.daemon import ADMIN_HEADERS, ADMIN_TOKEN, REPO, Daemon
+from tests.support.rawws import RawWS, open_fds, rss_mb
+from tests.support.ws import PASSWORD, WS, new_user, signup
 
 JSON = {"Content-Type": "application/json"}
 

@@ -1,15 +1,16 @@
-"""The views database, the same tests on SQLite on disk (chatnode/history/viewsdb.py) and on a real
-PostgreSQL server (chatnode/history/viewspg.py, tests/pg.py; skipped with the reason where there is
-none), through chatnode.history.indexer.Views: migrations, exact counts across batches, replays and
-reopening, search (ranking, snippets, paging, edits, deletes, rooms), statistics and lag."""
+"""The views database, the same tests on SQLite on disk (chatnode/history/viewsdb.py) and on a
+real PostgreSQL server (chatnode/history/viewspg.py, tests/support/pg.py; skipped with the reason
+where there is none), through chatnode.history.indexer.Views: migrations, exact counts across
+batches, replays and reopening, search (ranking, snippets, paging, edits, deletes, rooms),
+statistics and lag."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -34,7 +35,8 @@ from chatnode.history.views import (
 )
 from chatnode.history.viewsdb import SCHEMA_VERSION, ViewsDB
 from crdt.clock import Timestamp
-from tests.pg import PostgresServer, postgres_server
+from tests.support.pg import PostgresServer, postgres_server
+from tests.support.views_data import NOW_MS, records
 
 __all__ = ["postgres_server"]
 
@@ -52,49 +54,6 @@ def make_target(request: pytest.FixtureRequest, kind: str, folder: Path) -> View
 @pytest.fixture(params=BACKENDS)
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> ViewsTarget:
     return make_target(request, request.param, tmp_path)
-
-
-NOW_MS = int(time.time() * 1000)
-DAY_MS = 86_400_000
-WORDS = ["deploy", "friday", "lunch", "café", "rollback", "pager", "coffee", "release"]
-
-
-def records(n: int, rooms: int = 3, seed: int = 1) -> list[ForwardedMessage]:
-    """``n`` messages of one home with edits, deletes, reactions and duplicates mixed in,
-    in the order a topic partition could hold them."""
-    rng = random.Random(seed)
-    out: list[ForwardedMessage] = []
-    live: list[ForwardedMessage] = []
-    seq = 0
-    for i in range(n):
-        seq += 1
-        room = f"room-{i % rooms}"
-        body = " ".join(rng.choice(WORDS) for _ in range(4)) + f" n{i}"
-        m = ForwardedMessage(room=room, epoch=1, home="n1", id=f"m{i}",
-                             author=f"user{rng.randrange(5)}", body=body,
-                             ts=Timestamp(NOW_MS - rng.randrange(5) * DAY_MS + i, 0, "n1"),
-                             edited=None, deleted=False, reactions=(), seq=seq)  # fmt: skip
-        out.append(m)
-        live.append(m)
-        r = rng.random()
-        if r < 0.1 and live:
-            old = live.pop(rng.randrange(len(live)))
-            seq += 1
-            out.append(replace(old, deleted=True, body="", seq=seq))
-        elif r < 0.2 and live:
-            k = rng.randrange(len(live))
-            seq += 1
-            live[k] = replace(live[k], body=f"edited zebra{i}",
-                              edited=Timestamp(NOW_MS + i, 1, "n1"), seq=seq)  # fmt: skip
-            out.append(live[k])
-        elif r < 0.3 and live:
-            k = rng.randrange(len(live))
-            seq += 1
-            live[k] = replace(live[k], reactions=(("👍", ("ann",)),), seq=seq)
-            out.append(live[k])
-        elif r < 0.4:
-            out.append(rng.choice(out))  # an at-least-once duplicate
-    return out
 
 
 def check_counts(db: ViewsStore, recs: list[ForwardedMessage]) -> None:
@@ -325,7 +284,7 @@ def test_any_user_text_is_a_valid_query(small_db: ViewsStore, text: str) -> None
 async def test_views_come_back_after_the_postgresql_server_restarts(tmp_path: Path) -> None:
     """A database server killed and restarted under the views: queries and writes fail
     (unavailable) while it is down, and work again after, on new connections."""
-    from tests.pg import postgres_missing  # noqa: PLC0415
+    from tests.support.pg import postgres_missing  # noqa: PLC0415
 
     why = postgres_missing()
     if why is not None:
@@ -341,7 +300,7 @@ async def test_views_come_back_after_the_postgresql_server_restarts(tmp_path: Pa
             await views.read(lambda db: db.lag(NOW_MS))
         with pytest.raises(ViewsError):
             await views.apply("s", recs[100:], {"0": 300}, {"0": 300})
-        server.restart()
+        await asyncio.to_thread(server.restart)
         await views.apply("s", recs[100:], {"0": 300}, {"0": 300})
         assert (await views.read(lambda db: db.lag(NOW_MS)))["records"] == 0
         await views.read(lambda db: check_counts(db, recs))

@@ -23,11 +23,11 @@ from chatnode.history.forwarder import ensure_topic
 from chatnode.history.forwarding import ForwardedMessage, Record, decode_record, encode_record
 from chatnode.history.indexer import open_store
 from chatnode.history.views import ViewsError, contributions, fold_all, parse_views_url
-from tests.daemon import Daemon
-from tests.integration.client import WS, new_user, signup
-from tests.integration.test_views_db import records
-from tests.kafka import TansuBroker, broker_binary, kafka_broker
-from tests.pg import postgres_server
+from tests.support.daemon import Daemon
+from tests.support.kafka import TansuBroker, broker_binary, kafka_broker
+from tests.support.pg import postgres_server
+from tests.support.views_data import records
+from tests.support.ws import WS, new_user, signup
 
 pytestmark = [
     pytest.mark.kafka,

@@ -14,6 +14,7 @@ from chatnode.chat.presence import (
     PresenceRequest,
     PresenceVersion,
 )
+from chatnode.chat.service import ServiceHooks
 from chatnode.cluster import ephemeral as eph
 from chatnode.cluster.replication import PeerMsg, ReadNote, TypingNote
 
@@ -34,7 +35,7 @@ class Hub:
 class FakeService:
     def __init__(self) -> None:
         self.presence = Presence("a", 5)
-        self.ephemeral: object | None = None
+        self.hooks = ServiceHooks()
         self.events: list[Change] = []
         self.notes: list[tuple[str, ...]] = []
 
@@ -50,10 +51,10 @@ class FakeService:
 
 async def test_a_burst_of_joins_and_leaves_is_one_delta_per_peer() -> None:
     svc, hub = FakeService(), Hub(["b", "c"])
-    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub))
+    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub), hooks=svc.hooks)
     e.start()
     try:
-        assert svc.ephemeral is e
+        assert svc.hooks.ephemeral.get() is e
         for i in range(3000):
             svc.presence.local("lobby", f"u{i}", True)
             e.presence_changed()
@@ -70,13 +71,13 @@ async def test_a_burst_of_joins_and_leaves_is_one_delta_per_peer() -> None:
         await asyncio.sleep(eph.VERSION_EVERY + 0.2)
         assert hub.sent and all(isinstance(m, PresenceVersion) for _, m in hub.sent)
     finally:
-        await e.stop()
-    assert svc.ephemeral is None
+        await e.aclose()
+    assert svc.hooks.ephemeral.get() is None
 
 
 async def test_link_up_notes_and_membership() -> None:
     svc, hub = FakeService(), Hub(["b"])
-    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub))
+    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub), hooks=svc.hooks)
     svc.presence.local("r", "ann", True)
     svc.presence.flush()
     e.link_up("b")
@@ -97,7 +98,7 @@ async def test_link_up_notes_and_membership() -> None:
 
 async def test_a_steady_stream_of_changes_is_at_most_one_delta_per_window() -> None:
     svc, hub = FakeService(), Hub(["b"])
-    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub))
+    e = eph.Ephemeral(cast(Any, svc), cast(Any, hub), hooks=svc.hooks)
     e.start()
     loop = asyncio.get_running_loop()
     try:
@@ -117,4 +118,4 @@ async def test_a_steady_stream_of_changes_is_at_most_one_delta_per_window() -> N
                 peer.receive("a", m, 0.0)
         assert peer.entries() == svc.presence.own()
     finally:
-        await e.stop()
+        await e.aclose()

@@ -68,10 +68,13 @@ from hypothesis.stateful import (
 
 from chatnode.chat import protocol as p
 from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner
-from chatnode.chat.service import Service, Session, _history_page, _released_page
+from chatnode.chat.service import Service, Session
 from chatnode.errors import ClientError
 from chatnode.metrics import Metrics
-from chatnode.store.engine import Batch, Store, prefix_end, release_prefix, room_snapshot_key
+from chatnode.store.engine import Batch, Store, prefix_end
+from chatnode.store.layout import history_page as _history_page
+from chatnode.store.layout import release_prefix, room_snapshot_key
+from chatnode.store.layout import released_page as _released_page
 from crdt.clock import HybridClock, Timestamp
 from crdt.roomlog import MemorySegmentStore, RoomLog
 from crdt.segments import decode_envelope
@@ -814,7 +817,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             else:
                 fut.set_exception(error)
 
-        self.service.apply_remote(room, update, (), durable)
+        self.service.apply_remote(room, update, durable)
         return fut
 
     def _shippable(self, room: str) -> list[PeerUpdate]:
@@ -895,7 +898,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
         peer = self.peers[room]
         diff = self.service.room_diff(room, peer.state_vector())
         assert diff is not None
-        for m in peer.apply_update(diff).new:
+        for m in peer.apply(diff).appended:
             self.peer_clock.observe(m.ts, self._peer_wall())
 
     # ------------------------------------------------------------------ resume tokens
@@ -1079,9 +1082,9 @@ class NodePersistenceMachine(RuleBasedStateMachine):
                 if not self.frozen:
                     cond.acquire()
                     self.frozen = True
-                store.on_write = None
+                store._on_write = None
 
-            store.on_write = refreeze
+            store._on_write = refreeze
             self.frozen = False
             cond.release()
             for _, _, pending_, shipped_ in survivors:
@@ -1290,7 +1293,7 @@ class _Node:
         assert self.store is not None
         await self.store.wait_for_room()
         fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
-        self.service.apply_remote(room, update, (), fut.set_result)
+        self.service.apply_remote(room, update, fut.set_result)
         assert await fut is None
         await asyncio.sleep(0)  # the release-log batch of a new message is queued ...
         await self.store.commit(Batch())  # ... and written
@@ -1421,7 +1424,7 @@ async def test_issue_d_crash_between_the_writes_of_a_late_remote_update(tmp_path
         assert store is not None
         await store.wait_for_room()
         with store._cond:  # the writer takes nothing meanwhile
-            node.service.apply_remote("r1", late, (), lambda _error: None)
+            node.service.apply_remote("r1", late, lambda _error: None)
             assert len(store._pending) == 1  # the grown blob with the update and its rows
             del store._pending[:]  # the node dies before the write
             store._closing = True

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatnode.chat.auth import Claims
-from chatnode.chat.service import MAX_CATCHUP_BUFFER_BYTES, Session, _Sub
+from chatnode.chat.sessions import MAX_CATCHUP_BUFFER_BYTES, Session
+from chatnode.chat.sessions import Subscription as _Sub
 
 
 class Outbox:

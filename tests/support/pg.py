@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,9 @@ from typing import Any
 
 import pytest
 
-from tests.kafka import free_port
+from tests.support.net import free_port
+from tests.support.poll import wait_until
+from tests.support.procs import stop_process
 
 USER = "chatnode"
 
@@ -138,18 +139,20 @@ class PostgresServer:
     def _wait_ready(self, timeout: float) -> None:
         import psycopg  # noqa: PLC0415
 
-        deadline = time.monotonic() + timeout
-        while True:
+        def accepting() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited: {self.log()}")
             try:
                 psycopg.connect(self.admin_url, connect_timeout=2).close()
-                return
             except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"postgres not ready: {self.log()}") from None
-                time.sleep(0.05)
+                return False
+            return True
+
+        try:
+            wait_until(accepting, timeout, "postgres to accept connections", 0.05)
+        except AssertionError:
+            self.stop()
+            raise TimeoutError(f"postgres not ready: {self.log()}") from None
 
     def new_database(self) -> str:
         """A new empty database; its URL."""
@@ -168,13 +171,7 @@ class PostgresServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown by pid (SIGINT), SIGKILL if it lingers; remove the directory."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout, signal.SIGINT)
         with contextlib.suppress(OSError):
             shutil.rmtree(self.root)
 

@@ -4,6 +4,7 @@ lost; one message id is one message on every node; a subscriber that resumes aft
 reconnect receives every message exactly once.
 
     h = Harness.start(tmp_path, 3)            # 3 nodes on 127.0.0.x, one cluster key
+    h = await Harness.open(tmp_path, 3)       # the same from async code
     h.kill(0); h.restart(0)                   # SIGKILL, start again on the same data dir
     h.pause(1); h.resume(1)                   # SIGSTOP / SIGCONT
     with h.partition([0], [1, 2]): ...        # iptables (root only), always removed
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -58,9 +58,10 @@ from typing import Any
 import aiohttp
 
 from chatnode.cluster.keyring import generate_key
-from tests.cluster.procs import all_alive, launch_cluster, stop_all, wait_until
-from tests.daemon import ADMIN_HEADERS, Daemon
-from tests.integration.client import PASSWORD, WAIT, WS, Frame, login, new_user, signup
+from tests.support.cluster import all_alive, launch_cluster, stop_all
+from tests.support.daemon import ADMIN_HEADERS, Daemon
+from tests.support.poll import poll, until_blocking, wait_until
+from tests.support.ws import PASSWORD, WS, Frame, login, new_user, signup
 
 READY = 90.0
 REPLY_TIMEOUT = 5.0  # a client gives up on a reply after this long (its node stopped or cut off)
@@ -108,9 +109,22 @@ class Harness:
             raise
         return h
 
+    @classmethod
+    async def open(cls, base: Path, n: int, *, extra_args: Sequence[str] = ()) -> Harness:
+        """:meth:`start` for async code (the blocking start runs in a thread)."""
+        return await asyncio.to_thread(cls.start, base, n, extra_args=extra_args)
+
     def wait_members(self, timeout: float = 60.0) -> None:
+        """Block until every running node sees every other alive (synchronous code)."""
         live = [d for d in self.nodes if d.running]
         wait_until(lambda: all_alive(live), timeout, "every running node to see the others")
+
+    async def members(self, within: float = 60.0) -> None:
+        """:meth:`wait_members` for async code (each probe in a thread)."""
+        live = [d for d in self.nodes if d.running]
+        await until_blocking(
+            lambda: all_alive(live), within, "every running node to see the others"
+        )
 
     def stop(self) -> None:
         self.heal()
@@ -368,34 +382,13 @@ async def quick_login(http: aiohttp.ClientSession, node: Daemon, user: str) -> s
         return token
 
 
-class ClientWS(WS):
-    """:class:`WS` whose calls leave no reply slot behind when they fail or are cancelled (so
-    no orphan future is failed unobserved when the socket closes)."""
-
-    async def call(self, op: str, **fields: Any) -> Frame:
-        ref = next(self.refs)
-        if self.reader.done():
-            raise ConnectionError("connection closed")
-        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self.replies[ref] = fut
-        try:
-            await self.ws.send_str(json.dumps({"op": op, "ref": ref, **fields}))
-            return await asyncio.wait_for(fut, WAIT)
-        finally:
-            self.replies.pop(ref, None)
-            if not fut.done():
-                fut.cancel()
-            elif not fut.cancelled():
-                fut.exception()  # retrieved: no "never retrieved" warning
-
-
 async def open_ws(http: aiohttp.ClientSession, node: Daemon, token: str) -> WS:
     """A WebSocket on ``node`` that said ``hello`` (no timeout of its own: wrap it). Its
     closing handshake waits 1 s at most, so dropping it on a stopped node is quick."""
     raw = await http.ws_connect(
         node.ws_url, max_msg_size=0, timeout=aiohttp.ClientWSTimeout(ws_close=1.0)
     )
-    ws = ClientWS(raw)
+    ws = WS(raw)
     try:
         r = await ws.call("hello", token=token)
     except BaseException:
@@ -900,15 +893,8 @@ class Subscriber:
 
 async def _frontier_of(node: Daemon) -> object:
     """What a node's stable frontier waits for (``frontier`` of ``GET /v1/cluster``)."""
-    try:
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(node.url + "v1/cluster", headers=ADMIN_HEADERS) as resp,
-        ):
-            body = await resp.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return repr(exc)
-    return body.get("frontier") if isinstance(body, dict) else body
+    body = await asyncio.to_thread(node.get_json, "v1/cluster")
+    return body.get("frontier") if isinstance(body, dict) else "no answer"
 
 
 # -- checking ---------------------------------------------------------------------------------
@@ -1058,18 +1044,6 @@ async def converged(
         if report.nodes_ok or loop.time() > deadline:
             return report
         await asyncio.sleep(0.5)
-
-
-async def poll(probe: Callable[[], bool], deadline_s: float, interval: float = 0.2) -> bool:
-    """Call ``probe`` every ``interval`` seconds until it is true (True) or ``deadline_s``
-    seconds have passed (False)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + deadline_s
-    while not probe():
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
 
 
 async def caught_up(

@@ -12,11 +12,9 @@ or through the ``kafka_broker`` pytest fixture (import it into a conftest or tes
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +22,9 @@ from types import TracebackType
 
 import pytest
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+from tests.support.net import free_port
+from tests.support.poll import wait_until
+from tests.support.procs import stop_process
 
 
 def broker_binary() -> str | None:
@@ -87,18 +82,20 @@ class TansuBroker:
         return broker
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def listening() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with {self.proc.returncode}: {self.log()}")
             try:
                 socket.create_connection((self.host, self.port), timeout=0.5).close()
-                return
             except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError(f"tansu not listening on {self.bootstrap}") from None
-                time.sleep(0.02)
+                return False
+            return True
+
+        try:
+            wait_until(listening, timeout, f"tansu listening on {self.bootstrap}", 0.02)
+        except AssertionError as exc:
+            self.stop()
+            raise TimeoutError(str(exc)) from None
 
     def log(self) -> str:
         try:
@@ -108,13 +105,7 @@ class TansuBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker by pid: SIGTERM, then SIGKILL if it lingers."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
+        stop_process(self.proc, timeout)
         self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TansuBroker:

@@ -1,6 +1,6 @@
 """A forwarder in its own process, for the kill -9 test of tests/integration/test_forwarder.py.
 
-    python -m tests.integration.forwarder_child BROKERS FRONTIER_FILE ROOMS PER_ROOM CAP
+    python -m tests.support.forwarder_child BROKERS FRONTIER_FILE ROOMS PER_ROOM CAP
 
 Commits the rooms' messages a few at a time (as a busy node would) up to CAP per room, forwards
 them with a :class:`chatnode.history.forwarder.Forwarder` at epoch 1 and persists every frontier to

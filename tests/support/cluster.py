@@ -3,23 +3,20 @@
 
 Every node gets its own 127.0.0.x address and a free port there; gossip uses the same port
 number over UDP, so ``host:port`` names a node. Processes are stopped by pid
-(:meth:`tests.daemon.Daemon.stop`).
+(:meth:`tests.support.daemon.Daemon.stop`).
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import struct
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from tests.daemon import Daemon, admin_get, free_port, loopback_host
+from tests.support.daemon import Daemon
+from tests.support.net import free_port, loopback_host
 
 __all__ = [
     "MemberView",
@@ -29,10 +26,7 @@ __all__ = [
     "multicast_on_loopback",
     "states_of",
     "stop_all",
-    "wait_until",
 ]
-
-T = TypeVar("T")
 
 # id -> (state, incarnation)
 MemberView = dict[str, tuple[str, int]]
@@ -40,11 +34,8 @@ MemberView = dict[str, tuple[str, int]]
 
 def cluster_view(node: Daemon, timeout: float = 3.0) -> dict[str, Any] | None:
     """``GET /v1/cluster`` of ``node``, or None when it does not answer (stopped, killed)."""
-    try:
-        data: dict[str, Any] = json.loads(admin_get(node.url + "v1/cluster", timeout))
-        return data
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
+    data: dict[str, Any] | None = node.get_json("v1/cluster", timeout)
+    return data
 
 
 def states_of(node: Daemon, timeout: float = 3.0) -> MemberView | None:
@@ -53,23 +44,6 @@ def states_of(node: Daemon, timeout: float = 3.0) -> MemberView | None:
     if view is None:
         return None
     return {str(m["id"]): (str(m["state"]), int(m["incarnation"])) for m in view["members"]}
-
-
-def wait_until(
-    probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.1
-) -> T:
-    """Call ``probe`` until it returns something other than None/False; fail after
-    ``timeout`` seconds with ``what`` and the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        value = probe()
-        if value is not None and value is not False:
-            return value
-        last = value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} ({last!r})")
-        time.sleep(interval)
 
 
 def launch_cluster(

@@ -1,6 +1,6 @@
 """Run real chatnode daemons in tests.
 
-    from tests.daemon import Daemon
+    from tests.support.daemon import Daemon
 
     with Daemon.start(tmp_path) as node:          # 127.0.0.x, free port, data dir under tmp
         urllib.request.urlopen(node.url + "healthz")
@@ -11,19 +11,18 @@ Each daemon is ``python -m chatnode run`` in its own process, on its own loopbac
 (127.0.0.2 .. 127.0.0.254) and a port found free there, with ``CHATNODE_*`` variables of the
 test process removed from its environment. Its output goes to ``<data dir>/daemon.log``
 (:meth:`Daemon.log`). Processes are stopped by pid only.
+
+:meth:`Daemon.json` and :meth:`Daemon.metrics` read a node's operator endpoints (with the
+test token) the same way for every test and script.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -31,7 +30,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.net import free_port, loopback_host
+from tests.support.poll import wait_until
+from tests.support.procs import stop_process
+
+REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 #: The operator token every test daemon gets (``CHATNODE_ADMIN_TOKEN``, unless the test's
@@ -40,29 +45,13 @@ ADMIN_TOKEN = "test-operator-token-0123456789"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def admin_get(url: str, timeout: float = 5.0) -> bytes:
-    """``GET url`` of an operator endpoint with the test daemons' token (urllib errors as
-    raised by ``urlopen``)."""
-    req = urllib.request.Request(url, headers=ADMIN_HEADERS)
+def admin_get(url: str, timeout: float = 5.0, token: str = ADMIN_TOKEN) -> bytes:
+    """``GET url`` of an operator endpoint with the test daemons' token (or ``token``; urllib
+    errors as raised by ``urlopen``)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         body: bytes = resp.read()
         return body
-
-
-_hosts = itertools.cycle(random.Random(os.getpid()).sample(range(2, 255), 253))
-
-
-def loopback_host() -> str:
-    """A loopback address for the next daemon (each test process walks its own order)."""
-    return f"127.0.0.{next(_hosts)}"
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on ``host`` right now (it could be taken again before it is used)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class DaemonError(RuntimeError):
@@ -169,23 +158,24 @@ class Daemon:
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
         """Poll ``/healthz`` until it answers ``ok``; returns its JSON."""
-        deadline = time.monotonic() + timeout
-        last: object = None
-        while time.monotonic() < deadline:
+
+        def ready() -> dict[str, Any] | None:
             if self.proc is not None and self.proc.poll() is not None:
                 raise DaemonError(
                     f"daemon exited with {self.proc.returncode} before it was ready:\n{self.log()}"
                 )
             try:
                 health = self.health()
-                if health.get("status") == "ok":
-                    self.node_id = str(health.get("node"))
-                    return health
-                last = health
-            except (OSError, ValueError) as exc:
-                last = exc
-            time.sleep(0.05)
-        raise DaemonError(f"daemon not ready after {timeout}s ({last!r}):\n{self.log()}")
+            except (OSError, ValueError):
+                return None
+            return health if health.get("status") == "ok" else None
+
+        try:
+            health = wait_until(ready, timeout, "/healthz to say ok", 0.05)
+        except AssertionError as exc:
+            raise DaemonError(f"daemon not ready: {exc}:\n{self.log()}") from None
+        self.node_id = str(health.get("node"))
+        return health
 
     def health(self, timeout: float = 5.0) -> dict[str, Any]:
         """``GET /healthz`` (raises OSError if nothing answers)."""
@@ -196,6 +186,24 @@ class Daemon:
         except urllib.error.HTTPError as exc:
             body: dict[str, Any] = json.loads(exc.read())
             return body
+
+    def get_json(self, path: str, timeout: float = 3.0, token: str = ADMIN_TOKEN) -> Any:
+        """The JSON of ``GET <path>`` with the operator token (``path`` relative, e.g.
+        ``"v1/cluster"``), or None when the node does not answer (stopped, killed, busy)."""
+        try:
+            return json.loads(admin_get(self.url + path, timeout, token))
+        except (OSError, ValueError):  # urllib's URLError and HTTPError are OSErrors
+            return None
+
+    def metrics(self, timeout: float = 5.0, token: str = ADMIN_TOKEN) -> dict[str, float]:
+        """``/metrics``, parsed: ``name`` or ``name{k=v,...}`` (labels sorted) -> value."""
+        text = admin_get(self.url + "metrics", timeout, token).decode()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -212,15 +220,7 @@ class Daemon:
         stop, or None if it had to be killed (or was not running)."""
         if self.proc is None:
             return None
-        if self.proc.poll() is not None:
-            self._close_log()
-            return self.proc.returncode
-        self.signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
+        code = stop_process(self.proc, timeout)
         self._close_log()
         return code
 

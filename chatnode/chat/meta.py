@@ -1,0 +1,287 @@
+"""The metadata map of a node: everything that is not a message, its typed keys, the indexes
+derived from it, and how its changes are persisted.
+
+The map is an :class:`~crdt.awlwwmap.AWLWWMap` under string keys (``/`` never occurs in a user
+or room name)::
+
+    u/<user>           {"pw": scrypt hash, "at": ms}          an account
+    r/<room>           {"title", "vis", "by", "at"}           a room (vis: public|private|dm)
+    m/<room>/<user>    1                                      membership
+    i/<room>/<user>    inviter                                a pending invitation
+    rd/<room>/<user>   cursor                                 read marker
+    t/<token id>       expires ms                             a revoked session token
+
+(the cluster layer adds keys of its own, chatnode/cluster/registry.py). Every change is one
+delta, persisted under its replicator sequence number (Algorithm 2 of the delta-CRDT paper:
+the state and the number are durable together); the map is snapshotted and the deltas dropped
+every ``snapshot_every`` deltas. Rows: chatnode/store/layout.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from chatnode.store import layout
+from chatnode.store.engine import Batch
+from crdt.awlwwmap import AWLWWMap
+from crdt.clock import HybridClock
+from crdt.deltasync import DeltaReplicator
+
+__all__ = [
+    "ACCOUNT",
+    "INVITE",
+    "MEMBER",
+    "READ",
+    "REVOKED",
+    "ROOM",
+    "MetaMap",
+    "RoomInfo",
+    "account_key",
+    "invite_key",
+    "member_key",
+    "read_key",
+    "revoked_key",
+    "room_key",
+    "split_room_key",
+]
+
+ACCOUNT: Final = "u/"
+ROOM: Final = "r/"
+MEMBER: Final = "m/"
+INVITE: Final = "i/"
+READ: Final = "rd/"
+REVOKED: Final = "t/"
+SNAPSHOT_GROWTH: Final = 4  # snapshot at least every len(map) / 4 deltas (see persist)
+
+
+def account_key(user: str) -> str:
+    return f"{ACCOUNT}{user}"
+
+
+def room_key(room: str) -> str:
+    return f"{ROOM}{room}"
+
+
+def member_key(room: str, user: str) -> str:
+    return f"{MEMBER}{room}/{user}"
+
+
+def invite_key(room: str, user: str) -> str:
+    return f"{INVITE}{room}/{user}"
+
+
+def read_key(room: str, user: str) -> str:
+    return f"{READ}{room}/{user}"
+
+
+def revoked_key(token_id: str) -> str:
+    return f"{REVOKED}{token_id}"
+
+
+def split_room_key(key: str, prefix: str) -> tuple[str, str] | None:
+    """Split ``<prefix><room>/<user>`` into (room, user)."""
+    rest = key[len(prefix) :]
+    room, sep, user = rest.rpartition("/")
+    return (room, user) if sep else None
+
+
+@dataclass(frozen=True, slots=True)
+class RoomInfo:
+    room: str
+    title: str
+    visibility: str  # public | private | dm
+    creator: str
+    created_ms: int
+
+
+class _TrackedMap(AWLWWMap):
+    """The AW-LWW map, noting the keys each :meth:`join` may change: those the joined state
+    holds, and those with a live dot here that its context covers (removed, or one of
+    several concurrent values removed, which can change the winner). Found from the joined
+    state's dots through the map's dot index, so it costs what the join does, O(delta)."""
+
+    __slots__ = ("joined",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.joined: set[str] = set()
+
+    @classmethod
+    def adopt(cls, m: AWLWWMap) -> _TrackedMap:
+        out = cls()
+        out._s = m._s
+        return out
+
+    def join(self, other: AWLWWMap) -> None:
+        index = self._s.index  # dot -> key, kept by the dot store
+        octx = other._s.ctx
+        if octx.dot_count() <= len(index):
+            self.joined.update(index[d] for d in octx.dots() if d in index)
+        else:
+            self.joined.update(k for d, k in index.items() if octx.contains(d))
+        self.joined.update(other.keys())
+        super().join(other)
+
+
+class MetaMap:
+    """The map, its replicator, its persistence counters and its derived indexes.
+
+    ``on_room(name)`` is called when a room key appears (the service then makes sure it has
+    the room's in-memory state). ``clock`` stamps local changes; its high-water mark is
+    persisted with every delta."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        clock: HybridClock,
+        now_ms: Callable[[], int],
+        snapshot_every: int,
+        on_room: Callable[[str], object],
+    ) -> None:
+        self.node_id = node_id
+        self.clock = clock
+        self.now_ms = now_ms
+        self.snapshot_every = snapshot_every
+        self.on_room = on_room
+        self.map = _TrackedMap()
+        self.seq = 0  # the sequence number of the last persisted delta
+        self.since_snapshot = 0
+        self.rep = DeltaReplicator(node_id, AWLWWMap, state=self.map, seq=0)
+        # Derived indexes (kept in line by :meth:`index`).
+        self.room_info: dict[str, RoomInfo] = {}
+        self.members: dict[str, set[str]] = {}
+        self.user_rooms: dict[str, set[str]] = {}
+        self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, key: str) -> Any:
+        return self.map.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.map
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+    def is_member(self, room: str, user: str) -> bool:
+        return user in self.members.get(room, ())
+
+    # ------------------------------------------------------------------ startup
+
+    def restore(
+        self, snapshot: tuple[int, bytes] | None, deltas: Iterable[tuple[int, bytes]]
+    ) -> None:
+        """Rebuild from the stored snapshot and deltas (at start, before any change)."""
+        if snapshot is not None:
+            self.seq, data = snapshot
+            self.map = _TrackedMap.adopt(AWLWWMap.from_bytes(data))
+        for seq, data in deltas:
+            self.map.join(AWLWWMap.from_bytes(data))
+            self.seq = max(self.seq, seq)
+            self.since_snapshot += 1
+        self.map.joined.clear()
+        for key in list(self.map.keys()):
+            self.index(key)
+        self.rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.map, seq=self.seq)
+
+    # ------------------------------------------------------------------ indexes
+
+    def index(self, key: str) -> None:
+        """Bring the derived indexes in line with ``map[key]``."""
+        value = self.map.get(key)
+        if key.startswith(ROOM):
+            room = key[len(ROOM) :]
+            if isinstance(value, dict):
+                self.room_info[room] = RoomInfo(
+                    room,
+                    str(value.get("title", "")),
+                    str(value.get("vis", "private")),
+                    str(value.get("by", "")),
+                    int(value.get("at", 0)),
+                )
+                self.on_room(room)
+            else:
+                self.room_info.pop(room, None)
+        elif key.startswith(MEMBER):
+            split = split_room_key(key, MEMBER)
+            if split is None:
+                return
+            room, user = split
+            if value is not None:
+                self.members.setdefault(room, set()).add(user)
+                self.user_rooms.setdefault(user, set()).add(room)
+            else:
+                self.members.get(room, set()).discard(user)
+                self.user_rooms.get(user, set()).discard(room)
+        elif key.startswith(INVITE):
+            split = split_room_key(key, INVITE)
+            if split is None:
+                return
+            room, user = split
+            if value is not None:
+                self.invites.setdefault(user, set()).add(room)
+            else:
+                self.invites.get(user, set()).discard(room)
+
+    # ------------------------------------------------------------------ writing
+
+    def change(self, changes: Iterable[tuple[str, Any]]) -> Batch:
+        """Apply ``(key, value or None to remove)`` changes to the map now and return the
+        batch that persists them (one delta; empty if nothing changed)."""
+        delta = AWLWWMap()
+        touched: list[str] = []
+        for key, value in changes:
+            if value is None:
+                if key in self.map:
+                    delta.join(self.map.remove(self.node_id, key))
+            else:
+                delta.join(self.map.set(self.node_id, key, value, self.clock.now(self.now_ms())))
+            touched.append(key)
+        for key in touched:
+            self.index(key)
+        self.rep.mutate(delta)
+        return self.persist(delta)
+
+    def persist(self, delta: AWLWWMap) -> Batch:
+        """The batch persisting ``delta`` under the replicator's sequence number (the state
+        and the sequence number are then durable together, as Algorithm 2 requires)."""
+        batch = Batch()
+        if self.rep.seq == self.seq:
+            return batch  # an empty delta: nothing changed
+        self.seq = self.rep.seq
+        self.since_snapshot += 1
+        layout.put_meta_delta(batch, self.seq, delta.to_bytes())
+        layout.put_clock(batch, self.clock.last)
+        if self.since_snapshot >= self.snapshot_interval():
+            layout.put_meta_snapshot(batch, self.seq, self.map.to_bytes())
+            self.since_snapshot = 0
+        return batch
+
+    def snapshot_interval(self) -> int:
+        """Deltas between two snapshots: ``snapshot_every``, or a quarter of the map's keys
+        when that is more. A snapshot serialises the whole map, so spacing them in proportion
+        to its size keeps the cost per change constant (amortised) however large the map
+        grows; a restart replays at most that many deltas."""
+        return max(self.snapshot_every, len(self.map) // SNAPSHOT_GROWTH)
+
+    def receive(self, peer: str, payload: bytes) -> tuple[list[tuple[str, bytes]], Batch | None]:
+        """A payload from ``peer`` (Algorithm 2): join its news and index them. Returns what
+        to send back once durable, and the batch persisting the news (None: nothing new).
+        ``CodecError`` on a bad payload.
+
+        The keys re-indexed are those the join noted (:class:`_TrackedMap`): the news' keys
+        and the keys whose dots it removed, found without listing the map, so a news of k
+        changes costs O(k) whatever the size of the map."""
+        self.map.joined.clear()
+        out = self.rep.receive(peer, payload)
+        news = self.rep.last_applied
+        touched, self.map.joined = self.map.joined, set()
+        if news is None:
+            return out, None
+        for key in touched:
+            self.index(key)
+        return out, self.persist(news)

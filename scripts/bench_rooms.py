@@ -1,0 +1,268 @@
+"""Many rooms on a 2-node cluster: what an idle node costs as the number of rooms grows.
+
+For each size (the baseline, 1,000 rooms by default, first, in the same run), on a fresh
+cluster of two real chatnode processes (127.0.0.x, one cluster key):
+
+1. **Creation**: ``--clients`` WebSocket clients of one user on node 0 create the rooms
+   (``rooms.create``, private) and send one message to each; rooms per second over the whole
+   build, and over its last tenth (creation slowing as rooms accumulate shows there).
+2. **Replication**: time until node 1 lists every room in its registry.
+3. **Idle** (after a settle of ``--settle`` seconds): for ``--idle`` seconds (default 30)
+   with no client traffic, per node: CPU (utime + stime from ``/proc/<pid>/stat``, in % of
+   one core), RSS at the end (``VmRSS``), and peer-link bytes per second sent
+   (``chatnode_peer_bytes_total{direction=out}``, sealed frames).
+4. **Restart**: node 1 is stopped (SIGTERM) and started again: time until ``/healthz`` says
+   ok, and until a client logged in there gets the ``history`` of one room.
+5. **Cold history**: on the restarted node, ``history`` of ``--cold`` rooms nobody touched
+   since the restart, one after another: p50/p99/max latency.
+
+Run (sizes 1,000 / 10,000 / 30,000 with ``--rooms``)::
+
+    .venv/bin/python scripts/bench_rooms.py --rooms 10000,30000 [--idle 30] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _stats import percentile
+
+from chatnode.cluster.keyring import generate_key
+from chatnode.cluster.replication import Digests, TreeHashes, encode_frame
+from tests.support.cluster import all_alive, launch_cluster, stop_all
+from tests.support.daemon import Daemon
+from tests.support.poll import wait_until
+from tests.support.ws import WS, login, new_user, signup
+
+ARGS = [
+    "--rate-limit", "100000", "--rate-burst", "100000",
+    "--max-rooms-per-user", "1000000",
+]  # fmt: skip
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    rooms: int
+    create_s: float = 0.0
+    create_rate: float = 0.0
+    tail_rate: float = 0.0  # rooms/s over the last tenth of the build
+    replicate_s: float = 0.0
+    cpu: list[float] = field(default_factory=list)  # % of a core, per node
+    rss_mb: list[float] = field(default_factory=list)
+    peer_bps: list[float] = field(default_factory=list)  # bytes/s sent on peer links
+    restart_healthz_s: float = 0.0
+    restart_history_s: float = 0.0
+    cold_ms: list[float] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the rooms made
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the line)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peer_bytes_out(node: Daemon) -> float:
+    return node.metrics(30.0).get("chatnode_peer_bytes_total{direction=out}", 0.0)
+
+
+def registry_rooms(node: Daemon) -> int:
+    view = node.get_json("v1/registry", 30.0)
+    return -1 if view is None else len(view["rooms"])
+
+
+async def retried(ws: WS, op: str, **fields: object) -> dict[str, Any]:
+    """``op`` until it answers something else than ``rate_limited`` or ``unavailable`` (not
+    on enough replicas or no majority in time, on a loaded machine), sent again with the
+    same fields (the same message id); returns that answer."""
+    for _ in range(20):
+        reply = await ws.call(op, **fields)
+        if reply.get("code") not in ("rate_limited", "unavailable"):
+            return reply
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{op} {fields} kept failing")
+
+
+async def make_room(ws: WS, i: int) -> str:
+    """Create a room with one message; returns its name. A create retried after
+    ``unavailable`` may find its name taken by its own earlier try, created or not: then
+    the message tells, and a missing room is made under another name."""
+    for k in range(5):
+        room = f"room-{i:06d}" + (f"-{k}" if k else "")
+        made = await retried(ws, "rooms.create", room=room, visibility="private", title="")
+        if made["op"] != "ok" and made.get("code") != "conflict":
+            raise AssertionError(f"rooms.create {room}: {made}")
+        sent = await retried(ws, "send", room=room, id=f"m-{i:06d}-{k}", body=f"hello {i}")
+        if sent["op"] == "ok":
+            return room
+        if sent.get("code") != "not_found":
+            raise AssertionError(f"send to {room}: {sent}")
+    raise AssertionError(f"room {i} could not be made")
+
+
+async def create_rooms(http: aiohttp.ClientSession, node: Daemon, token: str, n: int,
+                       clients: int, res: Result) -> None:  # fmt: skip
+    done_at: list[float] = []
+    queue = iter(range(n))
+
+    async def worker() -> None:
+        async with WS.connected(http, node, token) as ws:
+            for i in queue:
+                res.names.append(await make_room(ws, i))
+                done_at.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    res.create_s = time.perf_counter() - t0
+    res.create_rate = n / res.create_s
+    tail = max(1, n // 10)
+    done_at.sort()
+    span = done_at[-1] - done_at[-tail - 1] if n > tail else res.create_s
+    res.tail_rate = tail / span if span > 0 else float("inf")
+
+
+async def history_once(http: aiohttp.ClientSession, node: Daemon, token: str, room: str) -> float:
+    async with WS.connected(http, node, token) as ws:
+        t0 = time.perf_counter()
+        reply = await ws.ok("history", room=room, limit=50)
+        assert reply.get("messages"), reply
+        return time.perf_counter() - t0
+
+
+async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
+    res = Result(n)
+    print(f"\n== {n:,} rooms ==", flush=True)
+    nodes = await asyncio.to_thread(launch_cluster, base, 2, generate_key(), extra_args=ARGS)
+    try:
+        await asyncio.to_thread(wait_until, lambda: all_alive(nodes), 60, "members")
+        user = new_user("bench")
+        async with aiohttp.ClientSession() as http:
+            token = await signup(http, nodes[0], user)
+            await create_rooms(http, nodes[0], token, n, args.clients, res)
+            print(f"created in {res.create_s:.1f} s ({res.create_rate:,.0f}/s, last tenth "
+                  f"{res.tail_rate:,.0f}/s)", flush=True)  # fmt: skip
+            t0 = time.perf_counter()
+            await asyncio.to_thread(wait_until, lambda: registry_rooms(nodes[1]) >= n,
+                                    max(120, n / 50), "node 1 to list every room", 0.5)  # fmt: skip
+            res.replicate_s = time.perf_counter() - t0
+            await asyncio.sleep(args.settle)
+
+            pids = [d.pid for d in nodes]
+            b0 = [await asyncio.to_thread(peer_bytes_out, d) for d in nodes]
+            c0 = [cpu_ticks(p) for p in pids]
+            t0 = time.perf_counter()
+            await asyncio.sleep(args.idle)
+            c1 = [cpu_ticks(p) for p in pids]
+            dt = time.perf_counter() - t0
+            b1 = [await asyncio.to_thread(peer_bytes_out, d) for d in nodes]
+            res.cpu = [100 * (b - a) / TICK / dt for a, b in zip(c0, c1, strict=True)]
+            res.peer_bps = [(b - a) / dt for a, b in zip(b0, b1, strict=True)]
+            res.rss_mb = [rss_mb(p) for p in pids]
+            print(f"idle: cpu {fmt_list(res.cpu, '%')}, rss {fmt_list(res.rss_mb, ' MB')}, "
+                  f"peer out {fmt_list(res.peer_bps, ' B/s')}", flush=True)  # fmt: skip
+
+            node = nodes[1]
+            await asyncio.to_thread(node.stop)
+            t0 = time.perf_counter()
+            node.launch()
+            await asyncio.to_thread(node.wait_ready, 300.0)
+            res.restart_healthz_s = time.perf_counter() - t0
+            tok1 = await login(http, node, user)
+            rng = random.Random(n)
+            rooms = rng.sample(res.names, min(n, args.cold + 1))
+            await history_once(http, node, tok1, rooms[0])
+            res.restart_history_s = time.perf_counter() - t0
+            async with WS.connected(http, node, tok1) as ws:
+                for room in rooms[1:]:
+                    t1 = time.perf_counter()
+                    reply = await ws.ok("history", room=room, limit=50)
+                    res.cold_ms.append(1000 * (time.perf_counter() - t1))
+                    assert reply.get("messages"), reply
+            print(f"restart: /healthz {res.restart_healthz_s:.2f} s, first history "
+                  f"{res.restart_history_s:.2f} s; cold history p99 "
+                  f"{percentile(res.cold_ms, 99):.1f} ms", flush=True)  # fmt: skip
+    finally:
+        await asyncio.to_thread(stop_all, nodes)
+    return res
+
+
+def digest_round_bytes(n: int) -> tuple[int, int]:
+    """Payload bytes of one anti-entropy round to one peer with ``n`` quiet rooms: before
+    the digest tree (every room's name and digest, ``["d", {room: digest}]``) and with it
+    (the root, ``["t", 0, 0, [root]]``). Exact sizes from the peer codec, not timings."""
+    rooms = tuple((f"room-{i:06d}", bytes(8)) for i in range(n))
+    return (len(encode_frame([Digests(rooms)])),
+            len(encode_frame([TreeHashes(0, 0, (bytes(16),))])))  # fmt: skip
+
+
+def fmt_list(values: list[float], unit: str) -> str:
+    return " / ".join(f"{v:,.1f}{unit}" for v in values)
+
+
+def table(results: list[Result]) -> str:
+    base = results[0]
+    rows: list[tuple[str, Callable[[Result], str]]] = [
+        ("rooms", lambda r: f"{r.rooms:,}"),
+        ("creation (rooms/s, whole build)", lambda r: f"{r.create_rate:,.0f}"),
+        ("creation, last tenth (rooms/s)", lambda r: f"{r.tail_rate:,.0f}"),
+        ("creation vs baseline", lambda r: f"{r.create_rate / base.create_rate:.2f}x"),
+        ("node 1 lists every room after (s)", lambda r: f"{r.replicate_s:.1f}"),
+        ("idle CPU per node (% of a core)", lambda r: fmt_list(r.cpu, "")),
+        ("RSS per node (MB)", lambda r: fmt_list(r.rss_mb, "")),
+        ("idle peer bytes/s sent per node", lambda r: fmt_list(r.peer_bps, "")),
+        ("anti-entropy round payload, old digests / tree root (B)",
+         lambda r: " / ".join(f"{b:,}" for b in digest_round_bytes(r.rooms))),
+        ("restart to /healthz (s)", lambda r: f"{r.restart_healthz_s:.2f}"),
+        ("restart to a room's history (s)", lambda r: f"{r.restart_history_s:.2f}"),
+        ("cold history p50 / p99 / max (ms)",
+         lambda r: f"{percentile(r.cold_ms, 50):.1f} / {percentile(r.cold_ms, 99):.1f} / "
+                   f"{max(r.cold_ms, default=float('nan')):.1f}"),
+    ]  # fmt: skip
+    out = ["| measure | " + " | ".join(f"{r.rooms:,} rooms" for r in results) + " |"]
+    out.append("| --- |" + " --- |" * len(results))
+    for name, fn in rows[1:]:
+        out.append(f"| {name} | " + " | ".join(fn(r) for r in results) + " |")
+    return "\n".join(out)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rooms", default="10000", help="sizes, comma-separated (1000,10000,30000)")
+    ap.add_argument("--baseline", type=int, default=1000, help="the size measured first")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
+    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--cold", type=int, default=200, help="cold rooms read after the restart")
+    args = ap.parse_args()
+    sizes = [args.baseline] + [int(s) for s in args.rooms.split(",") if s.strip()]
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bench-rooms-") as tmp:
+        for i, n in enumerate(sizes):
+            results.append(await run_size(n, args, Path(tmp) / f"s{i}"))
+    print(f"\nbaseline: {args.baseline:,} rooms, same run; idle over {args.idle:.0f} s\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,147 @@
+"""Many rooms on two real chatnode processes: a room written on one node while the link to
+its peer was cut is repaired after the link returns, among 10,000 idle rooms, and the digest
+trees of the two nodes agree once they are quiet.
+
+Nothing is asserted on time: every wait polls with a generous deadline (the times seen are
+printed; the benchmark is ``scripts/bench_rooms.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.support.cluster import states_of
+from tests.support.daemon import Daemon
+from tests.support.harness import Harness, can_partition
+from tests.support.poll import until, until_blocking
+from tests.support.ws import WS, login, new_user, signup
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),  # 10,000 rooms are made through the client protocol
+    pytest.mark.skipif(can_partition() is not None, reason=str(can_partition())),
+]
+
+ROOMS = 10_000
+CLIENTS = 16
+ARGS = ["--rate-limit", "100000", "--rate-burst", "100000", "--max-rooms-per-user", "100000"]
+
+
+def room_name(i: int) -> str:
+    return f"room-{i:05d}"
+
+
+def registry_size(node: Daemon) -> int:
+    view = node.get_json("v1/registry", 30.0)
+    return -1 if view is None else len(view["rooms"])
+
+
+def sees_dead(node: Daemon, other: Daemon) -> bool:
+    states = states_of(node)
+    return states is not None and states.get(str(other.node_id), ("",))[0] in ("dead", "left")
+
+
+def mismatches(node: Daemon) -> float:
+    return node.metrics(30.0).get("chatnode_replication_anti_entropy_mismatches_total", -1.0)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Any:
+    h = Harness.start(tmp_path, 2, extra_args=ARGS)
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+async def retried(ws: WS, op: str, **fields: object) -> dict[str, Any]:
+    """``op`` until it answers something else than ``rate_limited`` or ``unavailable`` (not
+    on enough replicas or no majority in time: the machine may be loaded), sent again with
+    the same fields (the same message id), as a client does; returns that answer."""
+    for _ in range(30):
+        reply = await ws.call(op, **fields)
+        if reply.get("code") not in ("rate_limited", "unavailable"):
+            return reply
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{op} {fields} kept failing")
+
+
+async def make_room(ws: WS, i: int) -> tuple[str, str]:
+    """A room with one message: its name and the message id. A create retried after
+    ``unavailable`` may find its name taken by its own earlier try, created or not: the
+    message tells, and a missing room is made under another name."""
+    for k in range(5):
+        room = room_name(i) + (f"-{k}" if k else "")
+        made = await retried(ws, "rooms.create", room=room, visibility="private", title="")
+        assert made["op"] == "ok" or made.get("code") == "conflict", (room, made)
+        msg_id = f"m{i}-{k}"
+        sent = await retried(ws, "send", room=room, id=msg_id, body=f"first {i}")
+        if sent["op"] == "ok":
+            return room, msg_id
+        assert sent.get("code") == "not_found", (room, sent)
+    raise AssertionError(f"room {i} could not be made")
+
+
+async def create_rooms(http: aiohttp.ClientSession, node: Daemon, token: str
+                       ) -> dict[int, tuple[str, str]]:  # fmt: skip
+    todo = iter(range(ROOMS))
+    made: dict[int, tuple[str, str]] = {}
+
+    async def worker() -> None:
+        async with WS.connected(http, node, token) as ws:
+            for i in todo:
+                made[i] = await make_room(ws, i)
+
+    await asyncio.gather(*(worker() for _ in range(CLIENTS)))
+    return made
+
+
+async def has_message(http: aiohttp.ClientSession, node: Daemon, token: str, room: str,
+                      msg_id: str) -> bool:  # fmt: skip
+    try:
+        async with WS.connected(http, node, token) as ws:
+            reply = await ws.call("history", room=room, limit=50)
+    except (OSError, ConnectionError, TimeoutError, aiohttp.ClientError):
+        return False
+    return reply.get("op") == "ok" and any(m["id"] == msg_id for m in reply["messages"])
+
+
+async def test_a_room_diverged_during_a_cut_is_repaired_among_10000_idle_rooms(
+    cluster: Harness,
+) -> None:
+    h = cluster
+    a, b = h.nodes
+    user = new_user("many")
+    async with aiohttp.ClientSession() as http:
+        token_a = await signup(http, a, user)
+        made = await create_rooms(http, a, token_a)
+        await until_blocking(lambda: registry_size(b) >= ROOMS, 600, "b to list every room", 1.0)
+        token_b = await login(http, b, user)
+        room, first = made[4242]
+        assert await has_message(http, b, token_b, room, first)
+
+        with h.partition([0], [1]):
+            await until_blocking(lambda: sees_dead(a, b) and sees_dead(b, a), 120,
+                                 "each side to declare the other dead", 0.5)  # fmt: skip
+            async with WS.connected(http, a, token_a) as ws:
+                await ws.ok("send", room=room, id="during-cut", body="written while cut off")
+            assert not await has_message(http, b, token_b, room, "during-cut")
+        healed = time.monotonic()
+        await until(lambda: has_message(http, b, token_b, room, "during-cut"), 120,
+                    "the diverged room to be repaired on b", 0.2)  # fmt: skip
+        print(f"repaired {time.monotonic() - healed:.1f} s after the heal")
+
+        # quiet again: the trees agree, so rounds find no room to pull any more
+        async def quiet() -> bool:
+            before = [await asyncio.to_thread(mismatches, n) for n in h.nodes]
+            await asyncio.sleep(3.0)  # three anti-entropy rounds each way
+            after = [await asyncio.to_thread(mismatches, n) for n in h.nodes]
+            return before == after
+
+        await until(quiet, 120, "anti-entropy to stop finding differing rooms", 0.5)

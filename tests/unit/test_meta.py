@@ -1,0 +1,194 @@
+"""The metadata map (chatnode/chat/meta.py): changes and the indexes derived from them, the
+rows that persist them (deltas, snapshots, the clock) read back into a fresh map, and a
+peer's payload joined, indexed and persisted. Over the dict-backed store of the unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatnode.chat.meta import (
+    MetaMap,
+    RoomInfo,
+    account_key,
+    invite_key,
+    member_key,
+    read_key,
+    revoked_key,
+    room_key,
+    split_room_key,
+)
+from chatnode.store import layout
+from chatnode.store.engine import Batch
+from crdt.clock import HybridClock
+from tests.unit.memstore import MemStore
+
+
+class Node:
+    """One map with its clock, persisting into a MemStore."""
+
+    def __init__(self, name: str = "n1", snapshot_every: int = 1000) -> None:
+        self.store = MemStore()
+        self.clock = HybridClock(name)
+        self.wall = 1_000
+        self.rooms_seen: list[str] = []
+        self.meta = MetaMap(
+            name,
+            clock=self.clock,
+            now_ms=lambda: self.wall,
+            snapshot_every=snapshot_every,
+            on_room=self.rooms_seen.append,
+        )
+
+    async def write(self, *changes: tuple[str, object]) -> Batch:
+        self.wall += 1
+        batch = self.meta.change(changes)
+        await self.store.commit(batch)
+        return batch
+
+    def reload(self) -> MetaMap:
+        """A fresh map rebuilt from what this node's store holds."""
+        loaded = layout.load_everything(self.store)
+        clock = HybridClock(self.meta.node_id)
+        if loaded.clock is not None:
+            clock.restore(*loaded.clock)
+        fresh = MetaMap(
+            self.meta.node_id,
+            clock=clock,
+            now_ms=lambda: self.wall,
+            snapshot_every=self.meta.snapshot_every,
+            on_room=lambda _room: None,
+        )
+        fresh.restore(loaded.meta_snapshot, loaded.meta_deltas)
+        return fresh
+
+
+def test_typed_keys() -> None:
+    assert account_key("al") == "u/al"
+    assert room_key("r") == "r/r"
+    assert member_key("r", "al") == "m/r/al"
+    assert invite_key("r", "al") == "i/r/al"
+    assert read_key("r", "al") == "rd/r/al"
+    assert revoked_key("t1") == "t/t1"
+    # a DM room id holds colons, never a slash: the user is after the last slash
+    assert split_room_key(member_key("dm:al:bo", "al"), "m/") == ("dm:al:bo", "al")
+    assert split_room_key("m/noslash", "m/") is None
+
+
+async def test_changes_update_the_indexes() -> None:
+    n = Node()
+    info = {"title": "T", "vis": "private", "by": "al", "at": 5}
+    await n.write((room_key("r"), info), (member_key("r", "al"), 1))
+    await n.write((invite_key("r", "bo"), "al"))
+    m = n.meta
+    assert m.room_info["r"] == RoomInfo("r", "T", "private", "al", 5)
+    assert n.rooms_seen == ["r"]
+    assert m.is_member("r", "al") and not m.is_member("r", "bo")
+    assert m.user_rooms["al"] == {"r"} and m.invites["bo"] == {"r"}
+    await n.write((member_key("r", "bo"), 1), (invite_key("r", "bo"), None))
+    assert m.members["r"] == {"al", "bo"} and m.invites["bo"] == set()
+    await n.write((member_key("r", "al"), None))
+    assert m.members["r"] == {"bo"} and m.user_rooms["al"] == set()
+    await n.write((room_key("r"), None))
+    assert "r" not in m.room_info
+
+
+async def test_each_change_is_one_delta_row_with_the_clock() -> None:
+    n = Node()
+    await n.write((account_key("al"), {"pw": "x", "at": 1}), (account_key("bo"), {"pw": "y"}))
+    assert n.meta.seq == 1
+    assert n.store.keys_with(layout.NS_META_DELTA) == [layout.meta_delta_key(1)]
+    assert n.store.get(layout.NS_CLOCK) is not None
+    # removing what is not there changes nothing: no row, no new sequence number
+    batch = await n.write((account_key("nobody"), None))
+    assert not batch.ops and n.meta.seq == 1
+
+
+async def test_snapshot_every_n_deltas_drops_the_deltas() -> None:
+    n = Node(snapshot_every=3)
+    for i in range(7):
+        await n.write((account_key(f"u{i}"), {"at": i}))
+    # deltas 1-3 and 4-6 went into snapshots; delta 7 is still a row of its own
+    assert n.store.keys_with(layout.NS_META_DELTA) == [layout.meta_delta_key(7)]
+    assert n.store.get(layout.NS_META_SNAPSHOT) is not None
+    fresh = n.reload()
+    assert fresh.seq == 7 and fresh.since_snapshot == 1
+    assert fresh.map == n.meta.map
+
+
+@settings(max_examples=40)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["u/a", "u/b", "r/x", "r/y", "m/x/a", "m/y/b", "i/x/b", "t/1"]),
+            st.none() | st.integers(0, 3),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+    st.integers(1, 6),
+)
+def test_snapshot_round_trip(changes: list[tuple[str, int | None]], every: int) -> None:
+    """Whatever was written and wherever the snapshots fell, a reload gives the same map,
+    the same indexes and the same sequence number."""
+
+    async def run() -> None:
+        n = Node(snapshot_every=every)
+        for key, value in changes:
+            if key.startswith("r/") and value is not None:
+                await n.write((key, {"title": str(value), "vis": "public", "by": "a", "at": 1}))
+            else:
+                await n.write((key, value))
+        fresh = n.reload()
+        assert fresh.map == n.meta.map
+        assert fresh.seq == n.meta.seq
+        assert fresh.room_info == n.meta.room_info
+        assert {r: u for r, u in fresh.members.items() if u} == {
+            r: u for r, u in n.meta.members.items() if u
+        }
+        assert {u: r for u, r in fresh.invites.items() if r} == {
+            u: r for u, r in n.meta.invites.items() if r
+        }
+        # the replicator starts where the persisted deltas end
+        assert fresh.rep.seq == n.meta.seq
+
+    asyncio.run(run())
+
+
+async def test_receive_joins_indexes_and_persists_a_peers_news() -> None:
+    a, b = Node("a"), Node("b")
+    await a.write((room_key("r"), {"title": "", "vis": "public", "by": "al", "at": 1}))
+    await a.write((member_key("r", "al"), 1))
+    payload = a.meta.rep.ship("b")
+    assert payload is not None
+    out, batch = b.meta.receive("a", payload)
+    assert batch is not None and batch.ops
+    assert b.meta.room_info["r"].visibility == "public" and b.rooms_seen == ["r"]
+    assert b.meta.is_member("r", "al")
+    await b.store.commit(batch)
+    assert b.reload().map == a.meta.map
+    # the ack goes back to a; the same payload again brings nothing new
+    for peer, ack in out:
+        assert peer == "a"
+        a.meta.rep.receive("b", ack)
+    again = a.meta.rep.ship("b")
+    if again is not None:
+        _, nothing = b.meta.receive("a", again)
+        assert nothing is None or not nothing.ops
+
+
+async def test_a_removal_from_a_peer_reaches_the_indexes() -> None:
+    a, b = Node("a"), Node("b")
+    await a.write((member_key("r", "al"), 1))
+    payload = a.meta.rep.ship("b")
+    assert payload is not None
+    b.meta.receive("a", payload)
+    assert b.meta.is_member("r", "al")
+    await a.write((member_key("r", "al"), None))
+    payload = a.meta.rep.ship("b")
+    assert payload is not None
+    _, batch = b.meta.receive("a", payload)
+    assert batch is not None
+    assert not b.meta.is_member("r", "al") and b.meta.user_rooms["al"] == set()
