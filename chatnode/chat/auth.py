@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from chatnode.chat.protocol import MAX_TOKEN, valid_user
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 
 __all__ = [
     "UNUSABLE_HASH",
@@ -141,7 +141,7 @@ class Claims:
 
 
 def _bad() -> ClientError:
-    return ClientError("bad_token", "malformed, forged or revoked token")
+    return ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
 
 
 class TokenSigner:
@@ -189,9 +189,9 @@ class TokenSigner:
     def verify(self, token: object, now_ms: int) -> Claims:
         """The claims of a genuine, unexpired token.
 
-        Raises ``ClientError("bad_token")`` for anything malformed or not signed by one of our
-        keys, ``ClientError("token_expired")`` for a genuine token past its expiry. The
-        signature is checked before the expiry, so a forged token is never told "expired".
+        Raises ``ClientError`` with ``BAD_TOKEN`` for anything malformed or not signed by one of
+        our keys, with ``TOKEN_EXPIRED`` for a genuine token past its expiry. The signature is
+        checked before the expiry, so a forged token is never told "expired".
         """
         if not isinstance(token, str) or len(token) > MAX_TOKEN or not token.isascii():
             raise _bad()
@@ -223,5 +223,7 @@ class TokenSigner:
         if isinstance(expires, bool) or not isinstance(expires, int):
             raise _bad()
         if now_ms >= expires:
-            raise ClientError("token_expired", "the session token has expired; log in again")
+            raise ClientError(
+                ErrorCode.TOKEN_EXPIRED, "the session token has expired; log in again"
+            )
         return Claims(user, token_id, expires)

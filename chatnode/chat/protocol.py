@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 from crdt.clock import Timestamp
 from crdt.errors import CodecError
 
@@ -414,34 +414,34 @@ def _load(data: str | bytes, max_bytes: int) -> object:
     if isinstance(data, bytes | bytearray | memoryview):
         raw = bytes(data)
         if len(raw) > max_bytes:
-            raise ClientError("too_large", f"frame over {max_bytes} bytes")
+            raise ClientError(ErrorCode.TOO_LARGE, f"frame over {max_bytes} bytes")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ClientError("bad_json", "frame is not valid UTF-8") from None
+            raise ClientError(ErrorCode.BAD_JSON, "frame is not valid UTF-8") from None
     elif isinstance(data, str):
         # Characters never outnumber UTF-8 bytes, so the cheap test first.
         if len(data) > max_bytes:
-            raise ClientError("too_large", f"frame over {max_bytes} bytes")
+            raise ClientError(ErrorCode.TOO_LARGE, f"frame over {max_bytes} bytes")
         try:
             size = len(data.encode("utf-8"))
         except UnicodeEncodeError:
-            raise ClientError("bad_json", "frame is not valid Unicode") from None
+            raise ClientError(ErrorCode.BAD_JSON, "frame is not valid Unicode") from None
         if size > max_bytes:
-            raise ClientError("too_large", f"frame over {max_bytes} bytes")
+            raise ClientError(ErrorCode.TOO_LARGE, f"frame over {max_bytes} bytes")
         text = data
     else:
-        raise ClientError("bad_json", "frame is neither text nor bytes")
+        raise ClientError(ErrorCode.BAD_JSON, "frame is neither text nor bytes")
     try:
         return _DECODER.decode(text)
     except _DuplicateKeyError as exc:
-        raise ClientError("bad_frame", f"key {_shown(exc.args[0])} appears twice") from None
+        raise ClientError(ErrorCode.BAD_FRAME, f"key {_shown(exc.args[0])} appears twice") from None
     except _ConstantError as exc:
-        raise ClientError("bad_json", f"{_shown(exc.args[0])} is not JSON") from None
+        raise ClientError(ErrorCode.BAD_JSON, f"{_shown(exc.args[0])} is not JSON") from None
     except RecursionError:
-        raise ClientError("bad_json", "JSON nested too deeply") from None
+        raise ClientError(ErrorCode.BAD_JSON, "JSON nested too deeply") from None
     except ValueError:  # JSONDecodeError, and int() refusing a number with too many digits
-        raise ClientError("bad_json", "frame is not valid JSON") from None
+        raise ClientError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ class _Fields:
         self._op = op
         self.ref = ref
 
-    def fail(self, code: str, message: str) -> ClientError:
+    def fail(self, code: ErrorCode, message: str) -> ClientError:
         return ClientError(code, f"{self._op}: {message}", self.ref)
 
     def _get(self, name: str, required: bool) -> object:
@@ -469,7 +469,7 @@ class _Fields:
         if value is None:
             value = _MISSING
         if value is _MISSING and required:
-            raise self.fail("bad_frame", f"field {name!r} is required")
+            raise self.fail(ErrorCode.BAD_FRAME, f"field {name!r} is required")
         return value
 
     def text(self, name: str, *, required: bool = True) -> str | None:
@@ -477,9 +477,9 @@ class _Fields:
         if value is _MISSING:
             return None
         if not isinstance(value, str):
-            raise self.fail("bad_frame", f"field {name!r} must be a string")
+            raise self.fail(ErrorCode.BAD_FRAME, f"field {name!r} must be a string")
         if not _utf8_ok(value):
-            raise self.fail("invalid", f"field {name!r} is not valid Unicode")
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} is not valid Unicode")
         return value
 
     def req_text(self, name: str) -> str:
@@ -490,7 +490,7 @@ class _Fields:
     def matching(self, name: str, check: Callable[[str], bool], rule: str) -> str:
         value = self.req_text(name)
         if not check(value):
-            raise self.fail("invalid", f"field {name!r} must be {rule}")
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} must be {rule}")
         return value
 
     def room(self) -> str:
@@ -505,7 +505,7 @@ class _Fields:
     def bounded(self, name: str, lo: int, hi: int) -> str:
         value = self.req_text(name)
         if not lo <= len(value) <= hi:
-            raise self.fail("invalid", f"field {name!r} must have {lo}-{hi} characters")
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} must have {lo}-{hi} characters")
         return value
 
     def body(self) -> str:
@@ -518,21 +518,21 @@ class _Fields:
         try:
             ts = Timestamp.decode(value)
         except (CodecError, ValueError):
-            raise self.fail("invalid", f"field {name!r} is not a cursor") from None
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} is not a cursor") from None
         if ts.encode() != value:  # one cursor, one spelling
-            raise self.fail("invalid", f"field {name!r} is not a cursor")
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} is not a cursor")
         return ts
 
     def resume_token(self) -> str | None:
         value = self.text("resume", required=False)
         if value is not None and _RESUME_RE.fullmatch(value) is None:
-            raise self.fail("invalid", "field 'resume' is not a resume token")
+            raise self.fail(ErrorCode.INVALID, "field 'resume' is not a resume token")
         return value
 
     def boolean(self, name: str) -> bool:
         value = self._get(name, True)
         if not isinstance(value, bool):
-            raise self.fail("bad_frame", f"field {name!r} must be a boolean")
+            raise self.fail(ErrorCode.BAD_FRAME, f"field {name!r} must be a boolean")
         return value
 
     def integer(self, name: str, default: int, lo: int, hi: int) -> int:
@@ -540,9 +540,9 @@ class _Fields:
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail("bad_frame", f"field {name!r} must be an integer")
+            raise self.fail(ErrorCode.BAD_FRAME, f"field {name!r} must be an integer")
         if not lo <= value <= hi:
-            raise self.fail("invalid", f"field {name!r} must be in {lo}-{hi}")
+            raise self.fail(ErrorCode.INVALID, f"field {name!r} must be in {lo}-{hi}")
         return value
 
 
@@ -554,7 +554,7 @@ class _Fields:
 def _hello(f: _Fields) -> Request:
     token = f.req_text("token")
     if not 1 <= len(token) <= MAX_TOKEN:
-        raise f.fail("invalid", f"field 'token' must have 1-{MAX_TOKEN} characters")
+        raise f.fail(ErrorCode.INVALID, f"field 'token' must have 1-{MAX_TOKEN} characters")
     return Hello(f.ref, token)
 
 
@@ -562,13 +562,13 @@ def _rooms_create(f: _Fields) -> Request:
     room = f.matching("room", _valid_plain_room, "1-64 characters of [a-z0-9_-]")
     visibility = f.req_text("visibility")
     if visibility not in _VISIBILITIES:
-        raise f.fail("invalid", "field 'visibility' must be 'public' or 'private'")
+        raise f.fail(ErrorCode.INVALID, "field 'visibility' must be 'public' or 'private'")
     title = f.text("title", required=False) or ""
     if len(title) > MAX_TITLE:
-        raise f.fail("invalid", f"field 'title' must have at most {MAX_TITLE} characters")
+        raise f.fail(ErrorCode.INVALID, f"field 'title' must have at most {MAX_TITLE} characters")
     if not visible_text(title):
         raise f.fail(
-            "invalid", "field 'title' must not hold control or invisible format characters"
+            ErrorCode.INVALID, "field 'title' must not hold control or invisible format characters"
         )
     return RoomsCreate(f.ref, room, visibility, title)
 
@@ -576,7 +576,7 @@ def _rooms_create(f: _Fields) -> Request:
 def _rooms_list(f: _Fields) -> Request:
     after = f.text("after", required=False)
     if after is not None and not valid_room(after):
-        raise f.fail("invalid", "field 'after' must be a room id")
+        raise f.fail(ErrorCode.INVALID, "field 'after' must be a room id")
     limit = f.integer("limit", DEFAULT_ROOMS_PAGE, 1, MAX_ROOMS_PAGE)
     return RoomsList(f.ref, after, limit)
 
@@ -585,7 +585,7 @@ def _react(f: _Fields) -> Request:
     room, msg_id = f.room(), f.msg_id()
     emoji = f.bounded("emoji", 1, MAX_EMOJI)
     if not _valid_emoji(emoji):
-        raise f.fail("invalid", "field 'emoji' must not hold control or bidi characters")
+        raise f.fail(ErrorCode.INVALID, "field 'emoji' must not hold control or bidi characters")
     return React(f.ref, room, msg_id, emoji, f.boolean("on"))
 
 
@@ -594,7 +594,7 @@ def _history(f: _Fields) -> Request:
     before = f.cursor("before", required=False)
     after = f.cursor("after", required=False)
     if before is not None and after is not None:
-        raise f.fail("invalid", "give 'before' or 'after', not both")
+        raise f.fail(ErrorCode.INVALID, "give 'before' or 'after', not both")
     limit = f.integer("limit", DEFAULT_HISTORY_LIMIT, MIN_HISTORY_LIMIT, MAX_HISTORY_LIMIT)
     return History(f.ref, room, before, after, limit)
 
@@ -610,15 +610,15 @@ def _search(f: _Fields) -> Request:
     query = f.bounded("query", 1, MAX_SEARCH_QUERY)
     words = [w for w in query.split() if _SEARCH_WORD_RE.search(w)]
     if not words:
-        raise f.fail("invalid", "field 'query' has no word to search for")
+        raise f.fail(ErrorCode.INVALID, "field 'query' has no word to search for")
     if len(words) > MAX_SEARCH_WORDS:
-        raise f.fail("invalid", f"field 'query' has more than {MAX_SEARCH_WORDS} words")
+        raise f.fail(ErrorCode.INVALID, f"field 'query' has more than {MAX_SEARCH_WORDS} words")
     room = f.text("room", required=False)
     if room is not None and not valid_room(room):
-        raise f.fail("invalid", "field 'room' must be a room id")
+        raise f.fail(ErrorCode.INVALID, "field 'room' must be a room id")
     after = f.text("after", required=False)
     if after is not None and _SEARCH_CURSOR_RE.fullmatch(after) is None:
-        raise f.fail("invalid", "field 'after' is not a search cursor")
+        raise f.fail(ErrorCode.INVALID, "field 'after' is not a search cursor")
     limit = f.integer("limit", DEFAULT_SEARCH_LIMIT, 1, MAX_SEARCH_LIMIT)
     return Search(f.ref, query, room, after, limit)
 
@@ -671,12 +671,14 @@ def _read_ref(frame: Mapping[str, object]) -> Ref:
     if ref is None:
         return None
     if isinstance(ref, bool) or not isinstance(ref, str | int):
-        raise ClientError("bad_frame", "'ref' must be a string or an integer")
+        raise ClientError(ErrorCode.BAD_FRAME, "'ref' must be a string or an integer")
     if isinstance(ref, str):
         if len(ref) > MAX_REF or not _utf8_ok(ref):
-            raise ClientError("invalid", f"'ref' must be text of at most {MAX_REF} characters")
+            raise ClientError(
+                ErrorCode.INVALID, f"'ref' must be text of at most {MAX_REF} characters"
+            )
     elif not -_REF_INT_MAX <= ref <= _REF_INT_MAX:
-        raise ClientError("invalid", f"'ref' must have at most {MAX_REF} digits")
+        raise ClientError(ErrorCode.INVALID, f"'ref' must have at most {MAX_REF} digits")
     return ref
 
 
@@ -690,20 +692,22 @@ def parse_request(data: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Req
     """
     value = _load(data, max_bytes)
     if not isinstance(value, dict):
-        raise ClientError("bad_frame", "a frame must be a JSON object")
+        raise ClientError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
     ref = _read_ref(value)
     op = value.get("op", _MISSING)
     if op is _MISSING or op is None:
-        raise ClientError("bad_frame", "field 'op' is required", ref)
+        raise ClientError(ErrorCode.BAD_FRAME, "field 'op' is required", ref)
     if not isinstance(op, str):
-        raise ClientError("bad_frame", "field 'op' must be a string", ref)
+        raise ClientError(ErrorCode.BAD_FRAME, "field 'op' must be a string", ref)
     entry = _OPS.get(op)
     if entry is None:
-        raise ClientError("unknown_op", f"no operation {_shown(op)}", ref)
+        raise ClientError(ErrorCode.UNKNOWN_OP, f"no operation {_shown(op)}", ref)
     allowed, parser = entry
     extra = [k for k in value if k not in allowed and k not in ("op", "ref")]
     if extra:
-        raise ClientError("bad_frame", f"{op}: unknown field {_shown(sorted(extra)[0])}", ref)
+        raise ClientError(
+            ErrorCode.BAD_FRAME, f"{op}: unknown field {_shown(sorted(extra)[0])}", ref
+        )
     return parser(_Fields(value, op, ref))
 
 
@@ -741,10 +745,10 @@ def parse_credentials(data: str | bytes) -> Credentials:
     """
     value = _load(data, 4096)
     if not isinstance(value, dict):
-        raise ClientError("bad_frame", "the body must be a JSON object")
+        raise ClientError(ErrorCode.BAD_FRAME, "the body must be a JSON object")
     extra = [k for k in value if k not in ("user", "password")]
     if extra:
-        raise ClientError("bad_frame", f"unknown field {_shown(sorted(extra)[0])}")
+        raise ClientError(ErrorCode.BAD_FRAME, f"unknown field {_shown(sorted(extra)[0])}")
     f = _Fields(value, "credentials", None)
     user = f.user()
     password = f.bounded("password", MIN_PASSWORD, MAX_PASSWORD)
@@ -782,16 +786,14 @@ def ok(ref: Ref, **fields: object) -> dict[str, object]:
     return {"op": "ok", "ref": ref, **fields}
 
 
-def error(code: str, message: str, ref: Ref = None) -> dict[str, object]:
+def error(code: ErrorCode, message: str, ref: Ref = None) -> dict[str, object]:
     """An error reply: ``{"op": "error", "ref": ref, "code": code, "message": message}``."""
-    ClientError(code, message)  # validates the code
-    return {"op": "error", "ref": ref, "code": code, "message": message}
+    return {"op": "error", "ref": ref, "code": ErrorCode(code).value, "message": message}
 
 
-def http_error(code: str, message: str) -> dict[str, object]:
+def http_error(code: ErrorCode, message: str) -> dict[str, object]:
     """The body of an HTTP error: ``{"error": {"code": code, "message": message}}``."""
-    ClientError(code, message)  # validates the code
-    return {"error": {"code": code, "message": message}}
+    return {"error": {"code": ErrorCode(code).value, "message": message}}
 
 
 def encode(frame: Mapping[str, object]) -> str:

@@ -68,7 +68,7 @@ from chatnode.chat.sessions import (
     own_seq,
     resume_token,
 )
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 from chatnode.metrics import Metrics
 from chatnode.store import layout
 from chatnode.store.api import StoreLike
@@ -419,7 +419,9 @@ class Service:
             await self.store.wait_for_room()
         except StorageError as exc:
             log.debug("refusing a write: %s", exc)
-            raise ClientError("unavailable", "the node cannot store writes right now") from None
+            raise ClientError(
+                ErrorCode.UNAVAILABLE, "the node cannot store writes right now"
+            ) from None
 
     async def _commit(self, batch: Batch, done: Callable[[], None] | None = None) -> None:
         """Commit durably; ``done`` runs once written even if the caller is cancelled.
@@ -435,7 +437,9 @@ class Service:
             await self.store.commit(batch, finished)
         except StorageError as exc:
             log.error("commit failed: %s", exc)
-            raise ClientError("unavailable", "the node cannot store writes right now") from None
+            raise ClientError(
+                ErrorCode.UNAVAILABLE, "the node cannot store writes right now"
+            ) from None
 
     # ------------------------------------------------------------------ replication
 
@@ -710,7 +714,7 @@ class Service:
                     await asyncio.shield(fut)
         except TimeoutError:
             raise ClientError(
-                "unavailable",
+                ErrorCode.UNAVAILABLE,
                 "stored on this node but not yet on enough replicas; resend with the same id",
                 ref,
             ) from None
@@ -720,7 +724,7 @@ class Service:
     async def signup(self, creds: p.Credentials) -> tuple[str, int]:
         def free() -> None:
             if account_key(creds.user) in self.meta:
-                raise ClientError("conflict", "that user name is taken")
+                raise ClientError(ErrorCode.CONFLICT, "that user name is taken")
 
         free()
         self._writable_store()
@@ -742,7 +746,7 @@ class Service:
             verify_password, creds.password, stored if isinstance(stored, str) else UNUSABLE_HASH
         )
         if not good or stored is None:
-            raise ClientError("bad_credentials", "wrong user name or password")
+            raise ClientError(ErrorCode.BAD_CREDENTIALS, "wrong user name or password")
         return self._issue(creds.user)
 
     async def _claim(self, key: str, taken: str, ref: p.Ref) -> None:
@@ -756,19 +760,19 @@ class Service:
         if outcome == "won":
             return
         if outcome == "taken":
-            raise ClientError("conflict", taken, ref)
-        raise ClientError("unavailable", NO_MAJORITY, ref)
+            raise ClientError(ErrorCode.CONFLICT, taken, ref)
+        raise ClientError(ErrorCode.UNAVAILABLE, NO_MAJORITY, ref)
 
     def _writable_store(self) -> None:
         if not self.store.healthy:
-            raise ClientError("unavailable", "the node cannot store writes right now")
+            raise ClientError(ErrorCode.UNAVAILABLE, "the node cannot store writes right now")
 
     async def _hash(self, fn: Callable[[str, _H], _R], password: str, arg: _H) -> _R:
         """Run a password hash on one of the :data:`MAX_INFLIGHT_HASHES` slots. At most
         ``limits.hash_queue`` run or wait at once; past that the caller is told at once to
         come back (:class:`Busy`) instead of waiting behind everyone else."""
         if self.hashes_queued >= self.limits.hash_queue:
-            raise Busy("rate_limited", "the node is busy checking passwords; retry shortly")
+            raise Busy(ErrorCode.RATE_LIMITED, "the node is busy checking passwords; retry shortly")
         self.hashes_queued += 1
         try:
             async with self._hashing:
@@ -783,7 +787,7 @@ class Service:
         """Verify a session token (signature, expiry, revocation, account)."""
         claims = self.signer.verify(token, self.now_ms())
         if revoked_key(claims.token_id) in self.meta or account_key(claims.user) not in self.meta:
-            raise ClientError("bad_token", "malformed, forged or revoked token")
+            raise ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
         return claims
 
     async def logout(self, token: str) -> None:
@@ -891,14 +895,14 @@ class Service:
                 return self._presence(s, req)
             case p.Search():
                 return await self._search(s, req)
-        raise ClientError("unknown_op", "operation not supported", req.ref)
+        raise ClientError(ErrorCode.UNKNOWN_OP, "operation not supported", req.ref)
 
     # ------------------------------------------------------------------ access
 
     def _info(self, room: str, ref: p.Ref) -> RoomInfo:
         info = self.room_info.get(room)
         if info is None:
-            raise ClientError("not_found", f"no room {room}", ref)
+            raise ClientError(ErrorCode.NOT_FOUND, f"no room {room}", ref)
         return info
 
     def is_member(self, room: str, user: str) -> bool:
@@ -915,18 +919,18 @@ class Service:
             or (info.visibility == "private" and room in self.invites.get(s.user, ()))
         ):
             return info
-        raise ClientError("not_found", f"no room {room}", ref)
+        raise ClientError(ErrorCode.NOT_FOUND, f"no room {room}", ref)
 
     def _readable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
         info = self._visible(s, room, ref)
         if info.visibility != "public" and not self.is_member(room, s.user):
-            raise ClientError("forbidden", f"not a member of {room}: join it first", ref)
+            raise ClientError(ErrorCode.FORBIDDEN, f"not a member of {room}: join it first", ref)
         return info
 
     def _writable(self, s: Session, room: str, ref: p.Ref) -> RoomInfo:
         info = self._visible(s, room, ref)
         if not self.is_member(room, s.user):
-            raise ClientError("forbidden", f"join {room} first", ref)
+            raise ClientError(ErrorCode.FORBIDDEN, f"join {room} first", ref)
         return info
 
     def _check_reactions(self, m: Message, user: str, emoji: str, ref: p.Ref) -> None:
@@ -938,12 +942,14 @@ class Service:
         most = self.limits.max_reactions_per_message
         if emoji not in users_of and len(users_of) >= most:
             raise ClientError(
-                "limit_reached", f"a message can have at most {most} different reactions", ref
+                ErrorCode.LIMIT_REACHED,
+                f"a message can have at most {most} different reactions",
+                ref,
             )
         mine = sum(1 for _, users in m.reactions if user in users)
         if mine >= self.limits.max_reactions_per_user:
             raise ClientError(
-                "limit_reached",
+                ErrorCode.LIMIT_REACHED,
                 f"you can put at most {self.limits.max_reactions_per_user} reactions on a message",
                 ref,
             )
@@ -962,7 +968,7 @@ class Service:
     async def _rooms_create(self, s: Session, req: p.RoomsCreate) -> dict[str, object]:
         def free() -> None:
             if req.room in self.room_info:
-                raise ClientError("conflict", f"room {req.room} already exists", req.ref)
+                raise ClientError(ErrorCode.CONFLICT, f"room {req.room} already exists", req.ref)
 
         free()
         quota = self.limits.max_rooms_per_user
@@ -971,7 +977,7 @@ class Service:
         )
         if made >= quota:
             raise ClientError(
-                "limit_reached", f"you have created {made} rooms, the most allowed", req.ref
+                ErrorCode.LIMIT_REACHED, f"you have created {made} rooms, the most allowed", req.ref
             )
         info = {"title": req.title, "vis": req.visibility, "by": s.user, "at": self.now_ms()}
         await self._claim(room_key(req.room), f"room {req.room} already exists", req.ref)
@@ -1022,7 +1028,7 @@ class Service:
             invited = invite_key(req.room, s.user) in self.meta
             if info.visibility == "dm" or (info.visibility == "private" and not invited):
                 raise ClientError(
-                    "forbidden", f"{req.room} is private: ask for an invitation", req.ref
+                    ErrorCode.FORBIDDEN, f"{req.room} is private: ask for an invitation", req.ref
                 )
             changes: list[tuple[str, Any]] = [(member_key(req.room, s.user), 1)]
             if invited:
@@ -1044,17 +1050,17 @@ class Service:
         info = self._writable(s, req.room, req.ref)
         if info.visibility == "dm":
             raise ClientError(
-                "forbidden", "nobody can be invited to a direct conversation", req.ref
+                ErrorCode.FORBIDDEN, "nobody can be invited to a direct conversation", req.ref
             )
         if account_key(req.user) not in self.meta:
-            raise ClientError("not_found", f"no user {req.user}", req.ref)
+            raise ClientError(ErrorCode.NOT_FOUND, f"no user {req.user}", req.ref)
         if not self.is_member(req.room, req.user):
             await self._meta_write((invite_key(req.room, req.user), s.user))
         return p.ok(req.ref)
 
     async def _dm_open(self, s: Session, req: p.DmOpen) -> dict[str, object]:
         if account_key(req.user) not in self.meta:
-            raise ClientError("not_found", f"no user {req.user}", req.ref)
+            raise ClientError(ErrorCode.NOT_FOUND, f"no user {req.user}", req.ref)
         room = p.dm_room(s.user, req.user)
         changes: list[tuple[str, Any]] = []
         if room not in self.room_info:
@@ -1194,7 +1200,9 @@ class Service:
         if pending is not None:
             await pending.wait()
             if not self.store.healthy:
-                raise ClientError("unavailable", "the node cannot store writes right now", req.ref)
+                raise ClientError(
+                    ErrorCode.UNAVAILABLE, "the node cannot store writes right now", req.ref
+                )
         await self._wait_for_room()
         pending = state.inflight.get(req.id)
         if pending is not None:  # the same id was sent again while we waited for room
@@ -1202,7 +1210,7 @@ class Service:
         existing = state.log.get(req.id)
         if existing is not None:
             if existing.author != s.user:
-                raise ClientError("conflict", f"message id {req.id} is taken", req.ref)
+                raise ClientError(ErrorCode.CONFLICT, f"message id {req.id} is taken", req.ref)
             if self.replicator is not None:
                 await self._replicated([self.replicator.ensure(req.room)], req.ref)
             return self._ack(req.ref, existing)
@@ -1255,7 +1263,7 @@ class Service:
         state = self.rooms[req.room]
         m = state.log.get(req.id)
         if m is None or (self.archived is not None and self.archived(req.room, m.ts.encode())):
-            raise ClientError("not_found", f"no message {req.id} (or archived)", req.ref)
+            raise ClientError(ErrorCode.NOT_FOUND, f"no message {req.id} (or archived)", req.ref)
         ts = self._stamp()
         batch = Batch()
         with self.segments.into(batch):  # a segment sealed now is written with the rows
@@ -1263,22 +1271,26 @@ class Service:
                 case p.Edit():
                     if m.author != s.user:
                         raise ClientError(
-                            "forbidden", "only the author can edit a message", req.ref
+                            ErrorCode.FORBIDDEN, "only the author can edit a message", req.ref
                         )
                     if m.deleted:
-                        raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                        raise ClientError(
+                            ErrorCode.NOT_FOUND, f"message {req.id} was deleted", req.ref
+                        )
                     change = state.log.edit(req.id, req.body, ts)
                 case p.Delete():
                     if m.author != s.user:
                         raise ClientError(
-                            "forbidden", "only the author can delete a message", req.ref
+                            ErrorCode.FORBIDDEN, "only the author can delete a message", req.ref
                         )
                     if m.deleted:
                         return p.ok(req.ref)
                     change = state.log.delete(req.id, ts)
                 case p.React():
                     if m.deleted:
-                        raise ClientError("not_found", f"message {req.id} was deleted", req.ref)
+                        raise ClientError(
+                            ErrorCode.NOT_FOUND, f"message {req.id} was deleted", req.ref
+                        )
                     if req.on:
                         self._check_reactions(m, s.user, req.emoji, req.ref)
                     change = state.log.react(req.id, s.user, req.emoji, req.on, ts)
@@ -1347,7 +1359,7 @@ class Service:
         query time (checked again on the results: membership may change meanwhile)."""
         search = self.hooks.search.get()
         if search is None:
-            raise ClientError("unavailable", "search is not enabled on this node", req.ref)
+            raise ClientError(ErrorCode.UNAVAILABLE, "search is not enabled on this node", req.ref)
         if req.room is not None:
             self._readable(s, req.room, req.ref)
             rooms = {req.room}
@@ -1373,7 +1385,9 @@ class Service:
         key = read_key(req.room, s.user)
         cursor = req.cursor.encode()
         if not await self.store.read(layout.has_message, self.store, req.room, cursor):
-            raise ClientError("not_found", f"no message at that cursor in {req.room}", req.ref)
+            raise ClientError(
+                ErrorCode.NOT_FOUND, f"no message at that cursor in {req.room}", req.ref
+            )
         current = self.meta.get(key)
         if isinstance(current, str) and current >= cursor:
             return p.ok(req.ref)

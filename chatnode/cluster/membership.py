@@ -50,6 +50,8 @@ from typing import Any
 
 import msgpack
 
+from chatnode.errors import CodecError
+
 __all__ = [
     "Ack",
     "Addr",
@@ -85,10 +87,6 @@ _MAX_SEQ = 2**63 - 1
 _MAX_COMPOUND_PARTS = 256
 _MAX_PUSH_PULL_STATES = 100_000
 _NACK_FRACTION = 0.8
-
-
-class CodecError(ValueError):
-    """Bytes from the network could not be decoded into a membership message."""
 
 
 class MemberState(enum.Enum):
@@ -445,8 +443,6 @@ def _from_wire(obj: Any, *, nested: bool) -> Message:
                 )
             return PushPull(source, join, tuple(states))
     except (ValueError, TypeError) as exc:  # validation in the constructors
-        if isinstance(exc, CodecError):
-            raise
         raise CodecError(str(exc)) from None
     raise CodecError(f"unknown tag or arity: {tag}")
 

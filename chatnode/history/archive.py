@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 from chatnode.history.forwarder import DEFAULT_TOPIC, Delivered, RangeReader, RangeTimeout
 from chatnode.history.forwarding import ForwardedMessage
 from chatnode.history.retention import (
@@ -414,7 +414,9 @@ class ArchiveReader:
         are running, ``unavailable`` when the broker does not answer."""
         if self._running >= self.max_concurrent:
             self.busy += 1
-            raise ClientError("rate_limited", "too many archive reads at once; retry shortly")
+            raise ClientError(
+                ErrorCode.RATE_LIMITED, "too many archive reads at once; retry shortly"
+            )
         # A slot is held until the read's thread is done, even if the request is cancelled
         # meanwhile (a thread cannot be stopped): never more than max_concurrent reads run.
         self._running += 1
@@ -427,7 +429,7 @@ class ArchiveReader:
         except ArchiveUnavailable as e:
             self.unavailable += 1
             raise ClientError(
-                "unavailable", "old history is in the archive, which cannot be read now"
+                ErrorCode.UNAVAILABLE, "old history is in the archive, which cannot be read now"
             ) from e
         self.pages += 1
         return [archive_message(m) for m in msgs], more
@@ -604,8 +606,8 @@ class Archive:
         if cut is None or self.reader is None:
             return local, local_more
         above = sum(1 for m in local if str(m["cursor"]) > cut)
-        if above >= limit:
-            return local, local_more
+        if above >= limit:  # all local; the archive holds at least the message at the cut
+            return local, True
         bound = cut + "\x00" if before is None or before > cut else before
         older, more = await self.reader.page(room, bound, limit)
         by_id = {str(m["id"]): m for m in older}

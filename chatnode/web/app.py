@@ -45,7 +45,7 @@ from aiohttp.web_protocol import RequestHandler
 from chatnode.chat import protocol as p
 from chatnode.chat.service import Busy, Service, ServiceHooks, Session
 from chatnode.config import Config
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 from chatnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from chatnode.metrics import Metrics
 from chatnode.supervise import Supervisor
@@ -185,7 +185,7 @@ class RateLimited(ClientError):
     """Over a login limit: HTTP 429 with ``Retry-After``."""
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__("rate_limited", "too many attempts; wait a little")
+        super().__init__(ErrorCode.RATE_LIMITED, "too many attempts; wait a little")
         self.retry_after = max(1, retry_after)
 
 
@@ -563,7 +563,7 @@ def _json(data: object, status: int = 200) -> web.Response:
     )
 
 
-def _http_error(code: str, message: str) -> web.Response:
+def _http_error(code: ErrorCode, message: str) -> web.Response:
     return _json(p.http_error(code, message), ClientError(code, message).http_status)
 
 
@@ -651,7 +651,7 @@ class WebApp:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             self.metrics.http.inc(name)
             if self.draining:
-                return _http_error("unavailable", "the node is shutting down")
+                return _http_error(ErrorCode.UNAVAILABLE, "the node is shutting down")
             try:
                 return await handler(request)
             except Busy as exc:  # overloaded: come back in a moment, do not queue
@@ -668,28 +668,30 @@ class WebApp:
                 self.metrics.errors.inc(exc.code)
                 return _http_error(exc.code, exc.message)
             except web.HTTPRequestEntityTooLarge:
-                self.metrics.errors.inc("too_large")
-                return _http_error("too_large", "request body too large")
+                self.metrics.errors.inc(ErrorCode.TOO_LARGE)
+                return _http_error(ErrorCode.TOO_LARGE, "request body too large")
             except (ConnectionError, asyncio.IncompleteReadError) as exc:
                 # the client went away mid-request: nothing to answer, nothing to debug
                 _quiet.note("client disconnected", f"{request.method} {request.path}: {exc!r}")
                 raise
             except Exception:
                 log.exception("internal error on %s %s", request.method, request.path)
-                self.metrics.errors.inc("internal")
-                return _http_error("internal", "internal error")
+                self.metrics.errors.inc(ErrorCode.INTERNAL)
+                return _http_error(ErrorCode.INTERNAL, "internal error")
 
         return wrapped
 
     async def _body(self, request: web.Request) -> bytes:
         if request.content_type != "application/json":
             # A web page elsewhere can post a form (no CORS preflight) but not this type.
-            raise ClientError("bad_frame", "send the body as Content-Type: application/json")
+            raise ClientError(
+                ErrorCode.BAD_FRAME, "send the body as Content-Type: application/json"
+            )
         if request.content_length is not None and request.content_length > MAX_HTTP_BODY:
-            raise ClientError("too_large", f"request body over {MAX_HTTP_BODY} bytes")
+            raise ClientError(ErrorCode.TOO_LARGE, f"request body over {MAX_HTTP_BODY} bytes")
         body = await request.content.read(MAX_HTTP_BODY + 1)
         if len(body) > MAX_HTTP_BODY:
-            raise ClientError("too_large", f"request body over {MAX_HTTP_BODY} bytes")
+            raise ClientError(ErrorCode.TOO_LARGE, f"request body over {MAX_HTTP_BODY} bytes")
         return body
 
     def client_address(self, request: web.Request) -> str:
@@ -717,7 +719,7 @@ class WebApp:
         try:
             token, expires = await self.service.login(creds)
         except ClientError as exc:
-            if exc.code == "bad_credentials":
+            if exc.code == ErrorCode.BAD_CREDENTIALS:
                 self.logins.failed(group, creds.user, time.monotonic())
             raise
         return _json({"user": creds.user, "token": token, "expires": expires})
@@ -728,7 +730,7 @@ class WebApp:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ClientError("bad_token", "missing 'Authorization: Bearer <token>' header")
+            raise ClientError(ErrorCode.BAD_TOKEN, "missing 'Authorization: Bearer <token>' header")
         await self.service.logout(token.strip())
         return web.Response(status=204, headers=_SECURITY_HEADERS)
 
@@ -765,7 +767,7 @@ class WebApp:
         if request.path in OPERATOR_PATHS:
             denied = self._operator_denied(request)
             if denied is not None:
-                self.metrics.errors.inc("unauthenticated")
+                self.metrics.errors.inc(ErrorCode.UNAUTHENTICATED)
                 return denied
         return await handler(request)
 
@@ -777,14 +779,15 @@ class WebApp:
         token = self.cfg.admin_token
         if token is None:
             return _http_error(
-                "forbidden", "operator endpoints are off: start the node with --admin-token"
+                ErrorCode.FORBIDDEN, "operator endpoints are off: start the node with --admin-token"
             )
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.strip().encode("utf-8", "replace"), token.encode("ascii")
         ):
             response = _http_error(
-                "unauthenticated", "operator endpoint: send 'Authorization: Bearer <admin token>'"
+                ErrorCode.UNAUTHENTICATED,
+                "operator endpoint: send 'Authorization: Bearer <admin token>'",
             )
             response.headers["WWW-Authenticate"] = 'Bearer realm="chatnode operator"'
             return response
@@ -891,18 +894,20 @@ class WebApp:
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
         if self.draining:
-            return _http_error("unavailable", "the node is shutting down")
+            return _http_error(ErrorCode.UNAVAILABLE, "the node is shutting down")
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_ok(request, origin):
             # A page on another site must not use the visitor's browser to talk to us.
             self.refused["origin"] += 1
-            return _http_error("forbidden", "WebSockets from this page's origin are not allowed")
+            return _http_error(
+                ErrorCode.FORBIDDEN, "WebSockets from this page's origin are not allowed"
+            )
         proxied: str | None = None
         if self.trusted and trusted_peer(request.remote or "?", self.trusted):
             proxied = address_group(self.client_address(request))
             if self.proxied.acquire(proxied) is not None:
                 self.gate.refused["per_address"] += 1
-                return _http_error("rate_limited", "too many connections from your address")
+                return _http_error(ErrorCode.RATE_LIMITED, "too many connections from your address")
         try:
             return await self._websocket(request)
         finally:
@@ -980,22 +985,22 @@ class WebApp:
             # parsed (a small one is read for its ref only) and not executed.
             if not bucket.allow(loop.time()):
                 if len(msg.data) > self.cfg.max_frame_bytes:
-                    self._reply_error(conn, ClientError("too_large", "frame too large"))
+                    self._reply_error(conn, ClientError(ErrorCode.TOO_LARGE, "frame too large"))
                     conn.close(1009, b"frame too large")
                     break
-                self._reply_error(conn, ClientError("rate_limited", "too many frames; slow down"),
-                                  p.peek_ref(msg.data))  # fmt: skip
+                busy = ClientError(ErrorCode.RATE_LIMITED, "too many frames; slow down")
+                self._reply_error(conn, busy, p.peek_ref(msg.data))
                 continue
             try:
                 req = p.parse_request(msg.data, max_bytes=self.cfg.max_frame_bytes)
             except ClientError as exc:
                 self._reply_error(conn, exc)
-                if exc.code == "too_large":
+                if exc.code == ErrorCode.TOO_LARGE:
                     conn.close(1009, b"frame too large")
                     break
                 continue
             if conn.draining:
-                self._reply_error(conn, ClientError("unavailable", "node shutting down"),
+                self._reply_error(conn, ClientError(ErrorCode.UNAVAILABLE, "node shutting down"),
                                   req.ref)  # fmt: skip
                 continue
             if isinstance(req, p.Hello):
@@ -1004,7 +1009,7 @@ class WebApp:
             if conn.session is None:
                 self._reply_error(
                     conn,
-                    ClientError("unauthenticated", "send hello with a token first"),
+                    ClientError(ErrorCode.UNAUTHENTICATED, "send hello with a token first"),
                     req.ref,
                 )
                 continue
@@ -1017,7 +1022,7 @@ class WebApp:
         try:
             claims = self.service.authenticate(req.token)
             if conn.session is not None and claims.user != conn.session.user:
-                raise ClientError("invalid", f"already signed in as {conn.session.user}")
+                raise ClientError(ErrorCode.INVALID, f"already signed in as {conn.session.user}")
         except ClientError as exc:
             self._reply_error(conn, exc, req.ref)
             return
@@ -1047,7 +1052,7 @@ class WebApp:
             self._reply_error(conn, exc, req.ref)
         except Exception:
             log.exception("internal error in %s (ref %r)", type(req).__name__, req.ref)
-            self._reply_error(conn, ClientError("internal", "internal error"), req.ref)
+            self._reply_error(conn, ClientError(ErrorCode.INTERNAL, "internal error"), req.ref)
         finally:
             slots.release()
             conn.inflight -= 1

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from chatnode.chat import protocol as p
 from chatnode.chat.service import Service, ServiceHooks
-from chatnode.errors import ClientError
+from chatnode.errors import ClientError, ErrorCode
 from chatnode.history.indexer import Views
 from chatnode.history.views import CursorError, QueryError, ViewsError, days_back, decode_cursor
 
@@ -62,7 +62,9 @@ class ViewsAPI:
 
     def _admit(self, ref: p.Ref = None) -> None:
         if self.queued >= self.max_queued:
-            raise ClientError("rate_limited", "too many searches in progress; retry shortly", ref)
+            raise ClientError(
+                ErrorCode.RATE_LIMITED, "too many searches in progress; retry shortly", ref
+            )
 
     async def search(self, req: p.Search, rooms: set[str]) -> dict[str, object]:
         """One page of results for ``req`` among ``rooms`` (those the user may read)."""
@@ -80,17 +82,17 @@ class ViewsAPI:
                 after = decode_cursor(req.after)
             except CursorError:
                 raise ClientError(
-                    "invalid", "search: field 'after' is not a search cursor", req.ref
+                    ErrorCode.INVALID, "search: field 'after' is not a search cursor", req.ref
                 ) from None
         try:
             results, nxt = await self.views.read(
                 lambda db: db.search(req.query, rooms, after, req.limit)
             )
         except QueryError as exc:
-            raise ClientError("invalid", f"search: {exc}", req.ref) from None
+            raise ClientError(ErrorCode.INVALID, f"search: {exc}", req.ref) from None
         except ViewsError as exc:
             log.warning("search failed: %s", exc)  # the details for the operator only
-            raise ClientError("unavailable", "search is unavailable now; retry later",
+            raise ClientError(ErrorCode.UNAVAILABLE, "search is unavailable now; retry later",
                               req.ref) from None  # fmt: skip
         return p.ok(req.ref, results=results, next=nxt)
 
@@ -106,13 +108,15 @@ class ViewsAPI:
         q = request.query
         room = q.get("room")
         if room is not None and not p.valid_room(room):
-            raise ClientError("invalid", "stats: 'room' must be a room id")
+            raise ClientError(ErrorCode.INVALID, "stats: 'room' must be a room id")
         days = _int_param(q.get("days"), "days", DEFAULT_DAYS, MAX_DAYS)
         top = _int_param(q.get("top"), "top", DEFAULT_TOP, MAX_TOP)
         if not self.is_operator(request):
             user = self._user(request)
             if room is None:
-                raise ClientError("forbidden", "stats: give ?room=ROOM (every room: operator only)")
+                raise ClientError(
+                    ErrorCode.FORBIDDEN, "stats: give ?room=ROOM (every room: operator only)"
+                )
             self._check_readable(user, room)
         since = days_back(self.now_ms(), days)
         now = self.now_ms()
@@ -127,7 +131,7 @@ class ViewsAPI:
         except ViewsError as exc:
             log.warning("statistics failed: %s", exc)
             raise ClientError(
-                "unavailable", "statistics are unavailable now; retry later"
+                ErrorCode.UNAVAILABLE, "statistics are unavailable now; retry later"
             ) from None
         finally:
             self.queued -= 1
@@ -137,9 +141,9 @@ class ViewsAPI:
     def _user(self, request: web.Request) -> str:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ClientError("unauthenticated", "send 'Authorization: Bearer <token>'")
+            raise ClientError(ErrorCode.UNAUTHENTICATED, "send 'Authorization: Bearer <token>'")
         if len(token.strip()) > p.MAX_TOKEN:
-            raise ClientError("bad_token", "malformed, forged or revoked token")
+            raise ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
         return self.service.authenticate(token.strip()).user
 
     def _check_readable(self, user: str, room: str) -> None:
@@ -149,13 +153,13 @@ class ViewsAPI:
             return
         info = self.service.room_info.get(room)
         if info is not None and room in self.service.invites.get(user, ()):
-            raise ClientError("forbidden", f"not a member of {room}: join it first")
-        raise ClientError("not_found", f"no room {room}")
+            raise ClientError(ErrorCode.FORBIDDEN, f"not a member of {room}: join it first")
+        raise ClientError(ErrorCode.NOT_FOUND, f"no room {room}")
 
 
 def _int_param(raw: str | None, name: str, default: int, hi: int) -> int:
     if raw is None:
         return default
     if not (raw.isdigit() and len(raw) <= 6 and 1 <= int(raw) <= hi):
-        raise ClientError("invalid", f"stats: '{name}' must be an integer in 1-{hi}")
+        raise ClientError(ErrorCode.INVALID, f"stats: '{name}' must be an integer in 1-{hi}")
     return int(raw)

@@ -31,6 +31,7 @@ from crdt.codec import (
 from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
 from tests.crdt.strategies import awl_universe
+from tests.support.hyp import examples
 
 
 def _corpus() -> list[bytes]:
@@ -207,7 +208,7 @@ def test_structurally_mutated_payloads(data: bytes) -> None:
 
 
 @given(awl_universe())
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_nested_state_mutated_inside_an_interval(u: Any) -> None:
     for state in u.states:
         raw = state.to_bytes()
@@ -217,7 +218,7 @@ def test_nested_state_mutated_inside_an_interval(u: Any) -> None:
 
 
 @given(awl_universe())
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_state_round_trip_inside_interval(u: Any) -> None:
     for state in u.states:
         r = DeltaReplicator("r", AWLWWMap)

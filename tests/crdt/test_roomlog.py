@@ -16,6 +16,7 @@ from crdt.clock import HybridClock, Timestamp
 from crdt.errors import CodecError
 from crdt.roomlog import MemorySegmentStore, Message, RoomLog
 from crdt.segments import decode_envelope, decode_state_vector, encode_state_vector
+from tests.support.hyp import examples
 
 ROOM = "lobby"
 
@@ -344,7 +345,7 @@ def run_ops(
     return logs, updates
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(ops=ops_strategy, seg=st.integers(1, 4), data=st.data())
 def test_any_order_with_duplicates_converges(
     ops: list[tuple[int, str, int, int, str, str]], seg: int, data: st.DataObject
@@ -368,7 +369,7 @@ def test_any_order_with_duplicates_converges(
         assert everything(log) == everything(reference)
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     edits=st.lists(
         st.tuples(
@@ -409,7 +410,7 @@ def test_edit_lww_and_delete_tombstone(
         assert got.body == "" and got.deleted and got.reactions == ()
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     reacts=st.lists(
         st.tuples(
@@ -449,7 +450,7 @@ def test_reactions_are_lww_per_user_and_emoji(
     assert b.get("m") == a.get("m")
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     stamps=st.lists(
         st.tuples(st.integers(0, 40), st.integers(0, 2), st.sampled_from(["a", "b", "ab"])),
@@ -502,7 +503,7 @@ def test_cursor_paging_returns_every_message_once_in_order(
         assert [m.ts for m in window] == seen[1:-1]
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 @given(n=st.integers(0, 30), seg=st.integers(1, 5), drop=st.sets(st.integers(0, 29)))
 def test_sealing_and_restore_keep_everything(n: int, seg: int, drop: set[int]) -> None:
     store = MemorySegmentStore()
@@ -527,7 +528,7 @@ def test_sealing_and_restore_keep_everything(n: int, seg: int, drop: set[int]) -
         assert everything(a) == everything(b) == everything(restored)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(junk=st.binary(max_size=200))
 def test_decoders_raise_only_codec_error(junk: bytes) -> None:
     a = RoomLog(ROOM, 1)
@@ -538,7 +539,7 @@ def test_decoders_raise_only_codec_error(junk: bytes) -> None:
         decode_state_vector(junk)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4)
 )

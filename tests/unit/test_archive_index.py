@@ -16,6 +16,7 @@ slice of that history just below its cursor.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 
 from hypothesis import given
@@ -144,3 +145,45 @@ def test_a_page_is_the_slice_below_its_cursor(
     msgs, more = page(store, records, want[i].ts.encode(), limit)
     assert msgs == want[max(0, i - limit) : i]
     assert more == (i > limit)
+
+
+class _Pages:
+    """An archive reader over a fixed list of archived messages (history objects)."""
+
+    def __init__(self, archived: list[dict[str, object]]) -> None:
+        self.archived = archived
+
+    async def page(self, _room: str, before: str, limit: int
+                   ) -> tuple[list[dict[str, object]], bool]:  # fmt: skip
+        below = [m for m in self.archived if str(m["cursor"]) < before]
+        return below[-limit:], len(below) > limit
+
+
+def _obj(i: int, where: str) -> dict[str, object]:
+    return {"id": f"m{i}", "cursor": Timestamp(1000 + i, 0, "a").encode(), "from": where}
+
+
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(1, 30), st.data())
+def test_merged_pages_continue_below_the_cut(
+    archived_n: int, local_n: int, limit: int, pick: st.DataObject
+) -> None:
+    """Local rows above the cut and archived ones at or below it page as one history."""
+    from chatnode.history.archive import Archive  # noqa: PLC0415
+    from chatnode.history.retention import Policy  # noqa: PLC0415
+
+    archived = [_obj(i, "archive") for i in range(archived_n)]
+    local = [_obj(archived_n + i, "local") for i in range(local_n)]
+    everything = archived + local
+    store = MemStore()
+    archive = Archive(store, _Pages(archived), Policy())  # type: ignore[arg-type]
+    if archived:
+        archive.index.set_cut(ROOM, str(archived[-1]["cursor"]), Batch())
+    i = pick.draw(st.integers(0, len(everything)))
+    before = str(everything[i]["cursor"]) if i < len(everything) else None
+    below_local = [m for m in local if before is None or str(m["cursor"]) < before]
+    page, more = asyncio.run(
+        archive.merge_page(ROOM, before, limit, below_local[-limit:], len(below_local) > limit)
+    )
+    want = [m for m in everything if before is None or str(m["cursor"]) < before]
+    assert page == want[-limit:]
+    assert more == (len(want) > limit)

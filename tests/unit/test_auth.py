@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
 from chatnode.errors import ClientError
+from tests.support.hyp import examples
 
 SALT = bytes(range(16))
 KEY_A = b"A" * 32
@@ -104,7 +105,7 @@ def test_malformed_stored_values_are_false_not_errors(stored: str) -> None:
     assert verify_password(None, stored) is False  # type: ignore[arg-type]
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(st.text(max_size=80))
 def test_garbage_stored_values(value: str) -> None:
     assert verify_password("pw", value) is False
@@ -244,13 +245,13 @@ def test_signer_and_issue_arguments() -> None:
             signer.issue(user, tid, 0, ttl)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(st.text(max_size=200) | st.binary(max_size=50) | st.integers())
 def test_garbage_tokens(token: object) -> None:
     bad_token(TokenSigner([KEY_A]), token)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(st.integers(0, 200), st.integers(0, 255))
 def test_any_single_byte_change_is_refused(pos: int, value: int) -> None:
     signer = TokenSigner([KEY_A])

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from chatnode.cluster import claims as c
 from chatnode.cluster import replication as r
+from tests.support.hyp import examples
 
 NODES = ("a", "b", "c")
 NAMES = ("u/x", "r/y")
@@ -302,10 +303,12 @@ class ClaimCluster(RuleBasedStateMachine):
 
 
 TestClaimCluster = ClaimCluster.TestCase
-TestClaimCluster.settings = settings(max_examples=400, stateful_step_count=60, deadline=None)
+TestClaimCluster.settings = settings(
+    max_examples=examples(400), stateful_step_count=60, deadline=None
+)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), claimants=st.sets(st.sampled_from(NODES), min_size=2))
 def test_concurrent_claims_on_a_healthy_cluster_have_exactly_one_winner(
     seed: int, claimants: set[str]
@@ -326,7 +329,7 @@ def test_concurrent_claims_on_a_healthy_cluster_have_exactly_one_winner(
     assert outcomes == ["taken"] * (len(claimants) - 1) + ["won"]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_a_minority_partition_never_wins_and_the_majority_does(seed: int) -> None:
     """a | b c: a's claims are unavailable (at once, it reaches nobody); b's claim of the

@@ -46,6 +46,7 @@ from chatnode.history.forwarding import (
     partition_for,
 )
 from crdt.clock import Timestamp
+from tests.support.hyp import examples
 
 ROOMS = ("alpha", "beta")
 
@@ -376,11 +377,11 @@ class UnorderedForwardingMachine(LossyBrokerMachine):
 
 
 TestForwarding = ForwardingMachine.TestCase
-TestForwarding.settings = settings(max_examples=60, stateful_step_count=80)
+TestForwarding.settings = settings(max_examples=examples(60), stateful_step_count=80)
 TestLossyBroker = LossyBrokerMachine.TestCase
-TestLossyBroker.settings = settings(max_examples=60, stateful_step_count=80)
+TestLossyBroker.settings = settings(max_examples=examples(60), stateful_step_count=80)
 TestUnorderedForwarding = UnorderedForwardingMachine.TestCase
-TestUnorderedForwarding.settings = settings(max_examples=60, stateful_step_count=80)
+TestUnorderedForwarding.settings = settings(max_examples=examples(60), stateful_step_count=80)
 
 
 # ------------------------------------------------------------------- plain cases

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from chatnode.cluster.membership import MemberState
 from tests.support.membership_sim import SimParams, Simulation, converged
 
@@ -56,6 +58,7 @@ def _false_deaths(seed: int, lifeguard: bool) -> int:
     return len(sim.false_deaths())
 
 
+@pytest.mark.slow  # 16 simulated minutes of 25 members: the full suite runs it, --fast skips it
 def test_lifeguard_reduces_false_deaths_with_slow_members() -> None:
     with_lg = [_false_deaths(s, True) for s in COMPARISON_SEEDS]
     without = [_false_deaths(s, False) for s in COMPARISON_SEEDS]

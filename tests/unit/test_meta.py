@@ -23,6 +23,7 @@ from chatnode.chat.meta import (
 from chatnode.store import layout
 from chatnode.store.engine import Batch
 from crdt.clock import HybridClock
+from tests.support.hyp import examples
 from tests.unit.memstore import MemStore
 
 
@@ -118,7 +119,7 @@ async def test_snapshot_every_n_deltas_drops_the_deltas() -> None:
     assert fresh.map == n.meta.map
 
 
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(
     st.lists(
         st.tuples(

@@ -31,6 +31,7 @@ from chatnode.cluster.keyring import (
     LinkStats,
 )
 from chatnode.cluster.membership import CodecError
+from tests.support.hyp import examples
 
 K1, K2 = os.urandom(32), os.urandom(32)
 T = 1_700_000_000.0
@@ -176,7 +177,7 @@ def test_key_rotation_keeps_links_working() -> None:
         only_new.acceptor.on_hello(only_old.dial(only_new).hello, os.urandom(LINK_NONCE), T)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.binary(max_size=MAX_HANDSHAKE + 64), nonces)
 def test_random_handshake_input_is_refused_never_a_crash(data: bytes, nonce: bytes) -> None:
     a, b = Node("na"), Node("nb")
@@ -192,7 +193,7 @@ def test_random_handshake_input_is_refused_never_a_crash(data: bytes, nonce: byt
     assert not b.stats.handshakes and not a.stats.handshakes
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(
     st.sampled_from(["hello", "challenge", "response"]),
     st.integers(min_value=0, max_value=MAX_HANDSHAKE),
@@ -239,7 +240,7 @@ def test_damaged_handshake_messages_are_refused(
 SOURCES = ("random", "truncated", "flipped", "replayed", "reflected", "other_link", "other_node")
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(
     st.lists(
         st.tuples(
@@ -346,7 +347,7 @@ def test_exchange_round_trip_and_binding() -> None:
         open_exchange(Keyring([K1]), pre, split_exchange(other)[1], T)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.binary(max_size=2048), st.integers(min_value=0, max_value=4096))
 def test_random_or_damaged_exchange_bodies_are_refused(data: bytes, pos: int) -> None:
     ring = Keyring([K1])

@@ -30,6 +30,7 @@ from chatnode.chat.presence import (
     TypingLimiter,
 )
 from chatnode.cluster import replication as r
+from tests.support.hyp import examples
 
 # -- examples ---------------------------------------------------------------------------------
 
@@ -444,4 +445,6 @@ class PresenceCluster(RuleBasedStateMachine):
 
 
 TestPresenceCluster = PresenceCluster.TestCase
-TestPresenceCluster.settings = settings(max_examples=500, stateful_step_count=60, deadline=None)
+TestPresenceCluster.settings = settings(
+    max_examples=examples(500), stateful_step_count=60, deadline=None
+)

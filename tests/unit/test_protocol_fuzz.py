@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from chatnode.chat import protocol as p
 from chatnode.errors import ClientError
 from crdt.clock import Timestamp
+from tests.support.hyp import examples
 
 PARSE_CODES = {"bad_json", "bad_frame", "unknown_op", "invalid", "too_large"}
 
@@ -110,7 +111,7 @@ def _check_accepted(req: p.Request) -> None:
     p.encode(p.ok(req.ref))
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.binary(max_size=200))
 @example(b"\xff")
 @example(b'{"op":"ping"}\x00')
@@ -119,7 +120,7 @@ def test_random_bytes(data: bytes) -> None:
     check(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.text(max_size=200))
 @example("\ud800")
 @example('{"op":"ping","ref":"\\ud800"}')
@@ -131,13 +132,13 @@ def test_random_text(data: str) -> None:
     check(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(json_values)
 def test_random_json_values(value: object) -> None:
     check(json.dumps(value))
 
 
-@settings(max_examples=400)
+@settings(max_examples=examples(400))
 @given(frames)
 def test_generated_frames(value: dict[str, Any]) -> None:
     check(json.dumps(value))
@@ -175,7 +176,7 @@ def test_valid_frames_are_valid() -> None:
         assert check(text) is not None
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(mutated())
 def test_mutated_valid_frames(data: bytes) -> None:
     check(data)
@@ -186,7 +187,7 @@ def test_mutated_valid_frames(data: bytes) -> None:
     check(text)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(st.integers(1, 60_000), st.sampled_from('[{"ab1 ,:'))
 def test_deep_and_long_junk(n: int, ch: str) -> None:
     check(ch * n)
@@ -313,7 +314,7 @@ def test_every_op_is_generated() -> None:
     assert set(_OP_OF.values()) == p.OPS
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(requests, st.booleans(), st.booleans())
 def test_valid_requests_round_trip(req: p.Request, as_bytes: bool, ascii_only: bool) -> None:
     text = json.dumps(to_frame(req), ensure_ascii=ascii_only)

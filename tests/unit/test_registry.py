@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.cluster import registry as reg
+from tests.support.hyp import examples
 
 nodes = st.lists(st.from_regex(r"n[0-9a-f]{4}", fullmatch=True), min_size=1, max_size=6,
                  unique=True)  # fmt: skip
@@ -35,7 +36,7 @@ def test_only_rooms_of_a_removed_member_move(
 
 
 @given(nodes, rooms, st.data())
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 def test_split_brain_claims_converge_to_one_home(
     members: list[str], names: list[str], data: st.DataObject
 ) -> None:

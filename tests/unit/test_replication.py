@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from chatnode.cluster import replication as r
+from tests.support.hyp import examples
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,8}", fullmatch=True)
 tokens = st.integers(-1, 2**40)
@@ -126,4 +127,4 @@ class AckLink(RuleBasedStateMachine):
 
 
 TestAckLink = AckLink.TestCase
-TestAckLink.settings = settings(max_examples=30, stateful_step_count=30)
+TestAckLink.settings = settings(max_examples=examples(30), stateful_step_count=30)
