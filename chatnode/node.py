@@ -438,6 +438,10 @@ class Node:
         self._site = GatedSite(
             self._runner, self.webapp.gate, cfg.host, cfg.port, reuse_address=True
         )
+        if cfg.index and self.views is not None:
+            # the schema exists before the first request: search and /v1/stats never see
+            # "schema version 0" in the moment between listening and the indexer's start
+            await self.views.open_writer()
         await self._site.start()
         port = cfg.port
         for addr in self._runner.addresses:
@@ -812,7 +816,6 @@ class Node:
         """The views indexer in this node (docs/VIEWS.md): from the Kafka topic with a broker,
         else from this node's own release log through the forwarder's change feed."""
         assert self.views is not None and self.service is not None and self.cluster is not None
-        await self.views.open_writer()
         service, cfg = self.service, self.cfg
 
         def feed_end(room: str) -> int:
