@@ -11,6 +11,11 @@ are kept apart, because each is answered differently:
 - :class:`ServerError`: our own fault (storage failure, a broken invariant). Logged; the
   client gets ``unavailable`` or ``internal``.
 
+The other modules subclass these where a caller needs to tell one fault from another
+(``StorageError``, ``AuthError``, ``FrameError``, ``ConfigError``, ...); a class that reports
+bad input to a parser also subclasses ``ValueError``. tests/unit/test_errors.py checks that
+every public exception class of the server derives from :class:`ChatnodeError`.
+
 The codes a client can receive are the members of :class:`ErrorCode`, whose values are the
 wire strings of the error table in ``docs/PROTOCOL.md`` (tests/unit/test_errors.py parses that
 table and compares). A raise site writes ``ClientError(ErrorCode.NOT_FOUND, ...)``, so mypy

@@ -30,7 +30,8 @@ node closes the supervisor last, which cancels whatever is left.
 
 Testing: a test kills a loop by making something the loop calls raise (for example with
 ``pytest.MonkeyPatch`` on a running node's component) and reads the counters, the log and
-``/healthz`` (tests/unit/test_supervise.py); ``Supervisor(clock=...)`` and the backoff
+``/healthz`` (tests/unit/test_supervise.py; a real node in
+tests/integration/test_supervise_node.py); ``Supervisor(clock=...)`` and the backoff
 arguments are there for such tests. A component built without a supervisor (a test, a tool)
 gets its own, counting on a private :class:`~chatnode.metrics.Metrics`.
 """

@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeAlias
+from typing import Final, NamedTuple, Protocol, TypeAlias
 
 from chatnode.errors import ClientError, ErrorCode
 from crdt.clock import Timestamp
@@ -49,6 +49,7 @@ __all__ = [
     "Hello",
     "History",
     "MessageLike",
+    "MessageRow",
     "Ping",
     "Presence",
     "React",
@@ -71,14 +72,17 @@ __all__ = [
     "error",
     "http_error",
     "is_dm_room",
+    "message_event",
     "message_fields",
     "message_frame",
+    "message_json",
     "ok",
     "parse_credentials",
     "parse_request",
     "peek_ref",
     "presence_event",
     "read_event",
+    "search_hit",
     "typing_event",
     "valid_message_id",
     "valid_room",
@@ -801,26 +805,126 @@ def encode(frame: Mapping[str, object]) -> str:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def message_fields(room: str, m: MessageLike) -> dict[str, object]:
-    """A message as the client sees it (the items of ``history``'s ``messages``)."""
+class MessageRow(Protocol):
+    """What the client JSON of a message is made of: a history row as stored
+    (:class:`chatnode.store.layout.StoredMessage`), an archived record, or a message held in
+    memory (through :func:`message_fields` and :func:`message_frame`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def author(self) -> str: ...
+    @property
+    def body(self) -> str: ...  # the text as kept; never shown once deleted
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def cursor(self) -> str: ...
+    @property
+    def edited(self) -> bool: ...
+    @property
+    def deleted(self) -> bool: ...
+    @property
+    def reactions(self) -> Iterable[tuple[str, Iterable[str]]]: ...
+
+
+class _Held(NamedTuple):
+    """A :class:`MessageLike` seen as a :class:`MessageRow`."""
+
+    id: str
+    author: str
+    body: str
+    ts_ms: int
+    cursor: str
+    edited: bool
+    deleted: bool
+    reactions: Iterable[tuple[str, Iterable[str]]]
+
+
+def _held(m: MessageLike) -> _Held:
+    return _Held(
+        m.id, m.author, m.body, m.ts.wall_ms, m.ts.encode(), m.edited is not None, m.deleted,
+        m.reactions,
+    )  # fmt: skip
+
+
+def message_json(room: str, m: MessageRow) -> dict[str, object]:
+    """The client JSON object of a message (docs/PROTOCOL.md, "Messages"): the one place it
+    is built, for ``history`` pages (local rows and the archive), ``message``/``update``
+    events live and in catch-up. A deleted message shows no body."""
     return {
         "room": room,
         "id": m.id,
         "author": m.author,
         "body": "" if m.deleted else m.body,
-        "ts": m.ts.wall_ms,
-        "cursor": m.ts.encode(),
-        "edited": m.edited is not None,
+        "ts": m.ts_ms,
+        "cursor": m.cursor,
+        "edited": m.edited,
         "deleted": m.deleted,
         "reactions": {emoji: list(users) for emoji, users in m.reactions},
     }
 
 
-def message_frame(op: str, room: str, m: MessageLike) -> dict[str, object]:
-    """A ``message`` (new, or catch-up after ``subscribe``) or ``update`` event."""
+def message_fields(room: str, m: MessageLike) -> dict[str, object]:
+    """:func:`message_json` of a message held in memory (a room log's, an archived one)."""
+    return message_json(room, _held(m))
+
+
+def message_event(
+    op: str,
+    room: str,
+    m: MessageRow,
+    *,
+    replaces: str | None = None,
+    resume: str | None = None,
+    late: bool = False,
+) -> dict[str, object]:
+    """A ``message`` (new, or catch-up after ``subscribe``) or ``update`` event: the message
+    object, the cursor it ``replaces`` when a winning copy moved it, the ``resume`` token of
+    its release and ``late`` for a new message released below a higher cursor."""
     if op not in ("message", "update"):
         raise ValueError(f"not a message event: {op!r}")
-    return {"op": op, **message_fields(room, m)}
+    frame: dict[str, object] = {"op": op, **message_json(room, m)}
+    if replaces:
+        frame["replaces"] = replaces
+    if resume is not None:
+        frame["resume"] = resume
+    if late:
+        frame["late"] = True
+    return frame
+
+
+def message_frame(
+    op: str, room: str, m: MessageLike, *, replaces: str | None = None
+) -> dict[str, object]:
+    """:func:`message_event` of a message held in memory."""
+    return message_event(op, room, _held(m), replaces=replaces)
+
+
+def search_hit(
+    room: str,
+    msg_id: str,
+    author: str,
+    ts_ms: int,
+    cursor: str,
+    *,
+    edited: bool,
+    snippet: str,
+    highlights: list[list[int]],
+) -> dict[str, object]:
+    """One item of a ``search`` reply's ``results``: a message's identity fields as in
+    :func:`message_json`, with a ``snippet`` of its text and the ``[start, end)`` character
+    ranges of the matches in it (docs/PROTOCOL.md, "search")."""
+    return {
+        "room": room,
+        "id": msg_id,
+        "author": author,
+        "ts": ts_ms,
+        "cursor": cursor,
+        "edited": edited,
+        "snippet": snippet,
+        "highlights": highlights,
+    }
 
 
 def presence_event(room: str, user: str, online: bool) -> dict[str, object]:

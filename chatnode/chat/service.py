@@ -342,11 +342,8 @@ class Service:
                 cursor, value = u.now
                 text = ""  # a message's frame is made at release
                 if u.update:
-                    frame: dict[str, object] = {"op": "update"}
-                    frame.update(layout.unpack_message(name, cursor, value))
-                    if u.replaces is not None:
-                        frame["replaces"] = u.replaces
-                    text = p.encode(frame)
+                    row = layout.unpack_message(cursor, value)
+                    text = p.encode(p.message_event("update", name, row, replaces=u.replaces))
                 event = Event(state, text, cursor, u.msg_id, not u.update)
                 event.replaces, event.marker = u.replaces, u.key
                 if event.new:
@@ -550,9 +547,8 @@ class Service:
             out.append(Event(state, text, m.ts.encode(), m.id, False, None, marker))
         for m, replaced in applied.moved:
             marker = layout.put_changed_message(batch, room, m, state.seq - 1, replaced)
-            frame = p.message_frame("update", room, m)
-            frame["replaces"] = replaced
-            out.append(Event(state, p.encode(frame), m.ts.encode(), m.id, False, replaced, marker))
+            text = p.encode(p.message_frame("update", room, m, replaces=replaced))
+            out.append(Event(state, text, m.ts.encode(), m.id, False, replaced, marker))
             self._observe(m.ts)
         out.sort(key=lambda e: e.cursor)
         return out
@@ -1319,7 +1315,7 @@ class Service:
         rows, more = await self.store.read(
             layout.history_page, self.store, req.room, after, before, req.limit
         )
-        messages = [layout.unpack_message(req.room, c, v) for c, v in rows]
+        messages = [p.message_json(req.room, layout.unpack_message(c, v)) for c, v in rows]
         if self.archive_page is not None and after is None:  # older pages: from the topic
             messages, more = await self.archive_page(req.room, before, req.limit, messages, more)
         return p.ok(req.ref, messages=messages, more=more)

@@ -176,15 +176,14 @@ async def catch_up_released(
         if not s.still(room, sub):
             return False
         for seq, cursor, value, late, replaces in rows:
-            frame: dict[str, object] = {
-                "op": "message" if replaces is None else "update",
-                **layout.unpack_message(room, cursor, value),
-            }
-            if replaces:
-                frame["replaces"] = replaces
-            frame["resume"] = resume_token(node_id, seq)
-            if late:
-                frame["late"] = True
+            frame = p.message_event(
+                "message" if replaces is None else "update",
+                room,
+                layout.unpack_message(cursor, value),
+                replaces=replaces,
+                resume=resume_token(node_id, seq),
+                late=late,
+            )
             s.outbox.push(p.encode(frame))
         delivered(len(rows))
         since = min(upto, since + page_size)
@@ -223,7 +222,8 @@ async def catch_up_after(
             i = sub.buffered_messages.pop(c, None)
             if i is not None:
                 sub.buffer[i] = None
-            s.outbox.push(p.encode({"op": "message", **layout.unpack_message(room, c, value)}))
+            row = layout.unpack_message(c, value)
+            s.outbox.push(p.encode(p.message_event("message", room, row)))
         delivered(len(rows))
         if not more:
             return True

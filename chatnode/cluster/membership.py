@@ -53,6 +53,7 @@ import msgpack
 from chatnode.errors import CodecError
 
 __all__ = [
+    "MAX_NODE_ID",
     "Ack",
     "Addr",
     "Alive",
@@ -72,6 +73,7 @@ __all__ = [
     "PushPull",
     "PushPullRequest",
     "SendUDP",
+    "Simple",
     "Suspect",
     "decode_message",
     "encode_message",
@@ -79,7 +81,8 @@ __all__ = [
 
 Addr = tuple[str, int]
 
-_NODE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_NODE_ID = 64  # the longest node id, in bytes (ASCII)
+_NODE_ID_RE = re.compile(rf"^[A-Za-z0-9_.:-]{{1,{MAX_NODE_ID}}}$")
 _MAX_HOST_LEN = 255
 _MAX_URL_LEN = 512  # a member's public URL (``--public-url``), carried with its Alive
 _MAX_INCARNATION = 2**63 - 1
@@ -315,17 +318,23 @@ Message = Simple | Compound | PushPull
 
 @dataclass(frozen=True, slots=True)
 class SendUDP:
+    """Send ``msg`` to ``addr``, where member ``to`` is expected: the adapter seals the
+    datagram for that node id only (docs/MEMBERSHIP.md, "Encryption")."""
+
     addr: Addr
     msg: Simple | Compound
+    to: str
 
 
 @dataclass(frozen=True, slots=True)
 class PushPullRequest:
     """Open the reliable channel to ``addr``, send ``msg``, and hand the reply (a PushPull)
-    to :meth:`Membership.merge_remote_state`."""
+    to :meth:`Membership.merge_remote_state`. ``to`` is the member expected at ``addr``; ""
+    for a join to a seed address whose owner is not known yet."""
 
     addr: Addr
     msg: PushPull
+    to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +530,7 @@ class _Probe:
 @dataclass(slots=True)
 class _Relay:
     requester: Addr
+    requester_id: str
     requester_seq: int
     deadline: float
 
@@ -699,7 +709,9 @@ class Membership:
                 break
         return out
 
-    def _packet(self, addr: Addr, primary: Simple | None, first: Gossip | None = None) -> SendUDP:
+    def _packet(
+        self, to: str, addr: Addr, primary: Simple | None, first: Gossip | None = None
+    ) -> SendUDP:
         # Compound framing costs at most 5 bytes (array headers); keep a margin.
         budget = self.config.max_packet - 8
         parts: list[Simple] = []
@@ -709,8 +721,8 @@ class Membership:
         parts.extend(self._take_gossip(budget, first))
         self.stats.udp_sent += 1
         if len(parts) == 1:
-            return SendUDP(addr, parts[0])
-        return SendUDP(addr, Compound(tuple(parts)))
+            return SendUDP(addr, parts[0], to)
+        return SendUDP(addr, Compound(tuple(parts)), to)
 
     # -- state changes --------------------------------------------------------------------
 
@@ -854,7 +866,7 @@ class Membership:
         self._rng.shuffle(peers)
         for n in peers[: max(self.config.gossip_nodes * 2, 8)]:
             self.stats.udp_sent += 1
-            out.append(SendUDP(n.addr, msg))
+            out.append(SendUDP(n.addr, msg, n.id))
         return out
 
     def merge_remote_state(self, msg: PushPull, now: float) -> list[Output]:
@@ -898,17 +910,17 @@ class Membership:
             if msg.target != self.id:
                 self.stats.ping_wrong_target += 1
                 return
-            out.append(self._packet(from_addr, Ack(msg.seq, self.id)))
+            out.append(self._packet(msg.source, from_addr, Ack(msg.seq, self.id)))
         elif isinstance(msg, PingReq):
             if msg.target == self.id:
-                out.append(self._packet(from_addr, Ack(msg.seq, self.id)))
+                out.append(self._packet(msg.source, from_addr, Ack(msg.seq, self.id)))
                 return
             seq = self._next_seq()
             # nack a little before the requester's own probe period ends, so it still counts
             self._relays[seq] = _Relay(
-                from_addr, msg.seq, now + self.config.probe_timeout * _NACK_FRACTION
+                from_addr, msg.source, msg.seq, now + self.config.probe_timeout * _NACK_FRACTION
             )
-            out.append(self._packet(msg.target_addr, Ping(seq, msg.target, self.id)))
+            out.append(self._packet(msg.target, msg.target_addr, Ping(seq, msg.target, self.id)))
         elif isinstance(msg, Ack):
             probe = self._probe
             if probe is not None and msg.seq == probe.seq and msg.source == probe.target:
@@ -919,7 +931,8 @@ class Membership:
                 return
             relay = self._relays.pop(msg.seq, None)
             if relay is not None:
-                out.append(self._packet(relay.requester, Ack(relay.requester_seq, msg.source)))
+                ack = Ack(relay.requester_seq, msg.source)
+                out.append(self._packet(relay.requester_id, relay.requester, ack))
                 return
             self.stats.ack_unexpected += 1
         elif isinstance(msg, Nack):
@@ -949,7 +962,8 @@ class Membership:
             if not self._leaving:
                 peers = self._peers((MemberState.ALIVE,))
                 if peers:
-                    out.append(PushPullRequest(self._rng.choice(peers).addr, self.local_state()))
+                    peer = self._rng.choice(peers)
+                    out.append(PushPullRequest(peer.addr, self.local_state(), peer.id))
         self._reap(now)
         return out
 
@@ -969,7 +983,8 @@ class Membership:
             if now >= relay.deadline:
                 del self._relays[seq]
                 if self.config.lifeguard:
-                    out.append(self._packet(relay.requester, Nack(relay.requester_seq, self.id)))
+                    nack = Nack(relay.requester_seq, self.id)
+                    out.append(self._packet(relay.requester_id, relay.requester, nack))
 
     def _run_probe(self, now: float, out: list[Output]) -> None:
         probe = self._probe
@@ -992,7 +1007,7 @@ class Membership:
                 probe.expected_nacks = len(helpers) if self.config.lifeguard else 0
                 req = PingReq(probe.seq, target.id, target.addr, self.id)
                 for h in helpers:
-                    out.append(self._packet(h.addr, req))
+                    out.append(self._packet(h.id, h.addr, req))
             elif probe.indirect_sent and now >= probe.end:
                 self._probe = None
                 self._probe_failed(probe, target, now, out)
@@ -1046,7 +1061,7 @@ class Membership:
         buddy: Gossip | None = None
         if target.state is MemberState.SUSPECT and self.config.lifeguard:
             buddy = Suspect(target.incarnation, target.id, self.id)
-        out.append(self._packet(target.addr, Ping(seq, target.id, self.id), buddy))
+        out.append(self._packet(target.id, target.addr, Ping(seq, target.id, self.id), buddy))
 
     def _gossip(self, now: float, out: list[Output]) -> None:
         if not self._broadcasts:
@@ -1066,7 +1081,8 @@ class Membership:
             if not items:
                 break
             self.stats.udp_sent += 1
-            out.append(SendUDP(n.addr, items[0] if len(items) == 1 else Compound(tuple(items))))
+            msg = items[0] if len(items) == 1 else Compound(tuple(items))
+            out.append(SendUDP(n.addr, msg, n.id))
 
     def _reap(self, now: float) -> None:
         for node_id, node in list(self._nodes.items()):

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+from chatnode.chat.protocol import search_hit
 from chatnode.history.views import (
     MARK_END,
     MARK_START,
@@ -211,10 +212,10 @@ class ViewsDB(SqlViews):
                 continue
             _n, room, mid, author, ts, ts_ms, edited = found[n]
             text, marks = highlights(snips.get(n) or "")
-            out.append({
-                "room": room, "id": mid, "author": author, "ts": ts_ms, "cursor": ts,
-                "edited": edited is not None, "snippet": text, "highlights": marks,
-            })  # fmt: skip
+            out.append(search_hit(
+                room, mid, author, ts_ms, ts, edited=edited is not None, snippet=text,
+                highlights=marks,
+            ))  # fmt: skip
         rows = top
         nxt = None
         if len(rows) > limit:

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 import psycopg
 
+from chatnode.chat.protocol import search_hit
 from chatnode.history.views import (
     SEARCH_WINDOW,
     ViewsError,
@@ -141,10 +142,10 @@ class PgViewsDB(SqlViews):
         out: list[dict[str, object]] = []
         for _n, room, mid, author, ts, ts_ms, edited, body, _score in rows[:limit]:
             text, marks = make_snippet(body, lexemes)
-            out.append({
-                "room": room, "id": mid, "author": author, "ts": int(ts_ms), "cursor": ts,
-                "edited": edited is not None, "snippet": text, "highlights": marks,
-            })  # fmt: skip
+            out.append(search_hit(
+                room, mid, author, int(ts_ms), ts, edited=edited is not None, snippet=text,
+                highlights=marks,
+            ))  # fmt: skip
         nxt = None
         if len(rows) > limit:
             row = rows[limit - 1]

@@ -61,6 +61,7 @@ __all__ = [
     "Loaded",
     "RocksSegmentStore",
     "RoomLoad",
+    "StoredMessage",
     "Unreleased",
     "after_page",
     "count_unread",
@@ -193,20 +194,24 @@ def pack_message(m: Message) -> bytes:
     return packed
 
 
-def unpack_message(room: str, cursor: str, value: bytes) -> dict[str, object]:
-    """A history row as the client JSON object of the message (docs/PROTOCOL.md)."""
+class StoredMessage(NamedTuple):
+    """A history row read back: what ``chat.protocol.message_json`` makes the client JSON
+    object of the message from (the store does not build client JSON)."""
+
+    id: str
+    author: str
+    body: str  # "" once deleted
+    ts_ms: int
+    cursor: str
+    edited: bool
+    deleted: bool
+    reactions: list[tuple[str, list[str]]]  # [emoji, [user, ...]] pairs as msgpack gives them
+
+
+def unpack_message(cursor: str, value: bytes) -> StoredMessage:
+    """The history row ``value`` of the message at ``cursor``."""
     msg_id, author, body, wall_ms, edited, deleted, reactions = msgpack.unpackb(value, raw=False)
-    return {
-        "room": room,
-        "id": msg_id,
-        "author": author,
-        "body": body,
-        "ts": wall_ms,
-        "cursor": cursor,
-        "edited": edited,
-        "deleted": deleted,
-        "reactions": {emoji: users for emoji, users in reactions},
-    }
+    return StoredMessage(msg_id, author, body, wall_ms, cursor, edited, deleted, reactions)
 
 
 def put_clock(batch: Batch, last: tuple[int, int]) -> None:

@@ -3,6 +3,8 @@ statuses; one exception root; one notion of undecodable input shared with crdt."
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import chatnode
 import crdt.errors
 from chatnode import errors
 from chatnode.chat import protocol as p
@@ -105,10 +108,33 @@ def test_only_table_codes_make_a_client_error(code: str) -> None:
             p.error(code, "x")  # type: ignore[arg-type]
 
 
+def _server_modules() -> list[str]:
+    """Every module of the chatnode server (the client library is its own: it reports what
+    a remote server said, with no need for the server's classes)."""
+    return [
+        info.name
+        for info in pkgutil.walk_packages(chatnode.__path__, "chatnode.")
+        if not info.name.startswith("chatnode.client") and not info.name.endswith("__main__")
+    ]
+
+
 def test_one_root() -> None:
     for cls in (ClientError, CodecError, ServerError):
         assert issubclass(cls, ChatnodeError)
     assert not hasattr(errors, "PeerError")  # was never raised
+    outside = []
+    for name in _server_modules():
+        module = importlib.import_module(name)
+        for attr, value in vars(module).items():
+            if (
+                isinstance(value, type)
+                and issubclass(value, BaseException)
+                and value.__module__ == name
+                and not attr.startswith("_")
+                and not issubclass(value, ChatnodeError)
+            ):
+                outside.append(f"{name}.{attr}")
+    assert outside == []
 
 
 def test_codec_errors_of_both_packages_meet_one_handler() -> None:

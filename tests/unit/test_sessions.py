@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from chatnode.chat import protocol as p
 from chatnode.chat.auth import Claims
 from chatnode.chat.sessions import (
     CATCHUP_PAGE,
@@ -113,8 +114,7 @@ async def test_catch_up_after_sends_released_messages_once() -> None:
     assert done
     # after m0; m4 is released but its event is still on its way (pushing); m5 unreleased
     assert [f["id"] for f in out.frames] == ["m1", "m2", "m3"]
-    first = layout.unpack_message(ROOM, ms[1].cursor, layout.pack_message(ms[1]))
-    assert out.frames[0] == {"op": "message", **first}
+    assert out.frames[0] == {"op": "message", **p.message_fields(ROOM, ms[1])}
     assert sum(delivered) == 5
     rest = s.end_buffering(sub)
     assert rest == [None, '{"op":"message","id":"m5"}']  # m3's copy was dropped
