@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from chatnode.errors import ChatnodeError
 from chatnode.history.retention import RetentionError, parse_retain
 from chatnode.history.views import ViewsURLError, parse_views_url
 
@@ -49,7 +50,7 @@ ENV_PREFIX: Final = "CHATNODE_"
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
-class ConfigError(ValueError):
+class ConfigError(ChatnodeError, ValueError):
     """A setting is missing, malformed or out of range (the message is one line)."""
 
 

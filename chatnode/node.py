@@ -767,7 +767,7 @@ class Node:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             if self.service is None:
                 continue
-            dropped = await self.service.expire_revocations()
+            dropped = await self.service.accounts.expire_revocations()
             if dropped:
                 log.info("forgot %d expired token revocations", dropped)
 

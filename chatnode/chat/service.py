@@ -1,6 +1,6 @@
 """The chat application of one node: request dispatch and access rules over rooms,
-membership, messages, subscriptions, presence, typing and read markers; accounts and session
-tokens; and the entry points the cluster layer replicates through.
+membership, messages, subscriptions, presence, typing and read markers; and the entry points
+the cluster layer replicates through.
 
 It composes the pieces of chatnode/chat/ and chatnode/store/:
 
@@ -12,6 +12,8 @@ It composes the pieces of chatnode/chat/ and chatnode/store/:
 - :mod:`chatnode.chat.ordering`: the stable frontier that holds committed events until they
   can go out in cursor order;
 - :mod:`chatnode.chat.sessions`: sessions, subscriptions and catch-ups;
+- :mod:`chatnode.chat.accounts`: sign-up, login, session tokens and their revocation
+  (``Service.accounts``; the HTTP API calls it directly);
 - :mod:`chatnode.store.layout`: every storage key and row.
 
 Access rules: a public room can be read (history, subscribe, presence, read markers) by any
@@ -37,14 +39,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
 from chatnode.chat import protocol as p
-from chatnode.chat.auth import UNUSABLE_HASH, Claims, TokenSigner, hash_password, verify_password
+from chatnode.chat.accounts import Accounts
+from chatnode.chat.auth import Claims, TokenSigner
 from chatnode.chat.hooks import Signal, Slot
 from chatnode.chat.meta import (
     ACCOUNT,
-    REVOKED,
     MetaMap,
     RoomInfo,
     account_key,
@@ -84,7 +86,6 @@ __all__ = [
     "MAX_CATCHUP_BUFFER_BYTES",
     "MAX_HELD_EVENTS",
     "ArchivePage",
-    "Busy",
     "EphemeralLink",
     "Limits",
     "Outbox",
@@ -97,8 +98,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MAX_INFLIGHT_HASHES: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +145,10 @@ class Replicator(Protocol):
         ...
 
 
-_H = TypeVar("_H")
 #: ``unavailable`` for a sign-up or a room creation the cluster's majority cannot decide.
 NO_MAJORITY: Final = (
     "cannot reach a majority of the cluster to claim this name; retry when the cluster is whole"
 )
-_R = TypeVar("_R")
 
 #: ``(room, before, limit, local messages, more) -> (messages, more)``: a history page
 #: continued from the archive (Service.archive_page).
@@ -185,12 +182,6 @@ class ServiceHooks:
     revoked: Signal[str] = field(default_factory=lambda: Signal("revoked"))
 
 
-class Busy(ClientError):
-    """The node is overloaded right now (answered at once, HTTP 503 with Retry-After)."""
-
-    retry_after: Final = 1
-
-
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -220,12 +211,9 @@ class Service:
     ) -> None:
         self.limits = limits or Limits()
         self.hooks = hooks if hooks is not None else ServiceHooks()
-        self.hashes_queued = 0  # running or waiting for a hashing slot
         self.node_id = node_id
         self.store = store
-        self.signer = signer
         self.metrics = metrics
-        self.token_ttl_ms = token_ttl_ms
         self.segment_size = segment_size
         self.snapshot_every = snapshot_every
         self.now_ms = now_ms
@@ -242,7 +230,18 @@ class Service:
             snapshot_every=snapshot_every,
             on_room=self._room_state,
         )
-        self._hashing = asyncio.Semaphore(MAX_INFLIGHT_HASHES)
+        # sign-up, login and session tokens (chatnode/chat/accounts.py)
+        self.accounts = Accounts(
+            metadata=self.metadata,
+            write_meta=self._meta_write,
+            claim=self._claim,
+            store_healthy=lambda: store.healthy,
+            signer=signer,
+            token_ttl_ms=token_ttl_ms,
+            hash_queue=self.limits.hash_queue,
+            now_ms=now_ms,
+            revoked=self.hooks.revoked,
+        )
         # a timer per session: its token's expiry closes it (docs/SECURITY.md, "Revocation
         # across the cluster")
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
@@ -715,35 +714,7 @@ class Service:
                 ref,
             ) from None
 
-    # ------------------------------------------------------------------ accounts (HTTP)
-
-    async def signup(self, creds: p.Credentials) -> tuple[str, int]:
-        def free() -> None:
-            if account_key(creds.user) in self.meta:
-                raise ClientError(ErrorCode.CONFLICT, "that user name is taken")
-
-        free()
-        self._writable_store()
-        pw = await self._hash(hash_password, creds.password, secrets.token_bytes(16))
-        free()
-        await self._claim(account_key(creds.user), "that user name is taken", None)
-        await self._meta_write(
-            (account_key(creds.user), {"pw": pw, "at": self.now_ms()}), check=free
-        )
-        return self._issue(creds.user)
-
-    async def login(self, creds: p.Credentials) -> tuple[str, int]:
-        # No token is issued while this node cannot store a revocation: a session that could
-        # not be logged out must not begin.
-        self._writable_store()
-        account = self.meta.get(account_key(creds.user))
-        stored = account.get("pw") if isinstance(account, dict) else None
-        good = await self._hash(
-            verify_password, creds.password, stored if isinstance(stored, str) else UNUSABLE_HASH
-        )
-        if not good or stored is None:
-            raise ClientError(ErrorCode.BAD_CREDENTIALS, "wrong user name or password")
-        return self._issue(creds.user)
+    # ------------------------------------------------------------------ name claims
 
     async def _claim(self, key: str, taken: str, ref: p.Ref) -> None:
         """Win ``key`` with a majority of the cluster before creating it (no replicator:
@@ -758,50 +729,6 @@ class Service:
         if outcome == "taken":
             raise ClientError(ErrorCode.CONFLICT, taken, ref)
         raise ClientError(ErrorCode.UNAVAILABLE, NO_MAJORITY, ref)
-
-    def _writable_store(self) -> None:
-        if not self.store.healthy:
-            raise ClientError(ErrorCode.UNAVAILABLE, "the node cannot store writes right now")
-
-    async def _hash(self, fn: Callable[[str, _H], _R], password: str, arg: _H) -> _R:
-        """Run a password hash on one of the :data:`MAX_INFLIGHT_HASHES` slots. At most
-        ``limits.hash_queue`` run or wait at once; past that the caller is told at once to
-        come back (:class:`Busy`) instead of waiting behind everyone else."""
-        if self.hashes_queued >= self.limits.hash_queue:
-            raise Busy(ErrorCode.RATE_LIMITED, "the node is busy checking passwords; retry shortly")
-        self.hashes_queued += 1
-        try:
-            async with self._hashing:
-                return await asyncio.to_thread(fn, password, arg)
-        finally:
-            self.hashes_queued -= 1
-
-    def _issue(self, user: str) -> tuple[str, int]:
-        return self.signer.issue(user, secrets.token_urlsafe(16), self.now_ms(), self.token_ttl_ms)
-
-    def authenticate(self, token: str) -> Claims:
-        """Verify a session token (signature, expiry, revocation, account)."""
-        claims = self.signer.verify(token, self.now_ms())
-        if revoked_key(claims.token_id) in self.meta or account_key(claims.user) not in self.meta:
-            raise ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
-        return claims
-
-    async def logout(self, token: str) -> None:
-        claims = self.authenticate(token)
-        await self._meta_write((revoked_key(claims.token_id), claims.expires_ms))
-        self.hooks.revoked.emit(claims.token_id)
-
-    async def expire_revocations(self) -> int:
-        """Drop revocations of tokens that have expired anyway; returns how many."""
-        now = self.now_ms()
-        stale = [
-            k
-            for k in self.meta.keys_with_prefix(REVOKED)
-            if isinstance(v := self.meta.get(k), int) and v <= now
-        ]
-        if stale:
-            await self._meta_write(*((k, None) for k in stale))
-        return len(stale)
 
     # ------------------------------------------------------------------ sessions
 

@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from chatnode.errors import ClientError, ErrorCode
+from chatnode.chat import protocol as p
+from chatnode.errors import ClientError, ErrorCode, ServerError
 from chatnode.history.forwarder import DEFAULT_TOPIC, Delivered, RangeReader, RangeTimeout
 from chatnode.history.forwarding import ForwardedMessage
 from chatnode.history.retention import (
@@ -73,7 +74,6 @@ __all__ = [
     "Delivered",
     "OffsetIndex",
     "RoomIndexState",
-    "archive_message",
     "assemble_page",
     "block_key",
     "change_key",
@@ -246,21 +246,6 @@ class OffsetIndex:
 # -------------------------------------------------------------------------- page assembly
 
 
-def archive_message(m: ForwardedMessage) -> dict[str, object]:
-    """A record as a ``history`` message object (the shape of local history rows)."""
-    return {
-        "room": m.room,
-        "id": m.id,
-        "author": m.author,
-        "body": "" if m.deleted else m.body,
-        "ts": m.ts.wall_ms,
-        "cursor": m.ts.encode(),
-        "edited": m.edited is not None,
-        "deleted": m.deleted,
-        "reactions": {emoji: list(users) for emoji, users in m.reactions},
-    }
-
-
 def assemble_page(
     records: Iterable[tuple[int, ForwardedMessage]],
     room: str,
@@ -364,7 +349,7 @@ def _plan(store: Reads, room: str, before: str, limit: int) -> _Plan:
     return plan
 
 
-class ArchiveUnavailable(Exception):
+class ArchiveUnavailable(ServerError):
     """The broker did not serve a read in time."""
 
 
@@ -432,7 +417,7 @@ class ArchiveReader:
                 ErrorCode.UNAVAILABLE, "old history is in the archive, which cannot be read now"
             ) from e
         self.pages += 1
-        return [archive_message(m) for m in msgs], more
+        return [p.message_fields(m.room, m) for m in msgs], more
 
     def _page_blocking(self, room: str, before: str, limit: int) -> tuple[list[Any], bool]:
         plan = _plan(self.store, room, before, limit)

@@ -44,6 +44,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from chatnode.errors import ServerError
 from chatnode.history.forwarding import (
     BACKOFF_MAX_S,
     DeliveryReport,
@@ -419,6 +420,9 @@ class Forwarder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_pump.wait(), timeout)
                 continue
+            # every room's entries read now go to the producer in one call on its thread
+            # (one hop per round, not one per room: many quiet rooms stay cheap)
+            records: list[Record] = []
             for req in reqs:
                 try:
                     msgs = await self._read_feed(req.room, req.after, req.limit)
@@ -426,13 +430,13 @@ class Forwarder:
                     log.exception("read_feed(%s) failed", req.room)
                     self._state.on_read_failed(req, self._clock())
                     continue
-                records = self._state.on_read(req, msgs)
-                if records:
-                    async with self._producer_lock:
-                        await loop.run_in_executor(
-                            self._pool, self._produce_batch, records, self._incarnation
-                        )
-                self._drain_reports()
+                records += self._state.on_read(req, msgs)
+            if records:
+                async with self._producer_lock:
+                    await loop.run_in_executor(
+                        self._pool, self._produce_batch, records, self._incarnation
+                    )
+            self._drain_reports()
 
     async def _save_loop(self) -> None:
         while True:
@@ -570,7 +574,7 @@ def read_topic(
         c.close()
 
 
-class RangeTimeout(TimeoutError):
+class RangeTimeout(ServerError, TimeoutError):
     """A :class:`RangeReader` read did not complete by its deadline (broker down or slow)."""
 
 

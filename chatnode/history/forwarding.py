@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from chatnode.chat.protocol import MessageLike
+from chatnode.errors import ChatnodeError
 from crdt.clock import Timestamp
 from crdt.errors import CodecError
 
@@ -64,7 +65,7 @@ BACKOFF_MAX_S = 5.0
 MAX_MARKS = 64  # end-of-feed marks kept per room (rule 7); older ones are merged away
 
 
-class RecordError(ValueError):
+class RecordError(ChatnodeError, ValueError):
     """A Kafka record read back from the topic is not a well-formed chatnode message."""
 
 

@@ -53,6 +53,10 @@ HEARTBEAT_S = 2.0  # an idle indexer records the sources' ends this often
 LOG_POLL_S = 0.1  # how often the release log is checked for new rows (without a wake-up)
 KAFKA_POLL_S = 0.2
 PARTITIONS_S = 10.0  # how often the topic's partitions are listed again
+PROBE_S = 2.0  # with no record for this long, the broker is asked whether it still answers
+OUTAGE_LOG_S = 60.0  # while the broker does not answer: one reminder line this often
+RETRY_S = 0.5  # first wait after a failed session; doubled per failure in a row
+FAILURE_LOG_S = 30.0  # failures in a row: one log line this often at most
 
 
 def _wall_ms() -> int:
@@ -196,6 +200,9 @@ class Batch:
 
 class Source(Protocol):
     name: str
+    # while the source does not answer: since when (monotonic); the views' ``updated_ms``
+    # then stays at the last write made while it did
+    down_since: float | None
 
     async def start(self, positions: Mapping[str, int]) -> None: ...
 
@@ -206,7 +213,14 @@ class Source(Protocol):
 
 class KafkaSource:
     """Every partition of the history topic, from the offsets the views hold (a position is
-    the next offset to read)."""
+    the next offset to read).
+
+    A broker that stops answering (down, restarting, hung) is not an error: the client keeps
+    reconnecting by itself and the reader stays where it is, so nothing is skipped. Whenever no
+    record came for :data:`PROBE_S`, the broker is asked for the topic's partitions; a question
+    left unanswered marks an outage (:attr:`down_since`), logged once when it begins, once a
+    minute while it lasts and once when the broker answers again; meanwhile it is asked again
+    with a growing pause (at most ``BACKOFF_MAX_S``)."""
 
     def __init__(self, brokers: str, topic: str) -> None:
         self.brokers = brokers
@@ -217,6 +231,12 @@ class KafkaSource:
         self._positions: dict[int, int | None] = {}
         self._listed = 0.0
         self._assigned = False
+        self._contact = 0.0  # monotonic time the broker last answered
+        self._next_probe = 0.0
+        self._probe_delay = PROBE_S
+        # while the broker does not answer: when it last answered (monotonic)
+        self.down_since: float | None = None
+        self._reminded = 0.0
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
         assert self._pool is not None
@@ -227,21 +247,53 @@ class KafkaSource:
         self._reader = await self._call(lambda: TopicReader(self.brokers, self.topic))
         self._positions = {int(p): off for p, off in positions.items()}
         delay = 0.2
+        said = False
         while not await self._assign():
-            log.info("topic %s not there yet; waiting", self.topic)
+            if self.down_since is None and not said:  # an outage is logged by _no_answer
+                log.info("topic %s not there yet; waiting", self.topic)
+                said = True
             await asyncio.sleep(delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
 
+    def _answered(self, now: float) -> None:
+        self._contact = now
+        self._next_probe = now + PROBE_S
+        self._probe_delay = PROBE_S
+        if self.down_since is not None:
+            log.warning("broker %s answers again (no answer for %.1f s); reading on from "
+                        "the offsets the views hold", self.brokers,
+                        now - self.down_since)  # fmt: skip
+            self.down_since = None
+
+    def _no_answer(self, now: float, exc: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = self._contact or now
+            self._reminded = now
+            self._probe_delay = PROBE_S
+            log.warning("broker %s does not answer (%s; none for %.1f s); indexing paused, "
+                        "nothing skipped: asking again every %.0f-%.0f s", self.brokers, exc,
+                        now - self.down_since, PROBE_S, BACKOFF_MAX_S)  # fmt: skip
+        else:
+            self._probe_delay = min(BACKOFF_MAX_S, self._probe_delay * 2)
+            if now - self._reminded >= OUTAGE_LOG_S:
+                self._reminded = now
+                log.warning("broker %s still does not answer, for %.0f s now (%s)",
+                            self.brokers, now - self.down_since, exc)  # fmt: skip
+        self._next_probe = now + self._probe_delay
+
     async def _assign(self) -> bool:
-        """(Re)assign every partition the topic has now; False if it has none."""
+        """(Re)assign every partition the topic has now; False if it has none or the broker
+        does not answer."""
         reader = self._reader
         assert reader is not None
         try:
             parts = await self._call(reader.partitions)
-        except Exception as exc:  # the broker is down: KafkaException; retried
-            log.info("cannot list %s: %s", self.topic, exc)
+        except Exception as exc:  # KafkaException: no answer in time, no broker reachable
+            self._listed = now = time.monotonic()
+            self._no_answer(now, exc)
             return False
-        self._listed = time.monotonic()
+        self._listed = now = time.monotonic()
+        self._answered(now)
         if not parts:
             return False
         if set(parts) != set(self._positions) or not self._assigned:
@@ -256,9 +308,14 @@ class KafkaSource:
     async def fetch(self, max_records: int) -> Batch:
         reader = self._reader
         assert reader is not None
-        if time.monotonic() - self._listed > PARTITIONS_S:
+        now = time.monotonic()
+        if now - self._listed >= PARTITIONS_S or (
+            now - self._contact >= PROBE_S and now >= self._next_probe
+        ):
             await self._assign()
         got = await self._call(lambda: reader.poll(max_records, KAFKA_POLL_S))
+        if got:
+            self._answered(time.monotonic())
         batch = Batch()
         for part, offset, rec in got:
             if rec is not None:
@@ -302,6 +359,7 @@ class LogSource:
         self._pos: dict[str, int] = {}
         self._highs: dict[str, int] = {}
         self._wake = asyncio.Event()
+        self.down_since: float | None = None  # the node's own log is always there
 
     def notify(self) -> None:
         """New release-log rows may exist."""
@@ -379,10 +437,17 @@ class Indexer:
         return sum(max(0, h - self._pos.get(p, 0)) for p, h in self._highs.items())
 
     async def run(self) -> None:
-        """Index until :meth:`stop`; a failed batch is retried from the stored positions."""
+        """Index until :meth:`stop`; a failed batch is retried from the stored positions,
+        after a pause that grows with the failures in a row (:data:`RETRY_S` doubled, at most
+        ``BACKOFF_MAX_S``), logged (the first of a row with its traceback) in one line per
+        :data:`FAILURE_LOG_S` at most."""
         stopping = asyncio.ensure_future(self._stop.wait())
+        in_row = 0  # sessions failed in a row without applying a batch
+        logged_at: float | None = None
+        unlogged = 0
         try:
             while not self._stop.is_set():
+                batches = self.stats.batches
                 running = asyncio.ensure_future(self._session())
                 await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not running.done():
@@ -394,10 +459,18 @@ class Indexer:
                 if exc is None:
                     break
                 self.stats.failures += 1
-                log.error("indexer failed (%s); resuming from the stored positions", exc,
-                          exc_info=exc)  # fmt: skip
+                in_row = 1 if self.stats.batches != batches else in_row + 1
+                pause = min(BACKOFF_MAX_S, RETRY_S * 2 ** (in_row - 1))
+                now = time.monotonic()
+                if logged_at is None or now - logged_at >= FAILURE_LOG_S:
+                    log.error("indexer failed (%s; %d more failures since the last line); "
+                              "resuming from the stored positions in %.1f s", exc, unlogged,
+                              pause, exc_info=exc if in_row == 1 else None)  # fmt: skip
+                    logged_at, unlogged = now, 0
+                else:
+                    unlogged += 1
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                    await asyncio.wait_for(self._stop.wait(), pause)
         finally:
             stopping.cancel()
             with contextlib.suppress(Exception):
@@ -426,7 +499,7 @@ class Indexer:
                 self.stats.changed += applied.changed
                 self.stats.batches += 1
                 last_beat = now
-            elif batch.highs or now - last_beat >= HEARTBEAT_S:
+            elif src.down_since is None and (batch.highs or now - last_beat >= HEARTBEAT_S):
                 await self.views.heartbeat(src.name, batch.highs)
                 last_beat = now
             behind = self.behind

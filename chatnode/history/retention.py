@@ -34,6 +34,8 @@ import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
+from chatnode.errors import ChatnodeError
+
 __all__ = [
     "Candidate",
     "Decision",
@@ -53,7 +55,7 @@ DEFAULT_MAX_DROP = 10_000
 MAX_GRACE_MS = 30_000
 
 
-class RetentionError(ValueError):
+class RetentionError(ChatnodeError, ValueError):
     """A ``--retain`` value that cannot be parsed."""
 
 

@@ -39,7 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
 
-from chatnode.errors import ServerError
+from chatnode.errors import ChatnodeError, ServerError
 from chatnode.history.forwarding import ForwardedMessage
 
 __all__ = [
@@ -95,15 +95,15 @@ MARK_END: Final = "\x03"
 _CURSOR_PREFIX: Final = "s1."
 
 
-class QueryError(ValueError):
+class QueryError(ChatnodeError, ValueError):
     """A search query with nothing to search for, or too long."""
 
 
-class CursorError(ValueError):
+class CursorError(ChatnodeError, ValueError):
     """A search cursor the server did not produce."""
 
 
-class ViewsURLError(ValueError):
+class ViewsURLError(ChatnodeError, ValueError):
     """A ``--views`` value that names no supported database."""
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from chatnode.chat.protocol import message_fields
 from chatnode.errors import ClientError
-from chatnode.history.archive import ArchiveReader, OffsetIndex, archive_message
+from chatnode.history.archive import ArchiveReader, OffsetIndex
 from chatnode.history.forwarder import Delivered, Forwarder
 from chatnode.history.forwarding import (
     FeedEntry,
@@ -177,7 +178,7 @@ def expected(feed: Feed) -> list[dict[str, object]]:
     for m in sorted(feed.final[ROOM].values(), key=lambda m: m.ts):
         fm = ForwardedMessage(ROOM, 1, "a", m.id, m.author, m.body, m.ts, m.edited, m.deleted,
                               m.reactions)  # fmt: skip
-        out.append(archive_message(fm))
+        out.append(message_fields(ROOM, fm))
     return out
 
 
