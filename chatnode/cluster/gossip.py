@@ -3,13 +3,18 @@ carries its push-pull exchanges over HTTP.
 
 * One UDP socket (``asyncio.DatagramProtocol``) carries pings, acks, ping-reqs, nacks and the
   piggybacked gossip. Every datagram is sealed by the :class:`~chatnode.cluster.keyring.Keyring`
-  (kind "datagram") and is at most :data:`MAX_DATAGRAM` (1,400) bytes sealed: the state
-  machine is given the budget that remains after the seal overhead.
+  (kind "datagram", addressed: :func:`seal_datagram`) for the one member expected at the
+  address it is sent to (``SendUDP.to``), and is at most :data:`MAX_DATAGRAM` (1,400) bytes
+  sealed: the state machine is given the budget that remains after the seal overhead (with
+  room for the longest recipient id). The receive path (:func:`open_datagram`) refuses a
+  datagram sealed for another node (``wrong_recipient``), unaddressed, replayed, stale,
+  forged or malformed, counts it and never raises.
 * Push-pull (full state, every 30 s and on join) is one HTTP exchange with the member's gossip
   address: ``POST`` :data:`PUSH_PULL_PATH` to the same port number over TCP, one exchange
   body each way (:func:`seal_exchange`): a small sealed *preamble* (kind "preamble": the
   recipient's node id, the frame's length and SHA-256, and for an answer the digest of the
-  request it answers) followed by the sealed frame (kind "stream"). The listener reads and
+  request it answers; no recipient only in a join to a seed address whose owner we do not
+  know) followed by the sealed frame (kind "stream"). The listener reads and
   authenticates the preamble (at most :data:`PREAMBLE_MAX` bytes) before it reads the frame,
   reads everything within :data:`BODY_TIMEOUT`, and answers at most ``max_push_pulls_in``
   exchanges at once (503 at once beyond). Both halves live here: :class:`HttpPushPullClient`
@@ -43,8 +48,10 @@ from aiohttp import web
 
 from chatnode.cluster.keyring import KIND_DATAGRAM, KIND_PREAMBLE, KIND_STREAM, AuthError, Keyring
 from chatnode.cluster.membership import (
+    MAX_NODE_ID,
     Addr,
     CodecError,
+    Compound,
     Member,
     MemberEvent,
     Membership,
@@ -54,6 +61,7 @@ from chatnode.cluster.membership import (
     PushPull,
     PushPullRequest,
     SendUDP,
+    Simple,
     decode_message,
     encode_message,
 )
@@ -74,8 +82,10 @@ __all__ = [
     "Propose",
     "PushPullClient",
     "SourceStats",
+    "open_datagram",
     "open_exchange",
     "open_preamble",
+    "seal_datagram",
     "seal_exchange",
     "serve_push_pull",
     "split_exchange",
@@ -106,7 +116,9 @@ class GossipStats:
     udp_in: int = 0
     udp_out: int = 0
     udp_errors: int = 0  # errors reported by the socket
-    dropped_auth: int = 0  # datagrams that failed authentication (the keyring says why)
+    # datagrams that failed authentication or were sealed for another node (the keyring
+    # counts why: wrong_recipient, replay, stale, version, auth, ...)
+    dropped_auth: int = 0
     dropped_codec: int = 0  # datagrams that did not decode
     dropped_oversize: int = 0  # datagrams not sent: over MAX_DATAGRAM sealed
     push_pull_out: int = 0  # exchanges done as initiator
@@ -140,6 +152,28 @@ class PeerSource(Protocol):
     async def start(self, propose: Propose, local: Addr) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+# -- datagrams (pure) --------------------------------------------------------------------------
+
+
+def seal_datagram(
+    keyring: Keyring, sender: str, recipient: str, msg: Simple | Compound, now_wall: float
+) -> bytes:
+    """One gossip datagram from ``sender``, sealed for the node ``recipient`` only."""
+    return keyring.seal(KIND_DATAGRAM, sender, encode_message(msg), now_wall, recipient=recipient)
+
+
+def open_datagram(keyring: Keyring, data: bytes, now_wall: float, me: str) -> Simple | Compound:
+    """The message of a datagram sealed for ``me``. Raises :class:`AuthError` (counted in
+    ``keyring.stats`` by reason: ``wrong_recipient`` for one sealed for another node,
+    ``version`` for an unaddressed one, ``replay``, ``stale``, ``auth``, ...) or
+    :class:`CodecError`, and nothing else."""
+    opened = keyring.open(KIND_DATAGRAM, data, now_wall, me=me)
+    msg = decode_message(opened.payload, max_size=MAX_DATAGRAM)
+    if isinstance(msg, PushPull):
+        raise CodecError("a push-pull frame in a datagram")
+    return msg
 
 
 # -- the push-pull exchange body (pure) --------------------------------------------------------
@@ -289,7 +323,7 @@ class GossipMembership:
         self.bound: Addr = bind
         self._advertise = advertise
         self.keyring = keyring
-        budget = MAX_DATAGRAM - Keyring.overhead(node_id)
+        budget = MAX_DATAGRAM - Keyring.overhead(node_id, recipient_len=MAX_NODE_ID)
         base = config or MembershipConfig()
         self.config = dataclasses.replace(base, max_packet=min(base.max_packet, budget))
         self._incarnation = incarnation
@@ -420,16 +454,11 @@ class GossipMembership:
             return
         self.stats.udp_in += 1
         try:
-            opened = self.keyring.open(KIND_DATAGRAM, data, time.time())
+            msg = open_datagram(self.keyring, data, time.time(), self.node_id)
         except AuthError:
             self.stats.dropped_auth += 1
             return
-        try:
-            msg = decode_message(opened.payload, max_size=MAX_DATAGRAM)
         except CodecError:
-            self.stats.dropped_codec += 1
-            return
-        if isinstance(msg, PushPull):
             self.stats.dropped_codec += 1
             return
         self._handle(m.receive(addr, msg, asyncio.get_running_loop().time()))
@@ -446,9 +475,7 @@ class GossipMembership:
     def _send(self, out: SendUDP) -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        sealed = self.keyring.seal(
-            KIND_DATAGRAM, self.node_id, encode_message(out.msg), time.time()
-        )
+        sealed = seal_datagram(self.keyring, self.node_id, out.to, out.msg, time.time())
         if len(sealed) > MAX_DATAGRAM:
             self.stats.dropped_oversize += 1
             log.warning("dropping a %d-byte datagram to %s", len(sealed), out.addr)
@@ -544,9 +571,12 @@ class GossipMembership:
             msg = self._decode_push_pull(open_exchange(self.keyring, pre, frame, time.time()))
             if msg.source != pre.sender:
                 raise AuthError("sender_mismatch")
+            if not pre.recipient and not msg.join:
+                # naming no recipient is for a first contact with a seed (a join) only
+                raise AuthError("wrong_recipient")
         except AuthError as exc:
             self.stats.push_pull_in_failed += 1
-            self.reject("auth_" + exc.reason)
+            self.reject(exc.reason if exc.reason == "wrong_recipient" else "auth_" + exc.reason)
             raise
         except CodecError:
             self.stats.push_pull_in_failed += 1
@@ -565,7 +595,7 @@ class GossipMembership:
     async def _exchange(self, req: PushPullRequest) -> None:
         try:
             async with asyncio.timeout(self._push_pull_timeout):
-                recipient = self._recipient_at(req.addr)
+                recipient = req.to or self._recipient_at(req.addr)
                 body, digest = seal_exchange(
                     self.keyring, self.node_id, recipient, encode_message(req.msg), time.time()
                 )

@@ -6,16 +6,32 @@ Sealed layout (all integers big-endian)::
 
     version (1) | kind (1) | key id (1) | nonce (12) | ciphertext + tag (16)
 
-and the plaintext inside is::
+and the plaintext inside is, for version 1 (*unaddressed*: push-pull preambles and frames,
+whose preamble names its recipient itself)::
 
     sender id length (1) | sender id (utf-8) | sent-at, ms since the epoch (8) | payload
+
+and for version 2 (*addressed*: gossip datagrams, :meth:`Keyring.seal` with ``recipient``)::
+
+    sender id length (1) | sender id | recipient id length (1) | recipient id (utf-8)
+    | sent-at, ms since the epoch (8) | payload
+
+* An addressed seal names exactly one recipient (1..255 bytes; there is no "anyone"): the
+  opener says who it is (:meth:`Keyring.open` with ``me``) and a seal naming anyone else is
+  refused as ``wrong_recipient`` after authentication, before the nonce cache, so a message
+  captured on its way to one node does not open on another. The recipient id is inside the
+  ciphertext (the GCM tag authenticates it; an on-path listener does not read it). The
+  version byte is in the authenticated header: an unaddressed seal is never taken for an
+  addressed one or the other way round (refused as ``version``). Nodes of one cluster run the
+  same version: a node that seals datagrams unaddressed (before this layout) and one that
+  seals them addressed refuse each other's datagrams.
 
 * A fresh random 12-byte nonce per seal. With random nonces one key should seal fewer than
   2**32 messages (NIST SP 800-38D); at a few hundred datagrams a second that is years, and
   rotation resets it.
 * The associated data is the 3-byte header, so the message kind (datagram vs stream frame),
-  the format version and the key id are all authenticated: a datagram cannot be replayed as a
-  push-pull frame.
+  the format version (unaddressed vs addressed) and the key id are all authenticated: a
+  datagram cannot be replayed as a push-pull frame.
 * Key id: the first byte of SHA-256 over a fixed label and the key. It only selects which
   key(s) to try; authentication is what decides.
 * Several keys may be installed; the first seals, all of them open. Rotation: add the new key
@@ -52,6 +68,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from chatnode.errors import ChatnodeError
+
 __all__ = [
     "KIND_DATAGRAM",
     "KIND_PREAMBLE",
@@ -71,7 +89,8 @@ __all__ = [
     "read_key_file",
 ]
 
-VERSION = 1
+VERSION = 1  # unaddressed seals: push-pull preambles and frames
+VERSION_ADDRESSED = 2  # addressed seals (the recipient's id inside): gossip datagrams
 KIND_DATAGRAM = 1
 KIND_STREAM = 2
 KIND_PREAMBLE = 3  # the authenticated head of a push-pull exchange (chatnode.cluster.gossip)
@@ -83,7 +102,7 @@ _KEY_LEN = 32
 _MAX_SENDER = 255
 
 
-class AuthError(Exception):
+class AuthError(ChatnodeError):
     """A sealed message was rejected: malformed, unknown key, forged, replayed or stale.
     ``reason`` is a short, countable label."""
 
@@ -133,6 +152,7 @@ class Opened:
     sender: str
     sent_at: float  # wall-clock seconds
     payload: bytes
+    recipient: str = ""  # an addressed seal's recipient (the opener); "" for unaddressed
 
 
 @dataclass(slots=True)
@@ -173,39 +193,59 @@ class Keyring:
         return cls([parse_key(k) for k in keys], replay_window=replay_window)
 
     @staticmethod
-    def overhead(sender: str) -> int:
-        """Bytes a seal adds to a payload for this sender id."""
-        return HEADER_LEN + NONCE_LEN + TAG_LEN + 1 + len(sender.encode("utf-8")) + 8
+    def overhead(sender: str, recipient_len: int | None = None) -> int:
+        """Bytes a seal adds to a payload for this sender id: unaddressed (``recipient_len``
+        None) or addressed to a recipient id of ``recipient_len`` bytes."""
+        base = HEADER_LEN + NONCE_LEN + TAG_LEN + 1 + len(sender.encode("utf-8")) + 8
+        return base if recipient_len is None else base + 1 + recipient_len
 
-    def seal(self, kind: int, sender: str, payload: bytes, now_wall: float) -> bytes:
+    def seal(
+        self,
+        kind: int,
+        sender: str,
+        payload: bytes,
+        now_wall: float,
+        *,
+        recipient: str | None = None,
+    ) -> bytes:
+        """Seal ``payload``; with ``recipient`` an addressed seal (version 2) that only a
+        node opening as that id accepts."""
         if kind not in _KINDS:
             raise ValueError(f"unknown kind {kind}")
         sender_b = sender.encode("utf-8")
         if not (0 < len(sender_b) <= _MAX_SENDER):
             raise ValueError("sender id must be 1..255 bytes")
+        to = b""
+        if recipient is not None:
+            recipient_b = recipient.encode("utf-8")
+            if not (0 < len(recipient_b) <= _MAX_SENDER):
+                raise ValueError("recipient id must be 1..255 bytes")
+            to = bytes((len(recipient_b),)) + recipient_b
         key_id, aead = self._keys[0]
-        header = bytes((VERSION, kind, key_id))
+        version = VERSION if recipient is None else VERSION_ADDRESSED
+        header = bytes((version, kind, key_id))
         nonce = os.urandom(NONCE_LEN)
         stamp = max(0, int(now_wall * 1000)).to_bytes(8, "big")
-        plain = bytes((len(sender_b),)) + sender_b + stamp + payload
+        plain = bytes((len(sender_b),)) + sender_b + to + stamp + payload
         self.stats.sealed += 1
         return header + nonce + aead.encrypt(nonce, plain, header)
 
-    def open(self, kind: int, data: bytes, now_wall: float) -> Opened:
-        """Authenticate and decrypt; raises :class:`AuthError` (and counts it) otherwise."""
+    def open(self, kind: int, data: bytes, now_wall: float, *, me: str | None = None) -> Opened:
+        """Authenticate and decrypt an unaddressed seal, or (with ``me``) an addressed one
+        naming ``me``; raises :class:`AuthError` (and counts it) otherwise."""
         try:
-            opened = self._open(kind, data, now_wall)
+            opened = self._open(kind, data, now_wall, me)
         except AuthError as exc:
             self.stats.dropped[exc.reason] += 1
             raise
         self.stats.opened += 1
         return opened
 
-    def _open(self, kind: int, data: bytes, now_wall: float) -> Opened:
+    def _open(self, kind: int, data: bytes, now_wall: float, me: str | None) -> Opened:
         if len(data) < HEADER_LEN + NONCE_LEN + TAG_LEN + 1 + 1 + 8:
             raise AuthError("short")
         version, got_kind, key_id = data[0], data[1], data[2]
-        if version != VERSION:
+        if version != (VERSION if me is None else VERSION_ADDRESSED):
             raise AuthError("version")
         if got_kind != kind:
             raise AuthError("kind")
@@ -231,16 +271,29 @@ class Keyring:
             sender = plain[1 : 1 + n].decode("utf-8")
         except UnicodeDecodeError:
             raise AuthError("layout") from None
-        sent_at = int.from_bytes(plain[1 + n : 9 + n], "big") / 1000.0
+        pos = 1 + n
+        recipient = ""
+        if me is not None:  # addressed: the recipient's id follows the sender's
+            m = plain[pos]
+            if m == 0 or len(plain) < pos + 1 + m + 8:
+                raise AuthError("layout")
+            try:
+                recipient = plain[pos + 1 : pos + 1 + m].decode("utf-8")
+            except UnicodeDecodeError:
+                raise AuthError("layout") from None
+            pos += 1 + m
+        sent_at = int.from_bytes(plain[pos : pos + 8], "big") / 1000.0
         if abs(now_wall - sent_at) > self.replay_window:
             raise AuthError("stale")
+        if me is not None and recipient != me:
+            raise AuthError("wrong_recipient")  # not recorded: it was never ours
         self._expire(now_wall)
         if nonce in self._seen:
             raise AuthError("replay")
         self._seen[nonce] = sent_at
         if len(self._seen) > self._nonce_cache_size:
             self._seen.popitem(last=False)
-        return Opened(sender, sent_at, plain[9 + n :])
+        return Opened(sender, sent_at, plain[pos + 8 :], recipient)
 
     def _expire(self, now_wall: float) -> None:
         horizon = now_wall - self.replay_window

@@ -2,7 +2,9 @@
 traffic"): unauthenticated peer and push-pull sockets sending big frames and bodies do not grow
 the node's memory and do not stop it serving a client; stalled handshakes and push-pulls are
 capped (503 at once) and timed out (408); a captured link handshake or frame replayed to
-another node (or on another link) is refused and counted, and the genuine links stay up."""
+another node (or on another link) is refused and counted, and the genuine links stay up; a
+gossip datagram captured on its way to one node (sniffed on the loopback interface) and
+replayed to the others is refused as sealed for another node and counted."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import base64
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -370,3 +373,89 @@ async def test_captured_handshake_and_frames_are_refused_elsewhere(tmp_path: Pat
             assert scrape(d)["chatnode_peer_link_events_total{event=up}"] == ups[d.node_id] + 1
     finally:
         stop_all([a, b])
+
+
+# -- gossip datagrams ------------------------------------------------------------------------
+
+_ETH_P_IP = 0x0800
+
+
+def _sniffer() -> socket.socket | None:
+    """A packet socket on the loopback interface (None without CAP_NET_RAW)."""
+    try:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_IP))
+    except (PermissionError, OSError):
+        return None
+    s.bind(("lo", 0))
+    return s
+
+
+def _capture_udp_to(sniffer: socket.socket, host: str, port: int, count: int) -> list[bytes]:
+    """The payloads of the next ``count`` UDP datagrams sent to ``host:port`` (what a
+    listener on the path to that node reads); blocks, so it runs in a thread."""
+    sniffer.settimeout(60)
+    want = socket.inet_aton(host)
+    out: list[bytes] = []
+    while len(out) < count:
+        frame, (_, _, pkttype, *_) = sniffer.recvfrom(65536)
+        if pkttype != socket.PACKET_HOST:  # loopback shows each packet going out and in
+            continue
+        ip = frame[14:]  # after the (all-zero) Ethernet header of lo
+        ihl = (ip[0] & 0x0F) * 4
+        if ip[9] != socket.IPPROTO_UDP or ip[16:20] != want:
+            continue
+        udp = ip[ihl:]
+        if int.from_bytes(udp[2:4], "big") == port:
+            out.append(bytes(udp[8 : int.from_bytes(udp[4:6], "big")]))
+    return out
+
+
+@pytest.mark.root
+async def test_a_gossip_datagram_captured_to_one_node_is_refused_by_the_others(
+    tmp_path: Path,
+) -> None:
+    """Three nodes; a listener on the loopback interface captures genuine gossip datagrams
+    on their way to node a and replays them to b and c (and to a) within the replay window:
+    b and c refuse every one as sealed for another node (``auth_wrong_recipient``), a as a
+    replay, all counted in ``/metrics``; no genuine datagram was ever refused that way and
+    the cluster stays whole."""
+    probe = _sniffer()
+    if probe is None:
+        pytest.skip("capturing on lo needs CAP_NET_RAW")
+    probe.close()
+    key = secrets.token_hex(32)
+    wrong = "chatnode_gossip_dropped_total{reason=auth_wrong_recipient}"
+    replay = "chatnode_gossip_dropped_total{reason=auth_replay}"
+    n = 4
+    a, b, c = await asyncio.to_thread(
+        launch_cluster, tmp_path, 3, key, extra_args=["--admin-token", ADMIN]
+    )
+    try:
+        await asyncio.to_thread(wait_until, lambda: linked(a, b, c), 60, "a cluster of 3")
+        before = {d.port: scrape(d) for d in (a, b, c)}
+        sniffer = _sniffer()  # opened now: it reads only what is sent from here on
+        assert sniffer is not None
+        with sniffer:
+            # the gossip port is the node's port number, over UDP
+            captured = await asyncio.to_thread(_capture_udp_to, sniffer, a.host, a.port, n)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((a.host, 0))
+            for node in (b, c, a):
+                for data in captured:
+                    s.sendto(data, (node.host, node.port))
+
+        def counted() -> bool:
+            got = {d.port: scrape(d) for d in (a, b, c)}
+            return (
+                all(got[d.port].get(wrong, 0) == before[d.port].get(wrong, 0) + n
+                    for d in (b, c))
+                and got[a.port].get(replay, 0) >= before[a.port].get(replay, 0) + n
+            )  # fmt: skip
+
+        await asyncio.to_thread(wait_until, counted, 30, "the replays refused and counted")
+        # genuine traffic never names the wrong node, before or after the replays
+        assert all(before[d.port].get(wrong, 0) == 0 for d in (a, b, c))
+        assert scrape(a).get(wrong, 0) == 0
+        await asyncio.to_thread(wait_until, lambda: linked(a, b, c), 30, "still whole")
+    finally:
+        stop_all([a, b, c])

@@ -1,6 +1,7 @@
 """Gossip adapters over real sockets on 127.0.0.2..6, in one process: UDP for the failure
 detector and gossip, push-pull (joins, the periodic full sync) over HTTP with the node's own
-client and handler (tests/integration/gossip_hosts.py)."""
+client and handler (tests/integration/gossip_hosts.py). Datagrams are sealed for their
+recipient: one captured on its way to one member is refused by the others."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -160,3 +162,52 @@ async def test_wrong_key_never_joins(
         assert "intruder" not in view(n)
     assert set(view(intruder)) == {"intruder"}
     assert all_alive(cluster)
+
+
+class Tap(GossipMembership):
+    """A member that also keeps the last raw datagrams it received: what a listener on the
+    path to it would capture."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.captured: list[bytes] = []
+
+    def _on_datagram(self, data: bytes, addr: Addr) -> None:
+        self.captured = [*self.captured[-9:], data]
+        super()._on_datagram(data, addr)
+
+
+async def test_a_datagram_captured_to_one_member_is_refused_by_the_others(
+    cluster: list[GossipMembership], gossip_hosts: GossipHosts
+) -> None:
+    def build(bind: Addr, client: PushPullClient) -> GossipMembership:
+        return Tap("tap", bind, Keyring([KEY]), push_pull_client=client, config=FAST,
+                   seeds=[cluster[0].address])  # fmt: skip
+
+    tap = await gossip_hosts.start(HOSTS[4], build)
+    assert isinstance(tap, Tap)
+    await until(lambda: all_alive([*cluster, tap]) and len(tap.captured) >= 5, 30)
+    captured = tap.captured[-5:]  # genuine datagrams from the others, sealed for "tap" ...
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((HOSTS[0], 0))
+        for target in (cluster[1], cluster[2], tap):  # ... replayed within the 60 s window
+            for data in captured:
+                s.sendto(data, target.bound)
+
+    def refused(n: GossipMembership, reason: str) -> int:
+        return n.keyring.stats.dropped[reason]
+
+    await until(
+        lambda: (
+            refused(cluster[1], "wrong_recipient") == 5
+            and refused(cluster[2], "wrong_recipient") == 5
+            and refused(tap, "replay") == 5
+        ),
+        30,
+    )
+    assert cluster[1].stats.dropped_auth >= 5 and cluster[2].stats.dropped_auth >= 5
+    # nobody else ever saw a datagram meant for another member: genuine traffic names the
+    # member at the address it goes to
+    for n in (cluster[0], cluster[3], cluster[4], tap):
+        assert refused(n, "wrong_recipient") == 0
+    assert all_alive([*cluster, tap])
