@@ -43,7 +43,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.web_protocol import RequestHandler
 
 from chatnode.chat import protocol as p
-from chatnode.chat.service import Busy, Service, ServiceHooks, Session
+from chatnode.chat.accounts import Busy
+from chatnode.chat.service import Service, ServiceHooks, Session
 from chatnode.config import Config
 from chatnode.errors import ClientError, ErrorCode
 from chatnode.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -626,7 +627,7 @@ class WebApp:
             kind="counter",
         )
         metrics.value("chatnode_password_hashes_queued", "password hashes running or waiting",
-                      lambda: float(service.hashes_queued))  # fmt: skip
+                      lambda: float(service.accounts.hashes_queued))  # fmt: skip
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024, middlewares=[self._guard])
@@ -710,14 +711,14 @@ class WebApp:
     async def _accounts(self, request: web.Request) -> web.StreamResponse:
         self._limit(request, None)
         creds = p.parse_credentials(await self._body(request))
-        token, expires = await self.service.signup(creds)
+        token, expires = await self.service.accounts.signup(creds)
         return _json({"user": creds.user, "token": token, "expires": expires}, 201)
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         creds = p.parse_credentials(await self._body(request))
         group = self._limit(request, creds.user)
         try:
-            token, expires = await self.service.login(creds)
+            token, expires = await self.service.accounts.login(creds)
         except ClientError as exc:
             if exc.code == ErrorCode.BAD_CREDENTIALS:
                 self.logins.failed(group, creds.user, time.monotonic())
@@ -731,7 +732,7 @@ class WebApp:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ClientError(ErrorCode.BAD_TOKEN, "missing 'Authorization: Bearer <token>' header")
-        await self.service.logout(token.strip())
+        await self.service.accounts.logout(token.strip())
         return web.Response(status=204, headers=_SECURITY_HEADERS)
 
     def _revoked(self, token_id: str) -> None:
@@ -1020,7 +1021,7 @@ class WebApp:
 
     def _hello(self, conn: Connection, req: p.Hello) -> None:
         try:
-            claims = self.service.authenticate(req.token)
+            claims = self.service.accounts.authenticate(req.token)
             if conn.session is not None and claims.user != conn.session.user:
                 raise ClientError(ErrorCode.INVALID, f"already signed in as {conn.session.user}")
         except ClientError as exc:

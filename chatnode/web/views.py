@@ -144,7 +144,7 @@ class ViewsAPI:
             raise ClientError(ErrorCode.UNAUTHENTICATED, "send 'Authorization: Bearer <token>'")
         if len(token.strip()) > p.MAX_TOKEN:
             raise ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
-        return self.service.authenticate(token.strip()).user
+        return self.service.accounts.authenticate(token.strip()).user
 
     def _check_readable(self, user: str, room: str) -> None:
         """As ``history``: a room one may not see is ``not_found``; a private room one is

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,30 +23,12 @@ import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.harness import Harness
+from tests.support.poll import until
 from tests.support.ws import PASSWORD, WS, Frame, base_url, login, new_user, signup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CLOSE_LOGGED_OUT = 1008
-
-
-async def _eventually(probe: Callable[[], Awaitable[object]], within: float, what: str) -> None:
-    """Await ``probe()`` until it is truthy; fail with ``what`` after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await probe():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await Harness.open(tmp_path, 3)
-    try:
-        yield h
-    finally:
-        await asyncio.to_thread(h.stop)
 
 
 async def _login_everywhere(http: aiohttp.ClientSession, h: Harness, user: str) -> None:
@@ -58,7 +40,7 @@ async def _login_everywhere(http: aiohttp.ClientSession, h: Harness, user: str) 
             ) as r:
                 return r.status == 200
 
-        await _eventually(ok, 60, f"{user} to replicate")
+        await until(ok, 60, f"{user} to replicate")
 
 
 def _body(frame: Frame) -> object:
@@ -89,8 +71,8 @@ async def test_leave_on_one_node_ends_the_subscription_on_another(cluster: Harne
                 r = await ws_ub.call("subscribe", room=room)
                 return bool(r["op"] == "ok")
 
-            await _eventually(lambda: subscribed("secret"), 60, "the room to reach node B")
-            await _eventually(lambda: subscribed("lobby"), 60, "the lobby to reach node B")
+            await until(lambda: subscribed("secret"), 60, "the room to reach node B")
+            await until(lambda: subscribed("lobby"), 60, "the lobby to reach node B")
             await ws_va.ok("send", room="secret", id="before", body="before")
             got = await ws_ub.event(lambda f: _body(f) == "before")
             assert got["room"] == "secret"
@@ -102,7 +84,7 @@ async def test_leave_on_one_node_ends_the_subscription_on_another(cluster: Harne
                 r = await ws_ub.call("history", room="secret")
                 return bool(r["op"] == "error" and r["code"] == "not_found")
 
-            await _eventually(gone, 60, "the leave to reach node B")
+            await until(gone, 60, "the leave to reach node B")
             print(f"leave on A -> not_found on B: {1000 * (time.monotonic() - t0):.0f} ms")
             await ws_va.ok("send", room="secret", id="after", body="after")
             # a message in a room u still reads, sent after it: once it arrives on B, the

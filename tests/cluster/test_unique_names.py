@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,31 +24,12 @@ import pytest
 
 from tests.support.cluster import states_of
 from tests.support.harness import Harness, can_partition
-from tests.support.poll import until_blocking
+from tests.support.poll import until, until_blocking
 from tests.support.ws import PASSWORD, WS, base_url, login, new_user, signup
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROUNDS = 50
-
-
-async def _eventually(probe: Callable[[], Awaitable[object]], within: float, what: str) -> None:
-    """Await ``probe()`` until it is truthy; fail with ``what`` after ``within`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await probe():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Harness]:
-    h = await Harness.open(tmp_path, 3)
-    try:
-        yield h
-    finally:
-        await asyncio.to_thread(h.stop)
 
 
 async def _post_account(http: aiohttp.ClientSession, url: str, user: str, pw: str) -> Any:
@@ -60,7 +39,7 @@ async def _post_account(http: aiohttp.ClientSession, url: str, user: str, pw: st
 
 async def _replicated_account(http: aiohttp.ClientSession, h: Harness, user: str) -> None:
     for d in h.nodes:
-        await _eventually(partial(_can_login, http, d.url, user), 60, f"{user} on {d.host}")
+        await until(partial(_can_login, http, d.url, user), 60, f"{user} on {d.host}")
 
 
 async def _can_login(http: aiohttp.ClientSession, url: str, user: str, pw: str = PASSWORD) -> bool:
@@ -101,7 +80,7 @@ async def test_concurrent_room_creation_has_one_creator(cluster: Harness) -> Non
                             got = {o["room"] for o in r["rooms"] if o["member"]}
                             return got if got == want else None
 
-                        await _eventually(mine, 60, f"{u}'s rooms on {d.host}")
+                        await until(mine, 60, f"{u}'s rooms on {d.host}")
         finally:
             for ws in sockets:
                 await ws.close()
@@ -128,7 +107,7 @@ async def test_concurrent_signups_have_one_owner(cluster: Harness) -> None:
             if n % 10 == 0:  # spot checks (logins are rate limited per address)
                 owner_pw = pws[ok[0]]
                 for d in h.nodes:
-                    await _eventually(partial(_can_login, http, d.url, user, owner_pw), 60, "owner")
+                    await until(partial(_can_login, http, d.url, user, owner_pw), 60, "owner")
                     for i in range(3):
                         if i != ok[0]:
                             assert not await _can_login(http, d.url, user, pws[i])
@@ -196,7 +175,7 @@ async def test_minority_partition_is_unavailable_and_heal_has_no_duplicates(
                 r = await _create(ws_a, room)
                 return bool(r["op"] == "error" and r["code"] == "conflict")
 
-            await _eventually(refused, 60, "the majority's room to reach the lone node")
+            await until(refused, 60, "the majority's room to reach the lone node")
             for d in h.nodes:
                 async with WS.connected(http, d, await login(http, d, a)) as ws:
                     r = await ws.call("history", room=room)

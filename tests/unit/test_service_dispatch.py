@@ -323,13 +323,13 @@ async def test_a_failed_store_refuses_writes_and_logins(n: Node) -> None:
     code, _ = await n.refused("al", "rooms.create", room="r9", visibility="public")
     assert code == "unavailable"
     with pytest.raises(ClientError) as info:
-        await n.service.login(p.Credentials("al", "pw"))
+        await n.service.accounts.login(p.Credentials("al", "pw"))
     assert info.value.code == "unavailable"
 
 
 async def test_signup_login_logout() -> None:
     n = await node()
-    svc = n.service
+    svc = n.service.accounts
     token, _ = await svc.signup(p.Credentials("dee", "a good password"))
     assert svc.authenticate(token).user == "dee"
     with pytest.raises(ClientError) as info:
