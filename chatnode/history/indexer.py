@@ -463,9 +463,10 @@ class Indexer:
                 pause = min(BACKOFF_MAX_S, RETRY_S * 2 ** (in_row - 1))
                 now = time.monotonic()
                 if logged_at is None or now - logged_at >= FAILURE_LOG_S:
-                    log.error("indexer failed (%s; %d more failures since the last line); "
-                              "resuming from the stored positions in %.1f s", exc, unlogged,
-                              pause, exc_info=exc if in_row == 1 else None)  # fmt: skip
+                    more = f"; {unlogged} more since the last line" if unlogged else ""
+                    log.error("indexer failed (%s%s); resuming from the stored positions in "
+                              "%.1f s", exc, more, pause,
+                              exc_info=exc if in_row == 1 else None)  # fmt: skip
                     logged_at, unlogged = now, 0
                 else:
                     unlogged += 1
