@@ -19,7 +19,13 @@ Starts a Tansu broker (memory storage) on a free loopback port, then:
    are read: from the topic through :class:`ArchiveReader` (a seek and a short read), from
    RocksDB with the node's own page read (the local baseline), and with a raw
    confluent-kafka consumer assigned at the same offset and reading the same records (no
-   decoding, no index).
+   decoding, no index), twice: with the reader's librdkafka settings
+   (``range_reader_config``: fetches capped at 64 KiB, ``fetch.wait.max.ms`` 1, bounded
+   prefetch), and with the client's defaults apart from ``fetch.wait.max.ms`` 10 (what the
+   reader used before: each fetch brings back megabytes). Both stop at the last offset and
+   ``unassign()``, as the reader does; each consumer is created once and reused for every
+   page, as the archive reuses its pooled consumers. The three reads of the topic take turns
+   going first for each cursor (Tansu serves a span it has just served faster).
 3. **RocksDB size** after the room is written (room-log segments through the node's segment
    store, history, id-index and release rows, offset index), then after a retention pass
    that keeps the newest 10,000 messages; both compacted.
@@ -46,7 +52,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from rocksdict import Options, Rdict
 
 from chatnode.history.archive import Archive, ArchiveReader, OffsetIndex, block_key, block_prefix
-from chatnode.history.forwarder import Delivered, Forwarder, ensure_topic
+from chatnode.history.forwarder import Delivered, Forwarder, ensure_topic, range_reader_config
 from chatnode.history.forwarding import FeedEntry, Record, encode_record
 from chatnode.history.retention import Policy
 from chatnode.store import layout
@@ -243,7 +249,16 @@ class _BenchService:
         layout.put_room_snapshot(batch, room, bench_room.seq - 1, bench_room.log.snapshot())
 
 
-def raw_page(brokers: str, part: int, first: int, last: int, c: Any) -> int:
+def raw_span(store: Store, room: str, before: str) -> tuple[int, int, int]:
+    """The offsets of the two newest blocks below ``before``: what a page of 50 reads."""
+    blk = store.scan(block_prefix(room), block_key(room, before), reverse=True, limit=2)
+    spans = [msgpack.unpackb(v) for _, v in blk]
+    return spans[0][0], min(s[1] for s in spans), max(s[2] for s in spans)
+
+
+def raw_page(c: Any, part: int, first: int, last: int) -> int:
+    """Records at offsets ``first..last``: assign at ``first``, stop at ``last``, unassign
+    (so that the consumer fetches nothing while the other reads are timed)."""
     c.assign([TopicPartition("chat.messages", part, first)])
     got = 0
     while True:
@@ -252,6 +267,7 @@ def raw_page(brokers: str, part: int, first: int, last: int, c: Any) -> int:
                 continue
             got += 1
             if m.offset() >= last:
+                c.unassign()
                 return got
 
 
@@ -265,29 +281,34 @@ async def pages(
     befores = [cursors[rng.randrange(50 * 50, n - 2500)] if n > 5000 else cursors[n // 2]
                for _ in range(count)]  # fmt: skip
     reader = ArchiveReader(brokers, store, max_concurrent=1, timeout_s=10)
-    out: dict[str, list[float]] = {"archive": [], "local": [], "raw": []}
-    c = Consumer({"bootstrap.servers": brokers, "group.id": "bench-raw",
-                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+    out: dict[str, list[float]] = {"archive": [], "local": [], "raw": [], "raw_default": []}
+    c = Consumer(range_reader_config(brokers, 10))
+    c_default = Consumer({"bootstrap.servers": brokers, "group.id": "bench-raw",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
     try:
         await reader.page(room, befores[0], 50)  # connect once (not timed)
-        for before in befores:
-            t = time.perf_counter()
-            page, _more = await reader.page(room, before, 50)
-            out["archive"].append((time.perf_counter() - t) * 1000)
+        for consumer in (c, c_default):
+            await asyncio.to_thread(raw_page, consumer, *raw_span(store, room, befores[0]))
+        for i, before in enumerate(befores):
+            # the three reads of the topic take turns going first: a span Tansu has just
+            # served is served faster the second time
+            span = raw_span(store, room, before)  # the index lookup of the raw reads: untimed
+            turns = ["archive", "raw", "raw_default"]
+            for name in turns[i % 3 :] + turns[: i % 3]:
+                t = time.perf_counter()
+                if name == "archive":
+                    page, _more = await reader.page(room, before, 50)
+                else:
+                    await asyncio.to_thread(raw_page, c if name == "raw" else c_default, *span)
+                out[name].append((time.perf_counter() - t) * 1000)
             assert len(page) == 50 and str(page[-1]["cursor"]) < before
             t = time.perf_counter()
             rows, _ = await store.read(layout.history_page, store, room, None, before, 50)
             out["local"].append((time.perf_counter() - t) * 1000)
             assert [r[0] for r in rows] == [m["cursor"] for m in page]
-            # raw: the same offsets, straight from a consumer (the index lookup not timed)
-            blk = store.scan(block_prefix(room), block_key(room, before), reverse=True, limit=2)
-            spans = [msgpack.unpackb(v) for _, v in blk]
-            first, last = min(s[1] for s in spans), max(s[2] for s in spans)
-            t = time.perf_counter()
-            await asyncio.to_thread(raw_page, brokers, spans[0][0], first, last, c)
-            out["raw"].append((time.perf_counter() - t) * 1000)
     finally:
         c.close()
+        c_default.close()
         await reader.close()
     return out
 
@@ -340,7 +361,8 @@ async def main() -> None:
         print(f"history pages of 50, at least 50 pages deep ({args.pages} pages)")
         print(line("local RocksDB page", res["local"]))
         print(line("archive page (seek + short read)", res["archive"]))
-        print(line("raw consumer, same offsets", res["raw"]))
+        print(line("raw consumer, reader's settings", res["raw"]))
+        print(line("raw consumer, client defaults", res["raw_default"]))
         await store.close()
         full = await asyncio.to_thread(shutil.copytree, tmp / "db", tmp / "db-retained")
         size_full = await asyncio.to_thread(compacted_size, tmp / "db")

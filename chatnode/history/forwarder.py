@@ -578,31 +578,65 @@ class RangeTimeout(ServerError, TimeoutError):
     """A :class:`RangeReader` read did not complete by its deadline (broker down or slow)."""
 
 
+# A range read asks for little and never waits at the end of the partition (docs/KAFKA.md,
+# "Reading old pages"). The broker answers a fetch with whole record batches: at least the
+# first one, even when it is larger than these limits, so they only keep it from adding more.
+RANGE_FETCH_BYTES = 64 * 1024  # a page's blocks are ~30 KiB; a producer batch up to ~170 KiB
+RANGE_FETCH_WAIT_MS = 1  # a read's records exist: a fetch that would wait is one past the end
+RANGE_QUEUED_MESSAGES = 2000  # prefetch per read, bounded (a read stops at its last offset)
+RANGE_QUEUED_KBYTES = 4096
+
+
+def range_reader_config(brokers: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The librdkafka settings of a :class:`RangeReader` (also used by the archive benchmark's
+    raw consumer, so that both read the same way)."""
+    return {
+        "bootstrap.servers": brokers,
+        "group.id": "chatnode-archive",  # required by the client; assign() never joins it
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        # fetch.max.bytes is raised to message.max.bytes (the largest request this client
+        # sends, 1 MB by default; a reader sends only small ones), so both are set
+        "fetch.max.bytes": RANGE_FETCH_BYTES,
+        "message.max.bytes": RANGE_FETCH_BYTES,
+        "max.partition.fetch.bytes": RANGE_FETCH_BYTES,
+        "fetch.wait.max.ms": RANGE_FETCH_WAIT_MS,
+        "queued.min.messages": RANGE_QUEUED_MESSAGES,
+        "queued.max.messages.kbytes": RANGE_QUEUED_KBYTES,
+        "fetch.queue.backoff.ms": 10,  # the default 1 s would stall a read past the queue
+        "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
+        "logger": _rdlog,
+    }
+
+
 class RangeReader:
     """A blocking reader of offset ranges of one topic, for the archive
-    (chatnode/history/archive.py): ``assign()`` at an offset (a seek), then records up to a
-    last offset. No consumer group. Use from one thread at a time."""
+    (chatnode/history/archive.py): ``assign()`` at an offset (a seek), records up to a last
+    offset, then ``unassign()`` so that nothing is fetched between reads. No consumer group.
+    One consumer is reused for many reads (the archive keeps a bounded pool of them). Use from
+    one thread at a time."""
 
     def __init__(self, brokers: str, topic: str = DEFAULT_TOPIC, timeout_s: float = 5.0) -> None:
         self.topic = topic
-        self._c: Any = Consumer({
-            "bootstrap.servers": brokers,
-            "group.id": "chatnode-archive",  # required by the client; assign() never joins it
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 10,
-            "socket.connection.setup.timeout.ms": max(1000, int(timeout_s * 1000)),
-            "logger": _rdlog,
-        })  # fmt: skip
+        self._c: Any = Consumer(range_reader_config(brokers, timeout_s))
 
     def read(
         self, part: int, first: int, last: int, room: str, deadline: float
     ) -> list[tuple[int, ForwardedMessage]]:
         """``(offset, message)`` of the records of ``room`` at offsets ``first..last`` of
         partition ``part``; :class:`RangeTimeout` once ``time.monotonic()`` passes
-        ``deadline``. A range the broker no longer has (topic retention) ends early, logged."""
+        ``deadline``. A range the broker no longer has (topic retention) ends early, logged.
+        Stops at ``last`` (never waits for more) and unassigns, so the consumer fetches
+        nothing until the next read; after an exception, close the reader."""
         self._c.assign([TopicPartition(self.topic, part, first)])
+        out = self._until(part, first, last, room, deadline)
+        self._c.unassign()
+        return out
+
+    def _until(
+        self, part: int, first: int, last: int, room: str, deadline: float
+    ) -> list[tuple[int, ForwardedMessage]]:
         out: list[tuple[int, ForwardedMessage]] = []
         key = room.encode()
         while True:
