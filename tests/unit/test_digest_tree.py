@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 
 from chatnode.cluster import replication as r
 from crdt.segments import encode_envelope, encode_state_vector
+from tests.support.hyp import examples
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True)
 digests = st.binary(min_size=r.DIGEST_SIZE, max_size=r.DIGEST_SIZE)
@@ -215,7 +216,7 @@ def walk(a: r.DigestTree, b: r.DigestTree) -> tuple[set[str], set[str], int, int
     return pulls["a"], pulls["b"], count, size
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     st.integers(0, 3000),
     st.dictionaries(names, st.tuples(st.none() | digests, st.none() | digests), max_size=12),
@@ -428,4 +429,6 @@ class AntiEntropyCluster(RuleBasedStateMachine):
 
 
 TestAntiEntropyCluster = AntiEntropyCluster.TestCase
-TestAntiEntropyCluster.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+TestAntiEntropyCluster.settings = settings(
+    max_examples=examples(150), stateful_step_count=50, deadline=None
+)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from chatnode.chat.meta import SNAPSHOT_GROWTH, MetaMap, member_key, room_key
 from chatnode.store import layout
 from crdt.clock import HybridClock
+from tests.support.hyp import examples
 from tests.unit.test_meta import Node
 
 
@@ -44,7 +45,7 @@ values = st.none() | st.builds(lambda t: {"title": t, "vis": "public", "by": "al
                                st.sampled_from(["a", "b"]))  # fmt: skip
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.lists(st.tuples(keys, values),
                                                                  min_size=1, max_size=3),
                           st.booleans()), max_size=25))  # fmt: skip

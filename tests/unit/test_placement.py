@@ -7,11 +7,12 @@ from hypothesis import strategies as st
 
 from chatnode.cluster import registry as reg
 from chatnode.cluster.placement import PlacementTable, replicas
+from tests.support.hyp import examples
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,6}", fullmatch=True)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=examples(80), deadline=None)
 @given(
     st.lists(names, min_size=1, max_size=40, unique=True),
     st.lists(names, min_size=1, max_size=8, unique=True),
