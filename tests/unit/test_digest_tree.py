@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -22,6 +21,7 @@ from hypothesis.stateful import (
 from chatnode.cluster import replication as r
 from crdt.segments import encode_envelope, encode_state_vector
 from tests.support.hyp import examples
+from tests.support.lossy import LossyLinks
 
 names = st.from_regex(r"[a-z][a-z0-9]{0,10}", fullmatch=True)
 digests = st.binary(min_size=r.DIGEST_SIZE, max_size=r.DIGEST_SIZE)
@@ -287,7 +287,7 @@ class Replica:
         return grew
 
 
-class AntiEntropyCluster(RuleBasedStateMachine):
+class AntiEntropyCluster(LossyLinks[bytes]):
     """Three nodes write to rooms and push their writes; every message (pushes, tree walk,
     pulls and their answers) is encoded and decoded by the peer codec and travels through
     ``net`` (per directed link: the oldest delivered, lost or duplicated, or the two oldest
@@ -299,7 +299,6 @@ class AntiEntropyCluster(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.nodes: dict[str, Replica] = {}
-        self.net: dict[tuple[str, str], list[bytes]] = {}
         self.written: dict[str, set[int]] = {}
         self.next_item = 1
         self.bytes_sent = 0
@@ -312,10 +311,7 @@ class AntiEntropyCluster(RuleBasedStateMachine):
     def _send(self, frm: str, to: str, msg: r.PeerMsg) -> None:
         frame = r.encode_frame([msg])
         self.bytes_sent += len(frame)
-        self.net.setdefault((frm, to), []).append(frame)
-
-    def _busy(self) -> list[tuple[str, str]]:
-        return sorted(k for k, v in self.net.items() if v)
+        self.put(frm, to, frame)
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -365,24 +361,6 @@ class AntiEntropyCluster(RuleBasedStateMachine):
                     node.add(msg.room, set(msgpack.unpackb(msg.update)))
                 case _:
                     raise AssertionError(msg)
-
-    @precondition(lambda self: bool(self._busy()))
-    @rule(data=st.data())
-    def lose(self, data: st.DataObject) -> None:
-        self.net[data.draw(st.sampled_from(self._busy()))].pop(0)
-
-    @precondition(lambda self: bool(self._busy()))
-    @rule(data=st.data())
-    def duplicate(self, data: st.DataObject) -> None:
-        q = self.net[data.draw(st.sampled_from(self._busy()))]
-        q.append(q[0])
-
-    @precondition(lambda self: any(len(q) > 1 for q in self.net.values()))
-    @rule(data=st.data())
-    def reorder(self, data: st.DataObject) -> None:
-        links = sorted(k for k, q in self.net.items() if len(q) > 1)
-        q = self.net[data.draw(st.sampled_from(links))]
-        q[0], q[1] = q[1], q[0]
 
     def _drain(self) -> None:
         while busy := self._busy():

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -31,6 +30,7 @@ from chatnode.chat.presence import (
 )
 from chatnode.cluster import replication as r
 from tests.support.hyp import examples
+from tests.support.lossy import LossyLinks
 
 # -- examples ---------------------------------------------------------------------------------
 
@@ -223,7 +223,7 @@ class Node:
     seen: set[tuple[str, str]] = field(default_factory=set)  # replay of its events
 
 
-class PresenceCluster(RuleBasedStateMachine):
+class PresenceCluster(LossyLinks[PresenceMsg]):
     """Three nodes; every message goes through ``net`` (per directed link: the oldest
     delivered, lost or duplicated, or the two oldest swapped). A node's membership view is
     its own: nodes are killed and restarted (new incarnation), declared dead by some and
@@ -239,8 +239,6 @@ class PresenceCluster(RuleBasedStateMachine):
         self.now = 0.0
         self.inc = 0
         self.nodes: dict[str, Node | None] = {}
-        # (from, to) -> messages in flight on that link, oldest first
-        self.net: dict[tuple[str, str], list[PresenceMsg]] = {}
         self.versions: dict[tuple[str, str], tuple[int, int]] = {}  # (node, origin) -> held
 
     def _new(self, name: str) -> Node:
@@ -280,15 +278,12 @@ class PresenceCluster(RuleBasedStateMachine):
     def _out(self, name: str, out: Outcome) -> None:
         self._events(name, out.changes)
         for to, m in out.send:
-            self.net.setdefault((name, to), []).append(m)
+            self.put(name, to, m)
 
     def _broadcast(self, name: str, msg: PresenceMsg) -> None:
         for to in NODES:
             if to != name:
-                self.net.setdefault((name, to), []).append(msg)
-
-    def _busy(self) -> list[tuple[str, str]]:
-        return sorted(k for k, v in self.net.items() if v)
+                self.put(name, to, msg)
 
     # -- rules --------------------------------------------------------------------------------
 
@@ -338,24 +333,6 @@ class PresenceCluster(RuleBasedStateMachine):
         node = self.nodes[to]
         if node is not None:
             self._out(to, node.presence.receive(frm, msg, self.now))
-
-    @precondition(lambda self: bool(self._busy()))
-    @rule(data=st.data())
-    def lose(self, data: st.DataObject) -> None:
-        self.net[data.draw(st.sampled_from(self._busy()))].pop(0)
-
-    @precondition(lambda self: bool(self._busy()))
-    @rule(data=st.data())
-    def duplicate(self, data: st.DataObject) -> None:
-        q = self.net[data.draw(st.sampled_from(self._busy()))]
-        q.append(q[0])
-
-    @precondition(lambda self: any(len(q) > 1 for q in self.net.values()))
-    @rule(data=st.data())
-    def reorder(self, data: st.DataObject) -> None:
-        links = sorted(k for k, q in self.net.items() if len(q) > 1)
-        q = self.net[data.draw(st.sampled_from(links))]
-        q[0], q[1] = q[1], q[0]
 
     @rule(n=st.sampled_from(NODES))
     def kill(self, n: str) -> None:
