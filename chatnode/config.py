@@ -18,8 +18,6 @@ The TOML file uses the setting names with underscores at the top level::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import math
 import re
@@ -33,6 +31,7 @@ from typing import Any, Final
 from chatnode.errors import ChatnodeError
 from chatnode.history.retention import RetentionError, parse_retain
 from chatnode.history.views import ViewsURLError, parse_views_url
+from chatnode.keys import parse_key
 
 __all__ = [
     "DEFAULTS",
@@ -320,16 +319,11 @@ def _keys(value: object) -> tuple[str, ...]:
 
 
 def _is_key(text: str) -> bool:
-    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
-        return True
-    padded = text + "=" * (-len(text) % 4)
-    for altchars in (b"+/", b"-_"):
-        try:
-            if len(base64.b64decode(padded, altchars=altchars, validate=True)) == 32:
-                return True
-        except (binascii.Error, ValueError):
-            continue
-    return False
+    try:
+        parse_key(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _optional_path(value: object) -> Path | None:

@@ -54,7 +54,6 @@ layout is in docs/REPLICATION.md ("Peer channels"). Push-pull bodies add a seale
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -69,6 +68,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from chatnode.errors import ChatnodeError
+from chatnode.keys import parse_key
 
 __all__ = [
     "KIND_DATAGRAM",
@@ -109,25 +109,6 @@ class AuthError(ChatnodeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def parse_key(text: str) -> bytes:
-    """A 32-byte key from 64 hex digits or base64 text; ``ValueError`` otherwise."""
-    s = text.strip()
-    if len(s) == 64:
-        try:
-            return bytes.fromhex(s)
-        except ValueError:
-            pass
-    padded = (s + "=" * (-len(s) % 4)).encode("ascii", "replace")
-    for altchars in (None, b"-_"):
-        try:
-            raw = base64.b64decode(padded, altchars=altchars, validate=True)
-        except (binascii.Error, ValueError):
-            continue
-        if len(raw) == _KEY_LEN:
-            return raw
-    raise ValueError("a cluster key must be 64 hex digits or base64 of exactly 32 bytes")
 
 
 def generate_key() -> str:
