@@ -9,7 +9,7 @@ beside a standalone node (no claim), and 3-way races of one room id (docs/SECURI
 Starts real ``chatnode run`` processes on loopback (temporary data directories, RocksDB on
 disk): one standalone node (the baseline, measured in the same run) and a 3-node cluster.
 Each creates ``--creates`` private rooms one at a time through one socket (send to reply);
-then, on the cluster, ``--races`` rounds of one id created through all three nodes at the
+then, on the cluster, ``--races`` rounds of one id created by three users, one per node, at the
 same moment: the winner's and the losers' reply times. The processes are stopped by pid.
 """
 
@@ -95,8 +95,11 @@ async def main(args: argparse.Namespace) -> None:
             wait_until(lambda: all_alive(nodes), 60, "the cluster")
             async with aiohttp.ClientSession() as http:
                 c_solo = await connect(http, solo, "solo", True)
-                await connect(http, nodes[0], "racer", True)
-                conns = [await connect(http, d, "racer", False) for d in nodes]
+                # one user per node: a race is between different people (the same user's
+                # requests for one name through two nodes may both win, as retries do)
+                for i in range(len(nodes)):
+                    await connect(http, nodes[0], f"racer{i}", True)
+                conns = [await connect(http, d, f"racer{i}", False) for i, d in enumerate(nodes)]
                 await creates(c_solo, 10)  # warm-up
                 await creates(conns[0], 10)
                 base_ms = await creates(c_solo, args.creates)

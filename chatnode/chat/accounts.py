@@ -34,9 +34,10 @@ MAX_INFLIGHT_HASHES: Final = 2
 _H = TypeVar("_H")
 _R = TypeVar("_R")
 
-#: ``(key, message when taken, ref)``: win a new metadata key with a majority of the cluster
-#: (``conflict`` when taken, ``unavailable`` when no majority decides; a standalone node wins).
-ClaimFn = Callable[[str, str, p.Ref], Awaitable[None]]
+#: ``(key, message when taken, ref, claimant)``: win a new metadata key with a majority of the
+#: cluster (``conflict`` when another claimant has it, ``unavailable`` when no majority
+#: decides; a standalone node wins). See ``Service._claim``.
+ClaimFn = Callable[[str, str, p.Ref, str], Awaitable[None]]
 
 
 class MetaWrite(Protocol):
@@ -93,7 +94,11 @@ class Accounts:
         self._writable_store()
         pw = await self._hash(hash_password, creds.password, secrets.token_bytes(16))
         free()
-        await self._claim(account_key(creds.user), "that user name is taken", None)
+        # The claimant is the name and its password, keyed: a sign-up answered
+        # ``unavailable`` whose claim was decided anyway is won by its retry (through any
+        # node), and by no one who does not know the password (who could log in anyway).
+        claimant = self._signer.claimant(b"account", creds.user.encode(), creds.password.encode())
+        await self._claim(account_key(creds.user), "that user name is taken", None, claimant)
         await self._write_meta(
             (account_key(creds.user), {"pw": pw, "at": self._now_ms()}), check=free
         )

@@ -28,6 +28,7 @@ __all__ = [
     "UNUSABLE_HASH",
     "Claims",
     "TokenSigner",
+    "claimant_tag",
     "hash_password",
     "valid_token_id",
     "verify_password",
@@ -144,6 +145,17 @@ def _bad() -> ClientError:
     return ClientError(ErrorCode.BAD_TOKEN, "malformed, forged or revoked token")
 
 
+def claimant_tag(*parts: bytes, key: bytes = b"") -> str:
+    """A short tag naming on whose behalf a unique name is claimed (chatnode/cluster/claims.py):
+    32 hex digits of an HMAC-SHA256 of the length-prefixed ``parts`` (no two part lists
+    collide by concatenation). Equal parts, equal tag: a retry is recognised on any node."""
+    mac = hmac.new(key or b"chatnode claimant", digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(len(part).to_bytes(4, "big"))
+        mac.update(part)
+    return mac.hexdigest()[:32]
+
+
 class TokenSigner:
     """Issues and verifies session tokens with HMAC-SHA256.
 
@@ -185,6 +197,11 @@ class TokenSigner:
         signed = f"{_VERSION}.{_b64url(payload)}"
         mac = self._mac(self._keys[0], signed.encode("ascii"))
         return f"{signed}.{_b64url(mac)}", expires_ms
+
+    def claimant(self, *parts: bytes) -> str:
+        """:func:`claimant_tag` keyed with the signing key (shared by the cluster's nodes):
+        no one without the key can compute or test a guess against it."""
+        return claimant_tag(*parts, key=self._keys[0])
 
     def verify(self, token: object, now_ms: int) -> Claims:
         """The claims of a genuine, unexpired token.

@@ -43,7 +43,7 @@ from typing import Any, Final, Protocol
 
 from chatnode.chat import protocol as p
 from chatnode.chat.accounts import Accounts
-from chatnode.chat.auth import Claims, TokenSigner
+from chatnode.chat.auth import Claims, TokenSigner, claimant_tag
 from chatnode.chat.hooks import Signal, Slot
 from chatnode.chat.meta import (
     ACCOUNT,
@@ -138,16 +138,17 @@ class Replicator(Protocol):
     def meta_changed(self) -> None:
         """The metadata map changed (locally or from a peer)."""
 
-    async def claim(self, key: str) -> str:
-        """Claim the metadata key ``key`` (``u/<user>``, ``r/<room>``) for this node with a
-        majority of the cluster (chatnode/cluster/claims.py): ``"won"``, ``"taken"`` or
-        ``"unavailable"``."""
+    async def claim(self, key: str, claimant: str) -> str:
+        """Claim the metadata key ``key`` (``u/<user>``, ``r/<room>``) on behalf of
+        ``claimant`` with a majority of the cluster (chatnode/cluster/claims.py): ``"won"``,
+        ``"taken"`` or ``"unavailable"``. A name decided for ``claimant`` is ``"won"`` again
+        for the same claimant (a retry after ``unavailable``)."""
         ...
 
 
 #: ``unavailable`` for a sign-up or a room creation the cluster's majority cannot decide.
 NO_MAJORITY: Final = (
-    "cannot reach a majority of the cluster to claim this name; retry when the cluster is whole"
+    "cannot reach a majority of the cluster to claim this name; retry the same request later"
 )
 
 #: ``(room, before, limit, local messages, more) -> (messages, more)``: a history page
@@ -716,14 +717,17 @@ class Service:
 
     # ------------------------------------------------------------------ name claims
 
-    async def _claim(self, key: str, taken: str, ref: p.Ref) -> None:
+    async def _claim(self, key: str, taken: str, ref: p.Ref, claimant: str) -> None:
         """Win ``key`` with a majority of the cluster before creating it (no replicator:
         a standalone node is its own majority). ``conflict`` with ``taken`` when another
-        claim has it, ``unavailable`` when no majority decides."""
+        claimant has it, ``unavailable`` when no majority decides. ``claimant`` (a tag from
+        :func:`chatnode.chat.auth.claimant_tag`) says on whose behalf: a name decided for
+        a claimant whose request gave up is won by the same claimant's retry, through any
+        node (chatnode/cluster/claims.py)."""
         rep = self.replicator
         if rep is None:
             return
-        outcome = await rep.claim(key)
+        outcome = await rep.claim(key, claimant)
         if outcome == "won":
             return
         if outcome == "taken":
@@ -895,15 +899,18 @@ class Service:
 
         free()
         quota = self.limits.max_rooms_per_user
-        made = sum(
-            1 for i in self.room_info.values() if i.creator == s.user and i.visibility != "dm"
-        )
+        made = self.metadata.created.get(s.user, 0)
         if made >= quota:
             raise ClientError(
                 ErrorCode.LIMIT_REACHED, f"you have created {made} rooms, the most allowed", req.ref
             )
         info = {"title": req.title, "vis": req.visibility, "by": s.user, "at": self.now_ms()}
-        await self._claim(room_key(req.room), f"room {req.room} already exists", req.ref)
+        await self._claim(
+            room_key(req.room),
+            f"room {req.room} already exists",
+            req.ref,
+            claimant_tag(b"room", s.user.encode()),
+        )
         await self._meta_write(
             (room_key(req.room), info), (member_key(req.room, s.user), 1), check=free
         )

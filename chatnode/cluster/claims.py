@@ -2,10 +2,18 @@
 majority of the cluster's voters. Time and randomness are passed in; nothing here sends or
 sleeps (the runtime, :mod:`chatnode.cluster.runtime`, moves the messages).
 
-Each name is one single-decree Paxos instance. The value decided is a *claim id* (the node
-that asked, its incarnation and a counter), so the node whose claim is decided owns the name
-and every other claimant learns that it lost. Every node is both a proposer (for the sign-ups
-and room creations its clients ask for) and an acceptor (for everyone's).
+Each name is one single-decree Paxos instance. The value decided is a *claim id*:
+``<claimant>/<node>.<incarnation>.<counter>``. The *claimant* says on whose behalf the node
+asks (the runtime's caller passes an opaque tag: for a room the creating user, for a sign-up
+a keyed hash of the new user name and its password), the rest makes the id unique. A claim
+WINS when the decided value is its own claim id or, with a claimant, any value of the same
+claimant; every other claim learns that it lost. So when a claim was decided but its
+proposer gave up before learning it (the deadline passed while the ``Accepted`` answers were
+on their way: the client was told ``unavailable``), the same claimant's retry, through this
+node or another, learns the decided value in its promises and wins, and creates the name; a
+different claimant is told TAKEN. An empty claimant matches nothing but its own claim id.
+Every node is both a proposer (for the sign-ups and room creations its clients ask for) and
+an acceptor (for everyone's).
 
 - A proposer sends ``Prepare(name, ballot)`` to the voters it can reach (itself included).
   A ballot is ``(round, proposer)``; the proposer is ``node.incarnation``, so ballots of two
@@ -16,10 +24,11 @@ and room creations its clients ask for) and an acceptor (for everyone's).
 - With promises from a majority the proposer sends ``Accept(name, ballot, value)``: ``value``
   is the value accepted under the highest ballot among the promises, or its own claim id if
   none was. An acceptor accepts unless it has promised a higher ballot since.
-- With ``Accepted`` from a majority the value is decided. Own claim id: the proposer WON and
-  writes the account or room to the metadata (which then replicates as usual). Another's:
-  TAKEN. ``Taken`` from any acceptor: TAKEN. A ``Nack`` makes the proposer retry with a
-  higher round after a random backoff (two proposers cannot starve each other for long).
+- With ``Accepted`` from a majority the value is decided. Own claim id or its claimant's: the
+  proposer WON and writes the account or room to the metadata (which then replicates as
+  usual). Another claimant's: TAKEN. ``Taken`` from any acceptor: TAKEN. A ``Nack`` makes
+  the proposer retry with a higher round after a random backoff (two proposers cannot
+  starve each other for long).
 - Not enough voters reachable for a majority, or no decision within ``timeout``:
   UNAVAILABLE. So a node in a minority partition never creates a name the majority could
   create too.
@@ -28,8 +37,13 @@ The voters are the cluster's members as the runtime knows them, dead ones includ
 cut off from the others must not count itself a majority once it has declared them dead);
 see ``docs/SECURITY.md`` ("Unique names"). An acceptor keeps a name's state for
 ``retain`` seconds after it last changed: by then the winner's metadata has replicated and
-the ``Taken`` check takes over. The acceptor state lives in memory: an acceptor that restarts
-in the middle of a race forgets its promises (documented limit).
+the ``Taken`` check takes over. This also bounds how long a name decided for a claimant that
+never created it (it gave up and did not retry) stays refused to others: once the acceptors
+have forgotten it, the name is free again. The acceptor state lives in memory: an acceptor
+that restarts in the middle of a race forgets its promises (documented limit).
+
+A claim of a name this node is already claiming joins the pending one when both have the same
+(non-empty) claimant: both learn its outcome; with another claimant it is TAKEN at once.
 
 Messages may be lost, duplicated and reordered: a proposer counts each acceptor once per
 ballot and ignores answers to ballots it has moved past; acceptors answer duplicates again.
@@ -56,6 +70,7 @@ __all__ = [
     "Promise",
     "Step",
     "Taken",
+    "claimant_of",
     "quorum",
 ]
 
@@ -69,6 +84,14 @@ RESEND: Final = 0.5  # a phase with no majority yet is sent again after this lon
 BACKOFF: Final = 0.02  # base of the random backoff after a Nack (doubles per attempt)
 MAX_BACKOFF: Final = 0.5
 MAX_NAME: Final = 256
+MAX_CLAIMANT: Final = 64  # a claimant tag: at most this long, no "/"
+SEP: Final = "/"  # between the claimant and the rest of a claim id
+
+
+def claimant_of(value: str) -> str:
+    """The claimant of a claim id ("" when it has none)."""
+    head, sep, _ = value.partition(SEP)
+    return head if sep else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +179,7 @@ class _Proposal:
     handle: int
     name: str
     value: str  # own claim id
+    claimant: str  # "" : none (only the own claim id wins)
     voters: frozenset[str]
     targets: tuple[str, ...]  # the voters reachable when it started (self included)
     need: int
@@ -168,6 +192,10 @@ class _Proposal:
     wake: float = 0.0  # phase 0: when to start the next ballot; else: when to resend
     attempts: int = 0
     top_round: int = 0  # the highest round seen for this name
+    joined: list[int] = field(default_factory=list)  # handles of the same claimant's repeats
+
+    def wins_with(self, value: str) -> bool:
+        return value == self.value or (self.claimant != "" and claimant_of(value) == self.claimant)
 
 
 class ClaimBook:
@@ -203,22 +231,39 @@ class ClaimBook:
     # -- proposer ------------------------------------------------------------------------------
 
     def start(
-        self, name: str, voters: Iterable[str], reachable: Iterable[str], now: float
+        self,
+        name: str,
+        voters: Iterable[str],
+        reachable: Iterable[str],
+        now: float,
+        claimant: str = "",
     ) -> tuple[int, Step]:
-        """Claim ``name``. ``voters``: the members whose majority decides (this node is
-        always one); ``reachable``: those it has a link to now. Returns the claim's handle
-        and the first step (which may already decide it)."""
+        """Claim ``name`` on behalf of ``claimant`` (see the module's docstring; "": only
+        this very claim can win). ``voters``: the members whose majority decides (this node
+        is always one); ``reachable``: those it has a link to now. Returns the claim's
+        handle and the first step (which may already decide it)."""
+        if len(claimant) > MAX_CLAIMANT or SEP in claimant:
+            raise ValueError(f"not a claimant tag: {claimant!r}")
         self._next += 1
         handle = self._next
         self.stats.started += 1
         vs = frozenset(voters) | {self.node_id}
         targets = tuple(sorted((frozenset(reachable) & vs) | {self.node_id}))
         need = quorum(len(vs))
-        if self._taken(name) or name in self._by_name:
+        if self._taken(name):
+            return handle, self._decide_now(handle, Outcome.TAKEN)
+        if name in self._by_name:
+            pending = self._proposals[self._by_name[name]]
+            if claimant and pending.claimant == claimant:
+                pending.joined.append(handle)  # the same claimant asking again: one outcome
+                return handle, Step()
             return handle, self._decide_now(handle, Outcome.TAKEN)
         if len(targets) < need:
             return handle, self._decide_now(handle, Outcome.UNAVAILABLE)
-        prop = _Proposal(handle, name, f"{self.proposer}.{handle}", vs, targets, need,
+        value = (
+            f"{claimant}{SEP}{self.proposer}.{handle}" if claimant else f"{self.proposer}.{handle}"
+        )
+        prop = _Proposal(handle, name, value, claimant, vs, targets, need,
                          now + self.timeout)  # fmt: skip
         slot = self._slots.get(name)
         if slot is not None:
@@ -256,8 +301,9 @@ class ClaimBook:
         self._proposals.pop(prop.handle, None)
         if self._by_name.get(prop.name) == prop.handle:
             del self._by_name[prop.name]
-        self._count(outcome)
-        done.append((prop.handle, outcome))
+        for handle in (prop.handle, *prop.joined):
+            self._count(outcome)
+            done.append((handle, outcome))
 
     def _on_answer(
         self,
@@ -291,7 +337,7 @@ class ClaimBook:
             case Accepted() if prop.phase == 2:
                 prop.accepts.add(peer)
                 if len(prop.accepts) >= prop.need:
-                    won = prop.proposing == prop.value
+                    won = prop.wins_with(prop.proposing)
                     self._finish(prop, Outcome.WON if won else Outcome.TAKEN, done)
             case Nack() if prop.phase in (1, 2):
                 self.stats.retries += 1
@@ -411,7 +457,7 @@ class ClaimBook:
         return min(times, default=None)
 
     def pending(self) -> int:
-        """Claims of this node not decided yet."""
+        """Claims of this node not decided yet (a joined repeat counts as one)."""
         return len(self._proposals)
 
     def slots(self) -> int:

@@ -38,7 +38,8 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
                                                 prepare ballot ``(round, proposer)``
 ``["cr", name, round, proposer, around,         claim: promise, with what I accepted before
 aproposer, value]``                             (``0, "", ""``: nothing)
-``["ca", name, round, proposer, value]``        claim: accept ``value`` under the ballot
+``["ca", name, round, proposer, value]``        claim: accept ``value`` (a claim id,
+                                                ``[claimant/]node.inc.n``) under the ballot
 ``["cb", name, round, proposer]``               claim: accepted
 ``["cn", name, round, proposer, pround,         claim: refused, I promised the higher ballot
 pproposer]``                                    ``(pround, pproposer)``
@@ -61,8 +62,8 @@ from chatnode.chat.presence import (
     PresenceRequest,
     PresenceVersion,
 )
-from chatnode.cluster.claims import MAX_NAME as MAX_CLAIM_NAME
 from chatnode.cluster.claims import (
+    MAX_CLAIMANT,
     NO_BALLOT,
     Accept,
     Accepted,
@@ -73,6 +74,7 @@ from chatnode.cluster.claims import (
     Promise,
     Taken,
 )
+from chatnode.cluster.claims import MAX_NAME as MAX_CLAIM_NAME
 from chatnode.errors import ChatnodeError
 from crdt.segments import (
     decode_envelope,
@@ -394,6 +396,7 @@ def _ephemeral(tag: str, args: list[object]) -> PeerMsg:
 
 _MAX_PROPOSER: Final = 128
 _MAX_ROUND: Final = 2**62
+_MAX_CLAIM_VALUE: Final = MAX_CLAIMANT + 1 + _MAX_PROPOSER + 24
 
 
 def _claim_name(v: object) -> str:
@@ -417,7 +420,8 @@ def _ballot(rnd: object, proposer: object, *, none_ok: bool = False) -> Ballot:
 
 
 def _claim_value(v: object) -> str:
-    if not isinstance(v, str) or not v or len(v) > _MAX_PROPOSER + 24 or "\x00" in v:
+    # ``[<claimant>/]<proposer>.<counter>`` (chatnode/cluster/claims.py)
+    if not isinstance(v, str) or not v or len(v) > _MAX_CLAIM_VALUE or "\x00" in v:
         raise FrameError("bad claim value")
     return v
 

@@ -7,16 +7,19 @@ import contextlib
 import random
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from chatnode.chat.auth import TokenSigner, claimant_tag
 from chatnode.cluster import claims as c
 from chatnode.cluster import replication as r
 from tests.support.hyp import examples
 
 NODES = ("a", "b", "c")
 NAMES = ("u/x", "r/y")
+CLAIMANTS = ("p", "q", "")  # two people, and a claim bound to nobody but itself
 
 
 # -- codec ----------------------------------------------------------------------------------
@@ -24,7 +27,7 @@ NAMES = ("u/x", "r/y")
 names = st.from_regex(r"[ru]/[a-z0-9]{1,12}", fullmatch=True)
 proposers = st.from_regex(r"[a-z]{1,8}\.[0-9]{1,6}", fullmatch=True)
 ballots = st.tuples(st.integers(1, 2**40), proposers)
-values = st.from_regex(r"[a-z]{1,8}\.[0-9]{1,6}\.[0-9]{1,4}", fullmatch=True)
+values = st.from_regex(r"([0-9a-f]{1,64}/)?[a-z]{1,8}\.[0-9]{1,6}\.[0-9]{1,4}", fullmatch=True)
 claim_msgs = st.one_of(
     st.builds(c.Prepare, names, ballots),
     st.builds(c.Promise, names, ballots, st.just(c.NO_BALLOT), st.just("")),
@@ -70,6 +73,7 @@ def test_claim_decoding_is_strict() -> None:
         ["ct", "u/x", 1],
         ["cz", "u/x", 1, "a.1"],
         ["cb", "u/x", 2**62, "a.1"],
+        ["ca", "u/x", 1, "a.1", "f" * 90 + "/" + "a" * 128 + ".1.1234567890"],  # too long
     ]
     for msg in bad:
         data = msgpack.packb([msg], use_bin_type=True)
@@ -126,6 +130,63 @@ def test_a_second_local_claim_of_one_name_is_taken() -> None:
     book.start("u/x", ["a", "b", "c"], ["b", "c"], 0.0)
     handle, step = book.start("u/x", ["a", "b", "c"], ["b", "c"], 0.0)
     assert step.done == ((handle, c.Outcome.TAKEN),)
+    book.start("r/y", ["a", "b", "c"], ["b", "c"], 0.0, "p")
+    handle, step = book.start("r/y", ["a", "b", "c"], ["b", "c"], 0.0, "q")
+    assert step.done == ((handle, c.Outcome.TAKEN),)
+
+
+def test_the_same_claimant_asking_again_joins_the_pending_claim() -> None:
+    book = _book("a", timeout=5.0)
+    first, step = book.start("r/y", ["a", "b"], ["b"], 0.0, "p")
+    ballot = next(m.ballot for _, m in step.out if isinstance(m, c.Prepare))
+    again, step = book.start("r/y", ["a", "b"], ["b"], 0.1, "p")
+    assert step == c.Step() and book.pending() == 1
+    step = book.receive("b", c.Promise("r/y", ballot, c.NO_BALLOT, ""), 0.2)
+    ((_, accept),) = step.out
+    assert isinstance(accept, c.Accept) and c.claimant_of(accept.value) == "p"
+    step = book.receive("b", c.Accepted("r/y", ballot), 0.3)
+    assert step.done == ((first, c.Outcome.WON), (again, c.Outcome.WON))
+    assert book.stats.won == 2 and book.pending() == 0
+
+
+def test_a_claimant_tag_is_checked() -> None:
+    book = _book("a")
+    for bad in ("x/y", "f" * 65):
+        with pytest.raises(ValueError, match="claimant"):
+            book.start("u/x", ["a"], [], 0.0, bad)
+
+
+@given(st.lists(st.binary(max_size=8), max_size=3), st.lists(st.binary(max_size=8), max_size=3))
+def test_claimant_tags_name_their_parts_and_fit_a_claim(a: list[bytes], b: list[bytes]) -> None:
+    tag = claimant_tag(*a)
+    assert tag == claimant_tag(*a) and len(tag) == 32 and c.SEP not in tag
+    assert (claimant_tag(*b) == tag) == (a == b)  # length-prefixed: no concatenation clash
+    keyed = TokenSigner([b"k" * 32]).claimant(*a)
+    assert keyed != tag and keyed != TokenSigner([b"j" * 32]).claimant(*a)
+    c.ClaimBook("a", 1, set[str]().__contains__).start("u/x", ["a"], [], 0.0, keyed)
+
+
+def test_a_decided_claim_whose_proposer_gave_up_is_won_by_its_claimant_retry() -> None:
+    """The name lost in the benchmark (issue 10): a's claim for claimant p is accepted by b,
+    b's answer is lost, a times out (the client hears ``unavailable``), so p's value is
+    decided but nobody created the name. Another claimant is told TAKEN; p's retry, through
+    any node, wins."""
+    sim = Sim(("a", "b", "c"), 0)
+    sim.start("a", "r/room-004185", "p")
+    while sim.net:
+        src, dst, msg = sim.net.pop(0)
+        if isinstance(msg, c.Accepted):
+            continue  # b and c accepted p's value; a never hears it
+        sim.apply(dst, sim.books[dst].receive(src, msg, sim.now))
+    sim.tick(c.TIMEOUT + 0.1)
+    assert list(sim.outcomes.values()) == [c.Outcome.UNAVAILABLE]
+    assert c.claimant_of(sim.books["b"].accepted_value("r/room-004185") or "") == "p"
+    assert sim.settle("c", "r/room-004185", "q") is c.Outcome.TAKEN
+    assert sim.settle("b", "r/room-004185", "p") is c.Outcome.WON
+    # b created it: from now on the name exists (a further retry is a ``conflict`` too)
+    assert sim.settle("a", "r/room-004185", "p") is c.Outcome.TAKEN
+    assert sim.settle("c", "r/room-004185", "q") is c.Outcome.TAKEN
+    assert sim.winners == {"r/room-004185": {"p"}}
 
 
 def test_an_acceptor_forgets_after_retain_and_stays_bounded() -> None:
@@ -172,8 +233,10 @@ class Sim:
         self.net: list[tuple[str, str, c.ClaimMsg]] = []  # (from, to, message)
         self.cut: set[frozenset[str]] = set()
         self.claims: dict[tuple[str, int], str] = {}  # (node, handle) -> name
+        self.claimants: dict[tuple[str, int], str] = {}  # (node, handle) -> claimant
         self.outcomes: dict[tuple[str, int], c.Outcome] = {}
-        self.winners: dict[str, set[tuple[str, int]]] = {}
+        self.winners: dict[str, set[str]] = {}  # name -> the claimants that won it
+        self.won: dict[str, set[tuple[str, int]]] = {}  # name -> the claims that won it
 
     def reachable(self, n: str) -> list[str]:
         return [m for m in self.nodes if m != n and frozenset((n, m)) not in self.cut]
@@ -188,13 +251,30 @@ class Sim:
             self.outcomes[key] = outcome
             if outcome is c.Outcome.WON:
                 name = self.claims[key]
-                self.winners.setdefault(name, set()).add(key)
+                who = self.claimants[key] or f"{node}.{handle}"  # none: only this claim
+                self.winners.setdefault(name, set()).add(who)
+                self.won.setdefault(name, set()).add(key)
                 self.meta[node].add(name)  # the winner writes its metadata
 
-    def start(self, node: str, name: str) -> None:
-        handle, step = self.books[node].start(name, self.nodes, self.reachable(node), self.now)
+    def start(self, node: str, name: str, claimant: str = "") -> int:
+        handle, step = self.books[node].start(
+            name, self.nodes, self.reachable(node), self.now, claimant
+        )
         self.claims[(node, handle)] = name
+        self.claimants[(node, handle)] = claimant
         self.apply(node, step)
+        return handle
+
+    def settle(self, node: str, name: str, claimant: str) -> c.Outcome:
+        """Claim on a network that delivers everything in order until the claim decides."""
+        handle = self.start(node, name, claimant)
+        for _ in range(2_000):
+            while self.net:
+                self.deliver(0)
+            if (node, handle) in self.outcomes:
+                break
+            self.tick(0.05)
+        return self.outcomes[(node, handle)]
 
     def deliver(self, i: int, keep: bool = False) -> None:
         src, dst, msg = self.net[i] if keep else self.net.pop(i)
@@ -212,6 +292,17 @@ class Sim:
             self.meta[dst] |= self.meta[src]
 
 
+def _holds(sim: Sim, node: str, name: str, claimant: str, value: str) -> bool:
+    """``node`` has ``name`` in its metadata or accepted a value of the claim (with a
+    claimant: of any claim of that claimant) for it."""
+    if name in sim.meta[node]:
+        return True
+    got = sim.books[node].accepted_value(name)
+    if got is None:
+        return False
+    return c.claimant_of(got) == claimant if claimant else got == value
+
+
 class ClaimCluster(RuleBasedStateMachine):
     """Any interleaving of claims, lost / duplicated / reordered messages, partitions, time
     and metadata replication: a name never has two winners; a claim decides once; a winner
@@ -226,9 +317,21 @@ class ClaimCluster(RuleBasedStateMachine):
     def reseed(self, seed: int) -> None:
         self.sim = Sim(NODES, seed)
 
-    @rule(node=st.sampled_from(NODES), name=st.sampled_from(NAMES))
-    def claim(self, node: str, name: str) -> None:
-        self.sim.start(node, name)
+    @rule(
+        node=st.sampled_from(NODES),
+        name=st.sampled_from(NAMES),
+        claimant=st.sampled_from(CLAIMANTS),
+    )
+    def claim(self, node: str, name: str, claimant: str) -> None:
+        self.sim.start(node, name, claimant)
+
+    @rule(node=st.sampled_from(NODES), data=st.data())
+    @precondition(lambda self: any(o is c.Outcome.UNAVAILABLE for o in self.sim.outcomes.values()))
+    def retry(self, node: str, data: st.DataObject) -> None:
+        """A client told ``unavailable`` sends the same request again, through any node."""
+        gave_up = sorted(k for k, o in self.sim.outcomes.items() if o is c.Outcome.UNAVAILABLE)
+        key = data.draw(st.sampled_from(gave_up))
+        self.sim.start(node, self.sim.claims[key], self.sim.claimants[key])
 
     @rule(data=st.data())
     @precondition(lambda self: self.sim.net)
@@ -264,21 +367,19 @@ class ClaimCluster(RuleBasedStateMachine):
 
     @invariant()
     def one_winner_per_name(self) -> None:
-        for name, keys in self.sim.winners.items():
-            assert len(keys) <= 1, f"{name} won by {keys}"
+        # one claimant per name; the same claimant may win it more than once (a retry)
+        for name, who in self.sim.winners.items():
+            assert len(who) <= 1, f"{name} won by {who}"
 
     @invariant()
     def winners_hold_a_majority_of_acceptors(self) -> None:
-        # whatever the acceptors forget over time, the won value was accepted by a majority
-        # (retain is far beyond the simulated time here)
-        for name, keys in self.sim.winners.items():
+        # whatever the acceptors forget over time, a value of the winner was accepted by a
+        # majority (retain is far beyond the simulated time here)
+        for name, keys in self.sim.won.items():
             for node, handle in keys:
-                value = f"{node}.1.{handle}"
-                holders = [
-                    n
-                    for n in NODES
-                    if self.sim.books[n].accepted_value(name) == value or name in self.sim.meta[n]
-                ]
+                claimant = self.sim.claimants[(node, handle)]
+                mine = f"{node}.1.{handle}"
+                holders = [n for n in NODES if _holds(self.sim, n, name, claimant, mine)]
                 assert len(holders) >= c.quorum(len(NODES))
 
     @invariant()
@@ -299,6 +400,27 @@ class ClaimCluster(RuleBasedStateMachine):
             sim.tick(0.05)
         assert not any(b.pending() for b in sim.books.values())
         assert set(sim.outcomes) == set(sim.claims)
+        self.one_winner_per_name()
+        # No name is lost: once the metadata has replicated, every claimant (bound to a
+        # person) that asked for a name not created yet asks again, and then it exists. A
+        # value decided for a claim whose proposer gave up is won by its claimant's retry.
+        for a in NODES:
+            for b in NODES:
+                sim.replicate(a, b)
+        for name in NAMES:
+            tried = sorted({sim.claimants[k] for k, n in sim.claims.items() if n == name} - {""})
+            if any(name in m for m in sim.meta.values()) or not tried:
+                continue
+            if any(
+                sim.claimants[k] == "" and sim.claims[k] == name and o is c.Outcome.UNAVAILABLE
+                for k, o in sim.outcomes.items()
+            ):
+                # a claim bound to nobody may have been decided: no retry can win it, the
+                # acceptors release it after ``retain``
+                sim.tick(c.RETAIN + 1.0)
+            for claimant in tried:
+                sim.settle(NODES[0], name, claimant)
+            assert any(name in m for m in sim.meta.values()), f"{name} lost"
         self.one_winner_per_name()
 
 
