@@ -155,6 +155,17 @@ class MetaMap:
         self.members: dict[str, set[str]] = {}
         self.user_rooms: dict[str, set[str]] = {}
         self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
+        self.created: dict[str, int] = {}  # user -> rooms made, DMs aside (the quota)
+        self._prefixed: dict[str, set[str]] = {}  # prefix -> its present keys (on demand)
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, fn: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``fn(key)`` for each key whose value may have changed from now on (local
+        changes and peers' news, as :meth:`index` sees them), so that a reader of a part of
+        the map can follow its changes instead of reading the whole map again. Returns the
+        call that stops it."""
+        self._watchers.append(fn)
+        return lambda: self._watchers.remove(fn)
 
     # ------------------------------------------------------------------ reading
 
@@ -170,6 +181,15 @@ class MetaMap:
     def is_member(self, room: str, user: str) -> bool:
         return user in self.members.get(room, ())
 
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        """Present keys starting with ``prefix``, sorted. The first call for a prefix reads
+        the whole map; from then on its keys are kept in line by :meth:`index`, so a call
+        costs what the prefix holds, not the size of the map."""
+        keys = self._prefixed.get(prefix)
+        if keys is None:
+            keys = self._prefixed[prefix] = set(self.map.keys_with_prefix(prefix))
+        return sorted(keys)
+
     # ------------------------------------------------------------------ startup
 
     def restore(
@@ -184,6 +204,7 @@ class MetaMap:
             self.seq = max(self.seq, seq)
             self.since_snapshot += 1
         self.map.joined.clear()
+        self._prefixed.clear()
         for key in list(self.map.keys()):
             self.index(key)
         self.rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.map, seq=self.seq)
@@ -191,18 +212,31 @@ class MetaMap:
     # ------------------------------------------------------------------ indexes
 
     def index(self, key: str) -> None:
-        """Bring the derived indexes in line with ``map[key]``."""
+        """Bring the derived indexes in line with ``map[key]`` (and tell the watchers)."""
+        for fn in self._watchers:
+            fn(key)
+        for prefix, keys in self._prefixed.items():
+            if key.startswith(prefix):
+                if key in self.map:
+                    keys.add(key)
+                else:
+                    keys.discard(key)
         value = self.map.get(key)
         if key.startswith(ROOM):
             room = key[len(ROOM) :]
+            old = self.room_info.get(room)
+            if old is not None and old.visibility != "dm":
+                self.created[old.creator] -= 1
             if isinstance(value, dict):
-                self.room_info[room] = RoomInfo(
+                info = self.room_info[room] = RoomInfo(
                     room,
                     str(value.get("title", "")),
                     str(value.get("vis", "private")),
                     str(value.get("by", "")),
                     int(value.get("at", 0)),
                 )
+                if info.visibility != "dm":
+                    self.created[info.creator] = self.created.get(info.creator, 0) + 1
                 self.on_room(room)
             else:
                 self.room_info.pop(room, None)

@@ -23,6 +23,7 @@ from typing import Final
 
 from aiohttp import web
 
+from chatnode.chat.meta import ROOM
 from chatnode.chat.presence import PresenceDelta, PresenceFull, PresenceRequest, PresenceVersion
 from chatnode.chat.service import Service, ServiceHooks
 from chatnode.cluster import claims as cl
@@ -163,6 +164,16 @@ class Cluster:
         self._closed = False
         self._started = time.monotonic()
         self._homes: set[str] = set()  # rooms this node acts as home of
+        # the registry, followed change by change (a round costs what changed, not the
+        # number of rooms): each room's recorded home; the rooms whose ``r/`` or ``h/`` key
+        # changed since the last round (``_reg_all``: read them all); the rooms whose claim
+        # is to be decided again; the alive set the decided claims were placed over
+        self._reg_homes: dict[str, reg.Home | None] = {}
+        self._reg_dirty: set[str] = set()
+        self._reg_all = True
+        self._reg_pending: set[str] = set()
+        self._reg_alive: set[str] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._leaving = False  # handed over: claim nothing any more
         self._frontier = FrontierTracker()
         self._blocking: set[str] = set()  # peers that are members: they hold delivery back
@@ -200,6 +211,8 @@ class Cluster:
             spawn = self._supervisor.spawn
             self._tasks.append(spawn("meta-ship", self._meta_loop))
             self._tasks.append(spawn("anti-entropy", self._anti_entropy_loop))
+            self._unwatch = self.service.metadata.watch(self._registry_key)
+            self._reg_all = True
             self._tasks.append(spawn("registry", self._registry_loop))
             self._tasks.append(spawn("heartbeat", self._heartbeat_loop))
             self._tasks.append(spawn("claims", self._claims_loop))
@@ -236,6 +249,9 @@ class Cluster:
             if not cfut.done():
                 cfut.set_result(cl.Outcome.UNAVAILABLE.value)
         self._hooks.replicator.unbind(self)
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
     async def _close_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -521,13 +537,15 @@ class Cluster:
         members = self._members()
         left = {m.id for m in members if m.state is MemberState.LEFT}
         out = {m.id for m in members if m.state is not MemberState.LEFT}
-        for key in self.service.meta.keys_with_prefix(VOTER_PREFIX):
+        for key in self.service.metadata.keys_with_prefix(VOTER_PREFIX):
             out.add(key[len(VOTER_PREFIX) :])
         return (out - left) | {self.node_id}
 
-    async def claim(self, key: str) -> str:
-        """Claim the metadata key ``key`` with a majority of the voters: ``"won"``,
-        ``"taken"`` or ``"unavailable"`` (decided within ``claims.TIMEOUT``)."""
+    async def claim(self, key: str, claimant: str = "") -> str:
+        """Claim the metadata key ``key`` with a majority of the voters on behalf of
+        ``claimant`` (a tag, see chatnode/cluster/claims.py: the same claimant's retry wins
+        a name decided for it): ``"won"``, ``"taken"`` or ``"unavailable"`` (decided within
+        ``claims.TIMEOUT``)."""
         if self.hub is None:
             return cl.Outcome.WON.value
         loop = asyncio.get_running_loop()
@@ -539,7 +557,7 @@ class Cluster:
                         await self._links_changed.wait()
         fut: asyncio.Future[str] = loop.create_future()
         handle, step = self.claims.start(key, self.voters(), self.hub.connected(),
-                                         time.monotonic())  # fmt: skip
+                                         time.monotonic(), claimant)  # fmt: skip
         self._claim_futs[handle] = fut
         try:
             self._claim_step(step)
@@ -552,9 +570,7 @@ class Cluster:
         """This node has peer links to a majority of the voters (itself included)."""
         assert self.hub is not None
         voters = self.voters()
-        return len((set(self.hub.connected()) & voters) | {self.node_id}) >= cl.quorum(
-            len(voters)
-        )
+        return len((set(self.hub.connected()) & voters) | {self.node_id}) >= cl.quorum(len(voters))
 
     def _claim_step(self, step: cl.Step) -> None:
         assert self.hub is not None
@@ -705,32 +721,80 @@ class Cluster:
             self._registry_wake.clear()
             await self._registry_round()  # a failure is logged and counted by the supervisor
 
+    def _registry_key(self, key: str) -> None:
+        """A metadata key changed: note its room if it is a room's or a home's."""
+        if key.startswith(reg.PREFIX):
+            self._reg_dirty.add(key[len(reg.PREFIX) :])
+        elif key.startswith(ROOM):
+            self._reg_dirty.add(key[len(ROOM) :])
+
     async def _registry_round(self) -> None:
-        homes = self.homes()
-        self._note_homes(homes)
+        """Bring the homes in line with the rooms that changed, and claim those placement
+        gives to this node. Every room is decided again only when the alive set changes
+        (placement moved) or at the first round after the settle."""
+        self._note_homes()
         if self._leaving:
             return
         if time.monotonic() - self._started < SETTLE:
             self._registry_wake.set()
             await asyncio.sleep(0.2)
             return
-        todo = reg.claims(self.node_id, homes, homes, self._alive_ids())
+        alive = self._alive_ids()
+        if alive != self._reg_alive:
+            self._reg_alive = alive
+            self._reg_pending = set(self._reg_homes)
+        if not self._reg_pending:
+            return
+        pending, self._reg_pending = self._reg_pending, set()
+        todo = reg.claims(self.node_id, sorted(pending), self._reg_homes, alive)
         if not todo:
             return
-        await self.service.write_meta(*((reg.home_key(c.room), c.home.to_value()) for c in todo))
+        try:
+            await self.service.write_meta(
+                *((reg.home_key(c.room), c.home.to_value()) for c in todo)
+            )
+        except BaseException:
+            self._reg_pending.update(c.room for c in todo)  # decided again next round
+            raise
         for c in todo:
             log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
             self.stats.claims += 1
-        self._note_homes(self.homes())
+        self._note_homes()
 
-    def _note_homes(self, homes: dict[str, reg.Home | None]) -> None:
-        mine = {room for room, h in homes.items() if h is not None and h.node == self.node_id}
-        for room in sorted(self._homes - mine):
-            h = homes.get(room)
-            if h is not None:
-                log.info("no longer home of room %s: %s holds epoch %d", room, h.node, h.epoch)
-        self._homes = mine
-        self._sync_forwarder()
+    def _note_homes(self) -> None:
+        """Read the recorded home of each room noted as changed (every room the first time)
+        into ``_reg_homes`` and ``_homes``; each is then to be decided again."""
+        info = self.service.room_info
+        if self._reg_all:
+            self._reg_all = False
+            self._reg_dirty.clear()
+            rooms = set(info) | set(self._reg_homes)
+        elif self._reg_dirty:
+            rooms, self._reg_dirty = self._reg_dirty, set()
+        else:
+            return
+        meta = self.service.meta
+        changed = False
+        for room in sorted(rooms):
+            if room not in info:  # not a room (any more)
+                changed = changed or room in self._reg_homes
+                self._reg_homes.pop(room, None)
+                self._reg_pending.discard(room)
+                self._homes.discard(room)
+                continue
+            h = reg.parse_home(meta.get(reg.home_key(room)))
+            changed = changed or room not in self._reg_homes or self._reg_homes[room] != h
+            self._reg_homes[room] = h
+            self._reg_pending.add(room)
+            if h is not None and h.node == self.node_id:
+                self._homes.add(room)
+            elif room in self._homes:
+                self._homes.discard(room)
+                if h is not None:
+                    log.info("no longer home of room %s: %s holds epoch %d", room, h.node,
+                             h.epoch)  # fmt: skip
+        if changed:
+            self._sync_forwarder()
 
     def waiting(self) -> int:
         """Writes waiting for their durable acknowledgements."""

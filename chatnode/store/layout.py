@@ -319,8 +319,10 @@ def load_everything(store: Reads) -> Loaded:
     ]
     rooms: RoomLoad = {}
     names: set[str] = set()
-    for k, _ in store.iter_range(NS_ROOM_SNAPSHOT, prefix_end(NS_ROOM_SNAPSHOT)):
-        names.add(k[1:].decode("utf-8"))
+    snaps: dict[str, bytes] = {}  # read here, not looked up room by room (a miss costs)
+    for k, v in store.iter_range(NS_ROOM_SNAPSHOT, prefix_end(NS_ROOM_SNAPSHOT)):
+        snaps[k[1:].decode("utf-8")] = v
+    names.update(snaps)
     # Room names with updates: hop from room to room with seeks instead of reading every key.
     key = NS_UPDATE
     end = prefix_end(NS_UPDATE)
@@ -332,7 +334,7 @@ def load_everything(store: Reads) -> Loaded:
         names.add(name)
         key = prefix_end(update_prefix(name))
     for name in names:
-        snap = store.get(room_snapshot_key(name))
+        snap = snaps.get(name)
         prefix = update_prefix(name)
         updates = [
             (int.from_bytes(k[len(prefix) :], "big"), v)
@@ -398,8 +400,16 @@ class Unreleased(NamedTuple):
 def load_releases(store: Reads, rooms: list[str]) -> dict[str, tuple[int, str, list[Unreleased]]]:
     """Per room: the last release number, the highest cursor released, and the events
     committed but never released (``q`` rows: messages and updates) in cursor order, each
-    with its message's current history row."""
+    with its message's current history row.
+
+    The ``q`` rows of every room are read in one pass over their namespace: released rows
+    are deleted, so the namespace is mostly tombstones, and a seek per room would step over
+    the tombstones of the rooms after it (quadratic in the number of rooms)."""
     out: dict[str, tuple[int, str, list[Unreleased]]] = {}
+    queued: dict[str, list[tuple[bytes, bytes]]] = {}
+    for key, value in store.iter_range(NS_UNRELEASED, prefix_end(NS_UNRELEASED)):
+        name = key[len(NS_UNRELEASED) :].split(_SEP, 1)[0].decode("utf-8")
+        queued.setdefault(name, []).append((key, value))
     for room in rooms:
         prefix = release_prefix(room)
         last = store.last_key(prefix)
@@ -415,7 +425,7 @@ def load_releases(store: Reads, rooms: list[str]) -> dict[str, tuple[int, str, l
                     break
         pending: list[Unreleased] = []
         qprefix = unreleased_prefix(room)
-        for key, value in store.iter_range(qprefix, prefix_end(qprefix)):
+        for key, value in queued.get(room, ()):
             at, sep, _ = key[len(qprefix) :].partition(b"\x00")
             if sep:  # an update
                 msg_id, replaces = msgpack.unpackb(value, raw=False)

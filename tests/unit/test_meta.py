@@ -193,3 +193,71 @@ async def test_a_removal_from_a_peer_reaches_the_indexes() -> None:
     _, batch = b.meta.receive("a", payload)
     assert batch is not None
     assert not b.meta.is_member("r", "al") and b.meta.user_rooms["al"] == set()
+
+
+_KEYS = ["r/x", "r/y", "r/z", "v/n1", "v/n2", "u/a"]
+
+
+@settings(max_examples=examples(60))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "ship-ab", "ship-ba"]),
+            st.sampled_from(_KEYS),
+            st.none() | st.tuples(st.sampled_from(["al", "bo"]), st.sampled_from(["public", "dm"])),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_followed_indexes_match_the_map(ops: list[tuple[str, str, tuple[str, str] | None]]) -> None:
+    """Whatever local changes and peers' news two maps see, the rooms made per user (DMs
+    aside), the keys under a followed prefix and the keys told to a watcher match what a
+    read of the whole map gives, and a reload rebuilds the same counts."""
+
+    async def run() -> None:
+        nodes = {"a": Node("a"), "b": Node("b")}
+        watched: dict[str, set[str]] = {"a": set(), "b": set()}
+        for name, n in nodes.items():
+            n.meta.watch(watched[name].add)
+            assert n.meta.keys_with_prefix("v/") == []
+        for op, key, value in ops:
+            if op.startswith("ship"):
+                src, dst = nodes[op[5]], nodes[op[6]]
+                target = op[6]
+            else:
+                src = dst = nodes[op]
+                target = op
+            before = dict(dst.meta.map.items())
+            watched[target].clear()
+            if op.startswith("ship"):
+                payload = src.meta.rep.ship(dst.meta.node_id)
+                if payload is not None:
+                    _, batch = dst.meta.receive(src.meta.node_id, payload)
+                    if batch is not None:
+                        await dst.store.commit(batch)
+            elif value is None:
+                await src.write((key, None))
+            elif key.startswith("r/"):
+                by, vis = value
+                await src.write((key, {"title": "", "vis": vis, "by": by, "at": 1}))
+            else:
+                await src.write((key, 1))
+            after = dict(dst.meta.map.items())
+            changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+            assert changed <= watched[target]
+            for n in nodes.values():
+                m = n.meta
+                made: dict[str, int] = {}
+                for info in m.room_info.values():
+                    if info.visibility != "dm":
+                        made[info.creator] = made.get(info.creator, 0) + 1
+                assert {u: c for u, c in m.created.items() if c} == made
+                assert m.keys_with_prefix("v/") == list(m.map.keys_with_prefix("v/"))
+        for n in nodes.values():
+            fresh = n.reload()
+            assert {u: c for u, c in fresh.created.items() if c} == {
+                u: c for u, c in n.meta.created.items() if c
+            }
+
+    asyncio.run(run())
