@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -79,7 +80,7 @@ NO_BALLOT: Final[Ballot] = (0, "")
 
 TIMEOUT: Final = 5.0  # a claim undecided after this long is UNAVAILABLE
 RETAIN: Final = 120.0  # an acceptor forgets a name this long after its last change
-MAX_SLOTS: Final = 10_000  # names an acceptor tracks at once; beyond, it stays silent
+MAX_SLOTS: Final = 50_000  # names an acceptor tracks at once; beyond, it stays silent
 RESEND: Final = 0.5  # a phase with no majority yet is sent again after this long
 BACKOFF: Final = 0.02  # base of the random backoff after a Nack (doubles per attempt)
 MAX_BACKOFF: Final = 0.5
@@ -222,7 +223,9 @@ class ClaimBook:
         self.retain = retain
         self.max_slots = max_slots
         self._rng = rng or random.Random()
-        self._slots: dict[str, _Slot] = {}
+        # oldest change first (a changed slot moves to the end), so forgetting the names
+        # not changed for ``retain`` seconds reads only those
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._proposals: dict[int, _Proposal] = {}
         self._by_name: dict[str, int] = {}
         self._next = 0
@@ -372,6 +375,7 @@ class ClaimBook:
                 if msg.ballot > slot.promised:
                     slot.promised = msg.ballot
                     slot.touched = now
+                    self._slots.move_to_end(msg.name)
                 return Promise(msg.name, msg.ballot, slot.accepted, slot.value)
             return Nack(msg.name, msg.ballot, slot.promised)
         if msg.ballot >= slot.promised:
@@ -380,6 +384,7 @@ class ClaimBook:
                 slot.accepted = msg.ballot
                 slot.value = msg.value
                 slot.touched = now
+                self._slots.move_to_end(msg.name)
             return Accepted(msg.name, msg.ballot)
         return Nack(msg.name, msg.ballot, slot.promised)
 
@@ -447,9 +452,11 @@ class ClaimBook:
         return self._settle(out, done, now)
 
     def _gc(self, now: float) -> None:
-        stale = [n for n, s in self._slots.items() if now - s.touched >= self.retain]
-        for n in stale:
-            del self._slots[n]
+        while self._slots:
+            name, slot = next(iter(self._slots.items()))
+            if now - slot.touched < self.retain:
+                return
+            del self._slots[name]
 
     def next_time(self) -> float | None:
         """When :meth:`tick` next has something to do for a proposal (None: nothing)."""

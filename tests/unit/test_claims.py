@@ -477,3 +477,19 @@ def test_a_minority_partition_never_wins_and_the_majority_does(seed: int) -> Non
             break
         sim.tick(0.05)
     assert [o for k, o in sim.outcomes.items() if k[0] == "a"][-1] is c.Outcome.TAKEN
+
+
+def test_an_acceptor_forgets_names_in_order_of_their_last_change() -> None:
+    """A slot changed again moves behind the others: the one quiet longest is forgotten
+    first, though it was created later."""
+    book = _book("a", retain=10.0, max_slots=2)
+    assert book.receive("b", c.Prepare("u/old", (1, "b.1")), 0.0).out
+    assert book.receive("b", c.Prepare("u/new", (1, "b.1")), 5.0).out
+    assert book.receive("c", c.Prepare("u/old", (2, "c.1")), 8.0).out  # u/old changed last
+    assert book.receive("b", c.Prepare("u/3", (1, "b.1")), 12.0).out == ()  # full
+    # at 15.5 u/new (last change 5.0) is forgotten, u/old (8.0) is kept
+    assert book.receive("b", c.Prepare("u/3", (1, "b.1")), 15.5).out
+    assert book.slots() == 2
+    assert book.accepted_value("u/old") is None  # still tracked (promised, nothing accepted)
+    # its promise to c's higher ballot is remembered: b's lower one is refused
+    assert isinstance(book.receive("b", c.Prepare("u/old", (1, "b.1")), 15.5).out[0][1], c.Nack)
