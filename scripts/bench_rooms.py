@@ -36,13 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _stats import percentile
 
 from chatnode.cluster.keyring import generate_key
-from chatnode.cluster.replication import Digests, TreeHashes, encode_frame
+from chatnode.cluster.replication import TreeHashes, encode_frame
 from tests.support.cluster import all_alive, launch_cluster, stop_all
 from tests.support.daemon import Daemon
 from tests.support.poll import wait_until
@@ -210,9 +211,11 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
 def digest_round_bytes(n: int) -> tuple[int, int]:
     """Payload bytes of one anti-entropy round to one peer with ``n`` quiet rooms: before
     the digest tree (every room's name and digest, ``["d", {room: digest}]``) and with it
-    (the root, ``["t", 0, 0, [root]]``). Exact sizes from the peer codec, not timings."""
-    rooms = tuple((f"room-{i:06d}", bytes(8)) for i in range(n))
-    return (len(encode_frame([Digests(rooms)])),
+    (the root, ``["t", 0, 0, [root]]``). Exact sizes, not timings: the old message is packed
+    the way the peer codec packed it before it was removed, the new one by the codec."""
+    rooms = {f"room-{i:06d}": bytes(8) for i in range(n)}
+    before: bytes = msgpack.packb([["d", rooms]], use_bin_type=True)
+    return (len(before),
             len(encode_frame([TreeHashes(0, 0, (bytes(16),))])))  # fmt: skip
 
 

@@ -12,8 +12,6 @@ Peer messages (each a msgpack array; several travel in one sealed frame):
                                                 durable ack; ``ids``: message ids it appends
 ``["a", token]``                                durable ack of the update tagged ``token``
 ``["m", payload]``                              a metadata delta-interval or ack (Algorithm 2)
-``["d", {room: digest}]``                       anti-entropy (old, still understood): digests
-                                                of all my rooms' state vectors
 ``["t", level, first, [hashes]]``               anti-entropy: my digest-tree hashes of the
                                                 nodes ``first ..`` at ``level`` (the root, or
                                                 the 16 children of one node)
@@ -89,7 +87,6 @@ __all__ = [
     "AckTracker",
     "AntiEntropySchedule",
     "DigestTree",
-    "Digests",
     "FrameError",
     "Frontier",
     "FrontierTracker",
@@ -140,11 +137,6 @@ class Ack:
 @dataclass(frozen=True, slots=True)
 class MetaPayload:
     payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Digests:
-    rooms: tuple[tuple[str, bytes], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +202,6 @@ PeerMsg = (
     Update
     | Ack
     | MetaPayload
-    | Digests
     | TreeHashes
     | TreeLeaf
     | StateVector
@@ -241,8 +232,6 @@ def _wire(m: PeerMsg) -> list[object]:
             return ["a", m.token]
         case MetaPayload():
             return ["m", m.payload]
-        case Digests():
-            return ["d", dict(m.rooms)]
         case TreeHashes():
             return ["t", m.level, m.first, list(m.hashes)]
         case TreeLeaf():
@@ -330,11 +319,6 @@ def _one(raw: object) -> PeerMsg:
         return Ack(_token(args[0]))
     if tag == "m" and len(args) == 1:
         return MetaPayload(_bytes(args[0]))
-    if tag == "d" and len(args) == 1:
-        rooms = args[0]
-        if not isinstance(rooms, dict):
-            raise FrameError("digests must be a map")
-        return Digests(tuple((_str(k), _bytes(v)) for k, v in rooms.items()))
     if tag == "t" and len(args) == 3:
         return _tree_hashes(args)
     if tag == "l" and len(args) == 3:

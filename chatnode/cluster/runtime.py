@@ -37,7 +37,6 @@ from chatnode.cluster.replication import (
     Ack,
     AckTracker,
     AntiEntropySchedule,
-    Digests,
     DigestTree,
     Frontier,
     FrontierTracker,
@@ -53,7 +52,6 @@ from chatnode.cluster.replication import (
     TypingNote,
     Update,
     answer_tree,
-    digest,
     required_acks,
     room_digest,
 )
@@ -486,12 +484,6 @@ class Cluster:
                 case MetaPayload():
                     for to, payload in await self.service.receive_meta(peer, msg.payload):
                         hub.send(to, MetaPayload(payload))
-                case Digests():
-                    for room, d in msg.rooms:
-                        sv = self.service.room_state_vector(room)
-                        if digest(sv) != d:
-                            self.stats.anti_entropy_mismatches += 1
-                            hub.send(peer, StateVector(room, sv))
                 case TreeHashes() | TreeLeaf():
                     self._tree_message(peer, msg)
                 case StateVector():
@@ -609,7 +601,7 @@ class Cluster:
             changes.append((mine, {"at": int(time.time() * 1000)}))
         if now - self._started >= FORGET_VOTER_AFTER and self._majority_linked():
             known = {m.id for m in self._members()}
-            for key in list(meta.keys_with_prefix(VOTER_PREFIX)):
+            for key in self.service.metadata.keys_with_prefix(VOTER_PREFIX):
                 node = key[len(VOTER_PREFIX) :]
                 if node != self.node_id and node not in known:
                     log.info("node %s is no longer a voter (membership forgot it)", node)

@@ -19,12 +19,6 @@ msgs = st.one_of(
     ),
     st.builds(r.Ack, tokens),
     st.builds(r.MetaPayload, st.binary(max_size=64)),
-    st.builds(
-        r.Digests,
-        st.dictionaries(names, st.binary(min_size=8, max_size=8), max_size=4).map(
-            lambda d: tuple(d.items())
-        ),
-    ),
     st.builds(r.StateVector, names, st.binary(max_size=32), tokens),
     st.builds(r.SvRequest, names, tokens),
 )
