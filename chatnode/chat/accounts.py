@@ -161,7 +161,7 @@ class Accounts:
         now = self._now_ms()
         stale = [
             k
-            for k in self._metadata.map.keys_with_prefix(REVOKED)
+            for k in self._metadata.keys_with_prefix(REVOKED)
             if isinstance(v := self._metadata.get(k), int) and v <= now
         ]
         if stale:
