@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from chatnode.chat.hooks import Signal
 from chatnode.store import layout
 from chatnode.store.engine import Batch
 from crdt.awlwwmap import AWLWWMap
@@ -157,15 +158,14 @@ class MetaMap:
         self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
         self.created: dict[str, int] = {}  # user -> rooms made, DMs aside (the quota)
         self._prefixed: dict[str, set[str]] = {}  # prefix -> its present keys (on demand)
-        self._watchers: list[Callable[[str], None]] = []
+        self._changed: Signal[str] = Signal("metadata-changed")
 
     def watch(self, fn: Callable[[str], None]) -> Callable[[], None]:
         """Call ``fn(key)`` for each key whose value may have changed from now on (local
         changes and peers' news, as :meth:`index` sees them), so that a reader of a part of
         the map can follow its changes instead of reading the whole map again. Returns the
         call that stops it."""
-        self._watchers.append(fn)
-        return lambda: self._watchers.remove(fn)
+        return self._changed.connect(fn)
 
     # ------------------------------------------------------------------ reading
 
@@ -213,8 +213,7 @@ class MetaMap:
 
     def index(self, key: str) -> None:
         """Bring the derived indexes in line with ``map[key]`` (and tell the watchers)."""
-        for fn in self._watchers:
-            fn(key)
+        self._changed.emit(key)
         for prefix, keys in self._prefixed.items():
             if key.startswith(prefix):
                 if key in self.map:
