@@ -205,30 +205,31 @@ class OffsetIndex:
     def delivered(self, reports: Iterable[Delivered], batch: Batch) -> None:
         """Index acknowledged records (in report order, which is offset order per partition)."""
         touched: set[str] = set()
+        # blocks extended by these reports, written once each at the end (not per record)
+        grown: dict[tuple[str, str], list[Any]] = {}
         for d in reports:
             st = self.state(d.room)
             touched.add(d.room)
             st.pos = max(st.pos, d.pos)
             b = st.block
-            if (
-                d.cursor > st.max_cursor
-                and (b is None or b[1] == d.partition)
-                and (b is None or d.offset > b[3])
-            ):
+            if d.cursor > st.max_cursor:
                 st.max_cursor = d.cursor
-                if b is None or b[4] >= self.block_records:
+                if (
+                    b is None
+                    or b[4] >= self.block_records
+                    or b[1] != d.partition  # another partition (the topic was resized)
+                    or d.offset <= b[3]
+                ):
                     b = st.block = [d.cursor, d.partition, d.offset, d.offset, 0, d.cursor]
                 b[3], b[4], b[5] = d.offset, b[4] + 1, d.cursor
-                batch.put(block_key(d.room, b[0]), msgpack.packb(b[1:], use_bin_type=True))
-            elif d.cursor > st.max_cursor:  # another partition (the topic was resized)
-                st.max_cursor = d.cursor
-                b = st.block = [d.cursor, d.partition, d.offset, d.offset, 1, d.cursor]
-                batch.put(block_key(d.room, b[0]), msgpack.packb(b[1:], use_bin_type=True))
+                grown[(d.room, b[0])] = b
             else:
                 batch.put(
                     change_key(d.room, d.cursor),
                     msgpack.packb([d.partition, d.offset, d.msg_id], use_bin_type=True),
                 )
+        for (room, first), b in grown.items():
+            batch.put(block_key(room, first), msgpack.packb(b[1:], use_bin_type=True))
         for room in touched:
             batch.put(room_state_key(room), self._rooms[room].row())
 

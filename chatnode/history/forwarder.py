@@ -346,9 +346,10 @@ class Forwarder:
         n = 0
         first_err: KafkaError | None = None
         stored: list[Delivered] = []
+        index = self._on_delivered is not None
         while self._reports:
             (inc, room, gen, pos), err, where = self._reports.popleft()
-            if where is not None:  # in the topic, whatever generation it was sent in
+            if index and where is not None:  # in the topic, whatever generation it was sent in
                 stored.append(Delivered(room, pos, where[2], where[3], where[0], where[1]))
             if inc != self._incarnation:
                 continue
