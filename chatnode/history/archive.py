@@ -82,9 +82,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-NS_BLOCK: Final = b"o"
-NS_CHANGE: Final = b"x"
-NS_ROOM_STATE: Final = b"r"
+NS_BLOCK: Final = layout.NS_ARCHIVE_BLOCK
+NS_CHANGE: Final = layout.NS_ARCHIVE_CHANGE
+NS_ROOM_STATE: Final = layout.NS_ARCHIVE_ROOM
 _SEP: Final = b"\x00"
 BLOCK_RECORDS: Final = 64  # records per block: a page of 50 reads about two blocks
 _CLUSTER_GAP = 256  # change records closer than this many offsets are read in one sweep

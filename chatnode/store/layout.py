@@ -23,6 +23,12 @@ key                                          value
 ``q`` + room + NUL + cursor + NUL + n (8 B)  a committed update of it not yet released:
                                              msgpack ``[id, replaced cursor or None]``
 ``c``                                        clock high-water mark: msgpack ``[wall, logical]``
+``o`` + room + NUL + first cursor            archive offset index: a block of the room's
+                                             topic records (chatnode/history/archive.py)
+``x`` + room + NUL + cursor                  archive offset index: one change record's
+                                             ``[partition, offset, message id]``
+``r`` + room                                 archive offset index: the room's state
+                                             (indexed position, coverage, retention cut)
 ==========================================  ================================================
 
 The release log numbers the events of a room in the order this node sent them to subscribers
@@ -106,6 +112,9 @@ NS_ID: Final = b"k"
 NS_RELEASE: Final = b"n"
 NS_UNRELEASED: Final = b"q"
 NS_CLOCK: Final = b"c"
+NS_ARCHIVE_BLOCK: Final = b"o"  # the archive's namespaces: its rows are built in
+NS_ARCHIVE_CHANGE: Final = b"x"  # chatnode/history/archive.py, but every namespace of the
+NS_ARCHIVE_ROOM: Final = b"r"  # store is claimed here, so that none is used twice
 _SEP: Final = b"\x00"
 _RELEASED_UPDATE: Final = "u"  # marks an update row in the release log
 UNREAD_CAP: Final = 999  # rooms.list counts unread messages up to this
