@@ -202,6 +202,15 @@ class OffsetIndex:
             st.covered = False
             batch.put(room_state_key(room), st.row())
 
+    def uncover(self, rooms: Iterable[str], batch: Batch) -> None:
+        """Records of ``rooms`` reached the topic but could not be indexed: those rooms are
+        no longer covered, so retention never drops a message the index cannot find."""
+        for room in sorted(set(rooms)):
+            st = self.state(room)
+            if st.covered:
+                st.covered = False
+                batch.put(room_state_key(room), st.row())
+
     def delivered(self, reports: Iterable[Delivered], batch: Batch) -> None:
         """Index acknowledged records (in report order, which is offset order per partition)."""
         touched: set[str] = set()
@@ -551,7 +560,13 @@ class Archive:
 
     def on_delivered(self, ds: list[Delivered]) -> None:
         b = Batch()
-        self.index.delivered(ds, b)
+        try:
+            self.index.delivered(ds, b)
+        except Exception:
+            log.exception("indexing %d delivered records failed: their rooms keep no window",
+                          len(ds))  # fmt: skip
+            b = Batch()
+            self.index.uncover((d.room for d in ds), b)
         if len(b):
             self.store.submit(b)
 

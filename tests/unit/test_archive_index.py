@@ -187,3 +187,24 @@ def test_merged_pages_continue_below_the_cut(
     want = [m for m in everything if before is None or str(m["cursor"]) < before]
     assert page == want[-limit:]
     assert more == (len(want) > limit)
+
+
+def test_records_that_cannot_be_indexed_end_the_rooms_coverage() -> None:
+    """A delivery batch the index cannot take (here a cursor that is not a cursor) leaves
+    its rooms uncovered, in memory and in the stored row, so retention drops nothing there."""
+    from chatnode.history.archive import Archive, RoomIndexState, room_state_key  # noqa: PLC0415
+    from chatnode.history.retention import Policy  # noqa: PLC0415
+
+    async def go() -> None:
+        store = MemStore()
+        archive = Archive(store, _Pages([]), Policy())  # type: ignore[arg-type]
+        good = Timestamp(1000, 0, "a").encode()
+        archive.on_delivered([Delivered(ROOM, 1, good, "m1", 0, 10)])
+        assert archive.index.state(ROOM).covered
+        archive.on_delivered([Delivered(ROOM, 2, "é-not-a-cursor", "m2", 1, 11)])  # a new block
+        assert not archive.index.state(ROOM).covered
+        await asyncio.sleep(0)  # the store applies a submitted batch on the next turn
+        await asyncio.sleep(0)
+        assert not RoomIndexState.from_row(store.get(room_state_key(ROOM))).covered
+
+    asyncio.run(go())
