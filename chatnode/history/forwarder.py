@@ -629,10 +629,14 @@ class RangeReader:
         partition ``part``; :class:`RangeTimeout` once ``time.monotonic()`` passes
         ``deadline``. A range the broker no longer has (topic retention) ends early, logged.
         Stops at ``last`` (never waits for more) and unassigns, so the consumer fetches
-        nothing until the next read; after an exception, close the reader."""
-        self._c.assign([TopicPartition(self.topic, part, first)])
-        out = self._until(part, first, last, room, deadline)
-        self._c.unassign()
+        nothing until the next read; after an exception, close the reader. A client error
+        (the broker refusing or gone) is a :class:`RangeTimeout` too: the page is unavailable."""
+        try:
+            self._c.assign([TopicPartition(self.topic, part, first)])
+            out = self._until(part, first, last, room, deadline)
+            self._c.unassign()
+        except KafkaException as e:
+            raise RangeTimeout(f"{self.topic}/{part}@{first}..{last}: {e}") from e
         return out
 
     def _until(
@@ -661,7 +665,8 @@ class RangeReader:
                         return out
                     if err.fatal():
                         raise RangeTimeout(str(err))
-                    continue  # transient: the client retries
+                    log.debug("%s/%d: %s (the client retries)", self.topic, part, err)
+                    continue
                 off = m.offset()
                 if off > last:
                     return out
