@@ -69,6 +69,7 @@ class Config:
     segment_size: int = 1000  # messages per room-log segment
     commit_queue: int = 4096  # pending commit batches before writers wait
     snapshot_every: int = 1000  # updates between snapshots of a room log or of the metadata
+    room_idle_ms: int = 60_000  # a room unused this long leaves memory (loaded on next use)
     # Cluster settings (read by the membership/replication/forwarding layers).
     join: tuple[str, ...] = ()
     cluster_keys: tuple[str, ...] = ()  # the first one seals, every one opens
@@ -539,6 +540,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         _int(10, 1_000_000),
         "updates between snapshots of a room log or of the metadata map",
         "N",
+    ),
+    Setting(
+        "room_idle",
+        "room_idle_ms",
+        _duration(1000, 86_400_000),
+        "a room nobody used for this long (no subscriber, nothing in flight) leaves memory and "
+        "is loaded again on its next use, e.g. 60, 10m",
+        "DURATION",
     ),
     Setting(
         "join",

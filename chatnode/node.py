@@ -99,6 +99,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE: Final = "node.json"
 MAINTENANCE_INTERVAL: Final = 60.0
+EVICTION_INTERVAL: Final = 5.0  # how often rooms unused for --room-idle leave memory
 DRAIN_TIMEOUT: Final = 10.0
 
 MemberListener = Callable[[MemberEvent], None]
@@ -182,6 +183,7 @@ class Node:
         # handed to each of them by its constructor
         self.hooks = ServiceHooks()
         self._maintenance_task: Task | None = None
+        self._eviction_task: Task | None = None
         self._retention: Task | None = None  # --retain (chatnode/history/archive.py)
         self.identity: Identity | None = None
         self.store: Store | None = None
@@ -368,6 +370,7 @@ class Node:
         try:
             await self._start()
             self._maintenance_task = self.supervisor.spawn("revocation-expiry", self._maintenance)
+            self._eviction_task = self.supervisor.spawn("room-eviction", self._evict_rooms)
             await self._stop.wait()
             log.info("shutting down")
             await self._stop_serving()
@@ -396,6 +399,7 @@ class Node:
             token_ttl_ms=cfg.token_ttl_ms,
             segment_size=cfg.segment_size,
             snapshot_every=cfg.snapshot_every,
+            room_idle_ms=cfg.room_idle_ms,
             limits=Limits(
                 max_rooms_per_user=cfg.max_rooms_per_user,
                 max_reactions_per_message=cfg.max_reactions_per_message,
@@ -771,6 +775,21 @@ class Node:
             if dropped:
                 log.info("forgot %d expired token revocations", dropped)
 
+    async def _evict_rooms(self) -> None:
+        """Rooms unused for ``--room-idle`` leave memory (Service.evict_idle)."""
+        while True:  # a failure is logged, counted and restarted by the supervisor
+            await asyncio.sleep(EVICTION_INTERVAL)
+            if self.service is not None and self.store is not None and self.store.healthy:
+                await self.service.evict_idle()
+
+    async def _park_rooms(self) -> None:
+        """At a clean stop: every quiet room leaves memory with its summary written, so the
+        next start loads none of them (a start after a crash loads the rooms written since
+        they were last loaded)."""
+        if self.service is not None and self.store is not None and self.store.healthy:
+            parked = await self.service.evict_idle(idle_ms=0)
+            log.info("%d rooms written as summaries", parked)
+
     async def _start_archive(self, brokers: str, topic: str) -> Archive:
         """The offset index of what this node forwards, the reader of pages below a room's
         retention cut, and ``--retain`` (docs/KAFKA.md, "The archive")."""
@@ -818,15 +837,11 @@ class Node:
         assert self.views is not None and self.service is not None and self.cluster is not None
         service, cfg = self.service, self.cfg
 
-        def feed_end(room: str) -> int:
-            state = service.rooms.get(room)
-            return 0 if state is None else state.pushed_seq
-
         source: KafkaSource | LogSource
         if cfg.kafka_brokers:
             source = KafkaSource(cfg.kafka_brokers, cfg.kafka_topic)
         else:
-            source = LogSource(self.node_id, rooms=service.room_names, end=feed_end,
+            source = LogSource(self.node_id, rooms=service.room_names, end=service.feed_end,
                                read=self.cluster.read_feed)  # fmt: skip
         indexer = self.indexer = Indexer(self.views, source)
         self.metrics.value("chatnode_views_records_total", "history records applied to the views",
@@ -847,9 +862,10 @@ class Node:
             await views.close()
 
     async def _stop_maintenance(self) -> None:
-        task, self._maintenance_task = self._maintenance_task, None
-        if task is not None:
-            await task.aclose()
+        for task in (self._maintenance_task, self._eviction_task):
+            if task is not None:
+                await task.aclose()
+        self._maintenance_task = self._eviction_task = None
 
     async def _stop_cluster(self) -> None:
         if self.cluster is not None:
@@ -871,6 +887,7 @@ class Node:
             ("archive", self._stop_archive),
             ("web server", self._stop_runner),
             ("background tasks", self.supervisor.aclose),
+            ("rooms in memory", self._park_rooms),
         ]
         for what, step in steps:
             try:

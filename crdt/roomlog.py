@@ -60,6 +60,7 @@ __all__ = [
     "RoomLog",
     "SegmentStore",
     "segment_store_keys",
+    "state_covers",
 ]
 
 log = logging.getLogger(__name__)
@@ -626,6 +627,22 @@ class RoomLog:
         parts = [(n, s.doc.get_state()) for n, s in sorted(self._live.items())]
         parts += [(n, s.state) for n, s in sorted(self._sealed.items())]
         return encode_envelope(parts)
+
+    def close(self) -> None:
+        """Release the pycrdt observers of the live segments (the log is not used again)."""
+        for live in self._live.values():
+            live.close()
+        self._live.clear()
+        self._lru.clear()
+
+    def settled(self) -> bool:
+        """Whether :meth:`diff` sends nothing to a replica whose state vector covers this
+        one's: no live segment holds structs pycrdt could not integrate yet, no sealed blob
+        has gaps (such parts are sent whatever the vectors say). A settled log can answer
+        anti-entropy from its state vector alone (:func:`state_covers`)."""
+        return not any(s.pending for s in self._live.values()) and not any(
+            s.gapped for s in self._sealed.values()
+        )
 
     def diff(self, state_vector: bytes) -> bytes:
         """Everything this replica has that the owner of ``state_vector`` lacks, for every
@@ -1196,3 +1213,16 @@ def _track_pending(live: _Live, payload: bytes, state: bytes) -> None:
 
 def _covered(payload: bytes, sealed: _Sealed) -> bool:
     return pycrdt.get_update(payload, sealed.state) == EMPTY_UPDATE
+
+
+def state_covers(remote: bytes, local: bytes) -> bool:
+    """Whether a replica with state vector ``remote`` has everything that a settled log
+    (:meth:`RoomLog.settled`) with state vector ``local`` has: its :meth:`RoomLog.diff` for
+    ``remote`` would be empty (archived segments aside, which it never sends). ``CodecError``
+    on malformed vectors."""
+    have = {n: decode_state_vector(sv) for n, sv in decode_envelope(remote)}
+    for number, sv in decode_envelope(local):
+        want = decode_state_vector(sv)
+        if want and not covers(have.get(number, {}), want):
+            return False
+    return True

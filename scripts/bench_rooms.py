@@ -7,14 +7,19 @@ cluster of two real chatnode processes (127.0.0.x, one cluster key):
    (``rooms.create``, private) and send one message to each; rooms per second over the whole
    build, and over its last tenth (creation slowing as rooms accumulate shows there).
 2. **Replication**: time until node 1 lists every room in its registry.
-3. **Idle** (after a settle of ``--settle`` seconds): for ``--idle`` seconds (default 30)
-   with no client traffic, per node: CPU (utime + stime from ``/proc/<pid>/stat``, in % of
-   one core), RSS at the end (``VmRSS``), and peer-link bytes per second sent
-   (``chatnode_peer_bytes_total{direction=out}``, sealed frames).
+3. **Idle** (after a settle of ``--settle`` seconds, longer than ``--room-idle``, so that
+   the idle rooms have left memory): for ``--idle`` seconds (default 30) with no client
+   traffic, per node: CPU (utime + stime from ``/proc/<pid>/stat``, in % of one core), RSS
+   at the end (``VmRSS``), rooms still in memory (``chatnode_rooms_in_memory``), and
+   peer-link bytes per second sent (``chatnode_peer_bytes_total{direction=out}``, sealed
+   frames).
 4. **Restart**: node 1 is stopped (SIGTERM) and started again: time until ``/healthz`` says
    ok, and until a client logged in there gets the ``history`` of one room.
-5. **Cold history**: on the restarted node, ``history`` of ``--cold`` rooms nobody touched
-   since the restart, one after another: p50/p99/max latency.
+5. **Cold rooms**: on the restarted node, ``history`` of ``--cold`` rooms nobody touched
+   since the restart, one after another: p50/p99/max latency (read from the history index:
+   the room is not loaded); then one ``send`` to each of them (the room is loaded from its
+   rows first): p50/p99/max latency, beside sends to a room already in memory in the same
+   run (the baseline of a write).
 
 Run (sizes 1,000 / 10,000 / 30,000 with ``--rooms``)::
 
@@ -50,9 +55,13 @@ from tests.support.poll import wait_until
 from tests.support.ws import WS, login, new_user, signup
 
 ARGS = [
-    "--rate-limit", "100000", "--rate-burst", "100000",
-    "--max-rooms-per-user", "1000000",
-]  # fmt: skip
+    "--rate-limit",
+    "100000",
+    "--rate-burst",
+    "100000",
+    "--max-rooms-per-user",
+    "1000000",
+]  # fmt: skip (and --room-idle from the command line)
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -69,6 +78,10 @@ class Result:
     restart_healthz_s: float = 0.0
     restart_history_s: float = 0.0
     cold_ms: list[float] = field(default_factory=list)
+    cold_send_ms: list[float] = field(default_factory=list)  # first write: loads the room
+    warm_send_ms: list[float] = field(default_factory=list)  # a room already in memory
+    in_memory: list[float] = field(default_factory=list)  # rooms in memory when idle
+    loaded_at_start: float = 0.0  # rooms in memory right after the restart
     names: list[str] = field(default_factory=list)  # the rooms made
 
 
@@ -86,6 +99,10 @@ def rss_mb(pid: int) -> float:
 
 def peer_bytes_out(node: Daemon) -> float:
     return node.metrics(30.0).get("chatnode_peer_bytes_total{direction=out}", 0.0)
+
+
+def in_memory(node: Daemon) -> float:
+    return node.metrics(30.0).get("chatnode_rooms_in_memory", -1.0)
 
 
 def registry_rooms(node: Daemon) -> int:
@@ -154,7 +171,8 @@ async def history_once(http: aiohttp.ClientSession, node: Daemon, token: str, ro
 async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
     res = Result(n)
     print(f"\n== {n:,} rooms ==", flush=True)
-    nodes = await asyncio.to_thread(launch_cluster, base, 2, generate_key(), extra_args=ARGS)
+    nodes = await asyncio.to_thread(launch_cluster, base, 2, generate_key(),
+                                    extra_args=[*ARGS, "--room-idle", args.room_idle])  # fmt: skip
     try:
         await asyncio.to_thread(wait_until, lambda: all_alive(nodes), 60, "members")
         user = new_user("bench")
@@ -180,8 +198,10 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
             res.cpu = [100 * (b - a) / TICK / dt for a, b in zip(c0, c1, strict=True)]
             res.peer_bps = [(b - a) / dt for a, b in zip(b0, b1, strict=True)]
             res.rss_mb = [rss_mb(p) for p in pids]
+            res.in_memory = [in_memory(d) for d in nodes]
             print(f"idle: cpu {fmt_list(res.cpu, '%')}, rss {fmt_list(res.rss_mb, ' MB')}, "
-                  f"peer out {fmt_list(res.peer_bps, ' B/s')}", flush=True)  # fmt: skip
+                  f"peer out {fmt_list(res.peer_bps, ' B/s')}, rooms in memory "
+                  f"{fmt_list(res.in_memory, '')}", flush=True)  # fmt: skip
 
             node = nodes[1]
             await asyncio.to_thread(node.stop)
@@ -189,6 +209,7 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
             node.launch()
             await asyncio.to_thread(node.wait_ready, 300.0)
             res.restart_healthz_s = time.perf_counter() - t0
+            res.loaded_at_start = in_memory(node)
             tok1 = await login(http, node, user)
             rng = random.Random(n)
             rooms = rng.sample(res.names, min(n, args.cold + 1))
@@ -200,9 +221,19 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
                     reply = await ws.ok("history", room=room, limit=50)
                     res.cold_ms.append(1000 * (time.perf_counter() - t1))
                     assert reply.get("messages"), reply
-            print(f"restart: /healthz {res.restart_healthz_s:.2f} s, first history "
-                  f"{res.restart_history_s:.2f} s; cold history p99 "
-                  f"{percentile(res.cold_ms, 99):.1f} ms", flush=True)  # fmt: skip
+                for k, room in enumerate(rooms[1:]):
+                    t1 = time.perf_counter()
+                    await ws.ok("send", room=room, id=f"cold-{k}", body="loads the room")
+                    res.cold_send_ms.append(1000 * (time.perf_counter() - t1))
+                for k in range(len(rooms) - 1):
+                    t1 = time.perf_counter()
+                    await ws.ok("send", room=rooms[1], id=f"warm-{k}", body="in memory")
+                    res.warm_send_ms.append(1000 * (time.perf_counter() - t1))
+            print(f"restart: /healthz {res.restart_healthz_s:.2f} s ({res.loaded_at_start:.0f} "
+                  f"rooms loaded), first history {res.restart_history_s:.2f} s; cold history "
+                  f"p99 {percentile(res.cold_ms, 99):.1f} ms; send to a cold room p99 "
+                  f"{percentile(res.cold_send_ms, 99):.1f} ms (in memory "
+                  f"{percentile(res.warm_send_ms, 99):.1f} ms)", flush=True)  # fmt: skip
     finally:
         await asyncio.to_thread(stop_all, nodes)
     return res
@@ -233,14 +264,21 @@ def table(results: list[Result]) -> str:
         ("node 1 lists every room after (s)", lambda r: f"{r.replicate_s:.1f}"),
         ("idle CPU per node (% of a core)", lambda r: fmt_list(r.cpu, "")),
         ("RSS per node (MB)", lambda r: fmt_list(r.rss_mb, "")),
+        ("rooms in memory per node, idle", lambda r: fmt_list(r.in_memory, "")),
         ("idle peer bytes/s sent per node", lambda r: fmt_list(r.peer_bps, "")),
         ("anti-entropy round payload, old digests / tree root (B)",
          lambda r: " / ".join(f"{b:,}" for b in digest_round_bytes(r.rooms))),
         ("restart to /healthz (s)", lambda r: f"{r.restart_healthz_s:.2f}"),
+        ("rooms in memory right after the restart", lambda r: f"{r.loaded_at_start:.0f}"),
         ("restart to a room's history (s)", lambda r: f"{r.restart_history_s:.2f}"),
         ("cold history p50 / p99 / max (ms)",
          lambda r: f"{percentile(r.cold_ms, 50):.1f} / {percentile(r.cold_ms, 99):.1f} / "
                    f"{max(r.cold_ms, default=float('nan')):.1f}"),
+        ("send to a cold room (loads it) p50 / p99 / max (ms)",
+         lambda r: f"{percentile(r.cold_send_ms, 50):.1f} / {percentile(r.cold_send_ms, 99):.1f}"
+                   f" / {max(r.cold_send_ms, default=float('nan')):.1f}"),
+        ("send to a room in memory p50 / p99 (ms), same run",
+         lambda r: f"{percentile(r.warm_send_ms, 50):.1f} / {percentile(r.warm_send_ms, 99):.1f}"),
     ]  # fmt: skip
     out = ["| measure | " + " | ".join(f"{r.rooms:,} rooms" for r in results) + " |"]
     out.append("| --- |" + " --- |" * len(results))
@@ -255,7 +293,13 @@ async def main() -> None:
     ap.add_argument("--baseline", type=int, default=1000, help="the size measured first")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
-    ap.add_argument("--settle", type=float, default=5.0)
+    ap.add_argument("--room-idle", default="10s", help="the nodes' --room-idle")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=20.0,
+        help="seconds after replication before measuring (> --room-idle + 5 s)",
+    )
     ap.add_argument("--cold", type=int, default=200, help="cold rooms read after the restart")
     args = ap.parse_args()
     sizes = [args.baseline] + [int(s) for s in args.rooms.split(",") if s.strip()]

@@ -16,24 +16,35 @@ class RoomState:
     """The in-memory side of one room: its log, subscribers and presence."""
 
     __slots__ = (
+        "busy",
         "inflight",
+        "loaded_at",
         "log",
         "max_released",
         "name",
         "online",
         "pushed_seq",
         "pushing",
+        "queued",
         "release_seq",
         "seq",
         "since_snapshot",
         "subscribers",
         "unreleased",
+        "used_ms",
     )
 
-    def __init__(self, name: str, log_: RoomLog, seq: int) -> None:
+    def __init__(self, name: str, log_: RoomLog, seq: int, now_ms: int) -> None:
         self.name = name
         self.log = log_
         self.seq = seq  # next update sequence number
+        # Whether it may leave memory (Service.evict_idle): when it was last used, requests
+        # using it right now, its events not yet released, and ``(wall ms, release
+        # number)``: its release position was that from then until it was loaded.
+        self.used_ms = now_ms
+        self.busy = 0
+        self.queued = 0
+        self.loaded_at = (float(now_ms), 0)
         self.since_snapshot = 0
         self.subscribers: set[Session] = set()
         self.online: dict[str, int] = {}  # user -> subscribed sessions
@@ -73,3 +84,6 @@ class Event:
     new: bool
     replaces: str | None = None
     marker: bytes | None = None  # its ``q`` row, removed when the event is released
+
+    def __post_init__(self) -> None:
+        self.state.queued += 1  # until released (Service._release_event)

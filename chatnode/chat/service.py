@@ -80,7 +80,8 @@ from crdt.awlwwmap import AWLWWMap
 from crdt.clock import HybridClock, Timestamp
 from crdt.deltasync import DeltaReplicator
 from crdt.errors import CodecError
-from crdt.roomlog import Applied, Change, Message, RoomLog
+from crdt.roomlog import Applied, Change, Message, RoomLog, state_covers
+from crdt.segments import encode_envelope
 
 __all__ = [
     "MAX_CATCHUP_BUFFER_BYTES",
@@ -98,6 +99,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The answer to a peer that lacks nothing of a room (what ``RoomLog.diff`` gives then).
+EMPTY_DIFF: Final = encode_envelope([])
+#: The state vector of a room with no update yet.
+EMPTY_STATE: Final = RoomLog("", 1).state_vector()
+#: The summary of a room this node has nothing of yet (it has no ``s`` row either).
+NEW_ROOM: Final = layout.RoomSummary(0, EMPTY_STATE, 0, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +213,7 @@ class Service:
         token_ttl_ms: int,
         segment_size: int = 1000,
         snapshot_every: int = 1000,
+        room_idle_ms: int = 60_000,
         now_ms: Callable[[], int] = _now_ms,
         limits: Limits | None = None,
         client_id: int | None = None,
@@ -222,14 +231,28 @@ class Service:
         # the pycrdt client id of this incarnation's writes: fresh per start (tests pin it)
         self.client_id = client_id or secrets.randbelow(2**53 - 1) + 1
         self.segments = RocksSegmentStore(store)
+        # Rooms in memory (loaded: their log, subscribers, release position) and the others,
+        # each known by its summary only (docs/REPLICATION.md, "What a node holds for a
+        # room"). A room is loaded on first use and leaves memory after ``room_idle_ms``
+        # with nothing in flight and no subscriber (:meth:`evict_idle`).
         self.rooms: dict[str, RoomState] = {}
+        self.cold: dict[str, layout.RoomSummary] = {}
+        self.room_idle_ms = room_idle_ms
+        self._loading: dict[str, asyncio.Future[None]] = {}  # loads under way
+        # rooms whose summary and snapshot rows are being written (loading one waits)
+        self._parking: dict[str, asyncio.Future[None]] = {}
+        self._started_ms = now_ms()
+        # rooms that left memory since this start: when (the others: at the start)
+        self._cold_since: dict[str, int] = {}
+        self.rooms_loaded = 0  # loads of a room that had left memory (or not come in yet)
+        self.rooms_evicted = 0
         self.sessions: set[Session] = set()
         self.metadata = MetaMap(
             node_id,
             clock=self.clock,
             now_ms=now_ms,
             snapshot_every=snapshot_every,
-            on_room=self._room_state,
+            on_room=self._know_room,
         )
         # sign-up, login and session tokens (chatnode/chat/accounts.py)
         self.accounts = Accounts(
@@ -325,15 +348,22 @@ class Service:
         if loaded.clock is not None:
             self.clock.restore(*loaded.clock)
         self.metadata.restore(loaded.meta_snapshot, loaded.meta_deltas)
+        self.cold.update(loaded.summaries)
+        stale = Batch()  # summaries of rooms loaded now (events to release): stale soon
         for name, (snap, updates, last_cursor) in loaded.rooms.items():
-            self._restore_room(name, snap, updates, last_cursor)
+            if self.cold.pop(name, None) is not None:
+                layout.delete_room_summary(stale, name)
+            self.rooms[name] = self._restore_room(name, snap, updates, last_cursor)
+        if stale.ops:
+            self.store.submit(stale)
         for name in self.room_info:
-            self._room_state(name)
+            self._know_room(name)
         releases = await self.store.read(layout.load_releases, self.store, sorted(self.rooms))
         for name, (last_seq, last_cursor, unreleased) in releases.items():
             state = self.rooms[name]
             state.release_seq = state.pushed_seq = last_seq
             state.max_released = last_cursor
+            state.loaded_at = (float(self._started_ms), last_seq)
             # committed before the last stop but never released: release them now, in order
             for u in unreleased:
                 if u.now is None:  # nothing left to show (cannot happen unless damaged)
@@ -350,9 +380,10 @@ class Service:
                     state.hold(u.msg_id)
                 self._release_event(event)
         log.info(
-            "loaded %d accounts, %d rooms, %d metadata keys",
+            "loaded %d accounts, %d rooms (%d of them in memory), %d metadata keys",
             sum(1 for _ in self.meta.keys_with_prefix(ACCOUNT)),
             len(self.room_info),
+            len(self.rooms),
             len(self.meta),
         )
         return self
@@ -366,7 +397,7 @@ class Service:
         snap: bytes | None,
         updates: list[tuple[int, bytes]],
         last_cursor: str | None,
-    ) -> None:
+    ) -> RoomState:
         seq = 0
         if snap is not None:
             seq, data = layout.unpack_room_snapshot(snap)
@@ -380,12 +411,159 @@ class Service:
             except CodecError:
                 log.exception("room %s: skipping undecodable update %d", name, useq)
             seq = max(seq, useq + 1)
-        state = RoomState(name, room_log, seq)
+        state = RoomState(name, room_log, seq, self.now_ms())
         state.since_snapshot = len(updates)
-        self.rooms[name] = state
         if last_cursor is not None:
             ts = Timestamp.decode(last_cursor)
             self.clock.restore(ts.wall_ms, ts.logical)
+        return state
+
+    # ------------------------------------------------------------------ rooms in memory
+
+    def _know_room(self, room: str) -> None:
+        """``room`` exists (a room key of the metadata): a room this node has nothing of
+        is known by an empty summary until it is used."""
+        if room not in self.rooms and room not in self.cold:
+            self.cold[room] = NEW_ROOM
+
+    def known_rooms(self) -> Iterable[str]:
+        """Every room this node knows, loaded or not (unsorted)."""
+        yield from self.rooms
+        yield from self.cold
+
+    async def warm(self, room: str) -> RoomState:
+        """The loaded state of ``room``: loaded now from its rows if it is not in memory,
+        created empty if this node does not know it. Marks it used (it stays in memory for
+        at least ``room_idle_ms`` from now)."""
+        while True:
+            state = self.rooms.get(room)
+            if state is not None:
+                break
+            if room not in self.cold:
+                state = self._room_state(room)
+                break
+            loading = self._loading.get(room)
+            if loading is not None:  # another request is loading it: wait, then look again
+                await asyncio.wait([loading])
+                continue
+            loading = self._loading[room] = asyncio.get_running_loop().create_future()
+            try:
+                state = await self._load_room(room)
+            finally:
+                del self._loading[room]
+                loading.set_result(None)
+            break
+        state.used_ms = self.now_ms()
+        return state
+
+    async def _load_room(self, room: str) -> RoomState:
+        parking = self._parking.get(room)
+        if parking is not None:  # it is leaving memory: its rows are not all written yet
+            await asyncio.wait([parking])
+        snap, updates, last_cursor = await self.store.read(layout.load_room, self.store, room)
+        summary = self.cold.pop(room)
+        state = self._restore_room(room, snap, updates, last_cursor)
+        if state.seq != summary.seq:
+            log.warning("room %s: rows say next update %d, its summary %d", room, state.seq,
+                        summary.seq)  # fmt: skip
+            state.seq = max(state.seq, summary.seq)
+        state.release_seq = state.pushed_seq = summary.release_seq
+        state.max_released = summary.max_released
+        since = self._cold_since.pop(room, self._started_ms)
+        state.loaded_at = (float(since), summary.release_seq)
+        self.rooms[room] = state
+        self.rooms_loaded += 1
+        if summary is not NEW_ROOM:  # its ``s`` row goes stale with its next change
+            batch = Batch()
+            layout.delete_room_summary(batch, room)
+            with contextlib.suppress(StorageError):
+                self.store.submit(batch)
+        return state
+
+    def _evictable(self, state: RoomState, horizon_ms: int) -> bool:
+        return (
+            state.used_ms <= horizon_ms
+            and not state.busy
+            and not state.queued
+            and not state.subscribers
+            and not state.inflight
+            and not state.unreleased
+            and not state.pushing
+            and state.pushed_seq == state.release_seq
+            and state.log.settled()
+        )
+
+    async def evict_idle(self, idle_ms: int | None = None) -> int:
+        """Let the rooms unused for ``idle_ms`` (default ``room_idle_ms``) with nothing in
+        flight, no subscriber and no pending release leave memory: each keeps its summary
+        (in memory and as its ``s`` row, with a fresh snapshot when updates were written
+        since the last one, so that loading it again is one read and one restore).
+        Returns how many left."""
+        idle = self.room_idle_ms if idle_ms is None else idle_ms
+        horizon = self.now_ms() - idle
+        if not any(self._evictable(s, horizon) for s in self.rooms.values()):
+            return 0
+        # every write submitted so far (the rows of these rooms included) is on disk after
+        # this, so loading a room again reads all of it
+        await self._commit(Batch())
+        horizon = self.now_ms() - idle
+        batch = Batch()
+        gone: list[str] = []
+        now = self.now_ms()
+        parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for name, state in list(self.rooms.items()):
+            if not self._evictable(state, horizon):
+                continue
+            if state.since_snapshot:
+                layout.put_room_snapshot(batch, name, state.seq - 1, state.log.snapshot())
+            summary = layout.RoomSummary(
+                state.seq, state.log.state_vector(), state.release_seq, state.max_released
+            )
+            layout.put_room_summary(batch, name, summary)
+            state.log.close()
+            del self.rooms[name]
+            self.cold[name] = summary
+            self._cold_since[name] = now
+            self._parking[name] = parked
+            gone.append(name)
+        if not gone:
+            return 0
+        self.rooms_evicted += len(gone)
+        try:
+            await self._commit(batch)
+        finally:
+            for name in gone:
+                if self._parking.get(name) is parked:
+                    del self._parking[name]
+            parked.set_result(None)
+        return len(gone)
+
+    def room_seq(self, room: str) -> int | None:
+        """The next update number of ``room`` (loaded or not; None: unknown): it changes
+        with every change of the room's log."""
+        state = self.rooms.get(room)
+        if state is not None:
+            return state.seq
+        summary = self.cold.get(room)
+        return None if summary is None else summary.seq
+
+    def feed_end(self, room: str) -> int:
+        """The last release number of ``room`` whose row is durable and whose event went
+        out (0: none, or an unknown room)."""
+        state = self.rooms.get(room)
+        if state is not None:
+            return state.pushed_seq
+        summary = self.cold.get(room)
+        return 0 if summary is None else summary.release_seq
+
+    def unchanged_since(self, room: str) -> tuple[int, float] | None:
+        """For a room not in memory: ``(release position, wall ms)``: its position has not
+        changed since that time (it left memory then, or this node started). None for a
+        room in memory or unknown."""
+        summary = self.cold.get(room)
+        if summary is None:
+            return None
+        return summary.release_seq, float(self._cold_since.get(room, self._started_ms))
 
     # ------------------------------------------------------------------ metadata
 
@@ -454,26 +632,42 @@ class Service:
         return out
 
     def room_names(self) -> list[str]:
-        return sorted(self.rooms)
+        """Every room this node knows, loaded or not, sorted."""
+        return sorted(self.known_rooms())
 
     async def write_meta(self, *changes: tuple[str, Any]) -> None:
         """Persist metadata changes made by the cluster layer (registry claims)."""
         await self._meta_write(*changes)
 
     def room_state_vector(self, room: str) -> bytes:
-        """The room's state vector (an empty room is created if we do not know it)."""
-        return self._room_state(room).log.state_vector()
-
-    def room_diff(self, room: str, state_vector: bytes) -> bytes | None:
-        """What a peer with ``state_vector`` lacks of ``room`` (``CodecError`` if the vector
-        is malformed; None if we do not know the room)."""
+        """The room's state vector, loaded or not (an unknown room: the empty one)."""
         state = self.rooms.get(room)
-        return None if state is None else state.log.diff(state_vector)
+        if state is not None:
+            return state.log.state_vector()
+        summary = self.cold.get(room)
+        return EMPTY_STATE if summary is None else summary.sv
+
+    async def room_diff(self, room: str, state_vector: bytes) -> bytes | None:
+        """What a peer with ``state_vector`` lacks of ``room`` (``CodecError`` if the vector
+        is malformed; None if we do not know the room). A room not in memory is loaded only
+        if the peer lacks something of it."""
+        summary = self.cold.get(room)
+        if summary is not None and state_covers(state_vector, summary.sv):
+            return EMPTY_DIFF
+        if room not in self.rooms and summary is None:
+            return None
+        state = await self.warm(room)
+        return state.log.diff(state_vector)
 
     def _room_state(self, room: str) -> RoomState:
+        """The loaded state of ``room``, created empty for a room this node does not know.
+        A room known but not loaded must be loaded first (:meth:`warm`)."""
         state = self.rooms.get(room)
         if state is None:
-            state = self.rooms[room] = RoomState(room, self._new_log(room), 0)
+            if room in self.cold:
+                raise RuntimeError(f"room {room} used without loading it")
+            state = self.rooms[room] = RoomState(room, self._new_log(room), 0, self.now_ms())
+            state.loaded_at = (float(self.now_ms()), 0)
         return state
 
     def apply_remote(
@@ -490,7 +684,8 @@ class Service:
         changed ones (``update`` events) and moved ones apart: a second copy of a known id
         that wins (a client resent it through another node before the first copy arrived)
         replaces the history row of the losing copy, and subscribers get an ``update`` with
-        ``replaces`` = the losing cursor. Call after ``await store.wait_for_room()``; raises
+        ``replaces`` = the losing cursor. Call after ``await store.wait_for_room()`` and
+        ``await warm(room)``, with no await in between; raises
         ``CodecError`` (nothing applied) on a malformed update, ``StorageError`` when the
         store refuses writes."""
         if not self.store.healthy:
@@ -562,7 +757,8 @@ class Service:
 
     def snapshot_room(self, room: str, batch: Batch) -> None:
         """Put a snapshot of ``room``'s log in ``batch`` now: after a change of the log that
-        is no update (segments archived by local retention, chatnode/history/archive.py)."""
+        is no update (segments archived by local retention, chatnode/history/archive.py).
+        The room must be loaded (:meth:`warm`)."""
         state = self.rooms[room]
         layout.put_room_snapshot(batch, room, state.seq - 1, state.log.snapshot())
         state.since_snapshot = 0
@@ -615,6 +811,7 @@ class Service:
         always names a durable position, and a client resuming from it gets every event
         after it: new messages and the updates (edits, deletes, reactions, moves) alike."""
         state, text, cursor = event.state, event.text, event.cursor
+        state.queued -= 1
         late = False
         if event.marker is not None:
             self._release_batch.delete(event.marker)
@@ -1019,7 +1216,7 @@ class Service:
         The subscription is registered (buffering live events) before the catch-up is read;
         a ``caught_up`` event with the token to resume from ends every catch-up."""
         self._readable(s, req.room, req.ref)
-        state = self.rooms[req.room]
+        state = await self.warm(req.room)  # subscribed rooms stay in memory
         if req.room in s.subs:
             self._unsubscribe(s, req.room)
         since = own_seq(self.node_id, req.resume, state.pushed_seq)
@@ -1125,7 +1322,14 @@ class Service:
 
     async def _send(self, s: Session, req: p.Send) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
-        state = self.rooms[req.room]
+        state = await self.warm(req.room)
+        state.busy += 1  # stays in memory while this request uses it
+        try:
+            return await self._send_in(s, req, state)
+        finally:
+            state.busy -= 1
+
+    async def _send_in(self, s: Session, req: p.Send, state: RoomState) -> dict[str, object]:
         pending = state.inflight.get(req.id)
         if pending is not None:
             await pending.wait()
@@ -1189,8 +1393,17 @@ class Service:
 
     async def _change(self, s: Session, req: p.Edit | p.Delete | p.React) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
+        state = await self.warm(req.room)
+        state.busy += 1  # stays in memory while this request uses it
+        try:
+            return await self._change_in(s, req, state)
+        finally:
+            state.busy -= 1
+
+    async def _change_in(
+        self, s: Session, req: p.Edit | p.Delete | p.React, state: RoomState
+    ) -> dict[str, object]:
         await self._wait_for_room()
-        state = self.rooms[req.room]
         m = state.log.get(req.id)
         if m is None or (self.archived is not None and self.archived(req.room, m.ts.encode())):
             raise ClientError(ErrorCode.NOT_FOUND, f"no message {req.id} (or archived)", req.ref)
@@ -1325,12 +1538,13 @@ class Service:
         current = self.meta.get(key)
         if isinstance(current, str) and current >= cursor:
             return p.ok(req.ref)
-        state = self.rooms[req.room]
         batch = self._meta_batch([(key, cursor)])
         text = p.encode(p.read_event(req.room, s.user, req.cursor))
 
         def done() -> None:
-            self._broadcast(state, text)
+            state = self.rooms.get(req.room)  # not in memory: no subscriber to tell
+            if state is not None:
+                self._broadcast(state, text)
             if self.ephemeral is not None:
                 self.ephemeral.read(req.room, s.user, cursor)
 

@@ -74,6 +74,7 @@ LOG_EVERY: Final = 10.0  # at most one log line about refused handshakes per thi
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HEARTBEAT: Final = 5.0
+CLOSE_TIMEOUT: Final = 2.0  # for a peer to answer our close frame (then the socket is cut)
 
 OnMessage = Callable[[str, PeerMsg], Awaitable[None]]
 OnLink = Callable[[str, bool], None]
@@ -159,6 +160,7 @@ class PeerHub:
         self._accepted: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
+        self._server_stopping = False  # the web server shuts down: accept no more links
         self.stats = PeerStats()
         self.link_stats = LinkStats()  # handshakes done and refused, frames refused, by reason
         self.acceptor = LinkAcceptor(
@@ -173,6 +175,7 @@ class PeerHub:
         """The handshake (``POST``) and the link itself (``GET``, a WebSocket upgrade)."""
         app.router.add_post(PEER_PATH, self.handle_hello)
         app.router.add_get(PEER_PATH, self.handle)
+        app.on_shutdown.append(self._close_accepted)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -274,7 +277,7 @@ class PeerHub:
             response, session = hs.finish(challenge)
             ws = await self._session.ws_connect(
                 target, heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
-                timeout=aiohttp.ClientWSTimeout(ws_close=2.0), compress=0,
+                timeout=aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT), compress=0,
                 headers={LINK_HEADER: base64.urlsafe_b64encode(response).decode("ascii")},
             )  # fmt: skip
         try:
@@ -340,10 +343,10 @@ class PeerHub:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET /v1/cluster/peer``: a WebSocket upgrade carrying the handshake response;
         upgraded only once the response is checked (anything else: 403, no socket)."""
-        if self._closing:
+        if self._closing or self._server_stopping:
             raise web.HTTPServiceUnavailable(text="closing")
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=self.max_frame,
-                                   compress=False)  # fmt: skip
+                                   timeout=CLOSE_TIMEOUT, compress=False)  # fmt: skip
         if not ws.can_prepare(request).ok:
             raise web.HTTPBadRequest(text="expected a WebSocket upgrade")
         header = request.headers.get(LINK_HEADER, "")
@@ -460,6 +463,18 @@ class PeerHub:
                 await link.ws.close()
 
     # -- shutdown -----------------------------------------------------------------------------
+
+    async def _close_accepted(self, app: web.Application) -> None:
+        """``on_shutdown`` of the web server: accept no more links and close those peers
+        dialed to us (all at once, each bounded by :data:`CLOSE_TIMEOUT`). Their handlers end
+        only with their link: left open, they would hold the server's shutdown for its
+        timeout twice (waiting for them to end, then for them to heed a cancellation they do
+        not read) before it cuts them. The links this node dialed stay up until
+        :meth:`aclose`."""
+        self._server_stopping = True
+        accepted = [k.ws for k in self.links.values() if isinstance(k.ws, web.WebSocketResponse)]
+        # each link's reader sees the close and ends its handler, which cleans the link up
+        await asyncio.gather(*(ws.close(code=1001) for ws in accepted), return_exceptions=True)
 
     async def aclose(self) -> None:
         """Stop dialing and close every link (idempotent)."""

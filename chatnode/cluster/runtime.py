@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -182,9 +181,10 @@ class Cluster:
         self._stopping = False
         self.forwarder: Forwarder | None = None
         self._forwarded: dict[str, int] = {}  # rooms the forwarder owns -> epoch
-        # per room: (wall ms, this node's release position then), ascending; the position a
-        # takeover resumes from (docs/KAFKA.md, "Handover")
-        self._feed_samples: dict[str, deque[tuple[float, int]]] = {}
+        # per room: (wall ms, this node's release position then), ascending, one more only
+        # when the position moved; the position a takeover resumes from (docs/KAFKA.md,
+        # "Handover"). A room not in memory does not move: its summary gives the last.
+        self._feed_samples: dict[str, list[tuple[float, int]]] = {}
         self._prev_home: dict[str, str] = {}  # room -> the last other node seen as its home
         self._home_since: dict[tuple[str, str], float] = {}  # (room, node) -> its last since
         self.stats = ReplicationStats()
@@ -460,6 +460,7 @@ class Cluster:
                             hub.send(peer, Ack(token))
                         self._pong(self._frontier.applied(peer))
 
+                    await self.service.warm(msg.room)
                     self._frontier.applying(peer)
                     try:
                         self.service.apply_remote(msg.room, msg.update, durable)
@@ -487,7 +488,7 @@ class Cluster:
                 case TreeHashes() | TreeLeaf():
                     self._tree_message(peer, msg)
                 case StateVector():
-                    diff = self.service.room_diff(msg.room, msg.sv)
+                    diff = await self.service.room_diff(msg.room, msg.sv)
                     if diff is None:
                         diff = _EMPTY_DIFF
                     if diff != _EMPTY_DIFF:
@@ -869,20 +870,19 @@ class Cluster:
 
     def _feed_end(self, room: str) -> int:
         """The last release number of ``room`` whose row is durable and whose event went out."""
-        state = self.service.rooms.get(room)
-        return 0 if state is None else state.pushed_seq
+        return self.service.feed_end(room)
 
     async def read_feed(self, room: str, after: int, limit: int) -> list[FeedEntry]:
         """The forwarder's change feed: the room's release log after position ``after`` (up
         to what went out), each entry with the message as it stands now. Of several entries
         of one message in a read only the last is returned (they carry the same state)."""
-        state = self.service.rooms.get(room)
         end = self._feed_end(room)
-        if state is None or end <= after:
+        if end <= after:
             return []
         rows = await self.service.store.read(release_rows, self.service.store, room, after,
                                              min(end, after + limit))  # fmt: skip
         last = {msg_id: seq for seq, msg_id in rows}
+        state = await self.service.warm(room)
         out: list[FeedEntry] = []
         for seq, msg_id in rows:
             m = state.log.get(msg_id)
@@ -929,7 +929,11 @@ class Cluster:
             since = min(since, self._home_since[(room, prev)])
         horizon = since - TAKEOVER_MARGIN_MS
         best: tuple[int, float] = (0, 0.0)
-        for wall, pos in self._feed_samples.get(room, ()):
+        samples = list(self._feed_samples.get(room, ()))
+        cold = self.service.unchanged_since(room)
+        if cold is not None:  # its position since it left memory (or since the start)
+            samples.append((cold[1], cold[0]))
+        for wall, pos in samples:
             if wall > horizon:
                 break
             best = (pos, wall)
@@ -939,10 +943,16 @@ class Cluster:
         """Sample each room's release position (for takeovers) and note the old homes'
         frontier saves."""
         now = time.time() * 1000
-        for room in self.service.room_names():
-            samples = self._feed_samples.setdefault(room, deque(maxlen=FEED_SAMPLES))
-            if force or not samples or now - samples[-1][0] >= FEED_SAMPLE_S * 1000:
-                samples.append((now, self._feed_end(room)))
+        for room, state in self.service.rooms.items():  # the others do not move
+            samples = self._feed_samples.get(room)
+            if samples is None:  # its position from then until it was loaded
+                samples = self._feed_samples[room] = [state.loaded_at]
+            pos = state.pushed_seq
+            if pos != samples[-1][1] and (force or now - samples[-1][0] >= FEED_SAMPLE_S * 1000):
+                samples.append((now, pos))
+                if len(samples) > FEED_SAMPLES:
+                    del samples[0]
+        for room in self.service.known_rooms():
             saved = self._saved_frontier(room)
             if saved is not None and saved[0] != self.node_id:
                 self._home_since[(room, saved[0])] = saved[2]

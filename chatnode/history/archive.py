@@ -622,14 +622,13 @@ class Archive:
     async def retain(self, service: Service, room: str, frontier: int | None) -> int:
         """One retention pass over ``room`` (``frontier``: the room's persisted forwarding
         frontier if it is this node's, else None). Returns the messages dropped."""
-        state = service.rooms.get(room)
+        seq0 = service.room_seq(room)
         st = self.index.state(room)
-        if state is None or frontier is None or not st.covered or not self.policy.active:
+        if seq0 is None or frontier is None or not st.covered or not self.policy.active:
             return 0
-        seq0 = state.seq
         scan = await self.store.read(_retention_scan, self.store, room, st.cut, frontier,
                                      self.policy)  # fmt: skip
-        if state.seq != seq0:  # a change arrived meanwhile: what was read may be stale
+        if service.room_seq(room) != seq0:  # a change came meanwhile: the read may be stale
             self.passes_skipped += 1
             return 0
         d = decide(
@@ -642,6 +641,10 @@ class Archive:
             cut=st.cut,
         )
         if d.count == 0 or d.cut is None:
+            return 0
+        state = await service.warm(room)  # its log drops the segments below the cut
+        if state.seq != seq0:
+            self.passes_skipped += 1
             return 0
         cut = d.cut
         batch = Batch()
@@ -678,7 +681,7 @@ class Archive:
         """Retention passes over every room, forever (supervised by the node)."""
         while True:
             await asyncio.sleep(self.interval_s())
-            for room in list(service.rooms):
+            for room in service.room_names():
                 await self.retain(service, room, frontier_of(room))
 
     async def close(self) -> None:

@@ -9,6 +9,10 @@ key                                          value
 ``M``                                        metadata map snapshot: msgpack ``[seq, map]``
 ``m`` + seq (8 bytes, big endian)            one metadata delta (``AWLWWMap.to_bytes()``)
 ``P`` + room                                 room-log snapshot: msgpack ``[seq, snapshot]``
+``s`` + room                                 summary of a room that left memory: msgpack
+                                             ``[next update seq, state vector, last release
+                                             number, highest cursor released]``; deleted
+                                             when the room is loaded again
 ``u`` + room + NUL + seq (8 bytes, BE)       one room-log update (a pycrdt update envelope)
 ``g`` + room + NUL + segment (8 bytes, BE)   a sealed room-log segment blob
 ``h`` + room + NUL + cursor                  history index: msgpack of the message as it
@@ -67,11 +71,14 @@ __all__ = [
     "Loaded",
     "RocksSegmentStore",
     "RoomLoad",
+    "RoomRows",
+    "RoomSummary",
     "StoredMessage",
     "Unreleased",
     "after_page",
     "count_unread",
     "current_row",
+    "delete_room_summary",
     "has_message",
     "history_key",
     "history_page",
@@ -79,6 +86,7 @@ __all__ = [
     "id_key",
     "load_everything",
     "load_releases",
+    "load_room",
     "meta_delta_key",
     "pack_message",
     "put_changed_message",
@@ -87,6 +95,7 @@ __all__ = [
     "put_new_message",
     "put_release",
     "put_room_snapshot",
+    "put_room_summary",
     "put_update",
     "release_key",
     "release_prefix",
@@ -105,6 +114,7 @@ __all__ = [
 NS_META_SNAPSHOT: Final = b"M"
 NS_META_DELTA: Final = b"m"
 NS_ROOM_SNAPSHOT: Final = b"P"
+NS_ROOM_SUMMARY: Final = b"s"
 NS_UPDATE: Final = b"u"
 NS_SEGMENT: Final = b"g"
 NS_HISTORY: Final = b"h"
@@ -139,6 +149,10 @@ def meta_delta_key(seq: int) -> bytes:
 
 def room_snapshot_key(room: str) -> bytes:
     return NS_ROOM_SNAPSHOT + _room(room)
+
+
+def room_summary_key(room: str) -> bytes:
+    return NS_ROOM_SUMMARY + _room(room)
 
 
 def update_prefix(room: str) -> bytes:
@@ -251,6 +265,32 @@ def put_room_snapshot(batch: Batch, room: str, last_seq: int, snapshot: bytes) -
     )
 
 
+class RoomSummary(NamedTuple):
+    """What a node keeps in memory of a room that is not loaded, and writes as its ``s``
+    row when the room leaves memory: enough to answer anti-entropy (the state vector), to
+    number the room's next update and release, and to tell where its change feed ends."""
+
+    seq: int  # the next room-log update number
+    sv: bytes  # the room log's state vector
+    release_seq: int  # the last release-log number (every release durable and out)
+    max_released: str  # the highest cursor released ("" if none)
+
+
+def put_room_summary(batch: Batch, room: str, summary: RoomSummary) -> None:
+    batch.put(room_summary_key(room), msgpack.packb(list(summary), use_bin_type=True))
+
+
+def delete_room_summary(batch: Batch, room: str) -> None:
+    """The room is loaded: its summary goes stale with its next change, so it goes now (a
+    restart then loads the room from its rows)."""
+    batch.delete(room_summary_key(room))
+
+
+def _unpack_summary(value: bytes) -> RoomSummary:
+    seq, sv, release_seq, max_released = msgpack.unpackb(value, raw=False)
+    return RoomSummary(int(seq), bytes(sv), int(release_seq), str(max_released))
+
+
 def put_new_message(batch: Batch, room: str, m: Message) -> bytes:
     """The rows of a message this node did not have: history, id index and its ``q`` row
     (until released). Returns the ``q`` key."""
@@ -302,18 +342,37 @@ def put_release(
 # Blocking reads
 # ---------------------------------------------------------------------------------------------
 
-#: Per room: its snapshot row, its updates ``(seq, update)``, and the cursor of its newest
-#: history row.
-RoomLoad = dict[str, tuple[bytes | None, list[tuple[int, bytes]], str | None]]
+#: A room's rows as read to load it: its snapshot row, its updates ``(seq, update)``, and the
+#: cursor of its newest history row.
+RoomRows = tuple[bytes | None, list[tuple[int, bytes]], str | None]
+RoomLoad = dict[str, RoomRows]
 
 
 class Loaded(NamedTuple):
-    """Everything a node reads at start, but the release logs."""
+    """What a node reads at start, but the release logs: the metadata, the clock, the
+    summaries of the rooms that left memory before the stop, and the rows of the rooms to
+    load now (those with rows and no summary: written since they were last loaded)."""
 
     meta_snapshot: tuple[int, bytes] | None  # (delta seq, AWLWWMap bytes)
     meta_deltas: list[tuple[int, bytes]]
+    summaries: dict[str, RoomSummary]
     rooms: RoomLoad
     clock: tuple[int, int] | None  # (wall, logical)
+
+
+def _room_names(store: Reads, ns: bytes, sep: bool) -> list[str]:
+    """The rooms with a key in namespace ``ns`` (``sep``: keys are room + NUL + ...), hopping
+    from room to room with seeks instead of reading every key or value."""
+    names: list[str] = []
+    key, end = ns, prefix_end(ns)
+    while True:
+        found = next(iter(store.iter_range(key, end, limit=1)), None)
+        if found is None:
+            return names
+        rest = found[0][len(ns) :]
+        raw = rest.split(_SEP, 1)[0] if sep else rest
+        names.append(raw.decode("utf-8"))
+        key = prefix_end(ns + raw + _SEP) if sep else ns + raw + _SEP
 
 
 def load_everything(store: Reads) -> Loaded:
@@ -326,38 +385,36 @@ def load_everything(store: Reads) -> Loaded:
         (int.from_bytes(k[1:], "big"), v)
         for k, v in store.iter_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
     ]
-    rooms: RoomLoad = {}
-    names: set[str] = set()
-    snaps: dict[str, bytes] = {}  # read here, not looked up room by room (a miss costs)
-    for k, v in store.iter_range(NS_ROOM_SNAPSHOT, prefix_end(NS_ROOM_SNAPSHOT)):
-        snaps[k[1:].decode("utf-8")] = v
-    names.update(snaps)
-    # Room names with updates: hop from room to room with seeks instead of reading every key.
-    key = NS_UPDATE
-    end = prefix_end(NS_UPDATE)
-    while True:
-        found = next(iter(store.iter_range(key, end, limit=1)), None)
-        if found is None:
-            break
-        name = found[0][1:].split(b"\x00", 1)[0].decode("utf-8")
-        names.add(name)
-        key = prefix_end(update_prefix(name))
-    for name in names:
-        snap = snaps.get(name)
-        prefix = update_prefix(name)
-        updates = [
-            (int.from_bytes(k[len(prefix) :], "big"), v)
-            for k, v in store.iter_range(prefix, prefix_end(prefix))
-        ]
-        last = store.last_key(history_prefix(name))
-        last_cursor = None if last is None else last[len(history_prefix(name)) :].decode("ascii")
-        rooms[name] = (snap, updates, last_cursor)
+    summaries = {
+        k[1:].decode("utf-8"): _unpack_summary(v)
+        for k, v in store.iter_range(NS_ROOM_SUMMARY, prefix_end(NS_ROOM_SUMMARY))
+    }
+    eager = set(_room_names(store, NS_ROOM_SNAPSHOT, False))
+    eager.update(_room_names(store, NS_UPDATE, True))
+    # a room with an event committed but never released is loaded to release it
+    queued = set(_room_names(store, NS_UNRELEASED, True))
+    eager = {name for name in eager if name not in summaries} | queued
+    rooms: RoomLoad = {name: load_room(store, name) for name in eager}
     clock_row = store.get(NS_CLOCK)
     clock: tuple[int, int] | None = None
     if clock_row is not None:
         wall, logical = msgpack.unpackb(clock_row, raw=False)
         clock = (int(wall), int(logical))
-    return Loaded(snapshot, deltas, rooms, clock)
+    return Loaded(snapshot, deltas, summaries, rooms, clock)
+
+
+def load_room(store: Reads, room: str) -> RoomRows:
+    """The rows a room log is rebuilt from: its snapshot, its updates since, and the cursor
+    of its newest message (the clock never goes below it)."""
+    snap = store.get(room_snapshot_key(room))
+    prefix = update_prefix(room)
+    updates = [
+        (int.from_bytes(k[len(prefix) :], "big"), v)
+        for k, v in store.iter_range(prefix, prefix_end(prefix))
+    ]
+    last = store.last_key(history_prefix(room))
+    last_cursor = None if last is None else last[len(history_prefix(room)) :].decode("ascii")
+    return snap, updates, last_cursor
 
 
 def unpack_room_snapshot(value: bytes) -> tuple[int, bytes]:

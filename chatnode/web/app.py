@@ -616,6 +616,12 @@ class WebApp:
         metrics.gauge("chatnode_connections", "open WebSocket connections",
                       lambda: float(len(self.connections)))  # fmt: skip
         metrics.gauge("chatnode_rooms", "rooms known", lambda: float(len(service.room_info)))
+        metrics.gauge("chatnode_rooms_in_memory", "rooms loaded (the others: a summary each)",
+                      lambda: float(len(service.rooms)))  # fmt: skip
+        metrics.value("chatnode_room_loads_total", "rooms loaded from their rows on use",
+                      lambda: float(service.rooms_loaded), kind="counter")  # fmt: skip
+        metrics.value("chatnode_room_evictions_total", "rooms that left memory, unused",
+                      lambda: float(service.rooms_evicted), kind="counter")  # fmt: skip
         metrics.gauge("chatnode_tcp_connections", "open TCP connections (all endpoints)",
                       lambda: float(self.gate.open.used))  # fmt: skip
         metrics.labeled(

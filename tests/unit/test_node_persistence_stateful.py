@@ -76,8 +76,8 @@ from chatnode.store.layout import history_page as _history_page
 from chatnode.store.layout import release_prefix, room_snapshot_key
 from chatnode.store.layout import released_page as _released_page
 from crdt.clock import HybridClock, Timestamp
-from crdt.roomlog import MemorySegmentStore, RoomLog
-from crdt.segments import decode_envelope
+from crdt.roomlog import MemorySegmentStore, Message, RoomLog
+from crdt.segments import decode_envelope, decode_state_vector
 
 T = TypeVar("T")
 
@@ -326,6 +326,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
         self.service_: Service | None = None
         self.sessions: dict[str, Session] = {}
         self.watcher: FakeOutbox | None = None
+        self.watch_session: Session | None = None
         # room: (first frame, messages released then, release number then, the view then)
         self.watch_from: dict[str, tuple[int, int, int, dict[str, View]]] = {}
         self.frozen = False
@@ -387,7 +388,9 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             if self.model.rooms[room].unreleased:
                 _event("load: releases messages committed but not released before the stop")
             self._release_at_load(room)
-            if self.incarnation > 1:
+            if room in self.service.cold:
+                _event("load: room known by its summary (not loaded)")
+            elif self.incarnation > 1:
                 log = self.service.rooms[room].log
                 _event(f"load: {'some' if log.sealed_segments() else 'no'} sealed segments")
                 snap = self.store.get(room_snapshot_key(room)) is not None
@@ -403,7 +406,8 @@ class NodePersistenceMachine(RuleBasedStateMachine):
     async def _watch(self) -> None:
         """A subscriber (alice) to both rooms, opened right after a load."""
         self.watcher = FakeOutbox(1000)
-        s = self.service.open_session(Claims("alice", "t-watch", FAR), self.watcher)
+        s = self.watch_session = self.service.open_session(Claims("alice", "t-watch", FAR),
+                                                           self.watcher)  # fmt: skip
         for room in ROOMS:
             await self.service.handle(s, p.Subscribe(ref=room, room=room, after=None))
             seq = len(self._release_log(room))
@@ -524,11 +528,16 @@ class NodePersistenceMachine(RuleBasedStateMachine):
     async def _step(self, pending: Pending) -> None:
         """Run the request until its commit is queued (or it is answered) and record the
         effect of a write on the model (durable once the commit is)."""
-        queued = len(self.db._pending)
-        for _ in range(5):
+        queued, loads = len(self.db._pending), self.service.rooms_loaded
+        for _ in range(10):
             await asyncio.sleep(0)
-            if pending.task.done() or len(self.db._pending) > queued:
+            extra = self.service.rooms_loaded - loads  # a load queues its summary's delete
+            if pending.task.done() or len(self.db._pending) > queued + extra:
                 break
+            loading = list(self.service._loading.values())
+            if loading:  # the room is being loaded from its rows (reader thread)
+                await asyncio.wait(loading)
+        queued += self.service.rooms_loaded - loads
         if not pending.writes:
             assert pending.task.done(), "a request that writes nothing must not wait"
             return
@@ -538,7 +547,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
         rm = self.model.rooms[req.room]
         before = rm.messages()
         if isinstance(req, p.Send):
-            m = self.service.rooms[req.room].log.get(req.id)
+            m = (await self.service.warm(req.room)).log.get(req.id)
             assert m is not None and m.author == user
             ts = pending.cursor = m.cursor
             rm.local.add(Op("a", req.id, ts, author=user, body=req.body))
@@ -807,6 +816,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
         """Hand ``update`` to the node as a peer link does; the future completes once the
         node says it is durable."""
         await self.db.wait_for_room()
+        await self.service.warm(room)  # as the peer link does
         fut: asyncio.Future[None] = self.loop.create_future()
 
         def durable(error: BaseException | None) -> None:
@@ -896,8 +906,13 @@ class NodePersistenceMachine(RuleBasedStateMachine):
     @rule(room=st.sampled_from(ROOMS))
     def peer_pulls(self, room: str) -> None:
         peer = self.peers[room]
-        diff = self.service.room_diff(room, peer.state_vector())
+        cold = room in self.service.cold
+        diff = self.run(self.service.room_diff(room, peer.state_vector()))
         assert diff is not None
+        if cold:
+            loaded = room in self.service.rooms
+            how = "loaded" if loaded else "answered from its summary"
+            _event(f"peer pulls a room not in memory: {how}")
         for m in peer.apply(diff).appended:
             self.peer_clock.observe(m.ts, self._peer_wall())
 
@@ -976,20 +991,52 @@ class NodePersistenceMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ restarts
 
-    @rule(ms=st.integers(5, 50))
-    def restart(self, ms: int) -> None:
-        """A clean stop (every queued write done) and a new incarnation on the same data,
-        ``ms`` later."""
+    async def _pages(self) -> dict[str, list[Message]]:
+        return {room: (await self.service.warm(room)).log.page(limit=10**6) for room in ROOMS}
+
+    async def _leave_memory(self) -> int:
+        """Close the watcher's subscriptions and let every quiet room leave memory, as a
+        node does with rooms unused for ``--room-idle`` and at a clean stop."""
+        if self.watcher is not None:
+            assert self.watch_session is not None
+            self.service.close_session(self.watch_session)
+            self.watcher = None
+        return await self.service.evict_idle(idle_ms=0)
+
+    @rule()
+    def rooms_leave_memory(self) -> None:
+        """Rooms leave memory; the next use (a request, a peer's update or pull, a
+        subscription) loads them again from their rows."""
+
+        async def go() -> None:
+            svs = {room: (await self.service.warm(room)).log.state_vector() for room in ROOMS}
+            evicted = await self._leave_memory()
+            _event(f"rooms leave memory: {evicted}")
+            for room in ROOMS:
+                if room in self.service.cold:  # peers are told what the log had
+                    assert _clocks(self.service.cold[room].sv) == _clocks(svs[room]), room
+
+        self.run(go())
+
+    @rule(ms=st.integers(5, 50), park=st.booleans())
+    def restart(self, ms: int, park: bool) -> None:
+        """A clean stop (every queued write done; with ``park``, every quiet room written as
+        its summary first, as the node does) and a new incarnation on the same data, ``ms``
+        later."""
         self.wall += ms
 
         async def go() -> None:
             assert not any(rm.unreleased for rm in self.model.rooms.values())
-            pages = {room: self.service.rooms[room].log.page(limit=10**6) for room in ROOMS}
+            pages = await self._pages()
+            svs = {room: _clocks(self.service.room_state_vector(room)) for room in ROOMS}
+            if park:
+                await self._leave_memory()
             await self.db.close()
             self.watcher = None
             await self._open()
-            for room in ROOMS:
-                assert self.service.rooms[room].log.page(limit=10**6) == pages[room], room
+            for room in ROOMS:  # what peers are told the node has: unchanged
+                assert _clocks(self.service.room_state_vector(room)) == svs[room], (room, park)
+            assert await self._pages() == pages
 
         self.run(go())
 
@@ -1178,7 +1225,10 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             )
             for row, e in zip(rows, want, strict=True):
                 self._same(room, row, e)
-            page = self.service.rooms[room].log.page(limit=10**6)
+            state = self.service.rooms.get(room)
+            if state is None:  # not in memory: checked when it is loaded again
+                continue
+            page = state.log.page(limit=10**6)
             assert [p.message_fields(room, m) for m in page] == rows, f"{room}: log != index"
 
     @invariant()
@@ -1251,6 +1301,12 @@ NodePersistenceMachine.TestCase.settings = settings(
     deadline=None,
 )
 TestNodePersistence = NodePersistenceMachine.TestCase
+
+
+def _clocks(state_vector: bytes) -> dict[int, dict[int, int]]:
+    """A room log's state vector as segment -> client -> clock (pycrdt's byte order of the
+    clients is not canonical)."""
+    return {n: decode_state_vector(sv) for n, sv in decode_envelope(state_vector)}
 
 
 # ---------------------------------------------------------------------------------------------
