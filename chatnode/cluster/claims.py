@@ -37,7 +37,9 @@ The voters are the cluster's members as the runtime knows them, dead ones includ
 cut off from the others must not count itself a majority once it has declared them dead);
 see ``docs/SECURITY.md`` ("Unique names"). An acceptor keeps a name's state for
 ``retain`` seconds after it last changed: by then the winner's metadata has replicated and
-the ``Taken`` check takes over. This also bounds how long a name decided for a claimant that
+the ``Taken`` check takes over (when its table of names is full, it forgets at once the
+names that already exist in its metadata, whose state the ``Taken`` check makes unused).
+Forgetting after ``retain`` also bounds how long a name decided for a claimant that
 never created it (it gave up and did not retry) stays refused to others: once the acceptors
 have forgotten it, the name is free again. The acceptor state lives in memory: an acceptor
 that restarts in the middle of a race forgets its promises (documented limit).
@@ -359,6 +361,8 @@ class ClaimBook:
             if len(self._slots) >= self.max_slots:
                 self._gc(now)
                 if len(self._slots) >= self.max_slots:
+                    self._forget_taken()
+                if len(self._slots) >= self.max_slots:
                     self.stats.refused_full += 1
                     return None
             slot = self._slots[name] = _Slot(touched=now)
@@ -456,6 +460,14 @@ class ClaimBook:
             name, slot = next(iter(self._slots.items()))
             if now - slot.touched < self.retain:
                 return
+            del self._slots[name]
+
+    def _forget_taken(self) -> None:
+        """Forget every name that now exists in the metadata: a request for it is answered
+        ``Taken`` before its state is looked at, so its state is never read again. Called
+        when the table is full (names made faster than ``retain`` lets them go): one pass
+        frees the room of every name decided and replicated since the last."""
+        for name in [n for n in self._slots if self._taken(n)]:
             del self._slots[name]
 
     def next_time(self) -> float | None:

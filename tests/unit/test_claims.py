@@ -200,6 +200,25 @@ def test_an_acceptor_forgets_after_retain_and_stays_bounded() -> None:
     assert book.slots() == 2
 
 
+def test_a_full_acceptor_forgets_at_once_the_names_that_exist() -> None:
+    """Names made faster than ``retain`` lets them go (a benchmark making 100,000 rooms at
+    500/s): when the table is full, the names already in the metadata are forgotten (their
+    state is never read again: the ``Taken`` check comes first), the others are kept."""
+    taken: set[str] = set()
+    book = _book("a", taken, retain=100.0, max_slots=3)
+    for i, name in enumerate(("r/1", "r/2", "r/3")):
+        assert book.receive("b", c.Prepare(name, (1, "b.1")), float(i)).out
+    assert book.receive("b", c.Prepare("r/4", (1, "b.1")), 3.0).out == ()  # full, none made
+    taken.update({"r/1", "r/3"})  # decided and replicated
+    assert book.receive("b", c.Prepare("r/4", (1, "b.1")), 4.0).out
+    assert book.slots() == 2  # r/2 (undecided) and r/4
+    # r/2's promise is kept: a lower ballot is still refused
+    assert isinstance(book.receive("c", c.Prepare("r/2", (0, "c.1")), 5.0).out[0][1], c.Nack)
+    assert book.receive("c", c.Prepare("r/1", (9, "c.1")), 5.0).out[0][1] == c.Taken(
+        "r/1", (9, "c.1")
+    )
+
+
 def test_an_acceptor_answers_taken_for_an_existing_name() -> None:
     book = _book("a", {"r/y"})
     step = book.receive("b", c.Prepare("r/y", (1, "b.1")), 0.0)
