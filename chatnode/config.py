@@ -70,6 +70,7 @@ class Config:
     commit_queue: int = 4096  # pending commit batches before writers wait
     snapshot_every: int = 1000  # updates between snapshots of a room log or of the metadata
     room_idle_ms: int = 60_000  # a room unused this long leaves memory (loaded on next use)
+    peer_queue: int = 20_000  # messages queued on one peer link before more are dropped
     # Cluster settings (read by the membership/replication/forwarding layers).
     join: tuple[str, ...] = ()
     cluster_keys: tuple[str, ...] = ()  # the first one seals, every one opens
@@ -548,6 +549,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "a room nobody used for this long (no subscriber, nothing in flight) leaves memory and "
         "is loaded again on its next use, e.g. 60, 10m",
         "DURATION",
+    ),
+    Setting(
+        "peer_queue",
+        "peer_queue",
+        _int(100, 10_000_000),
+        "replication messages queued on one peer link (a write that finds it full resets the "
+        "link, and the peer re-syncs)",
+        "N",
     ),
     Setting(
         "join",

@@ -414,7 +414,8 @@ class Node:
         )
         keyring = Keyring.from_strings(cfg.cluster_keys) if cfg.cluster_keys else None
         self.cluster = Cluster(self.service, self.members, keyring, replicas=cfg.replicas,
-                               hooks=self.hooks, supervisor=self.supervisor)  # fmt: skip
+                               peer_queue=cfg.peer_queue, hooks=self.hooks,
+                               supervisor=self.supervisor)  # fmt: skip
         app = self.webapp.make_app()
         self.cluster.add_routes(app)
         if cfg.views_url is not None:

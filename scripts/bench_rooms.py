@@ -14,7 +14,9 @@ cluster of two real chatnode processes (127.0.0.x, one cluster key):
    peer-link bytes per second sent (``chatnode_peer_bytes_total{direction=out}``, sealed
    frames).
 4. **Restart**: node 1 is stopped (SIGTERM) and started again: time until ``/healthz`` says
-   ok, and until a client logged in there gets the ``history`` of one room.
+   ok (and how many rooms it loaded), and until a client logged in there gets the
+   ``history`` of one room; its RSS after step 5 (without the high-water mark that making
+   the rooms left in the first process).
 5. **Cold rooms**: on the restarted node, ``history`` of ``--cold`` rooms nobody touched
    since the restart, one after another: p50/p99/max latency (read from the history index:
    the room is not loaded); then one ``send`` to each of them (the room is loaded from its
@@ -82,6 +84,7 @@ class Result:
     warm_send_ms: list[float] = field(default_factory=list)  # a room already in memory
     in_memory: list[float] = field(default_factory=list)  # rooms in memory when idle
     loaded_at_start: float = 0.0  # rooms in memory right after the restart
+    restart_rss_mb: float = 0.0  # node 1 after its restart and the cold reads and writes
     names: list[str] = field(default_factory=list)  # the rooms made
 
 
@@ -229,11 +232,13 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
                     t1 = time.perf_counter()
                     await ws.ok("send", room=rooms[1], id=f"warm-{k}", body="in memory")
                     res.warm_send_ms.append(1000 * (time.perf_counter() - t1))
+            res.restart_rss_mb = rss_mb(node.pid)
             print(f"restart: /healthz {res.restart_healthz_s:.2f} s ({res.loaded_at_start:.0f} "
                   f"rooms loaded), first history {res.restart_history_s:.2f} s; cold history "
                   f"p99 {percentile(res.cold_ms, 99):.1f} ms; send to a cold room p99 "
                   f"{percentile(res.cold_send_ms, 99):.1f} ms (in memory "
-                  f"{percentile(res.warm_send_ms, 99):.1f} ms)", flush=True)  # fmt: skip
+                  f"{percentile(res.warm_send_ms, 99):.1f} ms); rss then "
+                  f"{res.restart_rss_mb:.1f} MB", flush=True)  # fmt: skip
     finally:
         await asyncio.to_thread(stop_all, nodes)
     return res
@@ -270,6 +275,8 @@ def table(results: list[Result]) -> str:
          lambda r: " / ".join(f"{b:,}" for b in digest_round_bytes(r.rooms))),
         ("restart to /healthz (s)", lambda r: f"{r.restart_healthz_s:.2f}"),
         ("rooms in memory right after the restart", lambda r: f"{r.loaded_at_start:.0f}"),
+        ("RSS of the restarted node after the cold reads and writes (MB)",
+         lambda r: f"{r.restart_rss_mb:.1f}"),
         ("restart to a room's history (s)", lambda r: f"{r.restart_history_s:.2f}"),
         ("cold history p50 / p99 / max (ms)",
          lambda r: f"{percentile(r.cold_ms, 50):.1f} / {percentile(r.cold_ms, 99):.1f} / "

@@ -94,6 +94,7 @@ FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 # frontier waits and clock skew (docs/KAFKA.md, "Handover").
 TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
+SYNC_SLICE: Final = 1000  # state vectors of a link-up sync queued at once (then drain)
 
 Members = Callable[[], list[Member]]
 
@@ -126,6 +127,7 @@ class Cluster:
         *,
         replicas: int = 2,
         ack_timeout: float = 10.0,
+        peer_queue: int = 20_000,
         hooks: ServiceHooks,
         supervisor: Supervisor | None = None,
     ) -> None:
@@ -148,6 +150,7 @@ class Cluster:
                 trailer=self._trailer,
                 local_host=self._local_host,
                 supervisor=self._supervisor,
+                max_queue=peer_queue,
             )
             self.ephemeral = Ephemeral(service, self.hub, hooks=hooks, supervisor=self._supervisor)
         self._tracker = AckTracker()
@@ -176,6 +179,7 @@ class Cluster:
         self._blocking: set[str] = set()  # peers that are members: they hold delivery back
         self._draining: set[str] = set()  # dead peers whose last messages are looked for
         self._drains: set[asyncio.Task[None]] = set()
+        self._syncs: set[asyncio.Task[None]] = set()  # link-up syncs sending (_sync_link)
         self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._nonce = 0
         self._stopping = False
@@ -255,7 +259,7 @@ class Cluster:
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             await t.aclose()
-        drains = list(self._drains)
+        drains = list(self._drains) + list(self._syncs)
         for d in drains:
             d.cancel()
         for d, result in zip(
@@ -264,6 +268,7 @@ class Cluster:
             if isinstance(result, Exception):
                 log.error("%s failed: %r", d.get_name(), result)
         self._drains.clear()
+        self._syncs.clear()
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -350,18 +355,40 @@ class Cluster:
 
     def _sync_link(self, peer: str) -> asyncio.Future[None]:
         """Ask ``peer`` for what it has of every room that we lack, then ping: the future
-        completes when its answers are committed here."""
-        assert self.hub is not None
+        completes when its answers are committed here (cancelled if the link fails first).
+        The state vectors go out in slices, each once the link's queue is below its
+        low-water mark: with more rooms than the queue holds, sending them at once would
+        drop the rest and the ping, and the peer's frontier would never count."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._nonce += 1
         nonce = self._nonce
         self._pongs[nonce] = (peer, fut)
-        for room in self.service.room_names():
-            self.hub.send(peer, StateVector(room, self.service.room_state_vector(room)))
-        if not self.hub.send(peer, Ping(nonce)):
-            self._pongs.pop(nonce, None)
-            fut.cancel()
+        task = asyncio.create_task(self._send_sync(peer, nonce), name=f"sync-{peer}")
+        self._syncs.add(task)
+        task.add_done_callback(self._synced)
         return fut
+
+    def _synced(self, task: asyncio.Task[None]) -> None:
+        self._syncs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %r", task.get_name(), task.exception())
+
+    async def _send_sync(self, peer: str, nonce: int) -> None:
+        assert self.hub is not None
+        hub = self.hub
+        sent = True
+        # a slice fits in the queue above its low-water mark (a quarter of it)
+        per_slice = max(1, min(SYNC_SLICE, hub.max_queue // 2))
+        for i, room in enumerate(self.service.room_names()):
+            if i % per_slice == 0 and i:
+                await hub.drain(peer)
+            sent = hub.send(peer, StateVector(room, self.service.room_state_vector(room)))
+            if not sent:
+                break
+        if not sent or not hub.send(peer, Ping(nonce)):
+            entry = self._pongs.pop(nonce, None)
+            if entry is not None:
+                entry[1].cancel()
 
     async def _drain(self, dead: str) -> None:
         """``dead`` left the members: before it stops holding delivery back, collect from

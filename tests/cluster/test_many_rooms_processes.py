@@ -37,8 +37,11 @@ pytestmark = [
 
 ROOMS = int(os.environ.get("CHATNODE_TEST_ROOMS", "2000"))
 CLIENTS = 16
+# A peer-link queue smaller than the number of rooms: the sync when a link comes up sends a
+# state vector per room, and must pace them (all at once, the queue dropped the rest and the
+# ping that ends the sync, and the peer's frontier held every live event back for good).
 ARGS = ["--rate-limit", "100000", "--rate-burst", "100000", "--max-rooms-per-user", "100000",
-        "--room-idle", "2s"]  # fmt: skip
+        "--room-idle", "2s", "--peer-queue", str(max(100, ROOMS // 4))]  # fmt: skip
 
 
 def room_name(i: int) -> str:
@@ -151,6 +154,14 @@ async def test_a_room_diverged_during_a_cut_is_repaired_among_many_idle_rooms(
         await until(lambda: has_message(http, b, token_b, room, "during-cut"), 120,
                     "the diverged room to be repaired on b", 0.2)  # fmt: skip
         print(f"repaired {time.monotonic() - healed:.1f} s after the heal")
+
+        # live delivery across the healed link: the link-up syncs completed on both sides
+        async with WS.connected(http, b, token_b) as sub:
+            await sub.ok("subscribe", room=room)
+            async with WS.connected(http, a, token_a) as ws:
+                await retried(ws, "send", room=room, id="live-after-heal", body="live")
+            got = await sub.event(lambda f: f.get("id") == "live-after-heal")
+            assert got["op"] == "message", got
 
         # quiet again: the trees agree, so rounds find no room to pull any more
         async def quiet() -> bool:
