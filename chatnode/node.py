@@ -800,12 +800,14 @@ class Node:
                 await self.service.evict_idle()
 
     async def _park_rooms(self) -> None:
-        """At a clean stop: every quiet room leaves memory with its summary written, so the
-        next start loads none of them (a start after a crash loads the rooms written since
-        they were last loaded)."""
+        """At a clean stop: every quiet room leaves memory with its summary written, and the
+        metadata map is snapshotted, so the next start loads no room and replays no delta (a
+        start after a crash loads the rooms written since they were last loaded and replays
+        the deltas since the last snapshot)."""
         if self.service is not None and self.store is not None and self.store.healthy:
             parked = await self.service.evict_idle(idle_ms=0)
-            log.info("%d rooms written as summaries", parked)
+            await self.service.snapshot_metadata()
+            log.info("%d rooms written as summaries; metadata snapshot written", parked)
 
     async def _start_archive(self, brokers: str, topic: str) -> Archive:
         """The offset index of what this node forwards, the reader of pages below a room's

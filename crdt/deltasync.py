@@ -160,6 +160,14 @@ class DeltaReplicator(Generic[T]):
 
     # -- shipping -------------------------------------------------------------------------
 
+    def owes_state(self, peer: str) -> bool:
+        """Whether :meth:`ship` owes ``peer`` the whole state (it never acknowledged anything
+        the delta buffer still holds, e.g. after this replica restarted) rather than deltas."""
+        a = self._acked.get(peer)
+        if a is None and self._start == 0:
+            return False
+        return (a is None or a < self._start) and not self._state.leq(self.crdt.bottom())
+
     def ship(self, peer: str) -> bytes | None:
         """The payload owed to ``peer`` now (``None`` when it is up to date).
 

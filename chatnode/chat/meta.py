@@ -294,6 +294,15 @@ class MetaMap:
             self.since_snapshot = 0
         return batch
 
+    def snapshot(self) -> Batch:
+        """A snapshot of the map now (the deltas it covers are dropped): a clean stop takes
+        one, so that the next start replays no delta."""
+        batch = Batch()
+        if self.since_snapshot:
+            layout.put_meta_snapshot(batch, self.seq, self.map.to_bytes())
+            self.since_snapshot = 0
+        return batch
+
     def snapshot_interval(self) -> int:
         """Deltas between two snapshots: ``snapshot_every``, or a quarter of the map's keys
         when that is more. A snapshot serialises the whole map, so spacing them in proportion

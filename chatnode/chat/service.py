@@ -538,6 +538,12 @@ class Service:
             parked.set_result(None)
         return len(gone)
 
+    async def snapshot_metadata(self) -> None:
+        """Snapshot the metadata map now (at a clean stop: the next start replays nothing)."""
+        batch = self.metadata.snapshot()
+        if batch.ops:
+            await self._commit(batch)
+
     def room_seq(self, room: str) -> int | None:
         """The next update number of ``room`` (loaded or not; None: unknown): it changes
         with every change of the room's log."""

@@ -95,6 +95,7 @@ FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
 SYNC_SLICE: Final = 1000  # state vectors of a link-up sync queued at once (then drain)
+STATE_RESEND: Final = 60.0  # the whole metadata map is shipped again after this long unacked
 
 Members = Callable[[], list[Member]]
 
@@ -180,6 +181,7 @@ class Cluster:
         self._draining: set[str] = set()  # dead peers whose last messages are looked for
         self._drains: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()  # link-up syncs sending (_sync_link)
+        self._state_shipped: dict[str, float] = {}  # peer -> when the whole map went to it
         self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._nonce = 0
         self._stopping = False
@@ -333,6 +335,7 @@ class Cluster:
             self._schedule.connected(peer, time.monotonic())
             self._meta_wake.set()
             self._frontier.link_up(peer)
+            self._state_shipped.pop(peer, None)  # a whole map sent on the old link is lost
             self._sync_link(peer)  # pushes missed while the link was down come back first
             if self.ephemeral is not None:
                 self.ephemeral.link_up(peer)
@@ -659,7 +662,15 @@ class Cluster:
                 continue
             rep = self.service.meta_rep
             peers = self.hub.connected()
+            now = time.monotonic()
             for peer in peers:
+                if rep.owes_state(peer):
+                    # the whole map (17 MB at 100,000 rooms; seconds to join on the peer):
+                    # once per link until acknowledged, again only after a long silence
+                    shipped = self._state_shipped.get(peer)
+                    if shipped is not None and now - shipped < STATE_RESEND:
+                        continue
+                    self._state_shipped[peer] = now
                 payload = rep.ship(peer)
                 if payload is not None:
                     self.stats.meta_shipped += 1

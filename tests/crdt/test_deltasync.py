@@ -305,8 +305,12 @@ def test_restart_ships_full_state_and_keeps_seq() -> None:
     _exchange(a, b)
     a2 = DeltaReplicator.restore("a", a.persisted(), AWLWWMap)
     assert a2.state == a.state and a2.seq == a.seq and a2.acked("b") is None
+    assert not a.owes_state("b") and a2.owes_state("b")  # what ship is about to send
     p = a2.ship("b")
     assert p is not None and AWLWWMap.from_bytes(_state_bytes(p)) == a.state
+    a2.receive("b", pack(KIND_ACK, [a2.seq]))
+    assert not a2.owes_state("b") and a2.ship("b") is None
+    assert not DeltaReplicator("c", AWLWWMap).owes_state("b")  # nothing to owe
     # a write after restart gets a fresh dot
     d = a2.state.set("a", "k", 2, Timestamp(2, 0, "a"))
     assert d.dots("k") == {Dot("a", 2)}
