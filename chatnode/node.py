@@ -101,6 +101,7 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE: Final = "node.json"
 MAINTENANCE_INTERVAL: Final = 60.0
 EVICTION_INTERVAL: Final = 5.0  # how often rooms unused for --room-idle leave memory
+EVICTION_SLICE: Final = 1000  # rooms leaving memory in one batch (snapshots on the loop)
 DRAIN_TIMEOUT: Final = 10.0
 
 MemberListener = Callable[[MemberEvent], None]
@@ -797,7 +798,8 @@ class Node:
         while True:  # a failure is logged, counted and restarted by the supervisor
             await asyncio.sleep(EVICTION_INTERVAL)
             if self.service is not None and self.store is not None and self.store.healthy:
-                await self.service.evict_idle()
+                while await self.service.evict_idle(limit=EVICTION_SLICE) == EVICTION_SLICE:
+                    pass  # each slice awaits its commit: the loop serves in between
 
     async def _park_rooms(self) -> None:
         """At a clean stop: every quiet room leaves memory with its summary written, and the
@@ -805,7 +807,9 @@ class Node:
         start after a crash loads the rooms written since they were last loaded and replays
         the deltas since the last snapshot)."""
         if self.service is not None and self.store is not None and self.store.healthy:
-            parked = await self.service.evict_idle(idle_ms=0)
+            parked = 0
+            while (n := await self.service.evict_idle(idle_ms=0, limit=EVICTION_SLICE)) > 0:
+                parked += n
             await self.service.snapshot_metadata()
             log.info("%d rooms written as summaries; metadata snapshot written", parked)
 

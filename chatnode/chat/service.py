@@ -493,12 +493,13 @@ class Service:
             and state.log.settled()
         )
 
-    async def evict_idle(self, idle_ms: int | None = None) -> int:
+    async def evict_idle(self, idle_ms: int | None = None, limit: int | None = None) -> int:
         """Let the rooms unused for ``idle_ms`` (default ``room_idle_ms``) with nothing in
-        flight, no subscriber and no pending release leave memory: each keeps its summary
-        (in memory and as its ``s`` row, with a fresh snapshot when updates were written
-        since the last one, so that loading it again is one read and one restore).
-        Returns how many left."""
+        flight, no subscriber and no pending release leave memory, at most ``limit`` of them
+        (a slice: the snapshots are taken on the event loop): each keeps its summary (in
+        memory and as its ``s`` row, with a fresh snapshot when updates were written since
+        the last one, so that loading it again is one read and one restore). Returns how
+        many left."""
         idle = self.room_idle_ms if idle_ms is None else idle_ms
         horizon = self.now_ms() - idle
         if not any(self._evictable(s, horizon) for s in self.rooms.values()):
@@ -526,6 +527,8 @@ class Service:
             self._cold_since[name] = now
             self._parking[name] = parked
             gone.append(name)
+            if limit is not None and len(gone) >= limit:
+                break
         if not gone:
             return 0
         self.rooms_evicted += len(gone)

@@ -104,6 +104,17 @@ async def test_a_room_changed_after_its_load_is_loaded_at_start_from_its_rows() 
     assert again.service.feed_end(ROOMS[1]) == 2
 
 
+async def test_rooms_leave_memory_in_slices() -> None:
+    n = await node()
+    await _rooms_with_a_message(n)
+    assert await n.service.evict_idle(idle_ms=0, limit=5) == 5
+    assert len(n.service.rooms) == len(ROOMS) - 5
+    assert await n.service.evict_idle(idle_ms=0, limit=5) == 5
+    assert await n.service.evict_idle(idle_ms=0, limit=5) == len(ROOMS) - 10
+    assert await n.service.evict_idle(idle_ms=0, limit=5) == 0
+    assert _summaries(n.store) == set(ROOMS)
+
+
 async def test_subscribed_rooms_and_rooms_in_use_stay_in_memory() -> None:
     n = await node()
     await _rooms_with_a_message(n)
