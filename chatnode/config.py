@@ -68,7 +68,7 @@ class Config:
     send_queue: int = 4096  # frames queued to one connection before it counts as too slow
     segment_size: int = 1000  # messages per room-log segment
     commit_queue: int = 4096  # pending commit batches before writers wait
-    snapshot_every: int = 1000  # updates between snapshots of a room log or of the metadata
+    snapshot_every: int = 1000  # updates between snapshots of a room log
     room_idle_ms: int = 60_000  # a room unused this long leaves memory (loaded on next use)
     peer_queue: int = 20_000  # messages queued on one peer link before more are dropped
     # Cluster settings (read by the membership/replication/forwarding layers).
@@ -539,7 +539,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "snapshot_every",
         "snapshot_every",
         _int(10, 1_000_000),
-        "updates between snapshots of a room log or of the metadata map",
+        "updates between snapshots of a room log",
         "N",
     ),
     Setting(

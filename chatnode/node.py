@@ -802,16 +802,14 @@ class Node:
                     pass  # each slice awaits its commit: the loop serves in between
 
     async def _park_rooms(self) -> None:
-        """At a clean stop: every quiet room leaves memory with its summary written, and the
-        metadata map is snapshotted, so the next start loads no room and replays no delta (a
-        start after a crash loads the rooms written since they were last loaded and replays
-        the deltas since the last snapshot)."""
+        """At a clean stop: every quiet room leaves memory with its summary written, so the
+        next start loads none of them (a start after a crash loads the rooms written since
+        they were last loaded)."""
         if self.service is not None and self.store is not None and self.store.healthy:
             parked = 0
             while (n := await self.service.evict_idle(idle_ms=0, limit=EVICTION_SLICE)) > 0:
                 parked += n
-            await self.service.snapshot_metadata()
-            log.info("%d rooms written as summaries; metadata snapshot written", parked)
+            log.info("%d rooms written as summaries", parked)
 
     async def _start_archive(self, brokers: str, topic: str) -> Archive:
         """The offset index of what this node forwards, the reader of pages below a room's

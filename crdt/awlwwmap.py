@@ -22,7 +22,7 @@ into any replica has the same effect as the mutation had here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from crdt.causal import (
@@ -39,6 +39,8 @@ from crdt.clock import Timestamp
 from crdt.codec import (
     DEFAULT_LIMITS,
     KIND_AWLWWMAP,
+    KIND_AWLWWMAP_CONTEXT,
+    KIND_AWLWWMAP_KEY,
     Limits,
     check_value,
     expect_int,
@@ -215,6 +217,81 @@ class AWLWWMap:
             )
         return pack(KIND_AWLWWMAP, [table.names, ctx, entries])
 
+    # -- one row per key -----------------------------------------------------------------
+    #
+    # The map persisted as one row per key plus one row for the causal context: a change
+    # rewrites the rows of the keys it touched and the context row, so persisting costs
+    # what changed, whatever the size of the map (no snapshot of the whole map).
+
+    def key_row(self, key: str) -> bytes | None:
+        """The row of ``key``: its live writes ``[[replica, counter, wall_ms, logical,
+        ts_replica, value], ...]`` (``None``: it has none, the row goes)."""
+        dots = self._s.entries.get(key)
+        if not dots:
+            return None
+        return pack(
+            KIND_AWLWWMAP_KEY,
+            [
+                [d.replica, d.counter, ts.wall_ms, ts.logical, ts.replica, value]
+                for d, (ts, value) in dots.items()
+            ],
+        )
+
+    def context_row(self) -> bytes:
+        """The row of the causal context: ``[replicas, context]``."""
+        table = ReplicaTable()
+        ctx = self._s.ctx.encode(table)
+        return pack(KIND_AWLWWMAP_CONTEXT, [table.names, ctx])
+
+    @classmethod
+    def from_rows(
+        cls,
+        context: bytes,
+        rows: Iterable[tuple[str, bytes]],
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> AWLWWMap:
+        """The map whose :meth:`context_row` is ``context`` and whose :meth:`key_row` of
+        each key is in ``rows`` (``(key, row)``, each key once). :class:`CodecError` on
+        anything malformed or inconsistent (a live write missing from the context)."""
+        _, body = unpack(context, (KIND_AWLWWMAP_CONTEXT,), limits)
+        names_obj, ctx_obj = expect_list(body, "context row", 2)
+        m = cls()
+        s = m._s
+        s.ctx = CausalContext.decode(ctx_obj, decode_replicas(names_obj))
+        valid: dict[str, str] = {}  # replica ids checked once, one string object each
+        for key_obj, row in rows:
+            key = expect_str(key_obj, "key")
+            if len(key) > MAX_KEY_LEN:
+                raise CodecError("key too long")
+            if key in s.entries:
+                raise CodecError("duplicate key")
+            _, writes = unpack(row, (KIND_AWLWWMAP_KEY,), limits)
+            dots: dict[Dot, tuple[Timestamp, Any]] = {}
+            for w in expect_list(writes, "writes"):
+                replica, n, wall, logical, ts_replica, value = expect_list(w, "write", 6)
+                if not isinstance(replica, str) or not isinstance(ts_replica, str):
+                    raise CodecError("replica ids must be strings")
+                if replica not in valid:
+                    valid[replica] = check_replica_id(replica)
+                if ts_replica not in valid:
+                    valid[ts_replica] = check_replica_id(ts_replica)
+                replica, ts_replica = valid[replica], valid[ts_replica]
+                d = Dot(replica, expect_int(n, "dot counter", 1, MAX_COUNTER))
+                if d in dots:
+                    raise CodecError("duplicate dot")
+                try:
+                    ts = Timestamp(
+                        expect_int(wall, "wall_ms", 0), expect_int(logical, "logical", 0),
+                        ts_replica,
+                    )  # fmt: skip
+                except ValueError as exc:
+                    raise CodecError(f"bad timestamp: {exc}") from None
+                check_value(value, limits)
+                dots[d] = (ts, value)
+            s.entries[key] = dots
+        s.check()
+        return m
+
     @classmethod
     def from_bytes(cls, data: bytes, limits: Limits = DEFAULT_LIMITS) -> AWLWWMap:
         """Inverse of :meth:`to_bytes`; raises :class:`CodecError` and nothing else."""
@@ -250,6 +327,14 @@ class AWLWWMap:
             s.entries[key] = dots
         s.check()
         return m
+
+
+def check_replica_id(replica: object) -> str:
+    """``replica`` if it is a valid replica id, else :class:`CodecError`."""
+    try:
+        return check_replica(replica)
+    except ValueError as exc:
+        raise CodecError(str(exc)) from None
 
 
 def _check_key(key: object) -> None:

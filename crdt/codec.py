@@ -41,8 +41,13 @@ KIND_AWLWWMAP: Final = 1
 KIND_INTERVAL: Final = 16  # a delta-interval (or the full state) from a DeltaReplicator
 KIND_ACK: Final = 17
 KIND_PERSISTED: Final = 18
-
-KINDS: Final = frozenset({KIND_AWLWWMAP, KIND_INTERVAL, KIND_ACK, KIND_PERSISTED})
+# An AWLWWMap persisted one row per key (parts of a state):
+KIND_AWLWWMAP_KEY: Final = 3  # one key's live writes (AWLWWMap.key_row)
+KIND_AWLWWMAP_CONTEXT: Final = 4  # its causal context (AWLWWMap.context_row)
+KINDS: Final = frozenset(
+    {KIND_AWLWWMAP, KIND_INTERVAL, KIND_ACK, KIND_PERSISTED, KIND_AWLWWMAP_KEY,
+     KIND_AWLWWMAP_CONTEXT}
+)  # fmt: skip
 
 _HEADER = 2
 INT_MIN: Final = -(2**63)

@@ -11,10 +11,12 @@ or room name)::
     rd/<room>/<user>   cursor                                 read marker
     t/<token id>       expires ms                             a revoked session token
 
-(the cluster layer adds keys of its own, chatnode/cluster/registry.py). Every change is one
-delta, persisted under its replicator sequence number (Algorithm 2 of the delta-CRDT paper:
-the state and the number are durable together); the map is snapshotted and the deltas dropped
-every ``snapshot_every`` deltas. Rows: chatnode/store/layout.py.
+(the cluster layer adds keys of its own, chatnode/cluster/registry.py). The map is persisted
+one row per key plus one row for its causal context and the replicator's sequence number
+(Algorithm 2 of the delta-CRDT paper: the state and the number are durable together): every
+change, local or a peer's, rewrites the rows of the keys it touched and the context row in
+one batch, so persisting costs what changed and a start reads the rows as they are (no
+snapshot of the whole map, no deltas to replay). Rows: chatnode/store/layout.py.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ MEMBER: Final = "m/"
 INVITE: Final = "i/"
 READ: Final = "rd/"
 REVOKED: Final = "t/"
-SNAPSHOT_GROWTH: Final = 4  # snapshot at least every len(map) / 4 deltas (see persist)
 
 
 def account_key(user: str) -> str:
@@ -139,17 +140,14 @@ class MetaMap:
         *,
         clock: HybridClock,
         now_ms: Callable[[], int],
-        snapshot_every: int,
         on_room: Callable[[str], object],
     ) -> None:
         self.node_id = node_id
         self.clock = clock
         self.now_ms = now_ms
-        self.snapshot_every = snapshot_every
         self.on_room = on_room
         self.map = _TrackedMap()
-        self.seq = 0  # the sequence number of the last persisted delta
-        self.since_snapshot = 0
+        self.seq = 0  # the replicator's sequence number, as last persisted
         self.rep = DeltaReplicator(node_id, AWLWWMap, state=self.map, seq=0)
         # Derived indexes (kept in line by :meth:`index`).
         self.room_info: dict[str, RoomInfo] = {}
@@ -193,21 +191,38 @@ class MetaMap:
     # ------------------------------------------------------------------ startup
 
     def restore(
-        self, snapshot: tuple[int, bytes] | None, deltas: Iterable[tuple[int, bytes]]
-    ) -> None:
-        """Rebuild from the stored snapshot and deltas (at start, before any change)."""
-        if snapshot is not None:
-            self.seq, data = snapshot
-            self.map = _TrackedMap.adopt(AWLWWMap.from_bytes(data))
-        for seq, data in deltas:
-            self.map.join(AWLWWMap.from_bytes(data))
-            self.seq = max(self.seq, seq)
-            self.since_snapshot += 1
+        self,
+        context: tuple[int, bytes] | None,
+        rows: Iterable[tuple[str, bytes]],
+        legacy: tuple[tuple[int, bytes] | None, list[tuple[int, bytes]]] = (None, []),
+    ) -> Batch:
+        """Rebuild from the stored rows: the context row ``(seq, row)`` and every key's row
+        (at start, before any change). ``legacy``: a whole-map snapshot and deltas written
+        by an earlier version, read when there is no context row yet; the batch returned
+        then rewrites them as rows (commit it before any change)."""
+        batch = Batch()
+        if context is not None:
+            self.seq, data = context
+            self.map = _TrackedMap.adopt(AWLWWMap.from_rows(data, rows))
+        else:
+            snapshot, deltas = legacy
+            if snapshot is not None:
+                self.seq, data = snapshot
+                self.map = _TrackedMap.adopt(AWLWWMap.from_bytes(data))
+            for seq, data in deltas:
+                self.map.join(AWLWWMap.from_bytes(data))
+                self.seq = max(self.seq, seq)
+            if snapshot is not None or deltas:
+                layout.drop_legacy_meta(batch)
+                for key in self.map:
+                    layout.put_meta_key(batch, key, self.map.key_row(key))
+                layout.put_meta_context(batch, self.seq, self.map.context_row())
         self.map.joined.clear()
         self._prefixed.clear()
         for key in list(self.map.keys()):
             self.index(key)
         self.rep = DeltaReplicator(self.node_id, AWLWWMap, state=self.map, seq=self.seq)
+        return batch
 
     # ------------------------------------------------------------------ indexes
 
@@ -277,38 +292,22 @@ class MetaMap:
         for key in touched:
             self.index(key)
         self.rep.mutate(delta)
-        return self.persist(delta)
+        self.map.joined.clear()  # the keys are known: ``touched``
+        return self.persist(touched)
 
-    def persist(self, delta: AWLWWMap) -> Batch:
-        """The batch persisting ``delta`` under the replicator's sequence number (the state
-        and the sequence number are then durable together, as Algorithm 2 requires)."""
+    def persist(self, keys: Iterable[str]) -> Batch:
+        """The batch persisting a change of the map that touched ``keys``: their rows as they
+        stand, the context row and the replicator's sequence number (the state and the
+        number durable together, as Algorithm 2 requires), and the clock."""
         batch = Batch()
         if self.rep.seq == self.seq:
             return batch  # an empty delta: nothing changed
         self.seq = self.rep.seq
-        self.since_snapshot += 1
-        layout.put_meta_delta(batch, self.seq, delta.to_bytes())
+        for key in keys:
+            layout.put_meta_key(batch, key, self.map.key_row(key))
+        layout.put_meta_context(batch, self.seq, self.map.context_row())
         layout.put_clock(batch, self.clock.last)
-        if self.since_snapshot >= self.snapshot_interval():
-            layout.put_meta_snapshot(batch, self.seq, self.map.to_bytes())
-            self.since_snapshot = 0
         return batch
-
-    def snapshot(self) -> Batch:
-        """A snapshot of the map now (the deltas it covers are dropped): a clean stop takes
-        one, so that the next start replays no delta."""
-        batch = Batch()
-        if self.since_snapshot:
-            layout.put_meta_snapshot(batch, self.seq, self.map.to_bytes())
-            self.since_snapshot = 0
-        return batch
-
-    def snapshot_interval(self) -> int:
-        """Deltas between two snapshots: ``snapshot_every``, or a quarter of the map's keys
-        when that is more. A snapshot serialises the whole map, so spacing them in proportion
-        to its size keeps the cost per change constant (amortised) however large the map
-        grows; a restart replays at most that many deltas."""
-        return max(self.snapshot_every, len(self.map) // SNAPSHOT_GROWTH)
 
     def receive(self, peer: str, payload: bytes) -> tuple[list[tuple[str, bytes]], Batch | None]:
         """A payload from ``peer`` (Algorithm 2): join its news and index them. Returns what
@@ -326,4 +325,4 @@ class MetaMap:
             return out, None
         for key in touched:
             self.index(key)
-        return out, self.persist(news)
+        return out, self.persist(touched)

@@ -251,7 +251,6 @@ class Service:
             node_id,
             clock=self.clock,
             now_ms=now_ms,
-            snapshot_every=snapshot_every,
             on_room=self._know_room,
         )
         # sign-up, login and session tokens (chatnode/chat/accounts.py)
@@ -347,7 +346,9 @@ class Service:
         loaded = await self.store.read(layout.load_everything, self.store)
         if loaded.clock is not None:
             self.clock.restore(*loaded.clock)
-        self.metadata.restore(loaded.meta_snapshot, loaded.meta_deltas)
+        migrated = self.metadata.restore(loaded.meta_context, loaded.meta_rows, loaded.meta_legacy)
+        if migrated.ops:
+            await self._commit(migrated)
         self.cold.update(loaded.summaries)
         stale = Batch()  # summaries of rooms loaded now (events to release): stale soon
         for name, (snap, updates, last_cursor) in loaded.rooms.items():
@@ -540,12 +541,6 @@ class Service:
                     del self._parking[name]
             parked.set_result(None)
         return len(gone)
-
-    async def snapshot_metadata(self) -> None:
-        """Snapshot the metadata map now (at a clean stop: the next start replays nothing)."""
-        batch = self.metadata.snapshot()
-        if batch.ops:
-            await self._commit(batch)
 
     def room_seq(self, room: str) -> int | None:
         """The next update number of ``room`` (loaded or not; None: unknown): it changes

@@ -6,8 +6,13 @@ payload:
 ==========================================  ================================================
 key                                          value
 ==========================================  ================================================
-``M``                                        metadata map snapshot: msgpack ``[seq, map]``
-``m`` + seq (8 bytes, big endian)            one metadata delta (``AWLWWMap.to_bytes()``)
+``K`` + key                                  one key of the metadata map: its live writes
+                                             (``AWLWWMap.key_row``)
+``C``                                        the metadata map's causal context and the
+                                             replicator's sequence number: msgpack ``[seq,
+                                             AWLWWMap.context_row()]``
+``M``, ``m`` + seq                           an earlier version's whole-map snapshot and
+                                             deltas: read once, rewritten as ``K``/``C`` rows
 ``P`` + room                                 room-log snapshot: msgpack ``[seq, snapshot]``
 ``s`` + room                                 summary of a room that left memory: msgpack
                                              ``[next update seq, state vector, last release
@@ -63,7 +68,9 @@ from crdt.roomlog import Message
 
 __all__ = [
     "NS_CLOCK",
+    "NS_META_CONTEXT",
     "NS_META_DELTA",
+    "NS_META_KEY",
     "NS_META_SNAPSHOT",
     "NS_ROOM_SNAPSHOT",
     "NS_UPDATE",
@@ -79,6 +86,7 @@ __all__ = [
     "count_unread",
     "current_row",
     "delete_room_summary",
+    "drop_legacy_meta",
     "has_message",
     "history_key",
     "history_page",
@@ -88,10 +96,12 @@ __all__ = [
     "load_releases",
     "load_room",
     "meta_delta_key",
+    "meta_key",
     "pack_message",
     "put_changed_message",
     "put_clock",
-    "put_meta_delta",
+    "put_meta_context",
+    "put_meta_key",
     "put_new_message",
     "put_release",
     "put_room_snapshot",
@@ -111,8 +121,10 @@ __all__ = [
     "update_prefix",
 ]
 
-NS_META_SNAPSHOT: Final = b"M"
-NS_META_DELTA: Final = b"m"
+NS_META_KEY: Final = b"K"
+NS_META_CONTEXT: Final = b"C"
+NS_META_SNAPSHOT: Final = b"M"  # legacy (read once, see drop_legacy_meta)
+NS_META_DELTA: Final = b"m"  # legacy
 NS_ROOM_SNAPSHOT: Final = b"P"
 NS_ROOM_SUMMARY: Final = b"s"
 NS_UPDATE: Final = b"u"
@@ -242,15 +254,26 @@ def put_clock(batch: Batch, last: tuple[int, int]) -> None:
     batch.put(NS_CLOCK, msgpack.packb(list(last)))
 
 
-def put_meta_delta(batch: Batch, seq: int, delta: bytes) -> None:
-    batch.put(meta_delta_key(seq), delta)
+def meta_key(key: str) -> bytes:
+    return NS_META_KEY + key.encode("utf-8")
 
 
-def put_meta_snapshot(batch: Batch, seq: int, state: bytes) -> None:
-    """The whole metadata map at delta ``seq``; the deltas up to it are dropped."""
-    batch.put(NS_META_SNAPSHOT, msgpack.packb([seq, state])).delete_range(
-        meta_delta_key(0), meta_delta_key(seq + 1)
-    )
+def put_meta_key(batch: Batch, key: str, row: bytes | None) -> None:
+    """The row of metadata key ``key`` (None: it has no live write, the row goes)."""
+    if row is None:
+        batch.delete(meta_key(key))
+    else:
+        batch.put(meta_key(key), row)
+
+
+def put_meta_context(batch: Batch, seq: int, context: bytes) -> None:
+    """The metadata map's context row and the replicator's sequence number."""
+    batch.put(NS_META_CONTEXT, msgpack.packb([seq, context]))
+
+
+def drop_legacy_meta(batch: Batch) -> None:
+    """Delete an earlier version's whole-map snapshot and deltas (rewritten as rows)."""
+    batch.delete(NS_META_SNAPSHOT).delete_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
 
 
 def put_update(batch: Batch, room: str, seq: int, update: bytes) -> None:
@@ -353,8 +376,9 @@ class Loaded(NamedTuple):
     summaries of the rooms that left memory before the stop, and the rows of the rooms to
     load now (those with rows and no summary: written since they were last loaded)."""
 
-    meta_snapshot: tuple[int, bytes] | None  # (delta seq, AWLWWMap bytes)
-    meta_deltas: list[tuple[int, bytes]]
+    meta_context: tuple[int, bytes] | None  # (replicator seq, AWLWWMap.context_row())
+    meta_rows: list[tuple[str, bytes]]  # (key, AWLWWMap.key_row(key))
+    meta_legacy: tuple[tuple[int, bytes] | None, list[tuple[int, bytes]]]  # snapshot, deltas
     summaries: dict[str, RoomSummary]
     rooms: RoomLoad
     clock: tuple[int, int] | None  # (wall, logical)
@@ -376,15 +400,26 @@ def _room_names(store: Reads, ns: bytes, sep: bool) -> list[str]:
 
 
 def load_everything(store: Reads) -> Loaded:
-    raw = store.get(NS_META_SNAPSHOT)
-    snapshot: tuple[int, bytes] | None = None
+    context: tuple[int, bytes] | None = None
+    raw = store.get(NS_META_CONTEXT)
     if raw is not None:
         seq, data = msgpack.unpackb(raw, raw=False)
-        snapshot = (int(seq), data)
-    deltas = [
-        (int.from_bytes(k[1:], "big"), v)
-        for k, v in store.iter_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
+        context = (int(seq), data)
+    rows = [
+        (k[1:].decode("utf-8"), v)
+        for k, v in store.iter_range(NS_META_KEY, prefix_end(NS_META_KEY))
     ]
+    snapshot: tuple[int, bytes] | None = None
+    deltas: list[tuple[int, bytes]] = []
+    if context is None:  # an earlier version's snapshot and deltas (rewritten as rows)
+        raw = store.get(NS_META_SNAPSHOT)
+        if raw is not None:
+            seq, data = msgpack.unpackb(raw, raw=False)
+            snapshot = (int(seq), data)
+        deltas = [
+            (int.from_bytes(k[1:], "big"), v)
+            for k, v in store.iter_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
+        ]
     summaries = {
         k[1:].decode("utf-8"): _unpack_summary(v)
         for k, v in store.iter_range(NS_ROOM_SUMMARY, prefix_end(NS_ROOM_SUMMARY))
@@ -400,7 +435,7 @@ def load_everything(store: Reads) -> Loaded:
     if clock_row is not None:
         wall, logical = msgpack.unpackb(clock_row, raw=False)
         clock = (int(wall), int(logical))
-    return Loaded(snapshot, deltas, summaries, rooms, clock)
+    return Loaded(context, rows, (snapshot, deltas), summaries, rooms, clock)
 
 
 def load_room(store: Reads, room: str) -> RoomRows:

@@ -75,6 +75,55 @@ def test_bytes_round_trip(u: Universe[AWLWWMap]) -> None:
         assert dict(y.items()) == dict(x.items())
 
 
+def _rows(x: AWLWWMap) -> list[tuple[str, bytes]]:
+    return [(k, row) for k in x if (row := x.key_row(k)) is not None]
+
+
+@given(awl_universe())
+def test_rows_round_trip(u: Universe[AWLWWMap]) -> None:
+    """A row per key and the context row (how a node persists its metadata map) give back
+    the same map; the rows of keys a join touched, rewritten over the old rows, give the
+    joined map."""
+    for x in [*u.states, *u.deltas, AWLWWMap()]:
+        y = AWLWWMap.from_rows(x.context_row(), _rows(x))
+        assert y == x and dict(y.items()) == dict(x.items())
+    if len(u.states) >= 2:
+        a, b = u.states[0].copy(), u.states[1]
+        rows = dict(_rows(a))
+        touched = set(a) | set(b)  # a superset of what the join changes is fine
+        a.join(b)
+        for k in touched:
+            row = a.key_row(k)
+            if row is None:
+                rows.pop(k, None)
+            else:
+                rows[k] = row
+        assert AWLWWMap.from_rows(a.context_row(), rows.items()) == a
+
+
+def test_from_rows_rejects_what_is_malformed_or_inconsistent() -> None:
+    m = AWLWWMap()
+    m.join(m.set("a", "k", 1, Timestamp(1, 0, "a")))
+    m.join(m.set("a", "j", 2, Timestamp(2, 0, "a")))
+    ctx, rows = m.context_row(), _rows(m)
+    assert AWLWWMap.from_rows(ctx, rows) == m
+    with pytest.raises(CodecError):  # a live write the context has not seen
+        AWLWWMap.from_rows(AWLWWMap().context_row(), rows)
+    with pytest.raises(CodecError):  # one dot under two keys
+        AWLWWMap.from_rows(ctx, [*rows, ("k2", rows[0][1])])
+    with pytest.raises(CodecError):  # a key twice
+        AWLWWMap.from_rows(ctx, [*rows, rows[0]])
+    for cut in range(len(rows[0][1])):  # truncated rows
+        with pytest.raises(CodecError):
+            AWLWWMap.from_rows(ctx, [(rows[0][0], rows[0][1][:cut])])
+    with pytest.raises(CodecError):  # a row of another kind
+        AWLWWMap.from_rows(ctx, [("k", ctx)])
+    for replica in ("not a replica!", ["a"], 7):
+        bad = rows[0][1][:2] + msgpack.packb([[replica, 1, 1, 0, "a", 1]])
+        with pytest.raises(CodecError):
+            AWLWWMap.from_rows(ctx, [("k", bad)])
+
+
 def test_add_wins_over_concurrent_remove() -> None:
     a, b = AWLWWMap(), AWLWWMap()
     b.join(a.set("a", "k", 1, Timestamp(1, 0, "a")))

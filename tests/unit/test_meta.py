@@ -1,11 +1,13 @@
 """The metadata map (chatnode/chat/meta.py): changes and the indexes derived from them, the
-rows that persist them (deltas, snapshots, the clock) read back into a fresh map, and a
-peer's payload joined, indexed and persisted. Over the dict-backed store of the unit tests."""
+rows that persist them (a row per key, the context row, the clock) read back into a fresh
+map, an earlier version's snapshot and deltas rewritten as rows, and a peer's payload joined,
+indexed and persisted. Over the dict-backed store of the unit tests."""
 
 from __future__ import annotations
 
 import asyncio
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +32,7 @@ from tests.unit.memstore import MemStore
 class Node:
     """One map with its clock, persisting into a MemStore."""
 
-    def __init__(self, name: str = "n1", snapshot_every: int = 1000) -> None:
+    def __init__(self, name: str = "n1") -> None:
         self.store = MemStore()
         self.clock = HybridClock(name)
         self.wall = 1_000
@@ -39,7 +41,6 @@ class Node:
             name,
             clock=self.clock,
             now_ms=lambda: self.wall,
-            snapshot_every=snapshot_every,
             on_room=self.rooms_seen.append,
         )
 
@@ -59,10 +60,11 @@ class Node:
             self.meta.node_id,
             clock=clock,
             now_ms=lambda: self.wall,
-            snapshot_every=self.meta.snapshot_every,
             on_room=lambda _room: None,
         )
-        fresh.restore(loaded.meta_snapshot, loaded.meta_deltas)
+        migrated = fresh.restore(loaded.meta_context, loaded.meta_rows, loaded.meta_legacy)
+        if migrated.ops:
+            self.store.apply(migrated)
         return fresh
 
 
@@ -96,27 +98,47 @@ async def test_changes_update_the_indexes() -> None:
     assert "r" not in m.room_info
 
 
-async def test_each_change_is_one_delta_row_with_the_clock() -> None:
+async def test_each_change_rewrites_the_rows_of_its_keys_and_the_context() -> None:
     n = Node()
-    await n.write((account_key("al"), {"pw": "x", "at": 1}), (account_key("bo"), {"pw": "y"}))
+    batch = await n.write((account_key("al"), {"pw": "x", "at": 1}),
+                          (account_key("bo"), {"pw": "y"}))  # fmt: skip
     assert n.meta.seq == 1
-    assert n.store.keys_with(layout.NS_META_DELTA) == [layout.meta_delta_key(1)]
+    assert n.store.keys_with(layout.NS_META_KEY) == [
+        layout.meta_key(account_key("al")), layout.meta_key(account_key("bo"))
+    ]  # fmt: skip
+    assert n.store.get(layout.NS_META_CONTEXT) is not None
     assert n.store.get(layout.NS_CLOCK) is not None
+    assert len(batch.ops) == 4  # two keys, the context, the clock
     # removing what is not there changes nothing: no row, no new sequence number
     batch = await n.write((account_key("nobody"), None))
     assert not batch.ops and n.meta.seq == 1
+    # removing a key deletes its row
+    await n.write((account_key("al"), None))
+    assert n.store.keys_with(layout.NS_META_KEY) == [layout.meta_key(account_key("bo"))]
+    assert n.reload().map == n.meta.map
 
 
-async def test_snapshot_every_n_deltas_drops_the_deltas() -> None:
-    n = Node(snapshot_every=3)
-    for i in range(7):
+async def test_an_earlier_versions_snapshot_and_deltas_are_rewritten_as_rows() -> None:
+    n = Node()
+    for i in range(3):
         await n.write((account_key(f"u{i}"), {"at": i}))
-    # deltas 1-3 and 4-6 went into snapshots; delta 7 is still a row of its own
-    assert n.store.keys_with(layout.NS_META_DELTA) == [layout.meta_delta_key(7)]
-    assert n.store.get(layout.NS_META_SNAPSHOT) is not None
+    snapshot = (n.meta.seq, n.meta.map.to_bytes())
+    delta = n.meta.map.set("n1", account_key("late"), {"at": 9}, n.clock.now(5_000))
+    n.meta.rep.mutate(delta)
+    want = n.meta.map.copy()
+    old = MemStore()  # what that version wrote: a snapshot at seq 3 and delta 4
+    old.apply(
+        Batch()
+        .put(layout.NS_META_SNAPSHOT, msgpack.packb(list(snapshot)))
+        .put(layout.meta_delta_key(4), delta.to_bytes())
+    )
+    n.store = old
     fresh = n.reload()
-    assert fresh.seq == 7 and fresh.since_snapshot == 1
-    assert fresh.map == n.meta.map
+    assert fresh.map == want and fresh.seq == 4
+    assert old.keys_with(layout.NS_META_SNAPSHOT) == old.keys_with(layout.NS_META_DELTA) == []
+    assert len(old.keys_with(layout.NS_META_KEY)) == 4
+    again = n.reload()  # from the rows now
+    assert again.map == want and again.seq == 4
 
 
 @settings(max_examples=examples(40))
@@ -129,14 +151,13 @@ async def test_snapshot_every_n_deltas_drops_the_deltas() -> None:
         min_size=1,
         max_size=25,
     ),
-    st.integers(1, 6),
 )
-def test_snapshot_round_trip(changes: list[tuple[str, int | None]], every: int) -> None:
-    """Whatever was written and wherever the snapshots fell, a reload gives the same map,
-    the same indexes and the same sequence number."""
+def test_rows_round_trip(changes: list[tuple[str, int | None]]) -> None:
+    """Whatever was written, a reload gives the same map, the same indexes and the same
+    sequence number."""
 
     async def run() -> None:
-        n = Node(snapshot_every=every)
+        n = Node()
         for key, value in changes:
             if key.startswith("r/") and value is not None:
                 await n.write((key, {"title": str(value), "vis": "public", "by": "a", "at": 1}))
@@ -152,7 +173,7 @@ def test_snapshot_round_trip(changes: list[tuple[str, int | None]], every: int) 
         assert {u: r for u, r in fresh.invites.items() if r} == {
             u: r for u, r in n.meta.invites.items() if r
         }
-        # the replicator starts where the persisted deltas end
+        # the replicator starts at the persisted sequence number
         assert fresh.rep.seq == n.meta.seq
 
     asyncio.run(run())

@@ -1,23 +1,21 @@
 """The metadata map's cost follows its changes, not its size (issue 14): a received delta is
 indexed from the keys it carries (removals found without listing the map unless a key went
-away), and snapshots are spaced in proportion to the map's size, so that the amortised
-snapshot work per change stays constant. Over the dict-backed store of the unit tests."""
+away), and persisting a change writes the rows of the keys it touched and the context row,
+nothing that grows with the map. Over the dict-backed store of the unit tests."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnode.chat.meta import SNAPSHOT_GROWTH, MetaMap, member_key, room_key
-from chatnode.store import layout
+from chatnode.chat.meta import MetaMap, member_key, room_key
 from crdt.clock import HybridClock
 from tests.support.hyp import examples
 from tests.unit.test_meta import Node
 
 
 def peer(name: str) -> MetaMap:
-    return MetaMap(name, clock=HybridClock(name), now_ms=lambda: 1, snapshot_every=1000,
-                   on_room=lambda _room: None)  # fmt: skip
+    return MetaMap(name, clock=HybridClock(name), now_ms=lambda: 1, on_room=lambda _room: None)
 
 
 def indexes(m: MetaMap) -> tuple[object, ...]:
@@ -31,7 +29,10 @@ def indexes(m: MetaMap) -> tuple[object, ...]:
 
 def rebuilt(m: MetaMap) -> MetaMap:
     fresh = peer(m.node_id)
-    fresh.restore((m.seq, m.map.to_bytes()), [])
+    fresh.restore(
+        (m.seq, m.map.context_row()),
+        [(k, row) for k in m.map if (row := m.map.key_row(k)) is not None],
+    )
     return fresh
 
 
@@ -72,20 +73,17 @@ def test_received_deltas_keep_the_indexes_of_a_map_rebuilt_from_scratch(
     assert dict(nodes["a"].map.items()) == dict(nodes["b"].map.items())
 
 
-async def test_snapshots_are_spaced_by_the_size_of_the_map() -> None:
-    n = Node(snapshot_every=10)
-    snapshots: list[int] = []
+async def test_a_change_writes_the_same_whatever_the_size_of_the_map() -> None:
+    """The 2,000th room costs the rows the 10th did: its keys' rows, the context row (one
+    writer: a version vector of one entry) and the clock; no row grows with the map."""
+    n = Node()
+    sizes: list[tuple[int, int]] = []
     for i in range(2_000):
         batch = await n.write((room_key(f"room-{i:05d}"), {"title": "", "vis": "dm",
                                                             "by": "al", "at": i}))  # fmt: skip
-        if any(op[1] == layout.NS_META_SNAPSHOT for op in batch.ops):
-            snapshots.append(len(n.meta.map))
-    # every snapshot came at least max(10, keys / SNAPSHOT_GROWTH) deltas after the previous
-    assert snapshots, "no snapshot was taken"
-    gaps = [b - a for a, b in zip([0, *snapshots], snapshots, strict=False)]
-    for gap, size in zip(gaps, snapshots, strict=True):
-        assert gap >= max(10, (size - gap) // SNAPSHOT_GROWTH)
-    # the whole map was serialised about 4 + log growth times, not 2,000 / 10 = 200 times
-    assert len(snapshots) < 30
-    # what the deltas and snapshots hold reads back into the same map
+        assert len(batch.ops) == 3, batch.ops  # the key, the context, the clock
+        if i in (10, 1_999):
+            sizes.append((len(batch.ops), sum(len(op[2] or b"") for op in batch.ops)))
+    (ops_a, bytes_a), (ops_b, bytes_b) = sizes
+    assert ops_a == ops_b and bytes_b <= bytes_a + 8  # a wider counter, nothing more
     assert dict(n.reload().map.items()) == dict(n.meta.map.items())

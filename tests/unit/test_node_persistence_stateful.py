@@ -1029,9 +1029,8 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             assert not any(rm.unreleased for rm in self.model.rooms.values())
             pages = await self._pages()
             svs = {room: _clocks(self.service.room_state_vector(room)) for room in ROOMS}
-            if park:  # as a node's clean stop does: room summaries and a metadata snapshot
+            if park:  # as a node's clean stop does: every quiet room written as its summary
                 await self._leave_memory()
-                await self.service.snapshot_metadata()
             await self.db.close()
             self.watcher = None
             await self._open()
