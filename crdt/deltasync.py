@@ -112,6 +112,9 @@ class DeltaReplicator(Generic[T]):
         self._buf: deque[tuple[T, str | None]] = deque()
         self._start = seq
         self._acked: dict[str, int] = {}
+        # peers the whole state went to at that sequence number, not yet acknowledged: the
+        # deltas after it are kept for them (see gc)
+        self._full: dict[str, int] = {}
         self.max_buffer = max_buffer
         self.transitive = transitive
         self.limits = limits
@@ -182,6 +185,7 @@ class DeltaReplicator(Generic[T]):
         if a is None or a < self._start:
             if self._state.leq(self.crdt.bottom()):
                 return None
+            self._full[peer] = self._seq
             return pack(KIND_INTERVAL, [self._seq, True, self._state.to_bytes()])
         if a >= self._seq:
             return None
@@ -226,6 +230,8 @@ class DeltaReplicator(Generic[T]):
             n = min(n, self._seq)
             if n > self._acked.get(peer, -1):
                 self._acked[peer] = n
+            if n >= self._full.get(peer, MAX_COUNTER + 1):
+                del self._full[peer]
             return []
         if kind != KIND_INTERVAL:
             raise CodecError(f"unexpected payload kind {kind}")
@@ -248,9 +254,15 @@ class DeltaReplicator(Generic[T]):
         """Drop buffered deltas every one of ``peers`` has acked.
 
         Peers that never acked get the full state anyway and do not hold the buffer back;
-        with no acking peer at all the buffer is emptied.
+        with no acking peer at all the buffer is emptied. A peer the whole state went to
+        holds the deltas after it until it acknowledges it (else, having joined it, it would
+        be owed the whole state again whenever the others' acks moved the buffer on).
         """
-        acks = [self._acked[p] for p in peers if p in self._acked]
+        acks = [
+            max(self._acked.get(p, -1), self._full.get(p, -1))
+            for p in peers
+            if p in self._acked or p in self._full
+        ]
         low = min(acks) if acks else self._seq
         while self._start < low and self._buf:
             self._buf.popleft()
@@ -261,6 +273,7 @@ class DeltaReplicator(Generic[T]):
     def forget(self, peer: str) -> None:
         """Drop what we know of ``peer`` (it left the cluster)."""
         self._acked.pop(peer, None)
+        self._full.pop(peer, None)
 
     # -- durability -----------------------------------------------------------------------
 

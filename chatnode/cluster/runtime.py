@@ -95,7 +95,12 @@ FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
 SYNC_SLICE: Final = 1000  # state vectors of a link-up sync queued at once (then drain)
-STATE_RESEND: Final = 60.0  # the whole metadata map is shipped again after this long unacked
+# The whole metadata map, once shipped to a peer, is shipped again only if still unacknowledged
+# after STATE_RESEND seconds, or after one second per STATE_RESEND_RATE bytes of it if longer
+# (joining it takes the peer that long): every second, as the deltas go, it would keep a
+# restarted node of 100,000 rooms shipping 17 MB a second to each peer.
+STATE_RESEND: Final = 3.0
+STATE_RESEND_RATE: Final = 1_000_000.0
 
 Members = Callable[[], list[Member]]
 
@@ -181,7 +186,7 @@ class Cluster:
         self._draining: set[str] = set()  # dead peers whose last messages are looked for
         self._drains: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()  # link-up syncs sending (_sync_link)
-        self._state_shipped: dict[str, float] = {}  # peer -> when the whole map went to it
+        self._state_shipped: dict[str, float] = {}  # peer -> when the whole map may go again
         self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._nonce = 0
         self._stopping = False
@@ -664,17 +669,21 @@ class Cluster:
             peers = self.hub.connected()
             now = time.monotonic()
             for peer in peers:
-                if rep.owes_state(peer):
-                    # the whole map (17 MB at 100,000 rooms; seconds to join on the peer):
-                    # once per link until acknowledged, again only after a long silence
-                    shipped = self._state_shipped.get(peer)
-                    if shipped is not None and now - shipped < STATE_RESEND:
-                        continue
-                    self._state_shipped[peer] = now
+                whole = rep.owes_state(peer)
+                if not whole:
+                    self._state_shipped.pop(peer, None)
+                elif now < self._state_shipped.get(peer, now):
+                    # the whole map (17 MB at 100,000 rooms, seconds to join on the peer)
+                    # went out and is not acknowledged yet: not again before its deadline
+                    continue
                 payload = rep.ship(peer)
                 if payload is not None:
                     self.stats.meta_shipped += 1
                     self.hub.send(peer, MetaPayload(payload))
+                    if whole:
+                        self._state_shipped[peer] = now + max(
+                            STATE_RESEND, len(payload) / STATE_RESEND_RATE
+                        )
             rep.gc(peers)
 
     def _room_digest(self, room: str) -> bytes | None:

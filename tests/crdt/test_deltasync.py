@@ -222,6 +222,33 @@ def _exchange(src: DeltaReplicator[Any], dst: DeltaReplicator[Any]) -> bytes | N
     return payload
 
 
+def test_a_peer_sent_the_whole_state_holds_the_deltas_after_it() -> None:
+    """b gets the whole state (it never acknowledged anything the buffer holds); while its
+    ack is on the way, a writes on and c acknowledges: gc must keep the deltas after the
+    whole state for b, or b, having joined it, would be owed the whole state again."""
+    a, b, c = (DeltaReplicator(r, AWLWWMap) for r in "abc")
+    clock = HybridClock("a")
+    a.mutate(a.state.set("a", "k0", 0, clock.now(1)))
+    _exchange(a, c)
+    a.gc(["c"])  # only c was there: the buffer is emptied
+    assert a.owes_state("b")
+    whole = a.ship("b")
+    assert whole is not None
+    acks = b.receive("a", whole)  # b joined it; its ack is on the way
+    for i in range(1, 4):
+        a.mutate(a.state.set("a", f"k{i}", i, clock.now(1 + i)))
+        _exchange(a, c)
+        a.gc(["b", "c"])
+    for _, ack in acks:
+        a.receive("b", ack)
+    assert not a.owes_state("b")
+    rest = a.ship("b")
+    assert rest is not None and not msgpack.unpackb(rest[2:])[1]  # deltas, not the whole
+    for _, ack in b.receive("a", rest):
+        a.receive("b", ack)
+    assert b.state == a.state and a.ship("b") is None
+
+
 def test_transitive_propagation_along_a_line() -> None:
     a, b, c = (DeltaReplicator(r, AWLWWMap) for r in "abc")
     a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
