@@ -577,6 +577,8 @@ class Node:
              lambda st: st.waits_expired),
             ("replication_meta_shipped", "metadata deltas shipped to a peer",
              lambda st: st.meta_shipped),
+            ("replication_meta_state_shipped", "whole metadata maps shipped to a peer",
+             lambda st: st.meta_state_shipped),
             ("replication_anti_entropy_rounds",
              "anti-entropy rounds (a digest-tree root sent to one peer)",
              lambda st: st.anti_entropy_rounds),
@@ -804,11 +806,13 @@ class Node:
     async def _park_rooms(self) -> None:
         """At a clean stop: every quiet room leaves memory with its summary written, so the
         next start loads none of them (a start after a crash loads the rooms written since
-        they were last loaded)."""
+        they were last loaded); and the peers' metadata acks are saved, so that the next
+        start owes no whole metadata map to a peer that had it all."""
         if self.service is not None and self.store is not None and self.store.healthy:
             parked = 0
             while (n := await self.service.evict_idle(idle_ms=0, limit=EVICTION_SLICE)) > 0:
                 parked += n
+            await self.service.save_meta_acks()
             log.info("%d rooms written as summaries", parked)
 
     async def _start_archive(self, brokers: str, topic: str) -> Archive:

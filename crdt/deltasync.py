@@ -96,6 +96,7 @@ class DeltaReplicator(Generic[T]):
         *,
         state: T | None = None,
         seq: int = 0,
+        acked: dict[str, int] | None = None,
         max_buffer: int = 4096,
         transitive: bool = True,
         limits: Limits = DEFAULT_LIMITS,
@@ -111,7 +112,11 @@ class DeltaReplicator(Generic[T]):
         # D[l] for l in [_start, _seq): (delta, peer it came from or None if local)
         self._buf: deque[tuple[T, str | None]] = deque()
         self._start = seq
-        self._acked: dict[str, int] = {}
+        # what each peer acknowledged; restored (``acked``) from a clean stop at which every
+        # peer had acknowledged the state as it is: none of them is owed the whole state
+        self._acked: dict[str, int] = {
+            check_replica(p): min(n, seq) for p, n in (acked or {}).items() if p != replica
+        }
         # peers the whole state went to at that sequence number, not yet acknowledged: the
         # deltas after it are kept for them (see gc)
         self._full: dict[str, int] = {}
@@ -141,6 +146,10 @@ class DeltaReplicator(Generic[T]):
 
     def acked(self, peer: str) -> int | None:
         return self._acked.get(peer)
+
+    def acks(self) -> dict[str, int]:
+        """Every peer's acknowledged sequence number (to persist at a clean stop)."""
+        return dict(self._acked)
 
     # -- local updates --------------------------------------------------------------------
 

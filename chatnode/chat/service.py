@@ -346,7 +346,9 @@ class Service:
         loaded = await self.store.read(layout.load_everything, self.store)
         if loaded.clock is not None:
             self.clock.restore(*loaded.clock)
-        migrated = self.metadata.restore(loaded.meta_context, loaded.meta_rows, loaded.meta_legacy)
+        migrated = self.metadata.restore(
+            loaded.meta_context, loaded.meta_rows, loaded.meta_legacy, loaded.meta_acks
+        )
         if migrated.ops:
             await self._commit(migrated)
         self.cold.update(loaded.summaries)
@@ -541,6 +543,10 @@ class Service:
                     del self._parking[name]
             parked.set_result(None)
         return len(gone)
+
+    async def save_meta_acks(self) -> None:
+        """At a clean stop: the peers' metadata acks (MetaMap.save_acks)."""
+        await self._commit(self.metadata.save_acks())
 
     def room_seq(self, room: str) -> int | None:
         """The next update number of ``room`` (loaded or not; None: unknown): it changes

@@ -119,6 +119,7 @@ class ReplicationStats:
     anti_entropy_mismatches: int = 0  # rooms whose digest differed from a peer's (pulled)
     anti_entropy_diffs: int = 0  # non-empty diffs sent in answer to a peer's state vector
     meta_shipped: int = 0  # metadata deltas shipped to one peer
+    meta_state_shipped: int = 0  # of those, the whole map (a peer owed everything)
     claims: int = 0  # rooms this node became home of
 
 
@@ -681,6 +682,7 @@ class Cluster:
                     self.stats.meta_shipped += 1
                     self.hub.send(peer, MetaPayload(payload))
                     if whole:
+                        self.stats.meta_state_shipped += 1
                         self._state_shipped[peer] = now + max(
                             STATE_RESEND, len(payload) / STATE_RESEND_RATE
                         )

@@ -8,6 +8,8 @@ key                                          value
 ==========================================  ================================================
 ``K`` + key                                  one key of the metadata map: its live writes
                                              (``AWLWWMap.key_row``)
+``A``                                        the peers' metadata acks at the last clean stop:
+                                             msgpack ``[seq, {peer: ack}]``
 ``C``                                        the metadata map's causal context and the
                                              replicator's sequence number: msgpack ``[seq,
                                              AWLWWMap.context_row()]``
@@ -68,6 +70,7 @@ from crdt.roomlog import Message
 
 __all__ = [
     "NS_CLOCK",
+    "NS_META_ACKS",
     "NS_META_CONTEXT",
     "NS_META_DELTA",
     "NS_META_KEY",
@@ -100,6 +103,7 @@ __all__ = [
     "pack_message",
     "put_changed_message",
     "put_clock",
+    "put_meta_acks",
     "put_meta_context",
     "put_meta_key",
     "put_new_message",
@@ -123,6 +127,7 @@ __all__ = [
 
 NS_META_KEY: Final = b"K"
 NS_META_CONTEXT: Final = b"C"
+NS_META_ACKS: Final = b"A"  # the peers' metadata acks at the last clean stop
 NS_META_SNAPSHOT: Final = b"M"  # legacy (read once, see drop_legacy_meta)
 NS_META_DELTA: Final = b"m"  # legacy
 NS_ROOM_SNAPSHOT: Final = b"P"
@@ -271,6 +276,12 @@ def put_meta_context(batch: Batch, seq: int, context: bytes) -> None:
     batch.put(NS_META_CONTEXT, msgpack.packb([seq, context]))
 
 
+def put_meta_acks(batch: Batch, seq: int, acks: dict[str, int]) -> None:
+    """The peers' acknowledged metadata sequence numbers at a clean stop, with the sequence
+    number they refer to (a start uses them only if the map is still at that number)."""
+    batch.put(NS_META_ACKS, msgpack.packb([seq, acks]))
+
+
 def drop_legacy_meta(batch: Batch) -> None:
     """Delete an earlier version's whole-map snapshot and deltas (rewritten as rows)."""
     batch.delete(NS_META_SNAPSHOT).delete_range(NS_META_DELTA, prefix_end(NS_META_DELTA))
@@ -377,6 +388,7 @@ class Loaded(NamedTuple):
     load now (those with rows and no summary: written since they were last loaded)."""
 
     meta_context: tuple[int, bytes] | None  # (replicator seq, AWLWWMap.context_row())
+    meta_acks: tuple[int, dict[str, int]] | None  # (seq, peer -> ack) at the last clean stop
     meta_rows: list[tuple[str, bytes]]  # (key, AWLWWMap.key_row(key))
     meta_legacy: tuple[tuple[int, bytes] | None, list[tuple[int, bytes]]]  # snapshot, deltas
     summaries: dict[str, RoomSummary]
@@ -409,6 +421,11 @@ def load_everything(store: Reads) -> Loaded:
         (k[1:].decode("utf-8"), v)
         for k, v in store.iter_range(NS_META_KEY, prefix_end(NS_META_KEY))
     ]
+    acks: tuple[int, dict[str, int]] | None = None
+    raw = store.get(NS_META_ACKS)
+    if raw is not None:
+        seq, peers = msgpack.unpackb(raw, raw=False)
+        acks = (int(seq), {str(p): int(n) for p, n in dict(peers).items()})
     snapshot: tuple[int, bytes] | None = None
     deltas: list[tuple[int, bytes]] = []
     if context is None:  # an earlier version's snapshot and deltas (rewritten as rows)
@@ -435,7 +452,7 @@ def load_everything(store: Reads) -> Loaded:
     if clock_row is not None:
         wall, logical = msgpack.unpackb(clock_row, raw=False)
         clock = (int(wall), int(logical))
-    return Loaded(context, rows, (snapshot, deltas), summaries, rooms, clock)
+    return Loaded(context, acks, rows, (snapshot, deltas), summaries, rooms, clock)
 
 
 def load_room(store: Reads, room: str) -> RoomRows:

@@ -249,6 +249,28 @@ def test_a_peer_sent_the_whole_state_holds_the_deltas_after_it() -> None:
     assert b.state == a.state and a.ship("b") is None
 
 
+def test_acks_saved_at_a_clean_stop_spare_the_whole_state() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap), DeltaReplicator("b", AWLWWMap)
+    clock = HybridClock("a")
+    for i in range(3):
+        a.mutate(a.state.set("a", f"k{i}", i, clock.now(1 + i)))
+    _exchange(a, b)
+    a.gc(["b"])
+    saved = a.acks()
+    assert saved == {"b": 3}
+    restarted = DeltaReplicator("a", AWLWWMap, state=a.state.copy(), seq=3, acked=saved)
+    assert not restarted.owes_state("b") and restarted.ship("b") is None
+    restarted.mutate(restarted.state.set("a", "k9", 9, clock.now(10)))
+    after = restarted.ship("b")
+    assert after is not None and not msgpack.unpackb(after[2:])[1]  # a delta, not the whole
+    # acks older than the state (b had not acknowledged everything): the whole state
+    stale = DeltaReplicator("a", AWLWWMap, state=a.state.copy(), seq=3, acked={"b": 2})
+    assert stale.owes_state("b")
+    # an ack above the sequence number is clamped; an ack of ourselves is ignored
+    odd = DeltaReplicator("a", AWLWWMap, state=a.state.copy(), seq=3, acked={"b": 7, "a": 3})
+    assert odd.acks() == {"b": 3}
+
+
 def test_transitive_propagation_along_a_line() -> None:
     a, b, c = (DeltaReplicator(r, AWLWWMap) for r in "abc")
     a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))

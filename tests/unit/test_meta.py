@@ -62,7 +62,9 @@ class Node:
             now_ms=lambda: self.wall,
             on_room=lambda _room: None,
         )
-        migrated = fresh.restore(loaded.meta_context, loaded.meta_rows, loaded.meta_legacy)
+        migrated = fresh.restore(
+            loaded.meta_context, loaded.meta_rows, loaded.meta_legacy, loaded.meta_acks
+        )
         if migrated.ops:
             self.store.apply(migrated)
         return fresh
@@ -116,6 +118,21 @@ async def test_each_change_rewrites_the_rows_of_its_keys_and_the_context() -> No
     await n.write((account_key("al"), None))
     assert n.store.keys_with(layout.NS_META_KEY) == [layout.meta_key(account_key("bo"))]
     assert n.reload().map == n.meta.map
+
+
+async def test_acks_saved_at_a_clean_stop_are_used_if_nothing_changed_since() -> None:
+    a, b = Node("a"), Node("b")
+    await a.write((account_key("al"), {"at": 1}))
+    payload = a.meta.rep.ship("b")
+    assert payload is not None
+    for _, ack in b.meta.receive("a", payload)[0]:
+        a.meta.receive("b", ack)
+    await a.store.commit(a.meta.save_acks())
+    fresh = a.reload()
+    assert fresh.rep.acks() == {"b": 1} and not fresh.rep.owes_state("b")
+    # a change after the acks were saved (then a crash): they no longer describe the map
+    await a.write((account_key("bo"), {"at": 2}))
+    assert a.reload().rep.acks() == {}
 
 
 async def test_an_earlier_versions_snapshot_and_deltas_are_rewritten_as_rows() -> None:
