@@ -71,6 +71,7 @@ ANTI_ENTROPY_INTERVAL: Final = 1.0
 TREE_BUILD_SLICE: Final = 2_000  # rooms digested per event-loop turn while the tree is built
 META_INTERVAL: Final = 1.0
 REGISTRY_INTERVAL: Final = 1.0
+REGISTRY_SLICE: Final = 2000  # rooms decided (and home records written) in one round
 SETTLE: Final = 2.0
 HANDOVER_TIMEOUT: Final = 3.0
 HEARTBEAT_INTERVAL: Final = 0.05  # frontier heartbeats on idle links
@@ -787,8 +788,15 @@ class Cluster:
             self._reg_pending = set(self._reg_homes)
         if not self._reg_pending:
             return
-        pending, self._reg_pending = self._reg_pending, set()
-        todo = reg.claims(self.node_id, sorted(pending), self._reg_homes, alive)
+        # a slice per round (the rest right after): tens of thousands of homes moving at
+        # once (a node back from a restart) would be one metadata change of that size,
+        # holding this node's and each peer's event loop for seconds
+        pending = sorted(self._reg_pending)
+        if len(pending) > REGISTRY_SLICE:
+            pending = pending[:REGISTRY_SLICE]
+            self._registry_wake.set()
+        self._reg_pending.difference_update(pending)
+        todo = reg.claims(self.node_id, pending, self._reg_homes, alive)
         if not todo:
             return
         try:
@@ -798,9 +806,12 @@ class Cluster:
         except BaseException:
             self._reg_pending.update(c.room for c in todo)  # decided again next round
             raise
-        for c in todo:
-            log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
-            self.stats.claims += 1
+        if len(todo) <= 10:
+            for c in todo:
+                log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
+        else:
+            log.info("now home of %d rooms (%s ... %s)", len(todo), todo[0].room, todo[-1].room)
+        self.stats.claims += len(todo)
         self._note_homes()
 
     def _note_homes(self) -> None:
@@ -861,9 +872,11 @@ class Cluster:
         todo = reg.handover(self.node_id, homes, homes, alive)
         if todo:
             try:
-                await self.service.write_meta(
-                    *((reg.home_key(c.room), c.home.to_value()) for c in todo)
-                )
+                for i in range(0, len(todo), REGISTRY_SLICE):  # see _registry_round
+                    await self.service.write_meta(
+                        *((reg.home_key(c.room), c.home.to_value())
+                          for c in todo[i : i + REGISTRY_SLICE])
+                    )  # fmt: skip
             except Exception as exc:
                 log.warning("handover not written: %s", exc)
                 return
