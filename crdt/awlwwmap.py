@@ -22,7 +22,7 @@ into any replica has the same effect as the mutation had here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from crdt.causal import (
@@ -259,6 +259,15 @@ class AWLWWMap:
         s = m._s
         s.ctx = CausalContext.decode(ctx_obj, decode_replicas(names_obj))
         valid: dict[str, str] = {}  # replica ids checked once, one string object each
+
+        def named(obj: object) -> str:
+            if not isinstance(obj, str):
+                raise CodecError("replica ids must be strings")
+            replica = valid.get(obj)
+            if replica is None:
+                replica = valid[obj] = check_replica_id(obj)
+            return replica
+
         for key_obj, row in rows:
             key = expect_str(key_obj, "key")
             if len(key) > MAX_KEY_LEN:
@@ -266,29 +275,7 @@ class AWLWWMap:
             if key in s.entries:
                 raise CodecError("duplicate key")
             _, writes = unpack(row, (KIND_AWLWWMAP_KEY,), limits)
-            dots: dict[Dot, tuple[Timestamp, Any]] = {}
-            for w in expect_list(writes, "writes"):
-                replica, n, wall, logical, ts_replica, value = expect_list(w, "write", 6)
-                if not isinstance(replica, str) or not isinstance(ts_replica, str):
-                    raise CodecError("replica ids must be strings")
-                if replica not in valid:
-                    valid[replica] = check_replica_id(replica)
-                if ts_replica not in valid:
-                    valid[ts_replica] = check_replica_id(ts_replica)
-                replica, ts_replica = valid[replica], valid[ts_replica]
-                d = Dot(replica, expect_int(n, "dot counter", 1, MAX_COUNTER))
-                if d in dots:
-                    raise CodecError("duplicate dot")
-                try:
-                    ts = Timestamp(
-                        expect_int(wall, "wall_ms", 0), expect_int(logical, "logical", 0),
-                        ts_replica,
-                    )  # fmt: skip
-                except ValueError as exc:
-                    raise CodecError(f"bad timestamp: {exc}") from None
-                check_value(value, limits)
-                dots[d] = (ts, value)
-            s.entries[key] = dots
+            s.entries[key] = _decode_writes(writes, named, limits)
         s.check()
         return m
 
@@ -308,25 +295,32 @@ class AWLWWMap:
                 raise CodecError("key too long")
             if key in s.entries:
                 raise CodecError("duplicate key")
-            dots: dict[Dot, tuple[Timestamp, Any]] = {}
-            for w in expect_list(dots_obj, "writes"):
-                ri, n, wall, logical, tri, value = expect_list(w, "write", 6)
-                d = Dot(replica_at(names, ri), expect_int(n, "dot counter", 1, MAX_COUNTER))
-                if d in dots:
-                    raise CodecError("duplicate dot")
-                try:
-                    ts = Timestamp(
-                        expect_int(wall, "wall_ms", 0),
-                        expect_int(logical, "logical", 0),
-                        replica_at(names, tri),
-                    )
-                except ValueError as exc:
-                    raise CodecError(f"bad timestamp: {exc}") from None
-                check_value(value, limits)
-                dots[d] = (ts, value)
-            s.entries[key] = dots
+            s.entries[key] = _decode_writes(dots_obj, lambda i: replica_at(names, i), limits)
         s.check()
         return m
+
+
+def _decode_writes(
+    obj: object, replica: Callable[[object], str], limits: Limits
+) -> dict[Dot, tuple[Timestamp, Any]]:
+    """A key's writes ``[[replica, counter, wall_ms, logical, ts_replica, value], ...]``,
+    each replica read by ``replica`` (a table index, or an id); :class:`CodecError` on
+    anything malformed."""
+    dots: dict[Dot, tuple[Timestamp, Any]] = {}
+    for w in expect_list(obj, "writes"):
+        r, n, wall, logical, tr, value = expect_list(w, "write", 6)
+        d = Dot(replica(r), expect_int(n, "dot counter", 1, MAX_COUNTER))
+        if d in dots:
+            raise CodecError("duplicate dot")
+        try:
+            ts = Timestamp(
+                expect_int(wall, "wall_ms", 0), expect_int(logical, "logical", 0), replica(tr)
+            )
+        except ValueError as exc:
+            raise CodecError(f"bad timestamp: {exc}") from None
+        check_value(value, limits)
+        dots[d] = (ts, value)
+    return dots
 
 
 def check_replica_id(replica: object) -> str:

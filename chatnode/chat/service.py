@@ -37,7 +37,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -482,6 +482,17 @@ class Service:
             with contextlib.suppress(StorageError):
                 self.store.submit(batch)
         return state
+
+    @contextlib.asynccontextmanager
+    async def _using(self, room: str) -> AsyncIterator[RoomState]:
+        """The loaded state of ``room``, kept in memory while the block runs (a request
+        that awaits commits and acks with it)."""
+        state = await self.warm(room)
+        state.busy += 1
+        try:
+            yield state
+        finally:
+            state.busy -= 1
 
     def _evictable(self, state: RoomState, horizon_ms: int) -> bool:
         return (
@@ -1332,12 +1343,8 @@ class Service:
 
     async def _send(self, s: Session, req: p.Send) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
-        state = await self.warm(req.room)
-        state.busy += 1  # stays in memory while this request uses it
-        try:
+        async with self._using(req.room) as state:
             return await self._send_in(s, req, state)
-        finally:
-            state.busy -= 1
 
     async def _send_in(self, s: Session, req: p.Send, state: RoomState) -> dict[str, object]:
         pending = state.inflight.get(req.id)
@@ -1403,12 +1410,8 @@ class Service:
 
     async def _change(self, s: Session, req: p.Edit | p.Delete | p.React) -> dict[str, object]:
         self._writable(s, req.room, req.ref)
-        state = await self.warm(req.room)
-        state.busy += 1  # stays in memory while this request uses it
-        try:
+        async with self._using(req.room) as state:
             return await self._change_in(s, req, state)
-        finally:
-            state.busy -= 1
 
     async def _change_in(
         self, s: Session, req: p.Edit | p.Delete | p.React, state: RoomState
