@@ -20,7 +20,13 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 __all__ = ["CONTENT_TYPE", "Kind", "LabeledCounter", "Metrics", "Reading"]
@@ -132,6 +138,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux /proc)
+        ProcessCollector(registry=reg)
         self.connections_total = Counter(
             "chatnode_connections_total", "WebSocket connections accepted", registry=reg
         )

@@ -47,6 +47,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,7 @@ from chatnode.history.forwarder import Forwarder
 from chatnode.history.indexer import Indexer, KafkaSource, LogSource, Views
 from chatnode.history.retention import parse_retain
 from chatnode.history.views import parse_views_url
+from chatnode.memory import HeapTrimmer, glibc_trim
 from chatnode.metrics import Metrics, Reading
 from chatnode.store.engine import Store, WriteStats
 from chatnode.supervise import Supervisor, Task
@@ -186,6 +188,7 @@ class Node:
         self.hooks = ServiceHooks()
         self._maintenance_task: Task | None = None
         self._eviction_task: Task | None = None
+        self.trimmer = HeapTrimmer(glibc_trim())  # freed heap back to the system
         self._retention: Task | None = None  # --retain (chatnode/history/archive.py)
         self.identity: Identity | None = None
         self.store: Store | None = None
@@ -491,6 +494,20 @@ class Node:
         def forwarder() -> Forwarder | None:
             return self.cluster.forwarder if self.cluster is not None else None
 
+        def store() -> Store | None:
+            return self.store
+
+        m.labeled("chatnode_store_memory_bytes",
+                  "bytes RocksDB holds in memory, by part: memtables, block_cache, "
+                  "table_readers", "part", _of(store, lambda s: s.memory()))  # fmt: skip
+        m.value(
+            "chatnode_heap_trims_total",
+            "times freed heap memory was given back to the system (malloc_trim)",
+            lambda: float(self.trimmer.trims),
+            kind="counter",
+        )
+        m.value("chatnode_heap_trim_seconds_total", "time spent giving it back",
+                lambda: self.trimmer.seconds, kind="counter")  # fmt: skip
         # the stable frontier (docs/REPLICATION.md)
         m.value("chatnode_frontier_held_events",
                 "message events held back until the stable frontier passes them",
@@ -796,12 +813,19 @@ class Node:
         )
 
     async def _evict_rooms(self) -> None:
-        """Rooms unused for ``--room-idle`` leave memory (Service.evict_idle)."""
+        """Rooms unused for ``--room-idle`` leave memory (Service.evict_idle); then, and
+        once a minute anyway, the freed heap goes back to the system (chatnode/memory.py)."""
         while True:  # a failure is logged, counted and restarted by the supervisor
             await asyncio.sleep(EVICTION_INTERVAL)
             if self.service is not None and self.store is not None and self.store.healthy:
-                while await self.service.evict_idle(limit=EVICTION_SLICE) == EVICTION_SLICE:
-                    pass  # each slice awaits its commit: the loop serves in between
+                freed = 0
+                while (n := await self.service.evict_idle(limit=EVICTION_SLICE)) > 0:
+                    freed += n  # each slice awaits its commit: the loop serves in between
+                    if n < EVICTION_SLICE:
+                        break
+                now = time.monotonic()
+                if self.trimmer.due(now, freed):
+                    await asyncio.to_thread(self.trimmer.run, now)
 
     async def _park_rooms(self) -> None:
         """At a clean stop: every quiet room leaves memory with its summary written, so the

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from chatnode.errors import ServerError
 
@@ -38,6 +38,19 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 MAX_BATCHES_PER_WRITE: Final = 1024
+# RocksDB's memory. A memtable of 16 MiB (RocksDB's default is 64 MiB, and two may be held
+# while one is flushed) keeps the write buffers at most 32 MiB, and bounds the log a start
+# replays; chat rows are small and flushed often either way. The block cache is RocksDB's
+# own default size, set here so that it is known (docs/OPERATIONS.md, "Memory").
+WRITE_BUFFER_BYTES: Final = 16 << 20
+WRITE_BUFFERS: Final = 2
+BLOCK_CACHE_BYTES: Final = 32 << 20
+# What :meth:`Store.memory` reads, by the name it reports.
+MEMORY_PROPERTIES: Final = {
+    "memtables": "rocksdb.size-all-mem-tables",
+    "block_cache": "rocksdb.block-cache-usage",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+}
 
 
 class StorageError(ServerError):
@@ -146,6 +159,11 @@ class Store:
         opts.create_if_missing(True)
         opts.set_max_background_jobs(2)
         opts.set_keep_log_file_num(3)
+        opts.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        opts.set_max_write_buffer_number(WRITE_BUFFERS)
+        table = BlockBasedOptions()
+        table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+        opts.set_block_based_table_factory(table)
         try:
             db = Rdict(str(path), options=opts)
         except Exception as exc:
@@ -180,6 +198,18 @@ class Store:
             self._db.close()
         except Exception:
             log.exception("closing the database failed")
+
+    def memory(self) -> dict[str, int]:
+        """Bytes RocksDB holds in memory, by part (:data:`MEMORY_PROPERTIES`); empty once
+        closed. Reads counters only: cheap enough for the event loop."""
+        if self._closed or self._closing:
+            return {}
+        out: dict[str, int] = {}
+        for name, prop in MEMORY_PROPERTIES.items():
+            value = self._db.property_int_value(prop)
+            if value is not None:
+                out[name] = int(value)
+        return out
 
     @property
     def healthy(self) -> bool:

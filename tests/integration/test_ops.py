@@ -59,6 +59,10 @@ async def test_healthz_and_metrics(http: aiohttp.ClientSession, node: Daemon) ->
         == values["chatnode_commit_seconds_count"]
     )
     assert "# TYPE chatnode_commit_seconds histogram" in text
+    # memory: the process's, and RocksDB's by part (docs/OPERATIONS.md, "Memory")
+    assert values["process_resident_memory_bytes"] > 10 << 20
+    assert values['chatnode_store_memory_bytes{part="memtables"}'] > 0
+    assert 'chatnode_store_memory_bytes{part="block_cache"}' in values
     # standalone: the stable frontier is there, the cluster's components are not
     assert values["chatnode_frontier_held_events"] == 0
     assert values["chatnode_frontier_held_overflow_total"] == 0
