@@ -35,13 +35,11 @@ def glibc_trim() -> Callable[[], object] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_size_t)
     try:
-        libc = ctypes.CDLL(name)
-        fn = libc.malloc_trim
+        fn = prototype(("malloc_trim", ctypes.CDLL(name)))
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
 
     def trim() -> object:
         return fn(0)
