@@ -31,9 +31,13 @@ from crdt.causal import (
     Dot,
     DotStore,
     ReplicaTable,
+    Slot,
     check_replica,
     decode_replicas,
     replica_at,
+    slot_dots,
+    slot_items,
+    slot_of,
 )
 from crdt.clock import Timestamp
 from crdt.codec import (
@@ -55,11 +59,12 @@ from crdt.errors import CodecError
 MAX_KEY_LEN = 4096
 
 
-def _winner(dots: dict[Dot, tuple[Timestamp, Any]]) -> tuple[Timestamp, Any]:
-    if len(dots) == 1:
-        for payload in dots.values():
-            return payload
-    _, payload = max(dots.items(), key=lambda item: (item[1][0], item[0]))
+def _winner(slot: Slot) -> tuple[Timestamp, Any]:
+    if type(slot) is tuple:
+        payload: tuple[Timestamp, Any] = slot[1]
+        return payload
+    assert isinstance(slot, dict)
+    _, payload = max(slot.items(), key=lambda item: (item[1][0], item[0]))
     return payload
 
 
@@ -78,21 +83,22 @@ class AWLWWMap:
 
         The returned object is shared with the map: do not mutate it.
         """
-        dots = self._s.entries.get(key)
-        if not dots:
+        slot = self._s.entries.get(key)
+        if slot is None:
             return None
-        return _winner(dots)[1]
+        return _winner(slot)[1]
 
     def get_stamped(self, key: str) -> tuple[Timestamp, Any] | None:
         """``(timestamp, value)`` of the winning write of ``key``; ``None`` if absent."""
-        dots = self._s.entries.get(key)
-        if not dots:
+        slot = self._s.entries.get(key)
+        if slot is None:
             return None
-        return _winner(dots)
+        return _winner(slot)
 
     def conflicts(self, key: str) -> int:
         """How many concurrent writes of ``key`` are live (1 when there is no conflict)."""
-        return len(self._s.entries.get(key, ()))
+        slot = self._s.entries.get(key)
+        return 0 if slot is None else len(slot_dots(slot))
 
     def items(self) -> Iterator[tuple[str, Any]]:
         """``(key, value)`` of every present key, sorted by key."""
@@ -123,7 +129,8 @@ class AWLWWMap:
 
     def dots(self, key: str) -> frozenset[Dot]:
         """The live dots of ``key`` (for tests and diagnostics)."""
-        return frozenset(self._s.entries.get(key, ()))
+        slot = self._s.entries.get(key)
+        return frozenset() if slot is None else frozenset(slot_dots(slot))
 
     # -- delta mutators ----------------------------------------------------------------------
 
@@ -205,13 +212,13 @@ class AWLWWMap:
         ctx = self._s.ctx.encode(table)
         entries = []
         ix = table.index
-        for key, dots in self._s.entries.items():
+        for key, slot in self._s.entries.items():
             entries.append(
                 [
                     key,
                     [
                         [ix(d.replica), d.counter, ts.wall_ms, ts.logical, ix(ts.replica), value]
-                        for d, (ts, value) in dots.items()
+                        for d, (ts, value) in slot_items(slot)
                     ],
                 ]
             )
@@ -226,14 +233,14 @@ class AWLWWMap:
     def key_row(self, key: str) -> bytes | None:
         """The row of ``key``: its live writes ``[[replica, counter, wall_ms, logical,
         ts_replica, value], ...]`` (``None``: it has none, the row goes)."""
-        dots = self._s.entries.get(key)
-        if not dots:
+        slot = self._s.entries.get(key)
+        if slot is None:
             return None
         return pack(
             KIND_AWLWWMAP_KEY,
             [
                 [d.replica, d.counter, ts.wall_ms, ts.logical, ts.replica, value]
-                for d, (ts, value) in dots.items()
+                for d, (ts, value) in slot_items(slot)
             ],
         )
 
@@ -300,12 +307,10 @@ class AWLWWMap:
         return m
 
 
-def _decode_writes(
-    obj: object, replica: Callable[[object], str], limits: Limits
-) -> dict[Dot, tuple[Timestamp, Any]]:
+def _decode_writes(obj: object, replica: Callable[[object], str], limits: Limits) -> Slot:
     """A key's writes ``[[replica, counter, wall_ms, logical, ts_replica, value], ...]``,
-    each replica read by ``replica`` (a table index, or an id); :class:`CodecError` on
-    anything malformed."""
+    each replica read by ``replica`` (a table index, or an id), as its slot;
+    :class:`CodecError` on anything malformed (none is malformed too)."""
     dots: dict[Dot, tuple[Timestamp, Any]] = {}
     for w in expect_list(obj, "writes"):
         r, n, wall, logical, tr, value = expect_list(w, "write", 6)
@@ -320,7 +325,9 @@ def _decode_writes(
             raise CodecError(f"bad timestamp: {exc}") from None
         check_value(value, limits)
         dots[d] = (ts, value)
-    return dots
+    if not dots:
+        raise CodecError("entry without dots")
+    return slot_of(dots)
 
 
 def check_replica_id(replica: object) -> str:
