@@ -22,8 +22,9 @@ into any replica has the same effect as the mutation had here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from crdt.causal import (
     MAX_COUNTER,
@@ -144,7 +145,7 @@ class AWLWWMap:
         _check_key(key)
         if not isinstance(ts, Timestamp):
             raise TypeError("ts must be a crdt.clock.Timestamp")
-        payload = (ts, normalize_value(value))
+        payload = (ts, _shared(normalize_value(value)))
         dot = self._s.ctx.next_dot(replica)
         observed = self._s.put_only(key, dot, payload)
         observed.append(dot)
@@ -324,10 +325,26 @@ def _decode_writes(obj: object, replica: Callable[[object], str], limits: Limits
         except ValueError as exc:
             raise CodecError(f"bad timestamp: {exc}") from None
         check_value(value, limits)
-        dots[d] = (ts, value)
+        dots[d] = (ts, _shared(value))
     if not dots:
         raise CodecError("entry without dots")
     return slot_of(dots)
+
+
+SHARED_STR_LEN: Final = 64
+
+
+def _shared(value: Any) -> Any:
+    """``value`` with its short strings (itself, or a dict's values) interned: values repeat
+    the same few strings (a node id, a user, a visibility) across many keys, and each
+    decoded copy costs ~60 bytes. Interned strings are freed with their last use."""
+    if type(value) is str:
+        return sys.intern(value) if len(value) <= SHARED_STR_LEN else value
+    if type(value) is dict:
+        for k, v in value.items():
+            if type(v) is str and len(v) <= SHARED_STR_LEN:
+                value[k] = sys.intern(v)
+    return value
 
 
 def check_replica_id(replica: object) -> str:

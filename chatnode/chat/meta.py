@@ -89,6 +89,34 @@ def split_room_key(key: str, prefix: str) -> tuple[str, str] | None:
     return (room, user) if sep else None
 
 
+SMALL_ROOM: Final = 16  # members kept as a tuple up to this many
+
+
+def _add_member(members: dict[str, tuple[str, ...] | set[str]], room: str, user: str) -> None:
+    now = members.get(room)
+    if now is None:
+        members[room] = (user,)
+    elif isinstance(now, set):
+        now.add(user)
+    elif user not in now:
+        members[room] = (*now, user) if len(now) < SMALL_ROOM else {*now, user}
+
+
+def _drop_member(members: dict[str, tuple[str, ...] | set[str]], room: str, user: str) -> None:
+    now = members.get(room)
+    if now is None or user not in now:
+        return
+    if isinstance(now, set):
+        now.discard(user)
+        rest: tuple[str, ...] | set[str] = now if len(now) > SMALL_ROOM else tuple(sorted(now))
+    else:
+        rest = tuple(u for u in now if u != user)
+    if rest:
+        members[room] = rest
+    else:
+        del members[room]
+
+
 @dataclass(frozen=True, slots=True)
 class RoomInfo:
     room: str
@@ -151,11 +179,15 @@ class MetaMap:
         self.rep = DeltaReplicator(node_id, AWLWWMap, state=self.map, seq=0)
         # Derived indexes (kept in line by :meth:`index`).
         self.room_info: dict[str, RoomInfo] = {}
-        self.members: dict[str, set[str]] = {}
+        # room -> its members: a tuple while a room has few (a DM, a small group: 48 bytes
+        # and 8 per member where a set takes 216), a set beyond SMALL_ROOM; read through
+        # is_member and members_of
+        self.members: dict[str, tuple[str, ...] | set[str]] = {}
         self.user_rooms: dict[str, set[str]] = {}
         self.invites: dict[str, set[str]] = {}  # user -> rooms invited to
         self.created: dict[str, int] = {}  # user -> rooms made, DMs aside (the quota)
         self._prefixed: dict[str, set[str]] = {}  # prefix -> its present keys (on demand)
+        self._users: dict[str, str] = {}  # each user name in members, once
         self._changed: Signal[str] = Signal("metadata-changed")
 
     def watch(self, fn: Callable[[str], None]) -> Callable[[], None]:
@@ -178,6 +210,9 @@ class MetaMap:
 
     def is_member(self, room: str, user: str) -> bool:
         return user in self.members.get(room, ())
+
+    def members_of(self, room: str) -> frozenset[str]:
+        return frozenset(self.members.get(room, ()))
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
         """Present keys starting with ``prefix``, sorted. The first call for a prefix reads
@@ -252,8 +287,10 @@ class MetaMap:
         if key.startswith(ROOM):
             room = key[len(ROOM) :]
             old = self.room_info.get(room)
-            if old is not None and old.visibility != "dm":
-                self.created[old.creator] -= 1
+            if old is not None:
+                room = old.room  # the dict's key: one string per room
+                if old.visibility != "dm":
+                    self.created[old.creator] -= 1
             if isinstance(value, dict):
                 info = self.room_info[room] = RoomInfo(
                     room,
@@ -272,11 +309,17 @@ class MetaMap:
             if split is None:
                 return
             room, user = split
+            # one string object per room and per user name, wherever they are kept (the
+            # key's slices are new strings; at 100,000 rooms the copies cost ~10 MB)
+            known = self.room_info.get(room)
+            if known is not None:
+                room = known.room
+            user = self._users.setdefault(user, user)
             if value is not None:
-                self.members.setdefault(room, set()).add(user)
+                _add_member(self.members, room, user)
                 self.user_rooms.setdefault(user, set()).add(room)
             else:
-                self.members.get(room, set()).discard(user)
+                _drop_member(self.members, room, user)
                 self.user_rooms.get(user, set()).discard(room)
         elif key.startswith(INVITE):
             split = split_room_key(key, INVITE)

@@ -325,8 +325,11 @@ class Service:
         return self.metadata.room_info
 
     @property
-    def members(self) -> dict[str, set[str]]:
+    def members(self) -> dict[str, tuple[str, ...] | set[str]]:
         return self.metadata.members
+
+    def members_of(self, room: str) -> frozenset[str]:
+        return self.metadata.members_of(room)
 
     @property
     def user_rooms(self) -> dict[str, set[str]]:

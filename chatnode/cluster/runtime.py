@@ -828,13 +828,15 @@ class Cluster:
             return
         meta = self.service.meta
         changed = False
-        for room in sorted(rooms):
-            if room not in info:  # not a room (any more)
-                changed = changed or room in self._reg_homes
-                self._reg_homes.pop(room, None)
-                self._reg_pending.discard(room)
-                self._homes.discard(room)
+        for name in sorted(rooms):
+            known = info.get(name)
+            if known is None:  # not a room (any more)
+                changed = changed or name in self._reg_homes
+                self._reg_homes.pop(name, None)
+                self._reg_pending.discard(name)
+                self._homes.discard(name)
                 continue
+            room = known.room  # the service's string: no copy per room kept here
             h = reg.parse_home(meta.get(reg.home_key(room)))
             changed = changed or room not in self._reg_homes or self._reg_homes[room] != h
             self._reg_homes[room] = h

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.chat.meta import (
+    SMALL_ROOM,
     MetaMap,
     RoomInfo,
     account_key,
@@ -93,9 +94,9 @@ async def test_changes_update_the_indexes() -> None:
     assert m.is_member("r", "al") and not m.is_member("r", "bo")
     assert m.user_rooms["al"] == {"r"} and m.invites["bo"] == {"r"}
     await n.write((member_key("r", "bo"), 1), (invite_key("r", "bo"), None))
-    assert m.members["r"] == {"al", "bo"} and m.invites["bo"] == set()
+    assert m.members_of("r") == {"al", "bo"} and m.invites["bo"] == set()
     await n.write((member_key("r", "al"), None))
-    assert m.members["r"] == {"bo"} and m.user_rooms["al"] == set()
+    assert m.members_of("r") == {"bo"} and m.user_rooms["al"] == set()
     await n.write((room_key("r"), None))
     assert "r" not in m.room_info
 
@@ -297,5 +298,43 @@ def test_followed_indexes_match_the_map(ops: list[tuple[str, str, tuple[str, str
             assert {u: c for u, c in fresh.created.items() if c} == {
                 u: c for u, c in n.meta.created.items() if c
             }
+
+    asyncio.run(run())
+
+
+@settings(max_examples=examples(60))
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from([f"u{i}" for i in range(24)])),
+        min_size=1,
+        max_size=80,
+    )
+)
+def test_members_in_either_form_match_the_map(ops: list[tuple[bool, str]]) -> None:
+    """A room keeps its members as a tuple while it has few and as a set beyond
+    SMALL_ROOM (16); through joins and leaves across that size, the members read back are
+    those of the map, and the strings kept are the ones the map's indexes share."""
+
+    async def run() -> None:
+        n = Node()
+        await n.write((room_key("big"), {"title": "", "vis": "public", "by": "u0", "at": 1}))
+        model: set[str] = set()
+        for join, user in ops:
+            await n.write((member_key("big", user), 1 if join else None))
+            if join:
+                model.add(user)
+            else:
+                model.discard(user)
+            m = n.meta
+            assert m.members_of("big") == model
+            assert all(m.is_member("big", u) == (u in model) for u in (f"u{i}" for i in range(24)))
+            assert ("big" in m.members) == bool(model)
+            kept = m.members.get("big", ())
+            assert len(kept) == len(model)
+            if len(model) > SMALL_ROOM:
+                assert isinstance(kept, set)
+            if isinstance(kept, tuple):
+                assert len(kept) <= SMALL_ROOM
+        assert n.reload().members_of("big") == model
 
     asyncio.run(run())

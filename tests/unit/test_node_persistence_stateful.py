@@ -1241,7 +1241,7 @@ class NodePersistenceMachine(RuleBasedStateMachine):
             "r2": ("private", "bob"),
         }
         for room in ROOMS:
-            assert svc.members.get(room, set()) == self.model.members[room], room
+            assert svc.members_of(room) == self.model.members[room], room
         assert svc.invites.get("carol", set()) == self.model.invited
         for user in (*USERS, "dave"):
             assert f"u/{user}" in svc.meta

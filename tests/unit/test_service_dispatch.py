@@ -211,7 +211,7 @@ async def test_leaving_a_private_room_ends_the_users_subscriptions(n: Node) -> N
 
 async def test_a_direct_conversation_has_exactly_its_two_users(n: Node) -> None:
     dm = p.dm_room("al", "bo")
-    assert n.service.members[dm] == {"al", "bo"}
+    assert n.service.members_of(dm) == {"al", "bo"}
     again = await n("bo", "dm.open", user="al")  # the same room from either side
     assert cast(dict[str, object], again["room"])["room"] == dm
     await n("bo", "send", room=dm, id="d1", body="psst")
@@ -305,7 +305,7 @@ async def test_a_restart_over_the_same_store_keeps_everything(n: Node) -> None:
     again = await node(n.store)
     svc = again.service
     assert set(svc.room_info) == {"pub", "priv", p.dm_room("al", "bo")}
-    assert svc.members["priv"] == {"al"} and svc.invites["cy"] == {"priv"}
+    assert svc.members_of("priv") == {"al"} and svc.invites["cy"] == {"priv"}
     assert svc.rooms["pub"].pushed_seq == 1
     history = await again("al", "history", room="priv", limit=10)
     assert [m["id"] for m in cast(list[dict[str, object]], history["messages"])] == ["s1"]
