@@ -8,7 +8,9 @@ Rules (``docs/REPLICATION.md``):
 
 * **Placement** is rendezvous (highest random weight) hashing over the alive members: the
   home a room *should* have is the member with the highest ``weight(room, member)``. A member
-  joining or leaving moves only the rooms it wins or held.
+  joining or leaving moves only the rooms it wins or held. A suspect member still counts for
+  a grace period (:func:`placement_members`): a slow node keeps its rooms until it is
+  declared dead or stays suspect that long.
 * **Claim**: the member that should be home of a room, and is not recorded as its home,
   claims it by writing itself with ``epoch + 1``. Only the would-be home ever writes, so in a
   connected cluster there is one writer per room.
@@ -28,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from chatnode.cluster.membership import MemberState
+
 __all__ = [
     "PREFIX",
     "Claim",
@@ -37,6 +41,7 @@ __all__ = [
     "home_key",
     "parse_home",
     "place",
+    "placement_members",
     "weight",
 ]
 
@@ -83,6 +88,31 @@ def parse_home(value: object) -> Home | None:
     if not isinstance(epoch, int) or epoch < 1:
         return None
     return Home(node, epoch)
+
+
+def placement_members(
+    members: Iterable[tuple[str, MemberState]],
+    suspect_since: dict[str, float],
+    now: float,
+    grace: float,
+) -> set[str]:
+    """The members (other than this node) that rooms are placed over at ``now``: the alive
+    ones, and the suspects first seen suspect (``suspect_since``, kept up to date here) less
+    than ``grace`` seconds ago. A suspicion is not a death: SWIM's suspects refute within the
+    suspicion timeout when they were only slow, and moving a slow node's rooms away (and
+    back once it answers) is work that makes it slower."""
+    out: set[str] = set()
+    suspects: set[str] = set()
+    for node, state in members:
+        if state is MemberState.ALIVE:
+            out.add(node)
+        elif state is MemberState.SUSPECT:
+            suspects.add(node)
+            if now - suspect_since.setdefault(node, now) < grace:
+                out.add(node)
+    for node in [n for n in suspect_since if n not in suspects]:
+        del suspect_since[node]
+    return out
 
 
 def weight(room: str, node: str) -> int:

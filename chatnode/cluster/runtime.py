@@ -73,6 +73,11 @@ META_INTERVAL: Final = 1.0
 REGISTRY_INTERVAL: Final = 1.0
 REGISTRY_SLICE: Final = 2000  # rooms decided (and home records written) in one round
 SETTLE: Final = 2.0
+# A suspect member keeps its homes this long before placement leaves it out (or until it is
+# declared dead). A node whose event loop is busy (homes moving back after a restart, at
+# 100,000 rooms) misses probes and is suspected for a second or two; moving its rooms then
+# made more work for it, more suspicions, and homes that flapped for a minute.
+SUSPECT_GRACE: Final = 3.0
 HANDOVER_TIMEOUT: Final = 3.0
 HEARTBEAT_INTERVAL: Final = 0.05  # frontier heartbeats on idle links
 DRAIN_TIMEOUT: Final = 3.0  # how long a dead peer's last messages are looked for
@@ -181,6 +186,7 @@ class Cluster:
         self._reg_all = True
         self._reg_pending: set[str] = set()
         self._reg_alive: set[str] | None = None
+        self._suspect_since: dict[str, float] = {}  # member -> when placement saw it suspect
         self._unwatch: Callable[[], None] | None = None
         self._leaving = False  # handed over: claim nothing any more
         self._frontier = FrontierTracker()
@@ -750,6 +756,13 @@ class Cluster:
     def _alive_ids(self) -> set[str]:
         return {self.node_id, *(m.id for m in self.alive_peers())}
 
+    def _placement_ids(self, now: float) -> set[str]:
+        """The members rooms are placed over: this node, the alive peers, and the peers
+        suspected for less than SUSPECT_GRACE (dead and left ones are out at once)."""
+        members = [(m.id, m.state) for m in self._members() if m.id != self.node_id]
+        return {self.node_id, *reg.placement_members(members, self._suspect_since, now,
+                                                     SUSPECT_GRACE)}  # fmt: skip
+
     def homes(self) -> dict[str, reg.Home | None]:
         meta = self.service.meta
         return {
@@ -782,7 +795,7 @@ class Cluster:
             self._registry_wake.set()
             await asyncio.sleep(0.2)
             return
-        alive = self._alive_ids()
+        alive = self._placement_ids(time.monotonic())
         if alive != self._reg_alive:
             self._reg_alive = alive
             self._reg_pending = set(self._reg_homes)
@@ -828,6 +841,7 @@ class Cluster:
             return
         meta = self.service.meta
         changed = False
+        lost: list[tuple[str, reg.Home]] = []
         for name in sorted(rooms):
             known = info.get(name)
             if known is None:  # not a room (any more)
@@ -846,8 +860,12 @@ class Cluster:
             elif room in self._homes:
                 self._homes.discard(room)
                 if h is not None:
-                    log.info("no longer home of room %s: %s holds epoch %d", room, h.node,
-                             h.epoch)  # fmt: skip
+                    lost.append((room, h))
+        if len(lost) <= 10:
+            for room, h in lost:
+                log.info("no longer home of room %s: %s holds epoch %d", room, h.node, h.epoch)
+        else:
+            log.info("no longer home of %d rooms (%s ... %s)", len(lost), lost[0][0], lost[-1][0])
         if changed:
             self._sync_forwarder()
 

@@ -6,6 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnode.cluster import registry as reg
+from chatnode.cluster.membership import MemberState
+from chatnode.cluster.registry import placement_members
 from tests.support.hyp import examples
 
 nodes = st.lists(st.from_regex(r"n[0-9a-f]{4}", fullmatch=True), min_size=1, max_size=6,
@@ -84,3 +86,26 @@ def test_parse_home_rejects_garbage() -> None:
     for bad in (None, 3, {"node": "", "epoch": 1}, {"node": "n", "epoch": 0},
                 {"node": "n", "epoch": True}, {"node": 1, "epoch": 1}):  # fmt: skip
         assert reg.parse_home(bad) is None
+
+
+def test_placement_keeps_a_suspect_for_the_grace_period() -> None:
+    """A suspect keeps its rooms for ``grace`` seconds after it was first seen suspect; a
+    dead or left member is out at once; a suspect that refuted and is suspected again
+    starts a new grace period."""
+    since: dict[str, float] = {}
+    a, s, d, gone = "a", "s", "d", "l"
+    states = [(a, MemberState.ALIVE), (s, MemberState.SUSPECT), (d, MemberState.DEAD),
+              (gone, MemberState.LEFT)]  # fmt: skip
+    assert placement_members(states, since, 100.0, 3.0) == {a, s}
+    assert placement_members(states, since, 102.9, 3.0) == {a, s}
+    assert placement_members(states, since, 103.0, 3.0) == {a}
+    # it refutes: alive again, its suspicion forgotten
+    assert placement_members([(s, MemberState.ALIVE)], since, 104.0, 3.0) == {s}
+    assert since == {}
+    # suspected again: a new grace period from now
+    assert placement_members([(s, MemberState.SUSPECT)], since, 110.0, 3.0) == {s}
+    assert placement_members([(s, MemberState.SUSPECT)], since, 112.0, 3.0) == {s}
+    assert placement_members([(s, MemberState.SUSPECT)], since, 113.5, 3.0) == set()
+    # declared dead: out, and nothing kept for it
+    assert placement_members([(s, MemberState.DEAD)], since, 114.0, 3.0) == set()
+    assert since == {}
