@@ -19,6 +19,7 @@ OWNERS = {
     "prometheus_client": "chatnode/metrics.py",
     "sqlite3": "chatnode/history/viewsdb.py",
     "psycopg": "chatnode/history/viewspg.py",
+    "ctypes": "chatnode/memory.py",
 }
 
 
