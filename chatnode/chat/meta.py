@@ -98,8 +98,8 @@ def _add_member(members: dict[str, tuple[str, ...] | set[str]], room: str, user:
         members[room] = (user,)
     elif isinstance(now, set):
         now.add(user)
-    elif user not in now:
-        members[room] = (*now, user) if len(now) < SMALL_ROOM else {*now, user}
+    elif user not in now:  # sorted: equal memberships, equal tuples
+        members[room] = tuple(sorted((*now, user))) if len(now) < SMALL_ROOM else {*now, user}
 
 
 def _drop_member(members: dict[str, tuple[str, ...] | set[str]], room: str, user: str) -> None:
