@@ -385,7 +385,7 @@ class DotStore:
         assert isinstance(slot, dict)
         del slot[dot]
         if len(slot) == 1:
-            self.entries[key] = next(iter(slot.items()))
+            self.entries[key] = slot_of(slot)
 
     def join(self, other: DotStore) -> None:
         """The causal join, in place: ``self = self ⊔ other``."""
