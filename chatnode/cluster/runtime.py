@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -804,9 +805,10 @@ class Cluster:
         # a slice per round (the rest right after): tens of thousands of homes moving at
         # once (a node back from a restart) would be one metadata change of that size,
         # holding this node's and each peer's event loop for seconds
-        pending = sorted(self._reg_pending)
-        if len(pending) > REGISTRY_SLICE:
-            pending = pending[:REGISTRY_SLICE]
+        # (any slice: sorting every pending room each round would cost O(n log n) per
+        # slice; only the slice is sorted, for readable logs)
+        pending = sorted(itertools.islice(self._reg_pending, REGISTRY_SLICE))
+        if len(self._reg_pending) > REGISTRY_SLICE:
             self._registry_wake.set()
         self._reg_pending.difference_update(pending)
         todo = reg.claims(self.node_id, pending, self._reg_homes, alive)
@@ -819,11 +821,7 @@ class Cluster:
         except BaseException:
             self._reg_pending.update(c.room for c in todo)  # decided again next round
             raise
-        if len(todo) <= 10:
-            for c in todo:
-                log.info("now home of room %s (epoch %d)", c.room, c.home.epoch)
-        else:
-            log.info("now home of %d rooms (%s ... %s)", len(todo), todo[0].room, todo[-1].room)
+        _log_rooms("now home of", [(c.room, f"epoch {c.home.epoch}") for c in todo])
         self.stats.claims += len(todo)
         self._note_homes()
 
@@ -861,11 +859,7 @@ class Cluster:
                 self._homes.discard(room)
                 if h is not None:
                     lost.append((room, h))
-        if len(lost) <= 10:
-            for room, h in lost:
-                log.info("no longer home of room %s: %s holds epoch %d", room, h.node, h.epoch)
-        else:
-            log.info("no longer home of %d rooms (%s ... %s)", len(lost), lost[0][0], lost[-1][0])
+        _log_rooms("no longer home of", [(r, f"{h.node} holds epoch {h.epoch}") for r, h in lost])
         if changed:
             self._sync_forwarder()
 
@@ -1115,3 +1109,13 @@ class Cluster:
 
     async def _registry_http(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.registry_view())
+
+
+def _log_rooms(what: str, rooms: Sequence[tuple[str, str]]) -> None:
+    """One line per room for a few rooms, one line for many (a restart moves tens of
+    thousands of homes: a line each would hold the event loop for seconds)."""
+    if len(rooms) <= 10:
+        for room, detail in rooms:
+            log.info("%s room %s (%s)", what, room, detail)
+    elif rooms:
+        log.info("%s %d rooms (%s ... %s)", what, len(rooms), rooms[0][0], rooms[-1][0])
