@@ -1,11 +1,20 @@
 """Many rooms on a 2-node cluster: what an idle node costs as the number of rooms grows.
 
-For each size (the baseline, 1,000 rooms by default, first, in the same run), on a fresh
-cluster of two real chatnode processes (127.0.0.x, one cluster key):
+Each size is built on a fresh cluster of two real chatnode processes (127.0.0.x, one
+cluster key). The baseline size (1,000 rooms by default) is built ``--baseline-runs`` times (3), on
+fresh clusters, most before the other sizes and the rest after them, and every rate is
+compared to the median of those builds: one build of 1,000 rooms lasts a few seconds, so a
+single one mostly measures how busy this shared machine was in those seconds.
 
+0. **Settle**: before the timed build, one room is made and both nodes must record its home
+   (a node's registry starts giving rooms homes two seconds after it starts): every size is
+   built on a cluster in the same state (``--no-settle`` skips this, as runs before it did).
 1. **Creation**: ``--clients`` WebSocket clients of one user on node 0 create the rooms
    (``rooms.create``, private) and send one message to each; rooms per second over the whole
-   build, and over its last tenth (creation slowing as rooms accumulate shows there).
+   build, over its last tenth and over each tenth (creation slowing as rooms accumulate shows
+   there); CPU per room made of each node and of this script's clients; the p50 latency of
+   ``rooms.create`` and of the first ``send``; each node's mean durable commit and its synced
+   write (``chatnode_commit_seconds``, ``chatnode_db_write_seconds``).
 2. **Replication**: time until node 1 lists every room in its registry.
 3. **Idle** (after a settle of ``--settle`` seconds, longer than ``--room-idle``, so that
    the idle rooms have left memory): for ``--idle`` seconds (default 30) with no client
@@ -26,6 +35,8 @@ cluster of two real chatnode processes (127.0.0.x, one cluster key):
 Run (sizes 1,000 / 10,000 / 30,000 with ``--rooms``)::
 
     .venv/bin/python scripts/bench_rooms.py --rooms 10000,30000 [--idle 30] [--clients 8]
+
+``--create-only`` measures step 1 alone (minutes instead of tens of minutes).
 """
 
 from __future__ import annotations
@@ -34,11 +45,13 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +86,12 @@ class Result:
     create_s: float = 0.0
     create_rate: float = 0.0
     tail_rate: float = 0.0  # rooms/s over the last tenth of the build
+    tenths: list[float] = field(default_factory=list)  # rooms/s over each tenth of the build
+    create_cpu_ms: list[float] = field(default_factory=list)  # CPU ms per room: nodes, bench
+    create_ms: list[float] = field(default_factory=list)  # rooms.create latency
+    first_send_ms: list[float] = field(default_factory=list)  # the room's first send
+    commit_ms: list[float] = field(default_factory=list)  # mean durable commit, per node
+    fsync_ms: list[float] = field(default_factory=list)  # mean synced group write, per node
     replicate_s: float = 0.0
     cpu: list[float] = field(default_factory=list)  # % of a core, per node
     rss_mb: list[float] = field(default_factory=list)
@@ -108,6 +127,35 @@ def in_memory(node: Daemon) -> float:
     return node.metrics(30.0).get("chatnode_rooms_in_memory", -1.0)
 
 
+def store_writes(node: Daemon) -> tuple[float, float, float, float]:
+    """The commit and synced-write histograms' sums and counts."""
+    m = node.metrics(30.0)
+    return (m.get("chatnode_commit_seconds_sum", 0.0), m.get("chatnode_commit_seconds_count", 0.0),
+            m.get("chatnode_db_write_seconds_sum", 0.0),
+            m.get("chatnode_db_write_seconds_count", 0.0))  # fmt: skip
+
+
+def mean_ms(a: tuple[float, ...], b: tuple[float, ...], at: int) -> float:
+    n = b[at + 1] - a[at + 1]
+    return 1000 * (b[at] - a[at]) / n if n else float("nan")
+
+
+def has_home(node: Daemon, room: str) -> bool:
+    view = node.get_json("v1/registry", 30.0)
+    return view is not None and any(r["room"] == room and r["home"] for r in view["rooms"])
+
+
+async def settle(http: aiohttp.ClientSession, nodes: list[Daemon], token: str) -> None:
+    """Make one room and wait until both nodes record its home: the cluster is past its
+    start (the registry gives rooms homes only a little after a node starts), so that
+    every size's build runs on a cluster in the same, settled state."""
+    async with WS.connected(http, nodes[0], token) as ws:
+        room = await make_room(ws, 999_999, Result(0))
+    for node in nodes:
+        await asyncio.to_thread(wait_until, lambda n=node: has_home(n, room), 60,
+                                "the first room's home")  # fmt: skip
+
+
 def registry_rooms(node: Daemon) -> int:
     view = node.get_json("v1/registry", 30.0)
     return -1 if view is None else len(view["rooms"])
@@ -125,16 +173,20 @@ async def retried(ws: WS, op: str, **fields: object) -> dict[str, Any]:
     raise AssertionError(f"{op} {fields} kept failing")
 
 
-async def make_room(ws: WS, i: int) -> str:
+async def make_room(ws: WS, i: int, res: Result) -> str:
     """Create a room with one message; returns its name. A create retried after
     ``unavailable`` may find its name taken by its own earlier try, created or not: then
     the message tells, and a missing room is made under another name."""
     for k in range(5):
         room = f"room-{i:06d}" + (f"-{k}" if k else "")
+        t0 = time.perf_counter()
         made = await retried(ws, "rooms.create", room=room, visibility="private", title="")
+        t1 = time.perf_counter()
         if made["op"] != "ok" and made.get("code") != "conflict":
             raise AssertionError(f"rooms.create {room}: {made}")
         sent = await retried(ws, "send", room=room, id=f"m-{i:06d}-{k}", body=f"hello {i}")
+        res.create_ms.append(1000 * (t1 - t0))
+        res.first_send_ms.append(1000 * (time.perf_counter() - t1))
         if sent["op"] == "ok":
             return room
         if sent.get("code") != "not_found":
@@ -150,7 +202,7 @@ async def create_rooms(http: aiohttp.ClientSession, node: Daemon, token: str, n:
     async def worker() -> None:
         async with WS.connected(http, node, token) as ws:
             for i in queue:
-                res.names.append(await make_room(ws, i))
+                res.names.append(await make_room(ws, i, res))
                 done_at.append(time.perf_counter())
 
     t0 = time.perf_counter()
@@ -161,6 +213,8 @@ async def create_rooms(http: aiohttp.ClientSession, node: Daemon, token: str, n:
     done_at.sort()
     span = done_at[-1] - done_at[-tail - 1] if n > tail else res.create_s
     res.tail_rate = tail / span if span > 0 else float("inf")
+    edges = [t0] + [done_at[min(n - 1, (k * n) // 10 - 1)] for k in range(1, 11)]
+    res.tenths = [(n / 10) / (b - a) if b > a else float("inf") for a, b in pairwise(edges)]
 
 
 async def history_once(http: aiohttp.ClientSession, node: Daemon, token: str, room: str) -> float:
@@ -171,7 +225,7 @@ async def history_once(http: aiohttp.ClientSession, node: Daemon, token: str, ro
         return time.perf_counter() - t0
 
 
-async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
+async def run_size(n: int, args: argparse.Namespace, base: Path, *, create_only: bool) -> Result:
     res = Result(n)
     print(f"\n== {n:,} rooms ==", flush=True)
     nodes = await asyncio.to_thread(launch_cluster, base, 2, generate_key(),
@@ -181,16 +235,33 @@ async def run_size(n: int, args: argparse.Namespace, base: Path) -> Result:
         user = new_user("bench")
         async with aiohttp.ClientSession() as http:
             token = await signup(http, nodes[0], user)
+            if not args.no_settle:
+                await settle(http, nodes, token)
+            pids = [d.pid for d in nodes]
+            c0 = [cpu_ticks(p) for p in pids] + [cpu_ticks(os.getpid())]
+            w0 = [await asyncio.to_thread(store_writes, d) for d in nodes]
             await create_rooms(http, nodes[0], token, n, args.clients, res)
+            c1 = [cpu_ticks(p) for p in pids] + [cpu_ticks(os.getpid())]
+            w1 = [await asyncio.to_thread(store_writes, d) for d in nodes]
+            res.create_cpu_ms = [1000 * (b - a) / TICK / n for a, b in zip(c0, c1, strict=True)]
+            res.commit_ms = [mean_ms(a, b, 0) for a, b in zip(w0, w1, strict=True)]
+            res.fsync_ms = [mean_ms(a, b, 2) for a, b in zip(w0, w1, strict=True)]
             print(f"created in {res.create_s:.1f} s ({res.create_rate:,.0f}/s, last tenth "
-                  f"{res.tail_rate:,.0f}/s)", flush=True)  # fmt: skip
+                  f"{res.tail_rate:,.0f}/s); CPU per room, node 0 / node 1 / this client: "
+                  f"{fmt_list(res.create_cpu_ms, ' ms')}; rooms.create p50 "
+                  f"{percentile(res.create_ms, 50):.1f} ms, first send p50 "
+                  f"{percentile(res.first_send_ms, 50):.1f} ms; mean commit "
+                  f"{fmt_list(res.commit_ms, ' ms')}, of which the synced write "
+                  f"{fmt_list(res.fsync_ms, ' ms')}; rooms/s by tenth of the build: "
+                  f"{fmt_list(res.tenths, '')}", flush=True)  # fmt: skip
+            if create_only:
+                return res
             t0 = time.perf_counter()
-            await asyncio.to_thread(wait_until, lambda: registry_rooms(nodes[1]) >= n,
+            await asyncio.to_thread(wait_until, lambda: registry_rooms(nodes[1]) > n,
                                     max(120, n / 50), "node 1 to list every room", 0.5)  # fmt: skip
             res.replicate_s = time.perf_counter() - t0
             await asyncio.sleep(args.settle)
 
-            pids = [d.pid for d in nodes]
             b0 = [await asyncio.to_thread(peer_bytes_out, d) for d in nodes]
             c0 = [cpu_ticks(p) for p in pids]
             t0 = time.perf_counter()
@@ -260,13 +331,19 @@ def fmt_list(values: list[float], unit: str) -> str:
     return " / ".join(f"{v:,.1f}{unit}" for v in values)
 
 
-def table(results: list[Result]) -> str:
-    base = results[0]
+def table(results: list[Result], baseline_rates: list[float]) -> str:
+    base_rate = statistics.median(baseline_rates)
     rows: list[tuple[str, Callable[[Result], str]]] = [
         ("rooms", lambda r: f"{r.rooms:,}"),
         ("creation (rooms/s, whole build)", lambda r: f"{r.create_rate:,.0f}"),
         ("creation, last tenth (rooms/s)", lambda r: f"{r.tail_rate:,.0f}"),
-        ("creation vs baseline", lambda r: f"{r.create_rate / base.create_rate:.2f}x"),
+        ("creation vs the baseline's median", lambda r: f"{r.create_rate / base_rate:.2f}x"),
+        ("CPU ms per room made: node 0 / node 1 / the clients",
+         lambda r: fmt_list(r.create_cpu_ms, "")),
+        ("rooms.create / first send p50 (ms)",
+         lambda r: f"{percentile(r.create_ms, 50):.1f} / {percentile(r.first_send_ms, 50):.1f}"),
+        ("mean durable commit per node (ms); of which the synced write",
+         lambda r: f"{fmt_list(r.commit_ms, '')}; {fmt_list(r.fsync_ms, '')}"),
         ("node 1 lists every room after (s)", lambda r: f"{r.replicate_s:.1f}"),
         ("idle CPU per node (% of a core)", lambda r: fmt_list(r.cpu, "")),
         ("RSS per node (MB)", lambda r: fmt_list(r.rss_mb, "")),
@@ -299,6 +376,9 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rooms", default="10000", help="sizes, comma-separated (1000,10000,30000)")
     ap.add_argument("--baseline", type=int, default=1000, help="the size measured first")
+    ap.add_argument("--baseline-runs", type=int, default=3,
+                    help="builds of the baseline size (on fresh clusters), before and after the "
+                         "other sizes; creation rates are compared to their median")  # fmt: skip
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle measurement")
     ap.add_argument("--room-idle", default="10s", help="the nodes' --room-idle")
@@ -309,14 +389,36 @@ async def main() -> None:
         help="seconds after replication before measuring (> --room-idle + 5 s)",
     )
     ap.add_argument("--cold", type=int, default=200, help="cold rooms read after the restart")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="build right after the nodes see each other, without waiting for the "
+                         "registry to give a first room its home (how runs before this option "
+                         "measured)")  # fmt: skip
+    ap.add_argument("--create-only", action="store_true",
+                    help="measure creation only (no idle, restart or cold phases)")  # fmt: skip
     args = ap.parse_args()
-    sizes = [args.baseline] + [int(s) for s in args.rooms.split(",") if s.strip()]
+    sizes = [int(s) for s in args.rooms.split(",") if s.strip()]
+    runs = max(1, args.baseline_runs)
+    before, after = (runs + 1) // 2, runs // 2  # most before the sizes, the rest after them
     results: list[Result] = []
+    baseline_rates: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-rooms-") as tmp:
+        for k in range(before):
+            r = await run_size(args.baseline, args, Path(tmp) / f"b{k}",
+                               create_only=args.create_only or k > 0)  # fmt: skip
+            baseline_rates.append(r.create_rate)
+            if k == 0:
+                results.append(r)
         for i, n in enumerate(sizes):
-            results.append(await run_size(n, args, Path(tmp) / f"s{i}"))
-    print(f"\nbaseline: {args.baseline:,} rooms, same run; idle over {args.idle:.0f} s\n")
-    print(table(results))
+            results.append(await run_size(n, args, Path(tmp) / f"s{i}",
+                                          create_only=args.create_only))  # fmt: skip
+        for k in range(after):
+            r = await run_size(args.baseline, args, Path(tmp) / f"a{k}", create_only=True)
+            baseline_rates.append(r.create_rate)
+    print(f"\nbaseline: {args.baseline:,} rooms, built {runs} times in this run ({before} before "
+          f"the other sizes, {after} after them): "
+          f"{', '.join(f'{r:,.0f}' for r in baseline_rates)} rooms/s, median "
+          f"{statistics.median(baseline_rates):,.0f}; idle over {args.idle:.0f} s\n")  # fmt: skip
+    print(table(results, baseline_rates))
 
 
 if __name__ == "__main__":
