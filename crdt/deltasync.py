@@ -25,7 +25,15 @@ Three refinements over the paper's listing:
   back to it (that peer already has it); if everything a peer is owed came from that peer,
   its ack moves forward without a message;
 * the buffer is bounded (``max_buffer``): the oldest entries fall off and a peer that still
-  needed them gets the full state, which is always correct.
+  needed them gets the full state, which is always correct;
+* *one interval in flight per peer* (when the caller passes the time to :meth:`ship`): after
+  an interval goes out, the next waits for its ack, or for ``resend_after`` seconds without
+  it (or for :meth:`rewind`, when the caller knows the link lost payloads). The paper ships
+  ``D[acked..c)`` on every round, so while a slow peer's acks lag, every round joins and
+  encodes everything unacknowledged again: with tens of thousands of changes outstanding,
+  seconds of work each time, for a peer that is already behind. Only *when* intervals go
+  out changes, never what they hold or what an ack means, so the argument of the paper
+  stands as it is; the changes made while one is in flight go together in the next.
 
 Durability contract (the caller's): after ``mutate`` or ``receive`` changed the state, write
 :meth:`persisted` (state and sequence number together, one atomic write) *before* sending any
@@ -100,6 +108,7 @@ class DeltaReplicator(Generic[T]):
         max_buffer: int = 4096,
         transitive: bool = True,
         limits: Limits = DEFAULT_LIMITS,
+        resend_after: float = 3.0,
     ) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be >= 1")
@@ -120,6 +129,9 @@ class DeltaReplicator(Generic[T]):
         # peers the whole state went to at that sequence number, not yet acknowledged: the
         # deltas after it are kept for them (see gc)
         self._full: dict[str, int] = {}
+        # per peer, when shipping by time: the interval in flight (its end, when it went out)
+        self._flight: dict[str, tuple[int, float]] = {}
+        self.resend_after = resend_after
         self.max_buffer = max_buffer
         self.transitive = transitive
         self.limits = limits
@@ -180,14 +192,38 @@ class DeltaReplicator(Generic[T]):
             return False
         return (a is None or a < self._start) and not self._state.leq(self.crdt.bottom())
 
-    def ship(self, peer: str) -> bytes | None:
+    def ship(self, peer: str, now: float | None = None) -> bytes | None:
         """The payload owed to ``peer`` now (``None`` when it is up to date).
 
         Resending is fine (payloads are idempotent): call this on every anti-entropy round.
+        With ``now`` (seconds, any clock), ``None`` also while the interval shipped last is
+        unacknowledged and younger than ``resend_after`` seconds.
         """
         check_replica(peer)
         if peer == self.replica:
             raise ValueError("cannot ship to self")
+        if now is not None and self._in_flight(peer, now):
+            return None
+        payload = self._ship(peer)
+        if now is not None and payload is not None:
+            self._flight[peer] = (self._seq, now)
+        return payload
+
+    def _in_flight(self, peer: str, now: float) -> bool:
+        flight = self._flight.get(peer)
+        if flight is None:
+            return False
+        if self._acked.get(peer, -1) >= flight[0] or now - flight[1] >= self.resend_after:
+            del self._flight[peer]
+            return False
+        return True
+
+    def rewind(self, peer: str) -> None:
+        """What went to ``peer`` may be lost (its link dropped, or a send was refused): the
+        next :meth:`ship` with a time does not wait for the interval in flight."""
+        self._flight.pop(peer, None)
+
+    def _ship(self, peer: str) -> bytes | None:
         a = self._acked.get(peer)
         if a is None and self._start == 0:
             a = 0  # the buffer still holds everything since the beginning (the paper's A[j]=0)
@@ -283,6 +319,7 @@ class DeltaReplicator(Generic[T]):
         """Drop what we know of ``peer`` (it left the cluster)."""
         self._acked.pop(peer, None)
         self._full.pop(peer, None)
+        self._flight.pop(peer, None)
 
     # -- durability -----------------------------------------------------------------------
 

@@ -350,6 +350,7 @@ class Cluster:
             self._meta_wake.set()
             self._frontier.link_up(peer)
             self._state_shipped.pop(peer, None)  # a whole map sent on the old link is lost
+            self.service.meta_rep.rewind(peer)  # and so may be the metadata interval in flight
             self._sync_link(peer)  # pushes missed while the link was down come back first
             if self.ephemeral is not None:
                 self.ephemeral.link_up(peer)
@@ -527,8 +528,12 @@ class Cluster:
                     self._tracker.ack(msg.token, peer)
                     self._check_waits()
                 case MetaPayload():
+                    rep = self.service.meta_rep
+                    acked = rep.acked(peer)
                     for to, payload in await self.service.receive_meta(peer, msg.payload):
                         hub.send(to, MetaPayload(payload))
+                    if rep.acked(peer) != acked and (rep.acked(peer) or 0) < rep.seq:
+                        self._meta_wake.set()  # its interval is in: the next may go
                 case TreeHashes() | TreeLeaf():
                     self._tree_message(peer, msg)
                 case StateVector():
@@ -685,10 +690,13 @@ class Cluster:
                     # the whole map (17 MB at 100,000 rooms, seconds to join on the peer)
                     # went out and is not acknowledged yet: not again before its deadline
                     continue
-                payload = rep.ship(peer)
+                # one interval in flight per peer (crdt/deltasync.py): a slow peer is not
+                # sent everything unacknowledged again on every change
+                payload = rep.ship(peer, now)
                 if payload is not None:
                     self.stats.meta_shipped += 1
-                    self.hub.send(peer, MetaPayload(payload))
+                    if not self.hub.send(peer, MetaPayload(payload)):
+                        rep.rewind(peer)  # refused (queue full): not in flight
                     if whole:
                         self.stats.meta_state_shipped += 1
                         self._state_shipped[peer] = now + max(
@@ -821,7 +829,12 @@ class Cluster:
         except BaseException:
             self._reg_pending.update(c.room for c in todo)  # decided again next round
             raise
-        _log_rooms("now home of", [(c.room, f"epoch {c.home.epoch}") for c in todo])
+        # a new room's first home is routine (a line per room made would be most of the
+        # log, and 1-2% of a core while rooms are made in bulk): debug; moves are news
+        _log_rooms("now home of", [(c.room, "epoch 1") for c in todo if c.home.epoch == 1],
+                   level=logging.DEBUG)  # fmt: skip
+        _log_rooms("now home of", [(c.room, f"epoch {c.home.epoch}") for c in todo
+                                   if c.home.epoch > 1])  # fmt: skip
         self.stats.claims += len(todo)
         self._note_homes()
 
@@ -1111,11 +1124,13 @@ class Cluster:
         return web.json_response(self.registry_view())
 
 
-def _log_rooms(what: str, rooms: Sequence[tuple[str, str]]) -> None:
+def _log_rooms(what: str, rooms: Sequence[tuple[str, str]], level: int = logging.INFO) -> None:
     """One line per room for a few rooms, one line for many (a restart moves tens of
     thousands of homes: a line each would hold the event loop for seconds)."""
+    if not log.isEnabledFor(level):
+        return
     if len(rooms) <= 10:
         for room, detail in rooms:
-            log.info("%s room %s (%s)", what, room, detail)
+            log.log(level, "%s room %s (%s)", what, room, detail)
     elif rooms:
-        log.info("%s %d rooms (%s ... %s)", what, len(rooms), rooms[0][0], rooms[-1][0])
+        log.log(level, "%s %d rooms (%s ... %s)", what, len(rooms), rooms[0][0], rooms[-1][0])

@@ -104,12 +104,15 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     # -- network -----------------------------------------------------------------------------
 
+    def _ship(self, src: str, dst: str) -> bytes | None:
+        return self.reps[src].ship(dst)
+
     @rule(pair=st.sampled_from(PAIRS))
     def ship(self, pair: tuple[str, str]) -> None:
         if pair not in self.links:
             return
         src, dst = pair
-        payload = self.reps[src].ship(dst)
+        payload = self._ship(src, dst)
         if payload is not None:
             self.inflight.append((src, dst, payload))
 
@@ -160,8 +163,9 @@ class ReplicationMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         # final full sync over a reliable network
         for _ in range(3):
+            self._quiet()
             for src, dst in self.links:
-                payload = self.reps[src].ship(dst)
+                payload = self._ship(src, dst)
                 if payload is None:
                     continue
                 for peer, ack in self.reps[dst].receive(src, payload):
@@ -181,12 +185,39 @@ class ReplicationMachine(RuleBasedStateMachine):
             else:
                 assert key not in final
         # and nobody owes anybody anything any more
+        self._quiet()
         for src, dst in self.links:
-            assert self.reps[src].ship(dst) is None
+            assert self._ship(src, dst) is None
+
+    def _quiet(self) -> None:
+        """Time passes with no traffic (shipping by time resends what is unacknowledged)."""
 
 
 class NonTransitiveReplication(ReplicationMachine):
     transitive = False
+
+
+class TimedReplication(ReplicationMachine):
+    """Shipping by time (``ship(peer, now)``): one interval in flight per peer, the next
+    after its ack, after ``resend_after`` seconds without it, or at once after ``rewind``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__()
+
+    def _ship(self, src: str, dst: str) -> bytes | None:
+        return self.reps[src].ship(dst, self.now)
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 3.0, 10.0]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(pair=st.sampled_from(PAIRS))
+    def rewind(self, pair: tuple[str, str]) -> None:
+        self.reps[pair[0]].rewind(pair[1])
+
+    def _quiet(self) -> None:
+        self.now += 10.0
 
 
 class LineReplication(ReplicationMachine):
@@ -205,6 +236,8 @@ TestNonTransitiveReplication = NonTransitiveReplication.TestCase
 TestNonTransitiveReplication.settings = settings(
     max_examples=settings().max_examples, stateful_step_count=50, deadline=None
 )
+TestTimedReplication = TimedReplication.TestCase
+TestTimedReplication.settings = _settings
 TestLineReplication = LineReplication.TestCase
 TestLineReplication.settings = settings(
     max_examples=settings().max_examples, stateful_step_count=50, deadline=None
@@ -367,6 +400,44 @@ def test_restart_ships_full_state_and_keeps_seq() -> None:
         DeltaReplicator.restore("b", a.persisted(), AWLWWMap)
     with pytest.raises(CodecError):  # a state that is not an AWLWWMap's
         DeltaReplicator.restore("a", pack(KIND_PERSISTED, ["a", 1, pack(KIND_ACK, [1])]), AWLWWMap)
+
+
+def test_shipping_by_time_keeps_one_interval_in_flight() -> None:
+    a, b = DeltaReplicator("a", AWLWWMap, resend_after=3.0), DeltaReplicator("b", AWLWWMap)
+    clock = HybridClock("a")
+
+    def write(i: int) -> None:
+        a.mutate(a.state.set("a", f"k{i}", i, clock.now(1 + i)))
+
+    def keys(payload: bytes | None) -> list[str]:
+        assert payload is not None
+        return sorted(AWLWWMap.from_bytes(_state_bytes(payload)).keys())
+
+    write(0)
+    first = a.ship("b", 0.0)
+    assert keys(first) == ["k0"]
+    write(1)
+    write(2)
+    assert a.ship("b", 1.0) is None  # the first is unacknowledged: the news waits
+    (ack,) = b.receive("a", first or b"")
+    a.receive("b", ack[1])
+    second = a.ship("b", 1.1)  # acked: what was made meanwhile goes, in one interval
+    assert keys(second) == ["k1", "k2"]
+    # the second is lost: nothing more until resend_after has passed without its ack...
+    write(3)
+    assert a.ship("b", 4.0) is None
+    again = a.ship("b", 4.2)
+    assert keys(again) == ["k1", "k2", "k3"]
+    for _, ack in b.receive("a", again or b""):
+        a.receive("b", ack)
+    assert a.acked("b") == 4 and b.state == a.state and a.ship("b", 4.3) is None
+    # ...or the caller says the link dropped
+    write(4)
+    assert keys(a.ship("b", 5.0)) == ["k4"]
+    a.rewind("b")
+    assert keys(a.ship("b", 5.1)) == ["k4"]
+    # without a time, every call ships everything unacknowledged (the paper's round)
+    assert keys(a.ship("b")) == ["k4"]
 
 
 def test_stale_ack_beyond_seq_is_clamped() -> None:
