@@ -69,10 +69,11 @@ __all__ = ["Cluster", "ReplicationStats"]
 log = logging.getLogger(__name__)
 
 ANTI_ENTROPY_INTERVAL: Final = 1.0
-TREE_BUILD_SLICE: Final = 2_000  # rooms digested per event-loop turn while the tree is built
+TREE_BUILD_SLICE: Final = 500  # rooms digested per event-loop turn while the tree is built
 META_INTERVAL: Final = 1.0
 REGISTRY_INTERVAL: Final = 1.0
-REGISTRY_SLICE: Final = 2000  # rooms decided (and home records written) in one round
+REGISTRY_SLICE: Final = 500  # rooms decided (and home records written) in one round
+MOVES_PER_SECOND: Final = 1000.0  # homes moved from an alive node to this one (registry.py)
 SETTLE: Final = 2.0
 # A suspect member keeps its homes this long before placement leaves it out (or until it is
 # declared dead). A node whose event loop is busy (homes moving back after a restart, at
@@ -186,6 +187,8 @@ class Cluster:
         self._reg_dirty: set[str] = set()
         self._reg_all = True
         self._reg_pending: set[str] = set()
+        self._reg_deferred: set[str] = set()  # moves over the pace, decided again later
+        self._pacer = reg.MovePacer(MOVES_PER_SECOND)
         self._reg_alive: set[str] | None = None
         self._suspect_since: dict[str, float] = {}  # member -> when placement saw it suspect
         self._unwatch: Callable[[], None] | None = None
@@ -804,10 +807,14 @@ class Cluster:
             self._registry_wake.set()
             await asyncio.sleep(0.2)
             return
-        alive = self._placement_ids(time.monotonic())
+        now = time.monotonic()
+        alive = self._placement_ids(now)
         if alive != self._reg_alive:
             self._reg_alive = alive
             self._reg_pending = set(self._reg_homes)
+            self._reg_deferred.clear()
+        for _ in range(min(len(self._reg_deferred), self._pacer.available(now))):
+            self._reg_pending.add(self._reg_deferred.pop())
         if not self._reg_pending:
             return
         # a slice per round (the rest right after): tens of thousands of homes moving at
@@ -819,7 +826,14 @@ class Cluster:
         if len(self._reg_pending) > REGISTRY_SLICE:
             self._registry_wake.set()
         self._reg_pending.difference_update(pending)
-        todo = reg.claims(self.node_id, pending, self._reg_homes, alive)
+        urgent, moves = reg.split_moves(
+            reg.claims(self.node_id, pending, self._reg_homes, alive), self._reg_homes, alive
+        )
+        # a room nobody serves is claimed at once; one served by an alive node moves here
+        # at the pace (the others are decided again as the budget comes back)
+        n = self._pacer.take(len(moves), now)
+        self._reg_deferred.update(c.room for c in moves[n:])
+        todo = urgent + moves[:n]
         if not todo:
             return
         try:
@@ -859,6 +873,7 @@ class Cluster:
                 changed = changed or name in self._reg_homes
                 self._reg_homes.pop(name, None)
                 self._reg_pending.discard(name)
+                self._reg_deferred.discard(name)
                 self._homes.discard(name)
                 continue
             room = known.room  # the service's string: no copy per room kept here

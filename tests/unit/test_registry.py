@@ -109,3 +109,26 @@ def test_placement_keeps_a_suspect_for_the_grace_period() -> None:
     # declared dead: out, and nothing kept for it
     assert placement_members([(s, MemberState.DEAD)], since, 114.0, 3.0) == set()
     assert since == {}
+
+
+def test_split_moves_keeps_rooms_nobody_serves_urgent() -> None:
+    homes = {
+        "a": reg.Home("n2", 1),  # served by an alive node: a move
+        "b": reg.Home("n9", 3),  # its home is gone: urgent
+        "c": None,  # never had one: urgent
+    }
+    todo = [reg.Claim(r, reg.Home("n1", 2)) for r in ("a", "b", "c", "d")]
+    urgent, moves = reg.split_moves(todo, homes, {"n1", "n2"})
+    assert [c.room for c in urgent] == ["b", "c", "d"]
+    assert [c.room for c in moves] == ["a"]
+
+
+def test_move_pacer_gives_rate_a_second_and_no_more() -> None:
+    pacer = reg.MovePacer(1000.0)
+    assert pacer.take(5000, 10.0) == 1000  # the first burst
+    assert pacer.take(10, 10.0) == 0
+    assert pacer.take(5000, 10.25) == 250
+    assert pacer.available(11.25) == 1000  # full again, never above the rate
+    assert pacer.available(100.0) == 1000
+    assert pacer.take(3, 100.0) == 3 and pacer.available(100.0) == 997
+    assert pacer.take(10, 99.0) == 10 and pacer.available(99.0) == 987  # a step back adds none
