@@ -28,7 +28,9 @@ Three refinements over the paper's listing:
   needed them gets the full state, which is always correct;
 * *one interval in flight per peer* (when the caller passes the time to :meth:`ship`): after
   an interval goes out, the next waits for its ack, or for ``resend_after`` seconds without
-  it (or for :meth:`rewind`, when the caller knows the link lost payloads). The paper ships
+  it, or one second per ``resend_rate`` bytes of it if longer (joining a whole state of
+  17 MB takes a peer that long), or for :meth:`rewind`, when the caller knows the link lost
+  payloads. The paper ships
   ``D[acked..c)`` on every round, so while a slow peer's acks lag, every round joins and
   encodes everything unacknowledged again: with tens of thousands of changes outstanding,
   seconds of work each time, for a peer that is already behind. Only *when* intervals go
@@ -109,6 +111,7 @@ class DeltaReplicator(Generic[T]):
         transitive: bool = True,
         limits: Limits = DEFAULT_LIMITS,
         resend_after: float = 3.0,
+        resend_rate: float = 1_000_000.0,
     ) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be >= 1")
@@ -129,9 +132,11 @@ class DeltaReplicator(Generic[T]):
         # peers the whole state went to at that sequence number, not yet acknowledged: the
         # deltas after it are kept for them (see gc)
         self._full: dict[str, int] = {}
-        # per peer, when shipping by time: the interval in flight (its end, when it went out)
+        # per peer, when shipping by time: the interval in flight (its end, when it may be
+        # shipped again without its ack)
         self._flight: dict[str, tuple[int, float]] = {}
         self.resend_after = resend_after
+        self.resend_rate = resend_rate
         self.max_buffer = max_buffer
         self.transitive = transitive
         self.limits = limits
@@ -197,7 +202,8 @@ class DeltaReplicator(Generic[T]):
 
         Resending is fine (payloads are idempotent): call this on every anti-entropy round.
         With ``now`` (seconds, any clock), ``None`` also while the interval shipped last is
-        unacknowledged and younger than ``resend_after`` seconds.
+        unacknowledged and younger than ``resend_after`` seconds (or one second per
+        ``resend_rate`` bytes of it, if longer).
         """
         check_replica(peer)
         if peer == self.replica:
@@ -206,14 +212,15 @@ class DeltaReplicator(Generic[T]):
             return None
         payload = self._ship(peer)
         if now is not None and payload is not None:
-            self._flight[peer] = (self._seq, now)
+            wait = max(self.resend_after, len(payload) / self.resend_rate)
+            self._flight[peer] = (self._seq, now + wait)
         return payload
 
     def _in_flight(self, peer: str, now: float) -> bool:
         flight = self._flight.get(peer)
         if flight is None:
             return False
-        if self._acked.get(peer, -1) >= flight[0] or now - flight[1] >= self.resend_after:
+        if self._acked.get(peer, -1) >= flight[0] or now >= flight[1]:
             del self._flight[peer]
             return False
         return True

@@ -103,12 +103,6 @@ FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
 SYNC_SLICE: Final = 1000  # state vectors of a link-up sync queued at once (then drain)
-# The whole metadata map, once shipped to a peer, is shipped again only if still unacknowledged
-# after STATE_RESEND seconds, or after one second per STATE_RESEND_RATE bytes of it if longer
-# (joining it takes the peer that long): every second, as the deltas go, it would keep a
-# restarted node of 100,000 rooms shipping 17 MB a second to each peer.
-STATE_RESEND: Final = 3.0
-STATE_RESEND_RATE: Final = 1_000_000.0
 
 Members = Callable[[], list[Member]]
 
@@ -198,7 +192,6 @@ class Cluster:
         self._draining: set[str] = set()  # dead peers whose last messages are looked for
         self._drains: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()  # link-up syncs sending (_sync_link)
-        self._state_shipped: dict[str, float] = {}  # peer -> when the whole map may go again
         self._pongs: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._nonce = 0
         self._stopping = False
@@ -352,8 +345,7 @@ class Cluster:
             self._schedule.connected(peer, time.monotonic())
             self._meta_wake.set()
             self._frontier.link_up(peer)
-            self._state_shipped.pop(peer, None)  # a whole map sent on the old link is lost
-            self.service.meta_rep.rewind(peer)  # and so may be the metadata interval in flight
+            self.service.meta_rep.rewind(peer)  # the metadata in flight on the old link is lost
             self._sync_link(peer)  # pushes missed while the link was down come back first
             if self.ephemeral is not None:
                 self.ephemeral.link_up(peer)
@@ -687,24 +679,17 @@ class Cluster:
             now = time.monotonic()
             for peer in peers:
                 whole = rep.owes_state(peer)
-                if not whole:
-                    self._state_shipped.pop(peer, None)
-                elif now < self._state_shipped.get(peer, now):
-                    # the whole map (17 MB at 100,000 rooms, seconds to join on the peer)
-                    # went out and is not acknowledged yet: not again before its deadline
-                    continue
-                # one interval in flight per peer (crdt/deltasync.py): a slow peer is not
-                # sent everything unacknowledged again on every change
+                # one interval in flight per peer (crdt/deltasync.py): a slow peer is not sent
+                # everything unacknowledged again on every change, nor the whole map (17 MB
+                # at 100,000 rooms, seconds to join) again before it could have joined it
                 payload = rep.ship(peer, now)
                 if payload is not None:
                     self.stats.meta_shipped += 1
-                    if not self.hub.send(peer, MetaPayload(payload)):
-                        rep.rewind(peer)  # refused (queue full): not in flight
-                    if whole:
-                        self.stats.meta_state_shipped += 1
-                        self._state_shipped[peer] = now + max(
-                            STATE_RESEND, len(payload) / STATE_RESEND_RATE
-                        )
+                    self.stats.meta_state_shipped += whole
+                    if not self.hub.send(peer, MetaPayload(payload)) and not whole:
+                        # refused (queue full): not in flight; a refused whole map waits out
+                        # its window all the same (not 17 MB encoded again on every change)
+                        rep.rewind(peer)
             rep.gc(peers)
 
     def _room_digest(self, room: str) -> bytes | None:

@@ -440,6 +440,17 @@ def test_shipping_by_time_keeps_one_interval_in_flight() -> None:
     assert keys(a.ship("b")) == ["k4"]
 
 
+def test_a_big_payload_gets_a_longer_window_before_it_goes_again() -> None:
+    """One second per ``resend_rate`` bytes when that is longer than ``resend_after``: a
+    whole state of 17 MB is not shipped again before the peer could have joined it."""
+    a = DeltaReplicator("a", AWLWWMap, resend_after=3.0, resend_rate=10.0)
+    a.mutate(a.state.set("a", "k", "v" * 200, Timestamp(1, 0, "a")))
+    first = a.ship("b", 0.0)
+    assert first is not None and len(first) / 10.0 > 20.0
+    assert a.ship("b", 10.0) is None  # past resend_after, not past len / resend_rate
+    assert a.ship("b", len(first) / 10.0) == first
+
+
 def test_stale_ack_beyond_seq_is_clamped() -> None:
     a = DeltaReplicator("a", AWLWWMap)
     a.mutate(a.state.set("a", "k", 1, Timestamp(1, 0, "a")))
