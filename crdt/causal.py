@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from crdt.codec import expect_int, expect_list, expect_str
 from crdt.errors import CodecError
@@ -41,9 +40,10 @@ def check_replica(replica: object) -> str:
     return replica
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Dot:
-    """The ``counter``-th event of ``replica`` (``counter >= 1``)."""
+class Dot(NamedTuple):
+    """The ``counter``-th event of ``replica`` (``counter >= 1``). A tuple: hashing,
+    comparing and building one are done in C (a node's metadata holds one per key, and
+    every join and delta looks dots up by hash)."""
 
     replica: str
     counter: int

@@ -47,7 +47,7 @@ must come back under a new replica id: its dots would otherwise be reused.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, Protocol, Self, TypeVar
 
 from crdt.causal import MAX_COUNTER, check_replica
@@ -112,6 +112,8 @@ class DeltaReplicator(Generic[T]):
         limits: Limits = DEFAULT_LIMITS,
         resend_after: float = 3.0,
         resend_rate: float = 1_000_000.0,
+        interval_limit: int | None = None,
+        weigh: Callable[[T], int] | None = None,
     ) -> None:
         if max_buffer < 1:
             raise ValueError("max_buffer must be >= 1")
@@ -137,6 +139,11 @@ class DeltaReplicator(Generic[T]):
         self._flight: dict[str, tuple[int, float]] = {}
         self.resend_after = resend_after
         self.resend_rate = resend_rate
+        if interval_limit is not None and interval_limit < 1:
+            raise ValueError("interval_limit must be >= 1")
+        # the most an interval holds, by ``weigh`` (default: each buffered delta weighs 1)
+        self.interval_limit = interval_limit
+        self.weigh: Callable[[T], int] = weigh or (lambda _: 1)
         self.max_buffer = max_buffer
         self.transitive = transitive
         self.limits = limits
@@ -210,10 +217,13 @@ class DeltaReplicator(Generic[T]):
             raise ValueError("cannot ship to self")
         if now is not None and self._in_flight(peer, now):
             return None
-        payload = self._ship(peer)
-        if now is not None and payload is not None:
+        shipped = self._ship(peer)
+        if shipped is None:
+            return None
+        payload, end = shipped
+        if now is not None:
             wait = max(self.resend_after, len(payload) / self.resend_rate)
-            self._flight[peer] = (self._seq, now + wait)
+            self._flight[peer] = (end, now + wait)
         return payload
 
     def _in_flight(self, peer: str, now: float) -> bool:
@@ -230,7 +240,8 @@ class DeltaReplicator(Generic[T]):
         next :meth:`ship` with a time does not wait for the interval in flight."""
         self._flight.pop(peer, None)
 
-    def _ship(self, peer: str) -> bytes | None:
+    def _ship(self, peer: str) -> tuple[bytes, int] | None:
+        """The payload owed to ``peer`` and the sequence number it is tagged with."""
         a = self._acked.get(peer)
         if a is None and self._start == 0:
             a = 0  # the buffer still holds everything since the beginning (the paper's A[j]=0)
@@ -238,21 +249,26 @@ class DeltaReplicator(Generic[T]):
             if self._state.leq(self.crdt.bottom()):
                 return None
             self._full[peer] = self._seq
-            return pack(KIND_INTERVAL, [self._seq, True, self._state.to_bytes()])
+            return pack(KIND_INTERVAL, [self._seq, True, self._state.to_bytes()]), self._seq
         if a >= self._seq:
             return None
         acc: T | None = None
+        end, weight, limit = a, 0, self.interval_limit
         for delta, origin in self._slice(a):
+            if limit is not None and weight >= limit:
+                break  # the interval is D[a .. end): the rest goes in the next one
+            end += 1
             if origin == peer:
                 continue
             if acc is None:
                 acc = self.crdt.bottom()
             acc.join(delta)
+            weight += self.weigh(delta)
         if acc is None:
             # everything owed came from that peer: it has it already
             self._acked[peer] = self._seq
             return None
-        return pack(KIND_INTERVAL, [self._seq, False, acc.to_bytes()])
+        return pack(KIND_INTERVAL, [end, False, acc.to_bytes()]), end
 
     def _slice(self, lo: int) -> Iterable[tuple[T, str | None]]:
         skip = lo - self._start
@@ -344,6 +360,8 @@ class DeltaReplicator(Generic[T]):
         max_buffer: int = 4096,
         transitive: bool = True,
         limits: Limits = DEFAULT_LIMITS,
+        interval_limit: int | None = None,
+        weigh: Callable[[T], int] | None = None,
     ) -> DeltaReplicator[T]:
         """A replicator from :meth:`persisted` bytes: state and sequence number back, empty
         buffer, no acks. Raises :class:`CodecError` on bad bytes or another replica's."""
@@ -361,4 +379,6 @@ class DeltaReplicator(Generic[T]):
             max_buffer=max_buffer,
             transitive=transitive,
             limits=limits,
+            interval_limit=interval_limit,
+            weigh=weigh,
         )

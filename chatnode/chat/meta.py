@@ -89,6 +89,7 @@ def split_room_key(key: str, prefix: str) -> tuple[str, str] | None:
     return (room, user) if sep else None
 
 
+_LOOKUP: Final[Any] = object()  # index(): read the value from the map
 SMALL_ROOM: Final = 16  # members kept as a tuple up to this many
 
 
@@ -155,6 +156,23 @@ class _TrackedMap(AWLWWMap):
         super().join(other)
 
 
+# The most keys a metadata interval holds (more go in the next, after its ack): a node back
+# from a restart is owed the tens of thousands of homes its peer took meanwhile, and the
+# peer's event loop would otherwise join them all at once (seconds at 100,000 rooms).
+INTERVAL_KEYS: Final = 500
+
+
+def _weigh(delta: AWLWWMap) -> int:
+    return len(delta) + 1  # its keys; a removal (no key left) still counts
+
+
+def _replicator(
+    node_id: str, state: AWLWWMap, seq: int, acked: dict[str, int] | None = None
+) -> DeltaReplicator[AWLWWMap]:
+    return DeltaReplicator(node_id, AWLWWMap, state=state, seq=seq, acked=acked,
+                           interval_limit=INTERVAL_KEYS, weigh=_weigh)  # fmt: skip
+
+
 class MetaMap:
     """The map, its replicator, its persistence counters and its derived indexes.
 
@@ -176,7 +194,7 @@ class MetaMap:
         self.on_room = on_room
         self.map = _TrackedMap()
         self.seq = 0  # the replicator's sequence number, as last persisted
-        self.rep = DeltaReplicator(node_id, AWLWWMap, state=self.map, seq=0)
+        self.rep = _replicator(node_id, self.map, 0)
         # Derived indexes (kept in line by :meth:`index`).
         self.room_info: dict[str, RoomInfo] = {}
         # room -> its members: a tuple while a room has few (a DM, a small group: 48 bytes
@@ -257,12 +275,10 @@ class MetaMap:
                 layout.put_meta_context(batch, self.seq, self.map.context_row())
         self.map.joined.clear()
         self._prefixed.clear()
-        for key in list(self.map.keys()):
-            self.index(key)
+        for key, value in self.map.unsorted_items():  # the rows' order: sorted by key
+            self.index(key, value)
         saved = acks[1] if acks is not None and acks[0] == self.seq else None
-        self.rep = DeltaReplicator(
-            self.node_id, AWLWWMap, state=self.map, seq=self.seq, acked=saved
-        )
+        self.rep = _replicator(self.node_id, self.map, self.seq, saved)
         return batch
 
     def save_acks(self) -> Batch:
@@ -274,16 +290,19 @@ class MetaMap:
 
     # ------------------------------------------------------------------ indexes
 
-    def index(self, key: str) -> None:
-        """Bring the derived indexes in line with ``map[key]`` (and tell the watchers)."""
-        self._changed.emit(key)
+    def index(self, key: str, value: Any = _LOOKUP) -> None:
+        """Bring the derived indexes in line with ``map[key]`` (and tell the watchers);
+        ``value``: ``map[key]`` when the caller has it already (a restore)."""
+        if self._changed:
+            self._changed.emit(key)
         for prefix, keys in self._prefixed.items():
             if key.startswith(prefix):
                 if key in self.map:
                     keys.add(key)
                 else:
                     keys.discard(key)
-        value = self.map.get(key)
+        if value is _LOOKUP:
+            value = self.map.get(key)
         if key.startswith(ROOM):
             room = key[len(ROOM) :]
             old = self.room_info.get(room)

@@ -74,6 +74,7 @@ LOG_EVERY: Final = 10.0  # at most one log line about refused handshakes per thi
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HEARTBEAT: Final = 5.0
+READ_SLICE: Final = 0.005  # longest a link's reader runs before it lets other tasks run
 CLOSE_TIMEOUT: Final = 2.0  # for a peer to answer our close frame (then the socket is cut)
 
 OnMessage = Callable[[str, PeerMsg], Awaitable[None]]
@@ -434,8 +435,15 @@ class PeerHub:
             self.stats.frames_in += 1
             self.stats.bytes_in += len(msg.data)
             self.stats.messages_in += len(msgs)
+            # a frame can hold a thousand messages (a link-up sync's state vectors): the
+            # reader hands the loop back every READ_SLICE so that clients are not kept
+            # waiting behind the whole frame (in order: this reader is the link's only one)
+            until = time.monotonic() + READ_SLICE
             for m in msgs:
                 await self.on_message(peer, m)
+                if time.monotonic() >= until:
+                    await asyncio.sleep(0)
+                    until = time.monotonic() + READ_SLICE
 
     async def _writer(self, link: _Link) -> None:
         try:

@@ -38,6 +38,10 @@ class Reads(Protocol):
     def last_key(self, prefix: bytes) -> bytes | None:
         """The greatest key starting with ``prefix``."""
 
+    def hop_keys(self, start: bytes, end: bytes, after: Callable[[bytes], bytes]) -> list[bytes]:
+        """Keys of ``[start, end)`` hopping: the first key, then the first key from
+        ``after(key)`` on, and so on (one key per group of keys, without reading the rest)."""
+
 
 class StoreLike(Reads, Protocol):
     """Reads, and writes through an ordered commit queue with back-pressure."""

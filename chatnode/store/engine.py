@@ -390,6 +390,24 @@ class Store:
                 n += 1
                 it.next()
 
+    def hop_keys(self, start: bytes, end: bytes, after: Callable[[bytes], bytes]) -> list[bytes]:
+        """Blocking: the keys of ``[start, end)`` hopping, each from ``after(key)`` on. One
+        iterator: the next key is usually the one wanted (a group of one key), so ``next``
+        is tried before a seek (a fresh iterator per hop cost ~6 µs, a seek ~3 µs)."""
+        it = self._db.iter()
+        it.seek(start)
+        keys: list[bytes] = []
+        while it.valid():
+            key = bytes(it.key())
+            if key >= end:
+                break
+            keys.append(key)
+            target = after(key)
+            it.next()
+            if it.valid() and bytes(it.key()) < target:
+                it.seek(target)
+        return keys
+
     def last_key(self, prefix: bytes) -> bytes | None:
         """Blocking: the greatest key starting with ``prefix``."""
         for key, _ in self.iter_range(prefix, prefix_end(prefix), reverse=True, limit=1):

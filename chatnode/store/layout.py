@@ -398,17 +398,19 @@ class Loaded(NamedTuple):
 
 def _room_names(store: Reads, ns: bytes, sep: bool) -> list[str]:
     """The rooms with a key in namespace ``ns`` (``sep``: keys are room + NUL + ...), hopping
-    from room to room with seeks instead of reading every key or value."""
-    names: list[str] = []
-    key, end = ns, prefix_end(ns)
-    while True:
-        found = next(iter(store.iter_range(key, end, limit=1)), None)
-        if found is None:
-            return names
-        rest = found[0][len(ns) :]
-        raw = rest.split(_SEP, 1)[0] if sep else rest
-        names.append(raw.decode("utf-8"))
-        key = prefix_end(ns + raw + _SEP) if sep else ns + raw + _SEP
+    from room to room instead of reading every key or value."""
+    n = len(ns)
+
+    def room(key: bytes) -> bytes:
+        if not sep:
+            return key[n:]
+        i = key.find(_SEP, n)
+        return key[n:] if i < 0 else key[n:i]
+
+    def after(key: bytes) -> bytes:
+        return prefix_end(ns + room(key) + _SEP) if sep else key + _SEP
+
+    return [room(k).decode("utf-8") for k in store.hop_keys(ns, prefix_end(ns), after)]
 
 
 def load_everything(store: Reads) -> Loaded:

@@ -52,9 +52,12 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.writes: dict[Dot, Write] = {}
         self.observed: set[Dot] = set()
 
-    def _new(self, r: str) -> DeltaReplicator[AWLWWMap]:
+    def _opts(self) -> dict[str, Any]:
         # a tiny buffer so that falling back to the full state is exercised too
-        return DeltaReplicator(r, AWLWWMap, max_buffer=5, transitive=self.transitive)
+        return {"max_buffer": 5, "transitive": self.transitive}
+
+    def _new(self, r: str) -> DeltaReplicator[AWLWWMap]:
+        return DeltaReplicator(r, AWLWWMap, **self._opts())
 
     def _persist(self, r: str) -> None:
         # the durability contract: persist before anything produced afterwards is sent
@@ -140,9 +143,7 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     @rule(r=st.sampled_from(REPLICAS))
     def restart(self, r: str) -> None:
-        self.reps[r] = DeltaReplicator.restore(
-            r, self.disk[r], AWLWWMap, max_buffer=5, transitive=self.transitive
-        )
+        self.reps[r] = DeltaReplicator.restore(r, self.disk[r], AWLWWMap, **self._opts())
         assert self.reps[r].buffer_range == (self.reps[r].seq, self.reps[r].seq)
 
     # -- checks ------------------------------------------------------------------------------
@@ -161,16 +162,21 @@ class ReplicationMachine(RuleBasedStateMachine):
                         assert rep.state.get(key) == w.value
 
     def teardown(self) -> None:
-        # final full sync over a reliable network
-        for _ in range(3):
+        # final full sync over a reliable network, until nothing more goes (capped
+        # intervals need a round each: a few dozen rounds at most)
+        for _ in range(60):
             self._quiet()
+            shipped = False
             for src, dst in self.links:
                 payload = self._ship(src, dst)
                 if payload is None:
                     continue
+                shipped = True
                 for peer, ack in self.reps[dst].receive(src, payload):
                     assert peer == src
                     self.reps[src].receive(dst, ack)
+            if not shipped:
+                break
         states = [rep.state for rep in self.reps.values()]
         assert states[0] == states[1] == states[2]
         final = states[0]
@@ -220,6 +226,26 @@ class TimedReplication(ReplicationMachine):
         self.now += 10.0
 
 
+def _keys_weigh(delta: AWLWWMap) -> int:
+    return len(delta) + 1
+
+
+class CappedReplication(TimedReplication):
+    """Shipping by time with intervals capped (``interval_limit``): a peer far behind gets
+    what it is owed a few keys at a time, each interval after the last one's ack."""
+
+    def _opts(self) -> dict[str, Any]:
+        return {**super()._opts(), "interval_limit": 3, "weigh": _keys_weigh}
+
+
+class CappedUntimedReplication(ReplicationMachine):
+    """Capped intervals shipped on every round (no time): each round resends the first
+    interval from the peer's ack until it is acknowledged."""
+
+    def _opts(self) -> dict[str, Any]:
+        return {**super()._opts(), "interval_limit": 1}
+
+
 class LineReplication(ReplicationMachine):
     """a - b - c: a and c never talk, everything between them goes through b."""
 
@@ -238,6 +264,12 @@ TestNonTransitiveReplication.settings = settings(
 )
 TestTimedReplication = TimedReplication.TestCase
 TestTimedReplication.settings = _settings
+TestCappedReplication = CappedReplication.TestCase
+TestCappedReplication.settings = _settings
+TestCappedUntimedReplication = CappedUntimedReplication.TestCase
+TestCappedUntimedReplication.settings = settings(
+    max_examples=settings().max_examples, stateful_step_count=50, deadline=None
+)
 TestLineReplication = LineReplication.TestCase
 TestLineReplication.settings = settings(
     max_examples=settings().max_examples, stateful_step_count=50, deadline=None
@@ -483,3 +515,42 @@ def _state_bytes(payload: bytes) -> bytes:
     _, _, state = msgpack.unpackb(payload[2:])
     assert isinstance(state, bytes)
     return state
+
+
+def test_capped_intervals_go_one_after_another() -> None:
+    """``interval_limit``: a peer owed many deltas gets them in intervals of at most that
+    weight (here keys + 1 per delta), each tagged with its own end, the next after its ack;
+    deltas that came from the peer itself weigh nothing and are covered by the tag."""
+    a = DeltaReplicator("a", AWLWWMap, interval_limit=4, weigh=_keys_weigh)
+    b = DeltaReplicator("b", AWLWWMap)
+    clock = HybridClock("a")
+    for i in range(5):  # five deltas of one key each: weight 2 apiece, two per interval
+        a.mutate(a.state.set("a", f"k{i}", i, clock.now(1 + i)))
+
+    def keys(payload: bytes | None) -> list[str]:
+        assert payload is not None
+        return sorted(AWLWWMap.from_bytes(_state_bytes(payload)).keys())
+
+    got: list[list[str]] = []
+    acks: list[int] = []
+    for t in range(5):
+        payload = a.ship("b", float(t))
+        if payload is None:
+            break
+        got.append(keys(payload))
+        assert a.ship("b", float(t) + 0.1) is None  # one in flight
+        for _, ack in b.receive("a", payload):
+            a.receive("b", ack)
+        acks.append(a.acked("b") or 0)
+    assert got == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+    assert acks == [2, 4, 5]
+    assert b.state == a.state and a.ship("b", 9.0) is None
+    # a delta bigger than the limit still goes, alone
+    big = AWLWWMap()
+    for i in range(6):
+        big.join(a.state.set("a", f"big{i}", i, clock.now(20 + i)))
+    a.mutate(big)
+    a.mutate(a.state.set("a", "after", 0, clock.now(40)))
+    assert len(keys(a.ship("b", 10.0))) == 6
+    with pytest.raises(ValueError):
+        DeltaReplicator("a", AWLWWMap, interval_limit=0)

@@ -131,6 +131,14 @@ class MemStore:
         for key in keys:
             yield key, self.data[key]
 
+    def hop_keys(self, start: bytes, end: bytes, after: Callable[[bytes], bytes]) -> list[bytes]:
+        keys: list[bytes] = []
+        i = bisect.bisect_left(self._keys, start)
+        while i < len(self._keys) and self._keys[i] < end:
+            keys.append(self._keys[i])
+            i = bisect.bisect_left(self._keys, after(self._keys[i]))
+        return keys
+
     def last_key(self, prefix: bytes) -> bytes | None:
         for key, _ in self.iter_range(prefix, prefix_end(prefix), reverse=True, limit=1):
             return key
