@@ -235,6 +235,12 @@ class DeltaReplicator(Generic[T]):
             return False
         return True
 
+    def limit_intervals(self, limit: int | None) -> None:
+        """Change ``interval_limit`` (``None``: an interval holds everything owed)."""
+        if limit is not None and limit < 1:
+            raise ValueError("interval_limit must be >= 1")
+        self.interval_limit = limit
+
     def rewind(self, peer: str) -> None:
         """What went to ``peer`` may be lost (its link dropped, or a send was refused): the
         next :meth:`ship` with a time does not wait for the interval in flight."""

@@ -159,7 +159,7 @@ class _TrackedMap(AWLWWMap):
 # The most keys a metadata interval holds (more go in the next, after its ack): a node back
 # from a restart is owed the tens of thousands of homes its peer took meanwhile, and the
 # peer's event loop would otherwise join them all at once (seconds at 100,000 rooms).
-INTERVAL_KEYS: Final = 500
+INTERVAL_KEYS: Final = 200
 
 
 def _weigh(delta: AWLWWMap) -> int:

@@ -74,7 +74,8 @@ LOG_EVERY: Final = 10.0  # at most one log line about refused handshakes per thi
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 2.0
 HEARTBEAT: Final = 5.0
-READ_SLICE: Final = 0.005  # longest a link's reader runs before it lets other tasks run
+READ_SLICE: Final = 0.002  # longest a link's reader runs before it lets other tasks run
+FRAME_MESSAGES: Final = 256  # messages in one frame at most (more: the next frame)
 CLOSE_TIMEOUT: Final = 2.0  # for a peer to answer our close frame (then the socket is cut)
 
 OnMessage = Callable[[str, PeerMsg], Awaitable[None]]
@@ -452,10 +453,15 @@ class PeerHub:
                     link.wake.clear()
                     await link.wake.wait()
                     continue
+                # a frame of at most FRAME_MESSAGES (a link-up sync queues 100,000 state
+                # vectors: one frame of all of them is tens of milliseconds of encoding
+                # with the loop held); the rest go in the next frames, the loop let run
+                # between them
+                queue = link.queue
+                batch = [queue.popleft() for _ in range(min(len(queue), FRAME_MESSAGES))]
                 link.want = False
-                batch = list(link.queue)
-                link.queue.clear()
-                link.below_low.set()
+                if len(queue) <= link.low:
+                    link.below_low.set()
                 if self.trailer is not None:
                     batch.append(self.trailer())
                 sealed = link.session.seal(encode_frame(batch))
@@ -463,6 +469,8 @@ class PeerHub:
                 self.stats.frames_out += 1
                 self.stats.bytes_out += len(sealed)
                 self.stats.messages_out += len(batch)
+                if queue:
+                    await asyncio.sleep(0)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send to peer %s failed: %s", link.peer, exc)
         finally:

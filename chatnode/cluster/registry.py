@@ -36,6 +36,7 @@ __all__ = [
     "PREFIX",
     "Claim",
     "Home",
+    "WorkSet",
     "claims",
     "handover",
     "home_key",
@@ -167,6 +168,46 @@ def split_moves(
         cur = homes.get(c.room)
         (moves if cur is not None and cur.node in members else urgent).append(c)
     return urgent, moves
+
+
+class WorkSet:
+    """A set of rooms waiting for work, taken a slice at a time (:meth:`take`), while
+    rooms keep being added and discarded. A dict underneath: ``set.pop`` searches from
+    where its last pop stopped across the slots emptied meanwhile, and with rooms added
+    behind it that search crossed the whole table again and again (4 s of a 30 s restart
+    at 100,000 rooms); a dict's last entry comes off in constant time."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        self._d: dict[str, None] = dict.fromkeys(items)
+
+    def add(self, item: str) -> None:
+        self._d[item] = None
+
+    def update(self, items: Iterable[str]) -> None:
+        for item in items:
+            self._d[item] = None
+
+    def discard(self, item: str) -> None:
+        self._d.pop(item, None)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+    def take(self, n: int) -> list[str]:
+        """Up to ``n`` items, removed (the ones added last first)."""
+        pop = self._d.popitem
+        return [pop()[0] for _ in range(min(n, len(self._d)))]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __bool__(self) -> bool:
+        return bool(self._d)
 
 
 @dataclass(slots=True)

@@ -68,14 +68,16 @@ __all__ = ["Cluster", "ReplicationStats"]
 log = logging.getLogger(__name__)
 
 ANTI_ENTROPY_INTERVAL: Final = 1.0
-TREE_BUILD_SLICE: Final = 500  # rooms digested per event-loop turn while the tree is built
+TREE_BUILD_SLICE: Final = 100  # rooms digested per event-loop turn while the tree is built
 META_INTERVAL: Final = 1.0
 # How long the metadata deltas a peer has not acknowledged are kept after its link went down
 # (a restart takes seconds): back within it, the peer is sent what it missed, not the whole
 # map (17 MB at 100,000 rooms, seconds to encode here and to join there).
 META_RETAIN: Final = 120.0
 REGISTRY_INTERVAL: Final = 1.0
-REGISTRY_SLICE: Final = 500  # rooms decided (and home records written) in one round
+REGISTRY_SLICE: Final = 200  # rooms decided (and home records written) in one round
+HANDOVER_SLICE: Final = 1000  # home records written in one change at a graceful stop
+NOTE_SLICE: Final = 500  # rooms whose recorded home is read again in one call
 MOVES_PER_SECOND: Final = 1000.0  # homes moved from an alive node to this one (registry.py)
 SETTLE: Final = 2.0
 # A suspect member keeps its homes this long before placement leaves it out (or until it is
@@ -105,7 +107,7 @@ FEED_SAMPLES: Final = 600  # samples kept per room (20 minutes at one per 2 s)
 # frontier waits and clock skew (docs/KAFKA.md, "Handover").
 TAKEOVER_MARGIN_MS: Final = 30_000.0
 _EMPTY_DIFF: Final = encode_envelope([])
-SYNC_SLICE: Final = 1000  # state vectors of a link-up sync queued at once (then drain)
+SYNC_SLICE: Final = 256  # state vectors of a link-up sync queued at once (then drain)
 
 Members = Callable[[], list[Member]]
 
@@ -182,10 +184,10 @@ class Cluster:
         # changed since the last round (``_reg_all``: read them all); the rooms whose claim
         # is to be decided again; the alive set the decided claims were placed over
         self._reg_homes: dict[str, reg.Home | None] = {}
-        self._reg_dirty: set[str] = set()
+        self._reg_dirty = reg.WorkSet()
         self._reg_all = True
-        self._reg_pending: set[str] = set()
-        self._reg_deferred: set[str] = set()  # moves over the pace, decided again later
+        self._reg_pending = reg.WorkSet()
+        self._reg_deferred = reg.WorkSet()  # moves over the pace, decided again later
         self._pacer = reg.MovePacer(MOVES_PER_SECOND)
         self._reg_alive: set[str] | None = None
         self._suspect_since: dict[str, float] = {}  # member -> when placement saw it suspect
@@ -805,21 +807,17 @@ class Cluster:
         alive = self._placement_ids(now)
         if alive != self._reg_alive:
             self._reg_alive = alive
-            self._reg_pending = set(self._reg_homes)
+            self._reg_pending = reg.WorkSet(self._reg_homes)
             self._reg_deferred.clear()
-        for _ in range(min(len(self._reg_deferred), self._pacer.available(now))):
-            self._reg_pending.add(self._reg_deferred.pop())
+        self._reg_pending.update(self._reg_deferred.take(self._pacer.available(now)))
         if not self._reg_pending:
             return
         # a slice per round (the rest right after): tens of thousands of homes moving at
         # once (a node back from a restart) would be one metadata change of that size,
         # holding this node's and each peer's event loop for seconds
         # (any slice: sorting every pending room each round would cost O(n log n) per
-        # slice; only the slice is sorted, for readable logs. Taken by pop(), which resumes
-        # where the last pop left off: iterating the set from its start would walk over the
-        # slots of every room taken before, O(n) a slice, seconds of a 50,000-room move)
-        take = self._reg_pending.pop
-        pending = sorted(take() for _ in range(min(REGISTRY_SLICE, len(self._reg_pending))))
+        # slice; only the slice is sorted, for readable logs)
+        pending = sorted(self._reg_pending.take(REGISTRY_SLICE))
         if self._reg_pending:
             self._registry_wake.set()
         urgent, moves = reg.split_moves(
@@ -850,16 +848,18 @@ class Cluster:
 
     def _note_homes(self) -> None:
         """Read the recorded home of each room noted as changed (every room the first time)
-        into ``_reg_homes`` and ``_homes``; each is then to be decided again."""
+        into ``_reg_homes`` and ``_homes``; each is then to be decided again. At most
+        NOTE_SLICE rooms a call (the rest at the next rounds, right after): all 100,000
+        at once held the loop for 0.3 s at the first round after a start."""
         info = self.service.room_info
         if self._reg_all:
             self._reg_all = False
-            self._reg_dirty.clear()
-            rooms = set(info) | set(self._reg_homes)
-        elif self._reg_dirty:
-            rooms, self._reg_dirty = self._reg_dirty, set()
-        else:
+            self._reg_dirty = reg.WorkSet([*info, *self._reg_homes])
+        if not self._reg_dirty:
             return
+        rooms = self._reg_dirty.take(NOTE_SLICE)
+        if self._reg_dirty:
+            self._registry_wake.set()  # the rest at the next round, right after
         meta = self.service.meta
         changed = False
         lost: list[tuple[str, reg.Home]] = []
@@ -910,16 +910,20 @@ class Cluster:
         todo = reg.handover(self.node_id, homes, homes, alive)
         if todo:
             try:
-                for i in range(0, len(todo), REGISTRY_SLICE):  # see _registry_round
+                for i in range(0, len(todo), HANDOVER_SLICE):  # see _registry_round
                     await self.service.write_meta(
                         *((reg.home_key(c.room), c.home.to_value())
-                          for c in todo[i : i + REGISTRY_SLICE])
+                          for c in todo[i : i + HANDOVER_SLICE])
                     )  # fmt: skip
             except Exception as exc:
                 log.warning("handover not written: %s", exc)
                 return
             log.info("handed over %d rooms", len(todo))
         rep = self.service.meta_rep
+        # what the peers are owed goes in one interval each, not a capped one per ack (a
+        # hundred round trips for 50,000 homes would outlast the wait below, and the peers
+        # not acked in it are owed the whole map, 17 MB, after this node's restart)
+        rep.limit_intervals(None)
         deadline = time.monotonic() + HANDOVER_TIMEOUT
         while time.monotonic() < deadline:
             peers = [p for p in self.hub.connected() if p in alive]

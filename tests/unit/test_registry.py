@@ -132,3 +132,28 @@ def test_move_pacer_gives_rate_a_second_and_no_more() -> None:
     assert pacer.available(100.0) == 1000
     assert pacer.take(3, 100.0) == 3 and pacer.available(100.0) == 997
     assert pacer.take(10, 99.0) == 10 and pacer.available(99.0) == 987  # a step back adds none
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "take"]), st.integers(0, 30))))
+def test_work_set_is_a_set_taken_in_slices(ops: list[tuple[str, int]]) -> None:
+    """Whatever the interleaving of adds, discards and takes, a WorkSet holds what a set
+    would, and a take removes and returns distinct members, at most as many as asked."""
+    ws, model = reg.WorkSet(["r1", "r2"]), {"r1", "r2"}
+    for op, n in ops:
+        room = f"r{n}"
+        if op == "add":
+            ws.add(room)
+            model.add(room)
+        elif op == "discard":
+            ws.discard(room)
+            model.discard(room)
+        else:
+            got = ws.take(n % 7)
+            assert len(got) == min(n % 7, len(model)) == len(set(got))
+            assert set(got) <= model
+            model -= set(got)
+        assert len(ws) == len(model) and bool(ws) == bool(model)
+        assert all(r in ws for r in model)
+    ws.update(["x", "y"])
+    ws.clear()
+    assert not ws and ws.take(5) == []
