@@ -16,7 +16,7 @@ the other peers, and answers with ``ack(n)``; an ack raises ``acked[peer]``. ``g
 drops the buffer below the smallest ack. Delivery may drop, duplicate and reorder payloads:
 intervals are joined (idempotent, commutative), acks are maxed.
 
-Three refinements over the paper's listing:
+Refinements over the paper's listing:
 
 * *no redundancy*: of a received interval only the part the state lacks (``delta.news(X)``)
   is joined and buffered, so a full state received from a restarted peer costs the buffer
@@ -35,7 +35,11 @@ Three refinements over the paper's listing:
   encodes everything unacknowledged again: with tens of thousands of changes outstanding,
   seconds of work each time, for a peer that is already behind. Only *when* intervals go
   out changes, never what they hold or what an ack means, so the argument of the paper
-  stands as it is; the changes made while one is in flight go together in the next.
+  stands as it is; the changes made while one is in flight go together in the next;
+* *capped intervals* (``interval_limit``, by ``weigh``): an interval is ``D[acked..e)`` for
+  the first ``e`` at which the weight joined reaches the limit, tagged ``e``; any such
+  prefix is an interval of the paper, so a peer far behind gets what it is owed a piece at
+  a time, each after the last one's ack, rather than one join of everything.
 
 Durability contract (the caller's): after ``mutate`` or ``receive`` changed the state, write
 :meth:`persisted` (state and sequence number together, one atomic write) *before* sending any
@@ -139,10 +143,9 @@ class DeltaReplicator(Generic[T]):
         self._flight: dict[str, tuple[int, float]] = {}
         self.resend_after = resend_after
         self.resend_rate = resend_rate
-        if interval_limit is not None and interval_limit < 1:
-            raise ValueError("interval_limit must be >= 1")
         # the most an interval holds, by ``weigh`` (default: each buffered delta weighs 1)
-        self.interval_limit = interval_limit
+        self.interval_limit: int | None = None
+        self.limit_intervals(interval_limit)
         self.weigh: Callable[[T], int] = weigh or (lambda _: 1)
         self.max_buffer = max_buffer
         self.transitive = transitive
