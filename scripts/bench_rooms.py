@@ -15,6 +15,11 @@ single one mostly measures how busy this shared machine was in those seconds.
    there); CPU per room made of each node and of this script's clients; the p50 latency of
    ``rooms.create`` and of the first ``send``; each node's mean durable commit and its synced
    write (``chatnode_commit_seconds``, ``chatnode_db_write_seconds``).
+1b. **Paired** (sizes above the baseline, ``--paired`` pairs, 3 by default): right after the
+   build, ``--baseline`` more rooms on this cluster, then as many on a small fresh cluster,
+   in turn; the median ratio of the pairs. A pair runs within seconds, so the machine's
+   speed is the same for both halves: the baseline above is built minutes before or after
+   a long build, and on this shared machine the speed drifts by 1.5-2.5x over minutes.
 2. **Replication**: time until node 1 lists every room in its registry.
 3. **Idle** (after a settle of ``--settle`` seconds, longer than ``--room-idle``, so that
    the idle rooms have left memory): for ``--idle`` seconds (default 30) with no client
@@ -104,6 +109,8 @@ class Result:
     in_memory: list[float] = field(default_factory=list)  # rooms in memory when idle
     loaded_at_start: float = 0.0  # rooms in memory right after the restart
     restart_rss_mb: float = 0.0  # node 1 after its restart and the cold reads and writes
+    paired_big: list[float] = field(default_factory=list)  # rooms/s, --baseline more rooms here
+    paired_ref: list[float] = field(default_factory=list)  # rooms/s, same on a small cluster
     names: list[str] = field(default_factory=list)  # the rooms made
 
 
@@ -195,9 +202,11 @@ async def make_room(ws: WS, i: int, res: Result) -> str:
 
 
 async def create_rooms(http: aiohttp.ClientSession, node: Daemon, token: str, n: int,
-                       clients: int, res: Result) -> None:  # fmt: skip
+                       clients: int, res: Result, start: int = 0) -> None:  # fmt: skip
+    """``n`` rooms (``room-<start>`` on) made by ``clients`` clients; the rate and its
+    tenths go to ``res``."""
     done_at: list[float] = []
-    queue = iter(range(n))
+    queue = iter(range(start, start + n))
 
     async def worker() -> None:
         async with WS.connected(http, node, token) as ws:
@@ -254,6 +263,8 @@ async def run_size(n: int, args: argparse.Namespace, base: Path, *, create_only:
                   f"{fmt_list(res.commit_ms, ' ms')}, of which the synced write "
                   f"{fmt_list(res.fsync_ms, ' ms')}; rooms/s by tenth of the build: "
                   f"{fmt_list(res.tenths, '')}", flush=True)  # fmt: skip
+            if args.paired and n > args.baseline:
+                await paired(http, nodes, token, args, base, res)
             if create_only:
                 return res
             t0 = time.perf_counter()
@@ -316,6 +327,44 @@ async def run_size(n: int, args: argparse.Namespace, base: Path, *, create_only:
     return res
 
 
+async def paired(http: aiohttp.ClientSession, nodes: list[Daemon], token: str,
+                 args: argparse.Namespace, base: Path, res: Result) -> None:  # fmt: skip
+    """Right after the build: ``--baseline`` more rooms on this cluster, then as many on a
+    fresh small cluster (started now, settled, kept for the step), in turn ``--paired``
+    times. Each pair runs within seconds, on the machine as fast as it then is, so their
+    ratio says what the rooms already made cost the next ones, without the drift of a
+    shared machine between a baseline built minutes earlier and a build of many minutes.
+    The small cluster holds 1-3 times ``--baseline`` rooms while it is measured; each
+    cluster sits idle while the other is measured."""
+    ref = await asyncio.to_thread(launch_cluster, base / "ref", 2, generate_key(),
+                                  extra_args=[*ARGS, "--room-idle", args.room_idle])  # fmt: skip
+    try:
+        await asyncio.to_thread(wait_until, lambda: all_alive(ref), 60, "members")
+        ref_token = await signup(http, ref[0], new_user("bench"))
+        await settle(http, ref, ref_token)
+        k = args.baseline
+        for i in range(args.paired):
+            big, small = Result(k), Result(k)
+            await create_rooms(http, nodes[0], token, k, args.clients, big, res.rooms + i * k)
+            await create_rooms(http, ref[0], ref_token, k, args.clients, small, i * k)
+            res.names += big.names
+            res.paired_big.append(big.create_rate)
+            res.paired_ref.append(small.create_rate)
+    finally:
+        await asyncio.to_thread(stop_all, ref)
+    ratios = [a / b for a, b in zip(res.paired_big, res.paired_ref, strict=True)]
+    print(f"paired: {args.baseline:,} more rooms here / on a small cluster, in turn: "
+          + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(res.paired_big, res.paired_ref,
+                                                          strict=True))
+          + f" rooms/s; ratios {' / '.join(f'{x:.2f}x' for x in ratios)}, "
+          f"median {paired_ratio(res):.2f}x",
+          flush=True)  # fmt: skip
+
+
+def paired_ratio(r: Result) -> float:
+    return statistics.median(a / b for a, b in zip(r.paired_big, r.paired_ref, strict=True))
+
+
 def digest_round_bytes(n: int) -> tuple[int, int]:
     """Payload bytes of one anti-entropy round to one peer with ``n`` quiet rooms: before
     the digest tree (every room's name and digest, ``["d", {room: digest}]``) and with it
@@ -338,6 +387,11 @@ def table(results: list[Result], baseline_rates: list[float]) -> str:
         ("creation (rooms/s, whole build)", lambda r: f"{r.create_rate:,.0f}"),
         ("creation, last tenth (rooms/s)", lambda r: f"{r.tail_rate:,.0f}"),
         ("creation vs the baseline's median", lambda r: f"{r.create_rate / base_rate:.2f}x"),
+        ("paired: next rooms here / on a small cluster (rooms/s, in turn)",
+         lambda r: ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(r.paired_big, r.paired_ref,
+                                                                 strict=True)) or "-"),
+        ("**paired ratio** (median of the pairs)",
+         lambda r: f"{paired_ratio(r):.2f}x" if r.paired_big else "-"),
         ("CPU ms per room made: node 0 / node 1 / the clients",
          lambda r: fmt_list(r.create_cpu_ms, "")),
         ("rooms.create / first send p50 (ms)",
@@ -393,6 +447,9 @@ async def main() -> None:
                     help="build right after the nodes see each other, without waiting for the "
                          "registry to give a first room its home (how runs before this option "
                          "measured)")  # fmt: skip
+    ap.add_argument("--paired", type=int, default=3,
+                    help="after each build larger than --baseline: pairs of --baseline more rooms "
+                         "on it and on a fresh small cluster, in turn (0: none)")  # fmt: skip
     ap.add_argument("--create-only", action="store_true",
                     help="measure creation only (no idle, restart or cold phases)")  # fmt: skip
     args = ap.parse_args()

@@ -445,8 +445,12 @@ class Service:
             state = self.rooms.get(room)
             if state is not None:
                 break
-            if room not in self.cold:
+            summary = self.cold.get(room)
+            if summary is None:
                 state = self._room_state(room)
+                break
+            if summary is NEW_ROOM:
+                state = self._first_use(room)
                 break
             loading = self._loading.get(room)
             if loading is not None:  # another request is loading it: wait, then look again
@@ -460,6 +464,18 @@ class Service:
                 loading.set_result(None)
             break
         state.used_ms = self.now_ms()
+        return state
+
+    def _first_use(self, room: str) -> RoomState:
+        """A room known only by its name (``NEW_ROOM``: made elsewhere or just now, nothing
+        of it stored here) starts empty without a read: a room with rows here is loaded at
+        the start or left memory with a summary of its own, so it is never ``NEW_ROOM``.
+        Every room's first message comes this way, on every node: a read would put a reader
+        thread's round trip and three RocksDB seeks, slower as the database grows, on the
+        path of each new room's first write and of its replication."""
+        del self.cold[room]
+        state = self._room_state(room)
+        state.loaded_at = (float(self._cold_since.pop(room, self._started_ms)), 0)
         return state
 
     async def _load_room(self, room: str) -> RoomState:

@@ -6,6 +6,9 @@ state machine (tests/unit/test_node_persistence_stateful.py, rule ``rooms_leave_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from chatnode.chat import protocol as p
 from chatnode.chat.auth import Claims
 from chatnode.chat.service import EMPTY_DIFF, EMPTY_STATE, Service
@@ -17,6 +20,8 @@ from tests.unit.memstore import MemStore
 from tests.unit.test_service_dispatch import FAR, Node, Outbox, node, settle
 
 ROOMS = [f"room-{i:02d}" for i in range(12)]
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 async def _rooms_with_a_message(n: Node) -> None:
@@ -164,3 +169,49 @@ async def test_a_peer_update_to_a_room_out_of_memory_after_its_load() -> None:
     await settle(lambda: bool(done) and svc.feed_end(room) == 2)
     assert done == [None]
     assert await _history(n, room) == ["m7", "from-peer"]
+
+
+class _ReadLog(MemStore):
+    """The dict-backed store, recording which reads the service asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    async def read(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        self.reads.append(getattr(fn, "__name__", repr(fn)))
+        return await super().read(fn, *args, **kwargs)
+
+
+async def test_a_room_known_only_by_name_starts_without_a_read() -> None:
+    """A new room (its name in the metadata, nothing of it stored here) takes its first
+    message without reading its rows; a room that left memory with rows is read again; after
+    a start, a room made but never written is still known by name only."""
+    store = _ReadLog()
+    n = await node(store)
+    svc = n.service
+    await n("al", "rooms.create", room="fresh", visibility="public")
+    await n("al", "rooms.create", room="quiet", visibility="public")
+    loads = svc.rooms_loaded
+    store.reads.clear()
+    await n("al", "send", room="fresh", id="a", body="first")
+    assert "load_room" not in store.reads and svc.rooms_loaded == loads
+    await settle(lambda: svc.feed_end("fresh") == 1)
+    assert await _history(n, "fresh") == ["a"]
+
+    assert await svc.evict_idle(idle_ms=0) == 1  # "fresh" leaves with its summary
+    await n("al", "send", room="fresh", id="b", body="second")
+    assert store.reads.count("load_room") == 1 and svc.rooms_loaded == loads + 1
+    await settle(lambda: svc.feed_end("fresh") == 2)
+    await svc.evict_idle(idle_ms=0)
+
+    again = await node(store)  # a clean stop: every room out of memory
+    assert not again.service.rooms and set(again.service.cold) >= {"fresh", "quiet"}
+    store.reads.clear()
+    await again("al", "send", room="quiet", id="c", body="at last")
+    assert "load_room" not in store.reads
+    await again("al", "send", room="fresh", id="d", body="third")
+    assert store.reads.count("load_room") == 1
+    await settle(lambda: again.service.feed_end("fresh") == 3)
+    assert await _history(again, "fresh") == ["a", "b", "d"]
+    assert await _history(again, "quiet") == ["c"]
