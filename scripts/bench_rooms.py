@@ -15,11 +15,12 @@ single one mostly measures how busy this shared machine was in those seconds.
    there); CPU per room made of each node and of this script's clients; the p50 latency of
    ``rooms.create`` and of the first ``send``; each node's mean durable commit and its synced
    write (``chatnode_commit_seconds``, ``chatnode_db_write_seconds``).
-1b. **Paired** (sizes above the baseline, ``--paired`` pairs, 3 by default): right after the
-   build, ``--baseline`` more rooms on this cluster, then as many on a small fresh cluster,
-   in turn; the median ratio of the pairs. A pair runs within seconds, so the machine's
-   speed is the same for both halves: the baseline above is built minutes before or after
-   a long build, and on this shared machine the speed drifts by 1.5-2.5x over minutes.
+1b. **Paired** (sizes above the baseline, ``--paired`` pairs, 6 by default): right after the
+   build, ``--baseline`` more rooms on this cluster and a baseline build on a fresh cluster,
+   one right after the other (which one first alternates); the median ratio of the pairs. A
+   pair runs within seconds, so the machine's speed is the same for both halves: the
+   baselines above are built minutes before or after a long build, and on this shared
+   machine the speed drifts by 1.5-2.5x over minutes.
 2. **Replication**: time until node 1 lists every room in its registry.
 3. **Idle** (after a settle of ``--settle`` seconds, longer than ``--room-idle``, so that
    the idle rooms have left memory): for ``--idle`` seconds (default 30) with no client
@@ -329,31 +330,45 @@ async def run_size(n: int, args: argparse.Namespace, base: Path, *, create_only:
 
 async def paired(http: aiohttp.ClientSession, nodes: list[Daemon], token: str,
                  args: argparse.Namespace, base: Path, res: Result) -> None:  # fmt: skip
-    """Right after the build: ``--baseline`` more rooms on this cluster, then as many on a
-    fresh small cluster (started now, settled, kept for the step), in turn ``--paired``
-    times. Each pair runs within seconds, on the machine as fast as it then is, so their
-    ratio says what the rooms already made cost the next ones, without the drift of a
-    shared machine between a baseline built minutes earlier and a build of many minutes.
-    The small cluster holds 1-3 times ``--baseline`` rooms while it is measured; each
-    cluster sits idle while the other is measured."""
-    ref = await asyncio.to_thread(launch_cluster, base / "ref", 2, generate_key(),
-                                  extra_args=[*ARGS, "--room-idle", args.room_idle])  # fmt: skip
-    try:
-        await asyncio.to_thread(wait_until, lambda: all_alive(ref), 60, "members")
-        ref_token = await signup(http, ref[0], new_user("bench"))
-        await settle(http, ref, ref_token)
-        k = args.baseline
-        for i in range(args.paired):
-            big, small = Result(k), Result(k)
-            await create_rooms(http, nodes[0], token, k, args.clients, big, res.rooms + i * k)
-            await create_rooms(http, ref[0], ref_token, k, args.clients, small, i * k)
-            res.names += big.names
-            res.paired_big.append(big.create_rate)
-            res.paired_ref.append(small.create_rate)
-    finally:
-        await asyncio.to_thread(stop_all, ref)
+    """Right after the build, ``--paired`` pairs: ``--baseline`` more rooms on this cluster
+    and a baseline build (``--baseline`` rooms on a fresh, settled 2-node cluster, stopped
+    after), one right after the other, which one first alternating from pair to pair. A
+    pair runs within seconds, on the machine as fast as it then is, so its ratio says what
+    the rooms already made cost the next ones, without the drift of a shared machine
+    between baselines built minutes before or after a build of many minutes."""
+    k = args.baseline
+
+    async def here(i: int) -> float:
+        r = Result(k)
+        await create_rooms(http, nodes[0], token, k, args.clients, r, res.rooms + i * k)
+        res.names.extend(r.names)
+        return r.create_rate
+
+    async def fresh(i: int) -> float:
+        extra = [*ARGS, "--room-idle", args.room_idle]
+        ref = await asyncio.to_thread(launch_cluster, base / f"ref{i}", 2, generate_key(),
+                                      extra_args=extra)  # fmt: skip
+        try:
+            await asyncio.to_thread(wait_until, lambda: all_alive(ref), 60, "members")
+            ref_token = await signup(http, ref[0], new_user("bench"))
+            await settle(http, ref, ref_token)
+            r = Result(k)
+            await create_rooms(http, ref[0], ref_token, k, args.clients, r)
+            return r.create_rate
+        finally:
+            await asyncio.to_thread(stop_all, ref)
+
+    for i in range(args.paired):
+        if i % 2:
+            small = await fresh(i)
+            big = await here(i)
+        else:
+            big = await here(i)
+            small = await fresh(i)
+        res.paired_big.append(big)
+        res.paired_ref.append(small)
     ratios = [a / b for a, b in zip(res.paired_big, res.paired_ref, strict=True)]
-    print(f"paired: {args.baseline:,} more rooms here / on a small cluster, in turn: "
+    print(f"paired: {args.baseline:,} more rooms here / a baseline build, in turn: "
           + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(res.paired_big, res.paired_ref,
                                                           strict=True))
           + f" rooms/s; ratios {' / '.join(f'{x:.2f}x' for x in ratios)}, "
@@ -387,7 +402,7 @@ def table(results: list[Result], baseline_rates: list[float]) -> str:
         ("creation (rooms/s, whole build)", lambda r: f"{r.create_rate:,.0f}"),
         ("creation, last tenth (rooms/s)", lambda r: f"{r.tail_rate:,.0f}"),
         ("creation vs the baseline's median", lambda r: f"{r.create_rate / base_rate:.2f}x"),
-        ("paired: next rooms here / on a small cluster (rooms/s, in turn)",
+        ("paired: next rooms here / a baseline build (rooms/s, in turn)",
          lambda r: ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(r.paired_big, r.paired_ref,
                                                                  strict=True)) or "-"),
         ("**paired ratio** (median of the pairs)",
@@ -447,9 +462,9 @@ async def main() -> None:
                     help="build right after the nodes see each other, without waiting for the "
                          "registry to give a first room its home (how runs before this option "
                          "measured)")  # fmt: skip
-    ap.add_argument("--paired", type=int, default=3,
+    ap.add_argument("--paired", type=int, default=6,
                     help="after each build larger than --baseline: pairs of --baseline more rooms "
-                         "on it and on a fresh small cluster, in turn (0: none)")  # fmt: skip
+                         "on it and a baseline build, in turn (0: none)")  # fmt: skip
     ap.add_argument("--create-only", action="store_true",
                     help="measure creation only (no idle, restart or cold phases)")  # fmt: skip
     args = ap.parse_args()
