@@ -20,7 +20,8 @@ single one mostly measures how busy this shared machine was in those seconds.
    one right after the other (which one first alternates); the median ratio of the pairs. A
    pair runs within seconds, so the machine's speed is the same for both halves: the
    baselines above are built minutes before or after a long build, and on this shared
-   machine the speed drifts by 1.5-2.5x over minutes.
+   machine the speed drifts by 1.5-2.5x over minutes. The rooms made here stay: the steps
+   below measure ``--paired`` x ``--baseline`` more rooms than the size says.
 2. **Replication**: time until node 1 lists every room in its registry.
 3. **Idle** (after a settle of ``--settle`` seconds, longer than ``--room-idle``, so that
    the idle rooms have left memory): for ``--idle`` seconds (default 30) with no client
