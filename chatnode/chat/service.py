@@ -439,8 +439,8 @@ class Service:
 
     async def warm(self, room: str) -> RoomState:
         """The loaded state of ``room``: loaded now from its rows if it is not in memory,
-        created empty if this node does not know it. Marks it used (it stays in memory for
-        at least ``room_idle_ms`` from now)."""
+        created empty if this node does not know it or knows only its name (:meth:`_first_use`).
+        Marks it used (it stays in memory for at least ``room_idle_ms`` from now)."""
         while True:
             state = self.rooms.get(room)
             if state is not None:
