@@ -112,7 +112,7 @@ class Result:
     loaded_at_start: float = 0.0  # rooms in memory right after the restart
     restart_rss_mb: float = 0.0  # node 1 after its restart and the cold reads and writes
     paired_big: list[float] = field(default_factory=list)  # rooms/s, --baseline more rooms here
-    paired_ref: list[float] = field(default_factory=list)  # rooms/s, same on a small cluster
+    paired_ref: list[float] = field(default_factory=list)  # rooms/s, the paired baseline builds
     names: list[str] = field(default_factory=list)  # the rooms made
 
 

@@ -475,7 +475,7 @@ class Service:
         path of each new room's first write and of its replication."""
         del self.cold[room]
         state = self._room_state(room)
-        state.loaded_at = (float(self._cold_since.pop(room, self._started_ms)), 0)
+        state.loaded_at = (float(self._started_ms), 0)  # as a load of it would say
         return state
 
     async def _load_room(self, room: str) -> RoomState:
